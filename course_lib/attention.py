@@ -1,0 +1,54 @@
+"""Attention variants. The model calls ``attn(layer, q, k, v)`` once per layer; the attention
+object stores the new keys and values in its KV-cache and attends over everything visible.
+
+``PaddedAttention`` is the textbook layout: a batch of ``B`` rows, ``T`` new tokens per row, and a
+contiguous cache in which row ``r`` holds its tokens in columns ``start[r] ...``. Columns before
+``start[r]`` are left padding; a boolean mask hides them. Packed and paged variants come later.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def padded_visibility(start, write_at, n_cols):
+    """Which cache columns each new token may attend to: a boolean ``(B, T, n_cols)``.
+
+    A real token at column ``c`` of row ``r`` sees columns ``start[r] .. c`` (causal, no padding).
+    A padding token sees only itself, so that no softmax row is empty (an empty row gives NaN).
+    """
+    cols = torch.arange(n_cols, device=write_at.device)                # (S,)
+    at = write_at[..., None]                                           # (B, T, 1)
+    real = (cols >= start[:, None, None]) & (cols <= at)
+    return real | (cols == at)
+
+
+class PaddedAttention:
+    """Attention for one forward pass over a padded batch.
+
+    cache:    a ``ContiguousKVCache``
+    slots:    ``(B,)`` which cache rows the batch rows use
+    start:    ``(B,)`` first real column of each row (= its amount of left padding)
+    write_at: ``(B, T)`` cache column of each new token
+    """
+
+    def __init__(self, cache, slots, start, write_at):
+        self.cache, self.write_at = cache, write_at
+        slots = torch.as_tensor(slots, device=write_at.device)
+        B = slots.numel()
+        # Consecutive slots 0..B-1 are a view of the cache; any other set is gathered.
+        self.rows = slice(0, B) if torch.equal(slots.cpu(), torch.arange(B)) else slots
+        self.slots = slots
+        self.n_cols = int(write_at.max()) + 1
+        self.visible = padded_visibility(start, write_at, self.n_cols)[:, None]   # (B, 1, T, S)
+        self.positions = (write_at - start[:, None]).clamp(min=0)         # RoPE positions
+
+    def __call__(self, layer, q, k, v):
+        # q: (B, T, H, d); k, v: (B, T, Hkv, d)
+        K, V = self.cache.k[layer], self.cache.v[layer]                   # (slots, Hkv, L, d)
+        K[self.slots[:, None], :, self.write_at] = k
+        V[self.slots[:, None], :, self.write_at] = v
+        K, V = K[self.rows, :, :self.n_cols], V[self.rows, :, :self.n_cols]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=self.visible,
+                                           enable_gqa=True)                # (B, H, T, d)
+        return o.transpose(1, 2)

@@ -1,0 +1,123 @@
+"""The benchmark command line: one engine, one model, one workload, one JSON file.
+
+    python -m course_lib.bench --engine continuous --model smollm2-135m --workload chat \\
+        --n 32 --max-batch 16 --json out.json
+
+Every chapter adds its engine to ``course_lib.engines.ENGINES``; the JSON layout stays the same:
+``engine``, ``model``, ``device`` (name and measured peaks), ``versions``, ``metrics``
+(throughput, TTFT/TPOT percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
+``requests`` (one row per request).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import models
+from .engines import ENGINES, make_engine
+from .llama import LlamaShape
+from .metrics import request_rows, step_rows, summarize
+from .requests import load_workload
+from .roofline import NvmlSampler, measure_peaks
+
+
+def versions() -> dict:
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "course_lib_commit": commit()}
+
+
+def commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: int | None = None,
+          max_batch: int = 8, dtype: str = "float32", device: str = "cpu", tokens: bool = False,
+          max_new_tokens: int | None = None, seed: int = 0, progress: bool = True,
+          loaded=None, steps: bool = False, engine_options: dict | None = None) -> dict:
+    """Run one benchmark and return the JSON object (also what the CLI writes)."""
+    loaded = loaded or models.load(model, dtype=dtype, device=device)
+    dtype_t = loaded.model.dtype
+    shape = LlamaShape.from_config(loaded.config)
+    requests = load_workload(workload, tokenizer=loaded.tokenizer, n=n,
+                             vocab_size=shape.vocab_size, seed=seed, max_new_tokens=max_new_tokens)
+    peaks = measure_peaks(device, dtype_t)
+    runner = make_engine(engine, loaded, max_batch=max_batch, **(engine_options or {}))
+    with NvmlSampler(torch.device(device).index or 0) as nvml:
+        log = runner.run(requests, progress=progress)
+    metrics = summarize(log, shape, torch.finfo(dtype_t).bits // 8, peaks)
+    metrics["nvml_gpu_util"] = nvml.mean
+    out = {
+        "engine": engine, "model": model, "workload": workload, "n": len(requests),
+        "max_batch": max_batch, "dtype": str(dtype_t).removeprefix("torch."),
+        "device": {"type": torch.device(device).type, **asdict(peaks)},
+        "versions": versions(),
+        "step_source": log.step_source,
+        "metrics": metrics,
+        "requests": request_rows(log, with_tokens=tokens),
+    }
+    if steps:
+        out["steps"] = step_rows(log)
+    return out
+
+
+def describe(result: dict) -> str:
+    m = result["metrics"]
+
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:.1f} ms"
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+    return (f"{result['engine']:>12} | {result['model']} | {result['device']['device']} | "
+            f"B={result['max_batch']} | {m['output_tokens_per_s'] or 0:.1f} tok/s | "
+            f"TTFT p50 {ms(m['ttft_s']['p50'])} | TPOT p50 {ms(m['tpot_s']['p50'])} | "
+            f"slots {pct(m['slot_utilisation'])} | MBU {pct(m['mbu'])} | MFU {pct(m['mfu'])}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", required=True, choices=sorted(ENGINES))
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(models.PRESETS))
+    p.add_argument("--workload", default="chat",
+                   help="chat, anyscale, anyscale:prompt_len=64,cap=128,mean=64, or a .jsonl file")
+    p.add_argument("--n", type=int, default=None, help="number of requests")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="for the chat workload (default 128)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", action="store_true", help="store each request's output tokens")
+    p.add_argument("--steps", action="store_true", help="store the step log")
+    p.add_argument("--json", required=True, help="where to write the result")
+    a = p.parse_args(argv)
+    result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device, a.tokens,
+                   a.max_new_tokens, a.seed, progress=True, steps=a.steps)
+    result["command"] = "python -m course_lib.bench " + " ".join(
+        shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result, indent=1))
+    print(describe(result))
+
+
+if __name__ == "__main__":
+    main()

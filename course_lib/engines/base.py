@@ -1,0 +1,75 @@
+"""What every engine shares: requests in, a ``RunLog`` out.
+
+An engine refuses a bad request (with the reason) and serves the others; it keeps one clock that
+starts when ``run`` is called, so that a request's ``arrival_s`` is "seconds after the start".
+Subclasses write ``_serve(requests)``: the scheduling rule they teach, and nothing else.
+"""
+from __future__ import annotations
+
+import time
+
+from tqdm.auto import tqdm
+
+from ..metrics import RequestRecord, RunLog
+from ..requests import RequestError, validate
+
+
+class Engine:
+    name = "engine"
+    step_source = "engine"      # where the step log comes from: "engine", "streamer", "timestamps"
+
+    def __init__(self, loaded, max_batch: int = 1):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.loaded, self.max_batch = loaded, max_batch
+        self.hf = loaded.model
+        self.eos = self.hf.config.eos_token_id
+        self.max_context = self.hf.config.max_position_embeddings
+
+    # ------------------------------------------------------------------ the clock
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def wait_until(self, t: float):
+        """Idle until the clock reads ``t`` (a request that has not arrived yet)."""
+        delay = t - self.now()
+        if delay > 0:
+            time.sleep(delay)
+
+    # ------------------------------------------------------------------ the run
+    def run(self, requests, progress: bool = False) -> RunLog:
+        self.records, self.steps, good = {}, [], []
+        for req in requests:
+            rec = RequestRecord(req.id, req.arrival_s, len(req.prompt_tokens))
+            self.records[req.id] = rec
+            try:
+                validate(req, self.max_context)
+                good.append(req)
+            except RequestError as e:
+                rec.finish_reason, rec.error = "refused", str(e)
+        good.sort(key=lambda r: r.arrival_s)
+        self._bar = tqdm(total=len(good), desc=self.name, unit="req", disable=not progress,
+                         leave=False)
+        self._t0 = time.perf_counter()
+        try:
+            self._serve(good)
+        finally:
+            self._bar.close()
+        return RunLog(self.name, list(self.records.values()), self.steps, self.now(),
+                      self.step_source)
+
+    def finish(self, req, reason: str):
+        self.records[req.id].finish(reason, self.now())
+        self._bar.update(1)
+
+    def is_done(self, req, token: int) -> str | None:
+        """Why ``req`` stops after emitting ``token``: "eos", "length", or None to go on."""
+        rec = self.records[req.id]
+        if token == self.eos and not req.ignore_eos:
+            return "eos"
+        if len(rec.output_tokens) >= req.max_new_tokens:
+            return "length"
+        return None
+
+    def _serve(self, requests):
+        raise NotImplementedError

@@ -1,0 +1,181 @@
+"""The peers: what a practitioner reaches for first, measured with the same instruments.
+
+* ``hf-generate``: Hugging Face ``generate`` on left-padded static batches of ``max_batch``
+  requests. A batch runs until its longest request is done; per-step times come from a streamer.
+* ``hf-cb``: Hugging Face continuous batching (``init_continuous_batching``, the engine behind
+  ``generate_batch``), requests added as they arrive. Its step log is rebuilt from per-token
+  timestamps, so its slot utilisation is unknown (reported as null).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from ..metrics import Step
+from .base import Engine
+
+
+class _StepClock(BaseStreamer):
+    """Records when ``generate`` hands out each step's tokens (the first call is the prompt)."""
+
+    def __init__(self, clock):
+        self.clock, self.times = clock, []
+
+    def put(self, value):
+        self.times.append(self.clock())
+
+    def end(self):
+        pass
+
+
+class HFGenerateEngine(Engine):
+    name = "hf-generate"
+    step_source = "streamer"
+
+    def _serve(self, requests):
+        for i in range(0, len(requests), self.max_batch):
+            batch = requests[i:i + self.max_batch]
+            self.wait_until(max(r.arrival_s for r in batch))      # a static batch waits for all
+            self.run_batch(batch)
+
+    @torch.inference_mode()
+    def run_batch(self, batch):
+        dev, pad = self.hf.device, self.hf.config.pad_token_id
+        pad = self.eos if pad is None else pad
+        lens = [len(r.prompt_tokens) for r in batch]
+        T, B = max(lens), len(batch)
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for r, (req, n) in enumerate(zip(batch, lens)):            # left padding
+            ids[r, T - n:] = torch.tensor(req.prompt_tokens)
+            mask[r, T - n:] = 1
+        # Stop at EOS only if every request wants that; otherwise cut each output afterwards.
+        stop_at_eos = not any(r.ignore_eos for r in batch)
+        config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in batch),
+                                  do_sample=False, pad_token_id=pad,
+                                  eos_token_id=self.eos if stop_at_eos else None)
+        clock = _StepClock(self.now)
+        start = self.now()
+        out = self.hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                               generation_config=config, streamer=clock)
+        new = out[:, T:].tolist()
+        times = clock.times[1:]                                    # one per generated position
+        n_steps = len(new[0])
+        keep = []
+        for req, row in zip(batch, new):
+            rec, n = self.records[req.id], 0
+            for n, token in enumerate(row[:req.max_new_tokens], start=1):
+                rec.emit(token, times[n - 1])
+                reason = self.is_done(req, token)
+                if reason:
+                    break
+            rec.finish(reason, times[n - 1])
+            self._bar.update(1)
+            keep.append(n)
+        # The step log: step 0 is the prefill, step i > 0 feeds output token i - 1 back in.
+        for i in range(n_steps):
+            live = [r for r, k in enumerate(keep) if i < k]
+            if i == 0:
+                counts = dict(prefill_tokens=sum(lens), decode_tokens=0, kv_read=0,
+                              attended=sum(n * (n + 1) // 2 for n in lens), slots=B * T)
+            else:
+                counts = dict(prefill_tokens=0, decode_tokens=len(live), slots=B,
+                              kv_read=sum(lens[r] + i - 1 for r in live),
+                              attended=sum(lens[r] + i for r in live))
+            self.steps.append(Step(times[i - 1] if i else start, times[i], rows=B,
+                                   logit_rows=len(live), active=[batch[r].id for r in live],
+                                   **counts))
+
+
+class HFContinuousEngine(Engine):
+    name = "hf-cb"
+    step_source = "timestamps"
+
+    def __init__(self, loaded, max_batch: int = 1, use_cuda_graph: bool | None = None,
+                 num_blocks: int | None = None, max_batch_tokens: int | None = None):
+        super().__init__(loaded, max_batch)
+        cuda = self.hf.device.type == "cuda"
+        self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
+        # On the CPU the default would reserve 60% of RAM for the KV-cache: size it instead.
+        self.num_blocks = num_blocks if num_blocks is not None or cuda else 256
+        self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None or cuda else 512
+
+    def _manager(self, max_new_tokens):
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=self.eos, pad_token_id=self.eos)
+        cb = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch,
+                                      use_cuda_graph=self.use_cuda_graph,
+                                      num_blocks=self.num_blocks,
+                                      max_batch_tokens=self.max_batch_tokens)
+        return self.hf.init_continuous_batching(generation_config=gen,
+                                                continuous_batching_config=cb)
+
+    @torch.inference_mode()
+    def _serve(self, requests):
+        if not requests:
+            return
+        manager = self._manager(max(r.max_new_tokens for r in requests))
+        manager.start()
+        self._t0 = time.perf_counter()   # the clock starts once HF's manager is up (as HF's own
+        # timestamps, it reads time.perf_counter())
+        by_id, pending, done = {r.id: r for r in requests}, list(requests), {}
+        try:
+            while len(done) < len(requests):
+                while pending and pending[0].arrival_s <= self.now():
+                    req = pending.pop(0)
+                    manager.add_request(req.prompt_tokens, request_id=req.id,
+                                        max_new_tokens=req.max_new_tokens, record_timestamps=True,
+                                        eos_token_id=-1 if req.ignore_eos else self.eos)
+                wait = pending[0].arrival_s - self.now() if pending else 0.5
+                result = manager.get_result(timeout=max(min(wait, 0.5), 0.001))
+                if result is not None and result.is_finished():
+                    done[result.request_id] = result
+                    self._bar.update(1)
+                elif result is None and not manager.is_running():
+                    raise RuntimeError("Hugging Face's continuous batching thread stopped")
+        finally:
+            manager.stop(block=True)
+        for rid, result in done.items():
+            req, rec = by_id[rid], self.records[rid]
+            times = [t - self._t0 for t in (result.timestamps or [])]
+            for token, t in zip(result.generated_tokens, times):
+                rec.emit(token, t)
+            last = rec.output_tokens[-1] if rec.output_tokens else None
+            rec.finish("eos" if last == self.eos and not req.ignore_eos else "length",
+                       times[-1] if times else self.now())
+        self.steps = rebuild_steps(list(by_id.values()), self.records)
+
+
+def rebuild_steps(requests, records, gap_s: float = 2e-4) -> list:
+    """A step log from per-token timestamps: tokens stamped within ``gap_s`` of each other came out
+    of the same forward pass. A request's first token closes its prefill; the others are decodes."""
+    events = sorted((t, i, req) for req in requests
+                    for i, t in enumerate(records[req.id].token_times))
+    steps, group = [], []
+
+    def close(group, start):
+        prefill = [req for _, i, req in group if i == 0]
+        decode = [(i, req) for _, i, req in group if i > 0]
+        lens = {req.id: len(req.prompt_tokens) for _, _, req in group}
+        p = sum(lens[r.id] for r in prefill)
+        steps.append(Step(start, group[-1][0], rows=len(group), slots=len(group) + p - len(prefill),
+                          prefill_tokens=p, decode_tokens=len(decode),
+                          attended=sum(n * (n + 1) // 2 for n in (lens[r.id] for r in prefill))
+                          + sum(lens[r.id] + i for i, r in decode),
+                          kv_read=sum(lens[r.id] + i - 1 for i, r in decode),
+                          logit_rows=len(group), active=[req.id for _, _, req in group]))
+        return group[-1][0]
+
+    start = min((r.arrival_s for r in requests), default=0.0)
+    for ev in events:
+        if group and ev[0] - group[-1][0] > gap_s:
+            start = close(group, start)
+            group = []
+        group.append(ev)
+    if group:
+        close(group, start)
+    return steps

@@ -1,0 +1,53 @@
+"""No batching at all: one request at a time, the baseline every batching strategy is measured
+against. Each request is one prefill step (all prompt tokens at once) and then one decode step per
+new token, each a full read of the model's weights for a single token.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention import PaddedAttention
+from ..kv_cache import ContiguousKVCache
+from ..llama import Llama
+from ..metrics import Step
+from .base import Engine
+
+
+class SequentialEngine(Engine):
+    name = "sequential"
+
+    def __init__(self, loaded, max_batch: int = 1):
+        super().__init__(loaded, max_batch)
+        self.model = Llama.from_hf(loaded.model)
+
+    def _serve(self, requests):
+        if not requests:
+            return
+        longest = max(len(r.prompt_tokens) + r.max_new_tokens for r in requests)
+        cache = ContiguousKVCache(self.model.shape, 1, longest, self.model.dtype, self.model.device)
+        for req in requests:
+            self.wait_until(req.arrival_s)
+            self.generate(req, cache)
+
+    def generate(self, req, cache):
+        """Prefill the prompt, then decode greedily until EOS or ``max_new_tokens``."""
+        dev = self.model.device
+        tokens = torch.tensor([req.prompt_tokens], device=dev)                 # (1, T)
+        n = tokens.shape[1]
+        write_at = torch.arange(n, device=dev)[None]
+        kind = dict(prefill_tokens=n, decode_tokens=0, attended=n * (n + 1) // 2, kv_read=0)
+        while True:
+            start = self.now()
+            attn = PaddedAttention(cache, [0], torch.zeros(1, dtype=torch.long, device=dev), write_at)
+            hidden = self.model.hidden_states(tokens, attn.positions, attn)
+            token = int(self.model.logits(hidden[0, -1]).argmax())             # greedy
+            self.records[req.id].emit(token, self.now())
+            self.steps.append(Step(start, self.now(), rows=1, slots=tokens.numel(), logit_rows=1,
+                                   active=[req.id], **kind))
+            reason = self.is_done(req, token)
+            if reason:
+                return self.finish(req, reason)
+            c = int(write_at[0, -1]) + 1                     # tokens in the cache before this one
+            tokens = torch.tensor([[token]], device=dev)
+            write_at = torch.tensor([[c]], device=dev)
+            kind = dict(prefill_tokens=0, decode_tokens=1, attended=c + 1, kv_read=c)

@@ -1,0 +1,138 @@
+"""The course's own compact Llama forward pass, reading the weights of a Hugging Face model.
+
+One function per idea: RMSNorm, rotary position embeddings (RoPE), grouped-query attention and the
+SwiGLU MLP. Shapes are written as comments; ``...`` is "any leading dimensions": a padded batch
+``(B, T)`` or a packed batch ``(N,)`` of tokens.
+
+Everything except attention works token by token, so the model does not care how a batch is laid
+out. Attention is the one place where tokens meet, and it is *passed in*: an object with
+``attn(layer, q, k, v) -> out`` that owns the KV-cache and knows the batch layout (padded now;
+packed and paged in later chapters). See ``course_lib.attention``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaShape:
+    vocab_size: int
+    hidden: int
+    intermediate: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    eps: float
+    eos_token_id: int
+    max_context: int
+
+    @classmethod
+    def from_config(cls, c) -> "LlamaShape":
+        rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise NotImplementedError("only the default RoPE is implemented (no rope scaling)")
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        eos = c.eos_token_id[0] if isinstance(c.eos_token_id, (list, tuple)) else c.eos_token_id
+        return cls(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+                   c.num_attention_heads, c.num_key_value_heads,
+                   getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                   float(theta), float(c.rms_norm_eps), int(eos), int(c.max_position_embeddings))
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor   # (hidden,)
+    wq: torch.Tensor          # (n_heads * head_dim, hidden)
+    wk: torch.Tensor          # (n_kv_heads * head_dim, hidden)
+    wv: torch.Tensor          # (n_kv_heads * head_dim, hidden)
+    wo: torch.Tensor          # (hidden, n_heads * head_dim)
+    mlp_norm: torch.Tensor    # (hidden,)
+    w_gate: torch.Tensor      # (intermediate, hidden)
+    w_up: torch.Tensor        # (intermediate, hidden)
+    w_down: torch.Tensor      # (hidden, intermediate)
+
+
+def rms_norm(x, weight, eps):
+    """Scale each token's vector to unit root-mean-square, then by a learned weight."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """cos and sin of the rotation angles, (..., head_dim), for integer positions (...)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq          # (..., head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)              # (..., head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i + d/2}) of each head by the position's angles. x: (..., heads, d)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[..., None, :] + rotated * sin[..., None, :]
+
+
+def swiglu_mlp(x, w: LayerWeights):
+    return F.linear(F.silu(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
+
+
+class Llama:
+    """A Llama decoder over weights borrowed (not copied) from a Hugging Face model."""
+
+    def __init__(self, shape: LlamaShape, embed, layers, final_norm, lm_head):
+        self.shape, self.embed, self.layers = shape, embed, layers
+        self.final_norm, self.lm_head = final_norm, lm_head
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "Llama":
+        s = dict(hf_model.state_dict())
+        shape = LlamaShape.from_config(hf_model.config)
+        layers = []
+        for i in range(shape.n_layers):
+            p = f"model.layers.{i}."
+            layers.append(LayerWeights(
+                s[p + "input_layernorm.weight"], s[p + "self_attn.q_proj.weight"],
+                s[p + "self_attn.k_proj.weight"], s[p + "self_attn.v_proj.weight"],
+                s[p + "self_attn.o_proj.weight"], s[p + "post_attention_layernorm.weight"],
+                s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"], s[p + "mlp.down_proj.weight"]))
+        embed = s["model.embed_tokens.weight"]
+        return cls(shape, embed, layers, s["model.norm.weight"], s.get("lm_head.weight", embed))
+
+    @property
+    def device(self):
+        return self.embed.device
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    @torch.inference_mode()
+    def hidden_states(self, tokens, positions, attn):
+        """tokens, positions: (...) integers -> final hidden states (..., hidden)."""
+        s = self.shape
+        x = F.embedding(tokens, self.embed)                                   # (..., hidden)
+        cos, sin = rope_cos_sin(positions, s.head_dim, s.rope_theta, x.dtype)
+        for i, w in enumerate(self.layers):
+            h = rms_norm(x, w.attn_norm, s.eps)
+            q = F.linear(h, w.wq).unflatten(-1, (s.n_heads, s.head_dim))      # (..., H, d)
+            k = F.linear(h, w.wk).unflatten(-1, (s.n_kv_heads, s.head_dim))   # (..., Hkv, d)
+            v = F.linear(h, w.wv).unflatten(-1, (s.n_kv_heads, s.head_dim))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            o = attn(i, q, k, v)                                              # (..., H, d)
+            x = x + F.linear(o.flatten(-2), w.wo)
+            x = x + swiglu_mlp(rms_norm(x, w.mlp_norm, s.eps), w)
+        return rms_norm(x, self.final_norm, s.eps)
+
+    def logits(self, hidden):
+        """(..., hidden) -> (..., vocab), in float32."""
+        return F.linear(hidden, self.lm_head).float()
+
+    def __call__(self, tokens, positions, attn):
+        return self.logits(self.hidden_states(tokens, positions, attn))

@@ -1,0 +1,162 @@
+"""What a run records and the numbers computed from it.
+
+Every engine returns a :class:`RunLog`: one :class:`RequestRecord` per request (its arrival, the
+time of every output token, how it finished) and one :class:`Step` per forward pass (how many
+token slots it computed and how many of them were useful). Everything the course reports is
+computed here from those records:
+
+* TTFT (time to first token) = first token time - arrival
+* TPOT (time per output token) = (last token time - first token time) / (output tokens - 1)
+* end-to-end latency = finish - arrival
+* throughput = output tokens / (last finish - first arrival)
+* slot utilisation = useful token slots / token slots computed
+* MBU and MFU, from the bytes and FLOPs each step must move and do (``roofline.step_work``)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .roofline import step_work
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    arrival_s: float
+    prompt_len: int
+    output_tokens: list = field(default_factory=list)
+    token_times: list = field(default_factory=list)   # seconds since the run started, one per token
+    finish_s: float | None = None
+    finish_reason: str | None = None                   # "eos", "length" or "refused"
+    error: str | None = None                           # why a refused request was refused
+
+    def emit(self, token: int, now: float):
+        self.output_tokens.append(int(token))
+        self.token_times.append(now)
+
+    def finish(self, reason: str, now: float):
+        self.finish_reason, self.finish_s = reason, now
+
+    @property
+    def ttft_s(self):
+        return self.token_times[0] - self.arrival_s if self.token_times else None
+
+    @property
+    def e2e_s(self):
+        return None if self.finish_s is None else self.finish_s - self.arrival_s
+
+    @property
+    def tpot_s(self):
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n >= 2 else None
+
+
+@dataclass
+class Step:
+    """One forward pass. ``slots`` counts every token position computed, padding included;
+    the other counts are the useful part (see ``roofline.step_work``)."""
+    start_s: float
+    end_s: float
+    rows: int                 # sequences (batch rows) in the forward pass
+    slots: int                # token positions computed, padding and finished rows included
+    prefill_tokens: int       # useful prompt tokens
+    decode_tokens: int        # useful generated tokens fed back in
+    attended: int             # useful (query, key) pairs
+    kv_read: int              # cached tokens of live sequences read
+    logit_rows: int           # useful logits computed
+    active: list = field(default_factory=list)   # ids of the requests with useful work
+
+    @property
+    def useful(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
+
+    @property
+    def kind(self) -> str:
+        return "mixed" if self.prefill_tokens and self.decode_tokens else (
+            "prefill" if self.prefill_tokens else "decode")
+
+
+@dataclass
+class RunLog:
+    engine: str
+    requests: list
+    steps: list
+    wall_s: float
+    step_source: str = "engine"   # "engine": logged by our engine; "streamer": from HF generate's
+                                  # token callbacks; "timestamps": rebuilt from per-token times
+
+
+def percentiles(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    a = np.asarray(values, dtype=float)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean())}
+
+
+def step_utilisation(step: Step, shape, dtype_bytes: int, peaks) -> dict:
+    w = step_work(shape, dtype_bytes, step.useful, step.attended, step.kv_read, step.logit_rows)
+    t = step.seconds
+    return {"bytes": w.bytes, "flops": w.flops,
+            "mbu": w.bytes / t / peaks.bandwidth if t > 0 else None,
+            "mfu": w.flops / t / peaks.flops if t > 0 else None}
+
+
+def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=None) -> dict:
+    """The metrics block of the bench JSON."""
+    served = [r for r in log.requests if r.finish_reason in ("eos", "length")]
+    n_out = sum(len(r.output_tokens) for r in served)
+    start = min((r.arrival_s for r in log.requests), default=0.0)
+    end = max((r.finish_s for r in served), default=start)
+    makespan = end - start
+    m = {
+        "requests": len(log.requests),
+        "served": len(served),
+        "refused": sum(r.finish_reason == "refused" for r in log.requests),
+        "output_tokens": n_out,
+        "makespan_s": makespan,
+        "output_tokens_per_s": n_out / makespan if makespan > 0 else None,
+        "ttft_s": percentiles(r.ttft_s for r in served),
+        "tpot_s": percentiles(r.tpot_s for r in served),
+        "e2e_s": percentiles(r.e2e_s for r in served),
+        "steps": len(log.steps),
+        "slot_utilisation": None, "mbu": None, "mfu": None,
+    }
+    if log.steps and log.step_source != "timestamps":   # padding is unknown when rebuilt
+        slots = sum(s.slots for s in log.steps)
+        m["slot_utilisation"] = sum(s.useful for s in log.steps) / slots if slots else None
+    if log.steps and shape is not None and peaks is not None:
+        busy = sum(s.seconds for s in log.steps)
+        work = [step_work(shape, dtype_bytes, s.useful, s.attended, s.kv_read, s.logit_rows)
+                for s in log.steps]
+        if busy > 0:
+            # time-weighted over the steps: total bytes (FLOPs) over total step time
+            m["mbu"] = sum(w.bytes for w in work) / busy / peaks.bandwidth
+            m["mfu"] = sum(w.flops for w in work) / busy / peaks.flops
+        m["step_time_s"] = percentiles(s.seconds for s in log.steps)
+    return m
+
+
+def request_rows(log: RunLog, with_tokens: bool = False) -> list:
+    rows = []
+    for r in log.requests:
+        row = {"id": r.id, "arrival_s": r.arrival_s, "prompt_len": r.prompt_len,
+               "n_output_tokens": len(r.output_tokens), "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
+               "e2e_s": r.e2e_s, "finish_reason": r.finish_reason}
+        if r.error:
+            row["error"] = r.error
+        if with_tokens:
+            row["output_tokens"] = list(r.output_tokens)
+        rows.append(row)
+    return rows
+
+
+def step_rows(log: RunLog) -> list:
+    return [{k: v for k, v in asdict(s).items() if k != "active"} for s in log.steps]

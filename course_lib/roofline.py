@@ -1,0 +1,186 @@
+"""Measuring how well a step uses the machine.
+
+* ``measure_peaks(device, dtype)``: the device's copy bandwidth and matrix-multiply rate, measured
+  (never copied from a datasheet) and cached per device, dtype and torch version.
+* ``step_work(shape, dtype_bytes, ...)``: the bytes a forward pass *must* read and the FLOPs it
+  *must* do, derived from the model config and the tokens it computes.
+* ``NvmlSampler``: NVML's "GPU utilisation" (what nvidia-smi shows), sampled during a run.
+
+MBU (model bandwidth utilisation) = bytes a step must move / step time / peak bandwidth.
+MFU (model FLOPs utilisation)     = FLOPs a step must do  / step time / peak FLOP/s.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .kv_cache import kv_bytes_per_token
+from .models import cache_dir
+
+
+# ---------------------------------------------------------------- peaks, measured on this device
+@dataclass
+class Peaks:
+    device: str
+    dtype: str
+    bandwidth: float      # bytes/s, a large device-to-device copy (bytes read + bytes written)
+    flops: float          # FLOP/s, a large matrix product in ``dtype`` on random data
+    method: str
+
+    @property
+    def ridge(self) -> float:
+        """Arithmetic intensity (FLOP/byte) above which a kernel is compute-bound."""
+        return self.flops / self.bandwidth
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, repeat: int = 10, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` after warm-up; CUDA is timed with events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.device(device).type == "cuda":
+        for _ in range(repeat):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(); fn(); b.record(); b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(repeat):
+            t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _measure(device, dtype) -> Peaks:
+    cuda = torch.device(device).type == "cuda"
+    n_bytes = (2 << 30) if cuda else (256 << 20)
+    src = torch.randn(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), device, repeat=20 if cuda else 5)
+    del src, dst
+    n = 8192 if cuda else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t_mm = time_fn(lambda: a @ b, device, repeat=20 if cuda else 5)
+    return Peaks(device_name(device), str(dtype).removeprefix("torch."), 2 * n_bytes / t_copy,
+                 2 * n ** 3 / t_mm,
+                 f"copy of {n_bytes >> 20} MiB (read + write); {n}x{n}x{n} matmul on random data; "
+                 f"median of repeats after warm-up")
+
+
+def measure_peaks(device="cpu", dtype=torch.float32, refresh: bool = False) -> Peaks:
+    """Measured peaks of ``device`` for ``dtype``, cached in ``cache_dir()/peaks.json``."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    key = f"{device_name(device)} | {dtype_name} | torch {torch.__version__}"
+    path = cache_dir() / "peaks.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    if key not in table or refresh:
+        table[key] = asdict(_measure(device, dtype))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=2))
+    return Peaks(**table[key])
+
+
+# ---------------------------------------------------------------- bytes and FLOPs of a step
+def weight_bytes(shape, dtype_bytes: int) -> int:
+    """Weights a forward pass reads once: every layer's matrices and norms, the final norm and the
+    output head. The embedding table is not read whole (only the rows of the tokens)."""
+    s = shape
+    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    per_layer = s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden
+    return (s.n_layers * per_layer + s.vocab_size * s.hidden + s.hidden) * dtype_bytes
+
+
+def matmul_params_per_token(shape) -> int:
+    s = shape
+    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    return s.n_layers * (s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate)
+
+
+@dataclass
+class Work:
+    bytes: float
+    flops: float
+
+
+def step_work(shape, dtype_bytes: int, tokens: int, attended: int, kv_read: int,
+              logit_rows: int) -> Work:
+    """What a forward pass must do.
+
+    tokens:     tokens whose hidden states are needed (no padding, no finished rows)
+    attended:   (query, key) pairs those tokens attend to, summed (causal: a prompt of n tokens
+                has n(n+1)/2; a decode token at context c has c)
+    kv_read:    cached tokens whose K and V must be read (each sequence's context, once)
+    logit_rows: tokens whose logits over the vocabulary are computed
+    """
+    s = shape
+    flops = (2 * matmul_params_per_token(s) * tokens
+             + 4 * s.n_layers * s.n_heads * s.head_dim * attended
+             + 2 * s.vocab_size * s.hidden * logit_rows)
+    kv = kv_bytes_per_token(s, dtype_bytes)
+    moved = weight_bytes(s, dtype_bytes) + kv * (kv_read + tokens)   # read the cache, write new K, V
+    return Work(moved, flops)
+
+
+# ---------------------------------------------------------------- NVML
+class NvmlSampler:
+    """Samples NVML's GPU utilisation (percent of time a kernel was running) in a thread.
+
+    ``with NvmlSampler() as s: ...`` then ``s.samples``; on a machine without NVML,
+    ``s.available`` is False and ``s.mean`` is None.
+    """
+
+    def __init__(self, index: int = 0, interval_s: float = 0.05):
+        self.index, self.interval_s, self.samples = index, interval_s, []
+        self.available = False
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(self.index)
+            self.available = True
+        except Exception:
+            return self
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+
+    def __exit__(self, *exc):
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    @property
+    def mean(self):
+        return statistics.fmean(self.samples) if self.samples else None
