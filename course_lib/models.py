@@ -93,10 +93,11 @@ def bundled_gguf() -> Path:
     return path
 
 
-def _smollm2_folder() -> Path:
-    """A plain safetensors copy of the bundled GGUF weights, made once and reused."""
+def _smollm2_folder(weights: bool = True) -> Path:
+    """A plain safetensors copy of the bundled GGUF weights and tokenizer, made once and reused
+    (``weights=False``: only the tokenizer is needed; a folder holding just that will do)."""
     folder = cache_dir() / "smollm2-135m"
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+    if (folder / "tokenizer.json").exists() and (not weights or (folder / "model.safetensors").exists()):
         return folder
     gguf = bundled_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -124,7 +125,7 @@ def load_tokenizer(source: str = "bundled"):
     """The SmolLM2 tokenizer with its chat template (all presets use its token ids)."""
     if source == "hub":
         return AutoTokenizer.from_pretrained(HUB_ID)
-    return AutoTokenizer.from_pretrained(str(_smollm2_folder()))
+    return AutoTokenizer.from_pretrained(str(_smollm2_folder(weights=False)))
 
 
 def _dtype(dtype) -> torch.dtype:

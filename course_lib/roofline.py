@@ -184,3 +184,66 @@ class NvmlSampler:
     @property
     def mean(self):
         return statistics.fmean(self.samples) if self.samples else None
+
+
+# ---------------------------------------------------------------- one step, timed, vs batch size
+def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int = 5,
+              warmup: int = 2) -> float:
+    """Median seconds of one forward pass of ``batch`` sequences, each with ``context`` tokens
+    already cached and ``new_tokens`` new ones (1 = a decode step; a whole prompt = a prefill)."""
+    from .attention import PaddedAttention
+    from .kv_cache import ContiguousKVCache
+    dev = model.device
+    cache = ContiguousKVCache(model.shape, batch, context + new_tokens, model.dtype, dev)
+    cache.k.normal_(), cache.v.normal_()          # random, never zeros: zeros can run faster
+    tokens = torch.randint(3, model.shape.vocab_size, (batch, new_tokens), device=dev)
+    write_at = torch.arange(context, context + new_tokens, device=dev).expand(batch, new_tokens)
+    start = torch.zeros(batch, dtype=torch.long, device=dev)
+
+    def step():
+        attn = PaddedAttention(cache, range(batch), start, write_at)
+        hidden = model.hidden_states(tokens, attn.positions, attn)
+        return model.logits(hidden[:, -1]).argmax(-1)       # the next token of every sequence
+    seconds = time_fn(step, dev, repeat=repeat, warmup=warmup)
+    del cache
+    return seconds
+
+
+def step_row(model, peaks, batch: int, context: int, new_tokens: int, seconds: float) -> dict:
+    """Bytes, FLOPs, MBU and MFU of one timed step."""
+    n = new_tokens
+    w = step_work(model.shape, model.dtype.itemsize, tokens=batch * n,
+                  attended=batch * (n * context + n * (n + 1) // 2),
+                  kv_read=batch * context, logit_rows=batch)
+    return {"kind": "decode" if n == 1 else "prefill", "batch": batch, "context": context,
+            "new_tokens": n, "step_s": seconds, "tokens_per_s": batch * n / seconds,
+            "bytes": w.bytes, "flops": w.flops, "intensity": w.flops / w.bytes,
+            "mbu": w.bytes / seconds / peaks.bandwidth, "mfu": w.flops / seconds / peaks.flops}
+
+
+def batch_sweep(model, peaks, batch_sizes=(1, 2, 4, 8, 16, 32, 64), context: int = 128,
+                prefill_tokens: int = 256, repeat: int = 5, progress: bool = False) -> list:
+    """Decode-step time at each batch size (plus one prefill step, for contrast)."""
+    from tqdm.auto import tqdm
+    rows = []
+    for b in tqdm(batch_sizes, desc="batch sizes", disable=not progress, leave=False):
+        rows.append(step_row(model, peaks, b, context, 1, time_step(model, b, context, 1, repeat)))
+    if prefill_tokens:
+        t = time_step(model, 1, 0, prefill_tokens, repeat)
+        rows.append(step_row(model, peaks, 1, 0, prefill_tokens, t))
+    return rows
+
+
+# ---------------------------------------------------------------- the seed's back-of-envelope
+def memory_bound_utilisation(n_params: float, bytes_per_param: float, batch: int,
+                             bandwidth: float, flops: float) -> dict:
+    """The seed chapter's "load 14 GB -> 1 token: ~1%" argument, made explicit.
+
+    Assume a decode step is memory-bound: its time is the weights over the bandwidth. In that time
+    the chip could do ``flops x time`` operations; the step needs ``2 x n_params x batch``.
+    """
+    step_s = n_params * bytes_per_param / bandwidth
+    needed = 2 * n_params * batch
+    return {"step_s": step_s, "tokens_per_s": batch / step_s,
+            "compute_utilisation": needed / step_s / flops,
+            "intensity": needed / (n_params * bytes_per_param)}

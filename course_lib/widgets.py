@@ -1,0 +1,30 @@
+"""Sliders over cached, tested measurements. Each widget uses ``interact_manual``: nothing runs
+until the learner clicks, so a headless run of a notebook never pays for it."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import matplotlib.pyplot as plt
+
+from . import plots, roofline
+
+
+def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, repeat: int = 3):
+    """Pick a batch size, time one decode step at it, and see where it lands on the roofline."""
+    import ipywidgets as w
+
+    @lru_cache(maxsize=None)
+    def measured(batch):
+        seconds = roofline.time_step(model, batch, context, 1, repeat)
+        return roofline.step_row(model, peaks, batch, context, 1, seconds)
+
+    def show(log2_batch):
+        row = measured(2 ** log2_batch)
+        print(f"B={row['batch']}: step {row['step_s'] * 1e3:.1f} ms, {row['tokens_per_s']:.0f} tok/s, "
+              f"MBU {100 * row['mbu']:.0f}%, MFU {100 * row['mfu']:.1f}%")
+        plots.roofline(peaks, [measured(2 ** b) for b in range(log2_batch + 1)])
+        plt.show()
+
+    slider = w.IntSlider(value=3, min=0, max=max_log2, description="log2(batch)",
+                         continuous_update=False)
+    return w.interact_manual(show, log2_batch=slider)
