@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -103,10 +104,10 @@ class HFContinuousEngine(Engine):
         self.num_blocks = num_blocks if num_blocks is not None or cuda else 256
         self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None or cuda else 512
 
-    def _manager(self, max_new_tokens):
+    def _manager(self, max_new_tokens, eos):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                               eos_token_id=self.eos, pad_token_id=self.eos)
+                               eos_token_id=eos, pad_token_id=self.eos)
         cb = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch,
                                       use_cuda_graph=self.use_cuda_graph,
                                       num_blocks=self.num_blocks,
@@ -118,7 +119,11 @@ class HFContinuousEngine(Engine):
     def _serve(self, requests):
         if not requests:
             return
-        manager = self._manager(max(r.max_new_tokens for r in requests))
+        # Newer transformers take an EOS per request; older ones only the manager's.
+        manager = self._manager(max(r.max_new_tokens for r in requests), self._shared_eos(requests))
+        per_request_eos = "eos_token_id" in inspect.signature(manager.add_request).parameters
+        extra = (lambda req: {"eos_token_id": -1 if req.ignore_eos else self.eos}) \
+            if per_request_eos else (lambda req: {})
         manager.start()
         self._t0 = time.perf_counter()   # the clock starts once HF's manager is up (as HF's own
         # timestamps, it reads time.perf_counter())
@@ -129,7 +134,7 @@ class HFContinuousEngine(Engine):
                     req = pending.pop(0)
                     manager.add_request(req.prompt_tokens, request_id=req.id,
                                         max_new_tokens=req.max_new_tokens, record_timestamps=True,
-                                        eos_token_id=-1 if req.ignore_eos else self.eos)
+                                        **extra(req))
                 wait = pending[0].arrival_s - self.now() if pending else 0.5
                 result = manager.get_result(timeout=max(min(wait, 0.5), 0.001))
                 if result is not None and result.is_finished():
@@ -148,6 +153,11 @@ class HFContinuousEngine(Engine):
             rec.finish("eos" if last == self.eos and not req.ignore_eos else "length",
                        times[-1] if times else self.now())
         self.steps = rebuild_steps(list(by_id.values()), self.records)
+
+
+    def _shared_eos(self, requests):
+        """The manager's EOS: -1 (none) when every request ignores EOS."""
+        return -1 if all(r.ignore_eos for r in requests) else self.eos
 
 
 def rebuild_steps(requests, records, gap_s: float = 2e-4) -> list:
