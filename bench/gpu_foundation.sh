@@ -30,6 +30,6 @@ done
 
 python3 -m papermill notebooks/01_memory_bound_inference.ipynb "$OUT/01_memory_bound_inference.gpu.ipynb" \
   --cwd notebooks -p model_name llama-1b-dummy -p device cuda -p dtype bfloat16 \
-  -p batch_sizes "[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]" -p context 512 -p prefill_tokens 2048 \
+  -y "batch_sizes: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]" -p context 512 -p prefill_tokens 2048 \
   -p repeat 10 2>&1 | tail -3
 echo "papermill exit: $?"
