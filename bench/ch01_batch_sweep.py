@@ -32,14 +32,17 @@ def main():
     model = Llama.from_hf(loaded.model)
     peaks = roofline.measure_peaks(a.device, model.dtype, refresh=True)
     rows = roofline.batch_sweep(model, peaks, a.batch, a.context, a.prefill, a.repeat, progress=True)
+    if a.device.startswith("cuda"):          # the same steps without Python's launch overhead
+        rows += roofline.batch_sweep(model, peaks, a.batch, a.context, a.prefill, a.repeat,
+                                     progress=True, graph=True)
     slug = re.sub(r"[^a-z0-9]+", "-", peaks.device.lower()).strip("-")
     path = Path(a.out) / f"ch01_batch_sweep_{a.model}_{slug}.json"
     save_result({"model": a.model, "dtype": a.dtype, "device": vars(peaks), "rows": rows},
                 path, "python " + " ".join(shlex.quote(x) for x in sys.argv))
     print(f"{peaks.device}: {peaks.bandwidth / 1e9:.0f} GB/s, {peaks.flops / 1e12:.1f} TFLOP/s")
-    print(f"{'kind':>8} {'B':>5} {'step ms':>9} {'tok/s':>10} {'MBU':>6} {'MFU':>6}")
+    print(f"{'mode':>6} {'kind':>8} {'B':>5} {'step ms':>9} {'tok/s':>10} {'MBU':>6} {'MFU':>6}")
     for r in rows:
-        print(f"{r['kind']:>8} {r['batch']:>5} {r['step_s'] * 1e3:9.3f} {r['tokens_per_s']:10.0f} "
+        print(f"{r['mode']:>6} {r['kind']:>8} {r['batch']:>5} {r['step_s'] * 1e3:9.3f} {r['tokens_per_s']:10.0f} "
               f"{100 * r['mbu']:5.1f}% {100 * r['mfu']:5.1f}%")
     print("wrote", path)
 

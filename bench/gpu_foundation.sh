@@ -16,6 +16,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 
+export COURSE_COMMIT=${COURSE_COMMIT:-unknown}
 BATCHES="1 2 4 8 16 32 64 128 256 512"
 python3 bench/ch01_batch_sweep.py --model llama-1b-dummy --dtype bfloat16 --device cuda \
   --batch $BATCHES --context 512 --prefill 2048 --repeat 20 --out "$OUT" 2>&1 | grep -v "it/s"

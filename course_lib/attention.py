@@ -27,27 +27,28 @@ class PaddedAttention:
     """Attention for one forward pass over a padded batch.
 
     cache:    a ``ContiguousKVCache``
-    slots:    ``(B,)`` which cache rows the batch rows use
+    slots:    which cache rows the ``B`` batch rows use (a list of ints)
     start:    ``(B,)`` first real column of each row (= its amount of left padding)
     write_at: ``(B, T)`` cache column of each new token
+    n_cols:   columns to attend over (``write_at.max() + 1``; pass it to spare a device sync)
     """
 
-    def __init__(self, cache, slots, start, write_at):
+    def __init__(self, cache, slots, start, write_at, n_cols: int | None = None):
         self.cache, self.write_at = cache, write_at
-        slots = torch.as_tensor(slots, device=write_at.device)
-        B = slots.numel()
+        slots = list(slots)
+        B = len(slots)
         # Consecutive slots 0..B-1 are a view of the cache; any other set is gathered.
-        self.rows = slice(0, B) if torch.equal(slots.cpu(), torch.arange(B)) else slots
-        self.slots = slots
-        self.n_cols = int(write_at.max()) + 1
+        self.rows = slice(0, B) if slots == list(range(B)) else torch.tensor(slots, device=write_at.device)
+        self.slot_index = torch.tensor(slots, device=write_at.device)[:, None]
+        self.n_cols = int(write_at.max()) + 1 if n_cols is None else n_cols
         self.visible = padded_visibility(start, write_at, self.n_cols)[:, None]   # (B, 1, T, S)
         self.positions = (write_at - start[:, None]).clamp(min=0)         # RoPE positions
 
     def __call__(self, layer, q, k, v):
         # q: (B, T, H, d); k, v: (B, T, Hkv, d)
         K, V = self.cache.k[layer], self.cache.v[layer]                   # (slots, Hkv, L, d)
-        K[self.slots[:, None], :, self.write_at] = k
-        V[self.slots[:, None], :, self.write_at] = v
+        K[self.slot_index, :, self.write_at] = k
+        V[self.slot_index, :, self.write_at] = v
         K, V = K[self.rows, :, :self.n_cols], V[self.rows, :, :self.n_cols]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=self.visible,
                                            enable_gqa=True)                # (B, H, T, d)

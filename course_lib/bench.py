@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,9 @@ def versions() -> dict:
 
 
 def commit() -> str | None:
+    """The repository's commit (``$COURSE_COMMIT`` where the checkout has no .git, e.g. a GPU box)."""
+    if os.environ.get("COURSE_COMMIT"):
+        return os.environ["COURSE_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -60,7 +64,8 @@ def save_result(result: dict, path, command: str) -> Path:
 def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: int | None = None,
           max_batch: int = 8, dtype: str = "float32", device: str = "cpu", tokens: bool = False,
           max_new_tokens: int | None = None, seed: int = 0, progress: bool = True,
-          loaded=None, steps: bool = False, engine_options: dict | None = None) -> dict:
+          loaded=None, steps: bool = False, engine_options: dict | None = None,
+          warmup: bool = True) -> dict:
     """Run one benchmark and return the JSON object (also what the CLI writes)."""
     loaded = loaded or models.load(model, dtype=dtype, device=device)
     dtype_t = loaded.model.dtype
@@ -69,6 +74,9 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
                              vocab_size=shape.vocab_size, seed=seed, max_new_tokens=max_new_tokens)
     peaks = measure_peaks(device, dtype_t)
     runner = make_engine(engine, loaded, max_batch=max_batch, **(engine_options or {}))
+    if warmup:   # first calls pay for kernel loading, allocator growth, library set-up: not timed
+        runner.run([replace(r, id=f"warmup-{r.id}", arrival_s=0.0, max_new_tokens=min(4, r.max_new_tokens))
+                    for r in requests[:2]])
     with NvmlSampler(torch.device(device).index or 0) as nvml:
         log = runner.run(requests, progress=progress)
     metrics = summarize(log, shape, torch.finfo(dtype_t).bits // 8, peaks)

@@ -64,9 +64,13 @@ def rms_norm(x, weight, eps):
     return weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta, dtype):
+def rope_frequencies(head_dim, theta, device=None):
+    """The rotation speed of each pair of dimensions: theta^(-2i/d), i = 0 .. d/2 - 1."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+
+
+def rope_cos_sin(positions, inv_freq, dtype):
     """cos and sin of the rotation angles, (..., head_dim), for integer positions (...)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq          # (..., head_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)              # (..., head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -89,6 +93,7 @@ class Llama:
     def __init__(self, shape: LlamaShape, embed, layers, final_norm, lm_head):
         self.shape, self.embed, self.layers = shape, embed, layers
         self.final_norm, self.lm_head = final_norm, lm_head
+        self.inv_freq = rope_frequencies(shape.head_dim, shape.rope_theta, embed.device)
 
     @classmethod
     def from_hf(cls, hf_model) -> "Llama":
@@ -118,7 +123,7 @@ class Llama:
         """tokens, positions: (...) integers -> final hidden states (..., hidden)."""
         s = self.shape
         x = F.embedding(tokens, self.embed)                                   # (..., hidden)
-        cos, sin = rope_cos_sin(positions, s.head_dim, s.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.attn_norm, s.eps)
             q = F.linear(h, w.wq).unflatten(-1, (s.n_heads, s.head_dim))      # (..., H, d)

@@ -40,12 +40,14 @@ def roofline(peaks, rows, ax=None, label=None):
     ax.axvline(peaks.ridge, color="grey", ls=":", lw=1)
     ax.annotate(f"ridge {peaks.ridge:.0f} FLOP/B", (peaks.ridge, peaks.flops / 1e12 / 30),
                 rotation=90, color="grey", ha="right", fontsize=8)
-    for kind, marker in [("decode", "o"), ("prefill", "s")]:
-        sel = [r for r in rows if r["kind"] == kind]
-        if sel:
+    for mode in dict.fromkeys(r.get("mode", "eager") for r in rows):
+        for kind, marker in [("decode", "o"), ("prefill", "s")]:
+            sel = [r for r in rows if r["kind"] == kind and r.get("mode", "eager") == mode]
+            if not sel:
+                continue
             ax.scatter([r["intensity"] for r in sel], [r["flops"] / r["step_s"] / 1e12 for r in sel],
-                       marker=marker, zorder=3,
-                       label=f"{label + ': ' if label else ''}{kind} steps")
+                       marker=marker, zorder=3, facecolors="none" if mode == "eager" else None,
+                       label=f"{label + ': ' if label else ''}{kind} steps, {mode}")
             for r in sel:
                 ax.annotate(f"B={r['batch']}" if kind == "decode" else f"{r['new_tokens']} tok",
                             (r["intensity"], r["flops"] / r["step_s"] / 1e12), fontsize=7,
@@ -59,11 +61,18 @@ def roofline(peaks, rows, ax=None, label=None):
     return ax
 
 
-def utilisation_bars(rows, batches=(1, 8, 64), ax=None, title=None):
+def by_mode(rows, label: str) -> dict:
+    """Split sweep rows into series by timing mode ("eager", "graph") for the plots."""
+    modes = dict.fromkeys(r.get("mode", "eager") for r in rows)
+    return {f"{label}, {m}": [r for r in rows if r.get("mode", "eager") == m] for m in modes}
+
+
+def utilisation_bars(rows, batches=(1, 8, 64), ax=None, title=None, mode="eager"):
     """MBU and MFU of the decode steps at a few batch sizes."""
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.5))
-    sel = [r for r in rows if r["kind"] == "decode" and r["batch"] in batches]
+    sel = [r for r in rows if r["kind"] == "decode" and r["batch"] in batches
+           and r.get("mode", "eager") == mode]
     x = np.arange(len(sel))
     ax.bar(x - 0.2, [100 * r["mbu"] for r in sel], 0.4, label="MBU (bandwidth)")
     ax.bar(x + 0.2, [100 * r["mfu"] for r in sel], 0.4, label="MFU (compute)")

@@ -188,9 +188,14 @@ class NvmlSampler:
 
 # ---------------------------------------------------------------- one step, timed, vs batch size
 def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int = 5,
-              warmup: int = 2) -> float:
+              warmup: int = 2, graph: bool = False) -> float:
     """Median seconds of one forward pass of ``batch`` sequences, each with ``context`` tokens
-    already cached and ``new_tokens`` new ones (1 = a decode step; a whole prompt = a prefill)."""
+    already cached and ``new_tokens`` new ones (1 = a decode step; a whole prompt = a prefill).
+
+    ``graph=False`` times what a Python engine pays: the batch's attention masks are built and
+    every kernel is launched from Python. ``graph=True`` (CUDA only) records the step once as a
+    CUDA graph and times its replays: what the GPU itself needs, without the launch overhead.
+    """
     from .attention import PaddedAttention
     from .kv_cache import ContiguousKVCache
     dev = model.device
@@ -199,38 +204,61 @@ def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int 
     tokens = torch.randint(3, model.shape.vocab_size, (batch, new_tokens), device=dev)
     write_at = torch.arange(context, context + new_tokens, device=dev).expand(batch, new_tokens)
     start = torch.zeros(batch, dtype=torch.long, device=dev)
+    n_cols = context + new_tokens
 
-    def step():
-        attn = PaddedAttention(cache, range(batch), start, write_at)
+    def forward(attn):
         hidden = model.hidden_states(tokens, attn.positions, attn)
         return model.logits(hidden[:, -1]).argmax(-1)       # the next token of every sequence
+
+    if not graph:
+        step = lambda: forward(PaddedAttention(cache, range(batch), start, write_at, n_cols))
+    else:
+        if torch.device(dev).type != "cuda":
+            raise ValueError("graph=True needs a CUDA device")
+        attn = PaddedAttention(cache, range(batch), start, write_at, n_cols)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):                     # warm up off the default stream
+            for _ in range(2):
+                forward(attn)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            forward(attn)
+        step = g.replay
     seconds = time_fn(step, dev, repeat=repeat, warmup=warmup)
     del cache
     return seconds
 
 
-def step_row(model, peaks, batch: int, context: int, new_tokens: int, seconds: float) -> dict:
+def step_row(model, peaks, batch: int, context: int, new_tokens: int, seconds: float,
+             mode: str = "eager") -> dict:
     """Bytes, FLOPs, MBU and MFU of one timed step."""
     n = new_tokens
     w = step_work(model.shape, model.dtype.itemsize, tokens=batch * n,
                   attended=batch * (n * context + n * (n + 1) // 2),
                   kv_read=batch * context, logit_rows=batch)
-    return {"kind": "decode" if n == 1 else "prefill", "batch": batch, "context": context,
-            "new_tokens": n, "step_s": seconds, "tokens_per_s": batch * n / seconds,
-            "bytes": w.bytes, "flops": w.flops, "intensity": w.flops / w.bytes,
+    return {"kind": "decode" if n == 1 else "prefill", "mode": mode, "batch": batch,
+            "context": context, "new_tokens": n, "step_s": seconds,
+            "tokens_per_s": batch * n / seconds, "bytes": w.bytes, "flops": w.flops,
+            "intensity": w.flops / w.bytes,
             "mbu": w.bytes / seconds / peaks.bandwidth, "mfu": w.flops / seconds / peaks.flops}
 
 
 def batch_sweep(model, peaks, batch_sizes=(1, 2, 4, 8, 16, 32, 64), context: int = 128,
-                prefill_tokens: int = 256, repeat: int = 5, progress: bool = False) -> list:
-    """Decode-step time at each batch size (plus one prefill step, for contrast)."""
+                prefill_tokens: int = 256, repeat: int = 5, progress: bool = False,
+                graph: bool = False) -> list:
+    """Decode-step time at each batch size (plus one prefill step, for contrast).
+    ``graph=True`` times CUDA-graph replays (see ``time_step``)."""
     from tqdm.auto import tqdm
+    mode = "graph" if graph else "eager"
     rows = []
     for b in tqdm(batch_sizes, desc="batch sizes", disable=not progress, leave=False):
-        rows.append(step_row(model, peaks, b, context, 1, time_step(model, b, context, 1, repeat)))
+        t = time_step(model, b, context, 1, repeat, graph=graph)
+        rows.append(step_row(model, peaks, b, context, 1, t, mode))
     if prefill_tokens:
-        t = time_step(model, 1, 0, prefill_tokens, repeat)
-        rows.append(step_row(model, peaks, 1, 0, prefill_tokens, t))
+        t = time_step(model, 1, 0, prefill_tokens, repeat, graph=graph)
+        rows.append(step_row(model, peaks, 1, 0, prefill_tokens, t, mode))
     return rows
 
 

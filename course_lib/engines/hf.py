@@ -124,6 +124,8 @@ class HFContinuousEngine(Engine):
         per_request_eos = "eos_token_id" in inspect.signature(manager.add_request).parameters
         extra = (lambda req: {"eos_token_id": -1 if req.ignore_eos else self.eos}) \
             if per_request_eos else (lambda req: {})
+        if hasattr(manager, "warmup") and not getattr(manager, "warmed_up", True):
+            manager.warmup()            # capture CUDA graphs before the clock starts, as HF does
         manager.start()
         self._t0 = time.perf_counter()   # the clock starts once HF's manager is up (as HF's own
         # timestamps, it reads time.perf_counter())
@@ -144,6 +146,8 @@ class HFContinuousEngine(Engine):
                     raise RuntimeError("Hugging Face's continuous batching thread stopped")
         finally:
             manager.stop(block=True)
+            if hasattr(manager, "destroy"):
+                manager.destroy()
         for rid, result in done.items():
             req, rec = by_id[rid], self.records[rid]
             times = [t - self._t0 for t in (result.timestamps or [])]

@@ -36,9 +36,10 @@ class SequentialEngine(Engine):
         n = tokens.shape[1]
         write_at = torch.arange(n, device=dev)[None]
         kind = dict(prefill_tokens=n, decode_tokens=0, attended=n * (n + 1) // 2, kv_read=0)
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
         while True:
             start = self.now()
-            attn = PaddedAttention(cache, [0], torch.zeros(1, dtype=torch.long, device=dev), write_at)
+            attn = PaddedAttention(cache, [0], zero, write_at, n_cols=n)
             hidden = self.model.hidden_states(tokens, attn.positions, attn)
             token = int(self.model.logits(hidden[0, -1]).argmax())             # greedy
             self.records[req.id].emit(token, self.now())
@@ -47,7 +48,7 @@ class SequentialEngine(Engine):
             reason = self.is_done(req, token)
             if reason:
                 return self.finish(req, reason)
-            c = int(write_at[0, -1]) + 1                     # tokens in the cache before this one
+            c, n = n, n + 1                     # c tokens in the cache before this one, n after
             tokens = torch.tensor([[token]], device=dev)
             write_at = torch.tensor([[c]], device=dev)
-            kind = dict(prefill_tokens=0, decode_tokens=1, attended=c + 1, kv_read=c)
+            kind = dict(prefill_tokens=0, decode_tokens=1, attended=n, kv_read=c)
