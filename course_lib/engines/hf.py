@@ -115,8 +115,7 @@ class HFContinuousEngine(Engine):
         return self.hf.init_continuous_batching(generation_config=gen,
                                                 continuous_batching_config=cb)
 
-    @torch.inference_mode()
-    def _serve(self, requests):
+    def _serve(self, requests):      # not under inference_mode: HF's thread sets its own mode
         if not requests:
             return
         # Newer transformers take an EOS per request; older ones only the manager's.
