@@ -20,12 +20,12 @@ def step_time_vs_batch(series: dict, ax=None):
         a.set_xlabel("batch size (sequences per decode step)")
         a.grid(alpha=0.3)
     ax[0].set_ylabel("decode step time (ms)")
-    ax[0].set_ylim(bottom=0)
-    ax[0].set_title("A step costs about the same for 1 or many sequences...")
+    ax[0].set_yscale("log")
+    ax[0].set_title("While memory-bound, a step costs about the same\nfor 1 or many sequences...")
     ax[1].set_yscale("log")
     ax[1].set_ylabel("tokens / s")
     ax[1].set_title("...so throughput grows with the batch")
-    ax[0].legend()
+    ax[0].legend(fontsize=8)
     plt.tight_layout()
     return ax
 
@@ -40,13 +40,15 @@ def roofline(peaks, rows, ax=None, label=None):
     ax.axvline(peaks.ridge, color="grey", ls=":", lw=1)
     ax.annotate(f"ridge {peaks.ridge:.0f} FLOP/B", (peaks.ridge, peaks.flops / 1e12 / 30),
                 rotation=90, color="grey", ha="right", fontsize=8)
+    markers = {("eager", "decode"): "o", ("eager", "prefill"): "s",
+               ("graph", "decode"): "^", ("graph", "prefill"): "D"}
     for mode in dict.fromkeys(r.get("mode", "eager") for r in rows):
-        for kind, marker in [("decode", "o"), ("prefill", "s")]:
+        for kind in ("decode", "prefill"):
             sel = [r for r in rows if r["kind"] == kind and r.get("mode", "eager") == mode]
             if not sel:
                 continue
             ax.scatter([r["intensity"] for r in sel], [r["flops"] / r["step_s"] / 1e12 for r in sel],
-                       marker=marker, zorder=3, facecolors="none" if mode == "eager" else None,
+                       marker=markers[mode, kind], zorder=3,
                        label=f"{label + ': ' if label else ''}{kind} steps, {mode}")
             for r in sel:
                 ax.annotate(f"B={r['batch']}" if kind == "decode" else f"{r['new_tokens']} tok",

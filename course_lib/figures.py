@@ -1,0 +1,63 @@
+"""Regenerate the course figures in ``vis/`` from runs: ``python -m course_lib.figures``.
+
+Each figure is drawn from a measurement made now on this machine, next to the stored GPU results
+in ``bench/results/`` (labelled with the card they came from).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import models, plots, roofline  # noqa: E402
+from .llama import Llama  # noqa: E402
+from .nbtools import stored_results  # noqa: E402
+
+VIS = Path(__file__).resolve().parent.parent / "vis"
+
+
+def chapter01(out: Path, model_name: str = "smollm2-135m", repeat: int = 5) -> list:
+    """Step time vs batch size, and the roofline: this machine live, the stored GPU runs beside."""
+    loaded = models.load(model_name)
+    model = Llama.from_hf(loaded.model)
+    peaks = roofline.measure_peaks("cpu", model.dtype)
+    rows = roofline.batch_sweep(model, peaks, (1, 2, 4, 8, 16, 32, 64), 128, 256, repeat)
+    gpu = [r for r in stored_results("ch01_batch_sweep") if r["device"]["device"] != peaks.device]
+
+    series = plots.by_mode(rows, f"{model_name}, {peaks.device}")
+    for run in gpu:
+        series.update(plots.by_mode(run["rows"], f"{run['model']}, {run['device']['device']} (stored)"))
+    plots.step_time_vs_batch(series)
+    paths = [out / "step_time_vs_batch.png"]
+    plt.savefig(paths[-1], dpi=110)
+    plt.close("all")
+
+    fig, axes = plt.subplots(1, 1 + len(gpu), figsize=(6.5 * (1 + len(gpu)), 4.5), squeeze=False)
+    plots.roofline(peaks, rows, ax=axes[0, 0], label=model_name)
+    for ax, run in zip(axes[0, 1:], gpu):
+        plots.roofline(roofline.Peaks(**run["device"]), run["rows"], ax=ax,
+                       label=f"{run['model']} (stored)")
+    plt.tight_layout()
+    paths.append(out / "roofline.png")
+    plt.savefig(paths[-1], dpi=110)
+    plt.close("all")
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default=str(VIS))
+    p.add_argument("--model", default="smollm2-135m")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in chapter01(out, a.model):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The chapter-01 instruments: timed steps, the sweep, the seed's arithmetic, plots, widgets."""
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from course_lib import plots, roofline  # noqa: E402
+from course_lib.llama import Llama  # noqa: E402
+from course_lib.nbtools import stored_results  # noqa: E402
+
+PEAKS = roofline.Peaks("test device", "float32", bandwidth=1e10, flops=1e11, method="made up")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return Llama.from_hf(tiny.model)
+
+
+def test_the_seeds_example_with_its_assumptions():
+    """7B params in 16-bit (14 GB) on an A100's datasheet: the seed's "~1%" and "~8%"."""
+    u1 = roofline.memory_bound_utilisation(7e9, 2, 1, bandwidth=2.0e12, flops=312e12)
+    u8 = roofline.memory_bound_utilisation(7e9, 2, 8, bandwidth=2.0e12, flops=312e12)
+    assert u1["step_s"] == pytest.approx(7e-3)
+    assert u1["compute_utilisation"] == pytest.approx(0.00641, rel=1e-3)
+    assert u8["compute_utilisation"] == pytest.approx(8 * u1["compute_utilisation"])
+    assert u8["intensity"] == pytest.approx(8.0)
+
+
+def test_sweep_rows_are_consistent(tiny_model):
+    rows = roofline.batch_sweep(tiny_model, PEAKS, (1, 4), context=16, prefill_tokens=32, repeat=2)
+    assert [(r["kind"], r["batch"]) for r in rows] == [("decode", 1), ("decode", 4), ("prefill", 1)]
+    for r in rows:
+        assert r["step_s"] > 0 and r["mode"] == "eager"
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["new_tokens"] / r["step_s"])
+        assert r["mbu"] == pytest.approx(r["bytes"] / r["step_s"] / PEAKS.bandwidth)
+        assert r["mfu"] == pytest.approx(r["flops"] / r["step_s"] / PEAKS.flops)
+    # a decode step's FLOPs grow with the batch; its bytes are mostly the weights, read once
+    d1, d4, pre = rows
+    assert d4["flops"] > 3.9 * d1["flops"] and d4["bytes"] < 2 * d1["bytes"]
+    assert d4["intensity"] > 3.5 * d1["intensity"] and pre["new_tokens"] == 32
+
+
+def test_graph_timing_needs_cuda(tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="CUDA"):
+        roofline.time_step(tiny_model, 1, 4, graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_and_eager_steps_give_the_same_tokens(tiny):
+    m = Llama.from_hf(tiny.model.to("cuda"))
+    assert roofline.time_step(m, 4, 32, graph=True) > 0
+
+
+def test_plots_draw_every_point(tiny_model):
+    rows = roofline.batch_sweep(tiny_model, PEAKS, (1, 2), context=8, prefill_tokens=16, repeat=1)
+    ax = plots.roofline(PEAKS, rows)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 3
+    left, right = plots.step_time_vs_batch(plots.by_mode(rows, "tiny"))
+    assert len(left.lines) == 1 and list(left.lines[0].get_xdata()) == [1, 2]
+    bars = plots.utilisation_bars(rows, batches=(1, 2))
+    assert len(bars.patches) == 4
+    matplotlib.pyplot.close("all")
+
+
+def test_batch_size_explorer_runs_nothing_until_clicked(tiny_model, monkeypatch):
+    from course_lib import widgets
+    calls = []
+    monkeypatch.setattr(roofline, "time_step", lambda *a, **k: calls.append(a) or 0.01)
+    widgets.batch_size_explorer(tiny_model, PEAKS, context=8)
+    assert calls == []
+
+
+def test_stored_gpu_results_carry_their_provenance():
+    runs = stored_results("ch01_batch_sweep") + stored_results("foundation_")
+    assert runs, "bench/results/ should hold the GPU runs the notebooks show"
+    for r in runs:
+        assert r["device"]["device"] and r["device"]["bandwidth"] > 0
+        assert r["versions"]["torch"] and r["versions"]["course_lib_commit"]
+        assert r["command"].startswith("python")
