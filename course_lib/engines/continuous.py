@@ -1,0 +1,36 @@
+"""Continuous batching: schedule at the level of iterations, not requests. Before every decode
+step, finished sequences leave and waiting requests take their slots (their prompts are
+prefilled first); then one decode step runs for every sequence in the batch. No sequence waits
+for another, and each slot's cache row holds its own sequence from column 0.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from ..runner import Row
+from .padded import PaddedEngine, Seq
+
+
+class ContinuousEngine(PaddedEngine):
+    name = "continuous"
+
+    def schedule(self, requests):
+        queue, running, free = deque(requests), [], list(range(self.max_batch))
+        while queue or running:
+            # 1. admit: every request that has arrived, while there are free slots
+            new = []
+            while queue and free and queue[0].arrival_s <= self.now():
+                new.append(Seq(queue.popleft(), slot=free.pop(0), start=0))
+            if new:   # prefill the newcomers together (padded on the right, each from column 0)
+                self.forward(new, [Row(s.slot, s.req.prompt_tokens, 0, 0) for s in new],
+                             left_pad=False, prefill=True)
+                running += new
+            # 2. one decode step for every running sequence
+            live = [s for s in running if not s.done]
+            if live:
+                self.forward(live, [Row(s.slot, [s.last], s.next_col, 0) for s in live])
+            # 3. finished sequences leave; their slots are free at the next iteration
+            free += [s.slot for s in running if s.done]
+            running = [s for s in running if not s.done]
+            if not running and queue:
+                self.wait_until(queue[0].arrival_s)     # idle until the next request arrives

@@ -1,0 +1,55 @@
+"""Dynamic batching: refill at the level of requests. When a sequence finishes, a waiting request
+takes its slot, but the batch keeps one padded layout: all rows share one column cursor, so a
+newcomer is left-padded to the batch's current length and prefilled on its own (the batch waits).
+Padding stays in the batch, and a newcomer that does not fit the layout (a prompt longer than the
+batch so far, or not enough columns left) waits until the batch drains: the batch size changes
+over time.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from ..runner import Row
+from .padded import PaddedEngine, Seq
+
+
+class DynamicEngine(PaddedEngine):
+    name = "dynamic"
+
+    def cache_len(self, requests) -> int:
+        return 2 * super().cache_len(requests)      # room for the shared cursor to run on
+
+    def fits(self, req, cursor: int) -> bool:
+        """Can ``req`` join a batch whose next column is ``cursor``?"""
+        n = len(req.prompt_tokens)
+        return n <= cursor and cursor + req.max_new_tokens <= self.runner.cache.max_len
+
+    def schedule(self, requests):
+        queue, running, free, cursor = deque(requests), [], list(range(self.max_batch)), 0
+        while queue or running:
+            if not running:
+                # an empty batch starts afresh, like a static one: everyone that has arrived
+                self.wait_until(queue[0].arrival_s)
+                new = []
+                while queue and len(new) < len(free) and queue[0].arrival_s <= self.now():
+                    new.append(queue.popleft())
+                width = max(len(r.prompt_tokens) for r in new)
+                running = [Seq(r, free.pop(0), start=width - len(r.prompt_tokens)) for r in new]
+                self.forward(running, [Row(s.slot, s.req.prompt_tokens, s.start, s.start)
+                                       for s in running], prefill=True)
+                cursor = width
+            else:
+                # request-level refill: a waiting request takes a free slot, padded to the cursor
+                while queue and free and queue[0].arrival_s <= self.now() and self.fits(queue[0], cursor):
+                    req = queue.popleft()
+                    n = len(req.prompt_tokens)
+                    seq = Seq(req, free.pop(0), start=cursor - n)
+                    padded = [self.eos] * (cursor - n) + list(req.prompt_tokens)
+                    self.forward([seq], [Row(seq.slot, padded, 0, seq.start)], prefill=True)
+                    running.append(seq)
+            live = [s for s in running if not s.done]
+            if live:                  # one decode step, every row at the shared cursor
+                self.forward(live, [Row(s.slot, [s.last], cursor, s.start) for s in live])
+                cursor += 1
+            free += [s.slot for s in running if s.done]
+            running = [s for s in running if not s.done]

