@@ -71,3 +71,103 @@ def check_crossover_batch(fn):
             "Hint: the smallest whole batch whose intensity reaches the ridge (peak FLOP/s over "
             "bandwidth)")
     _ok("crossover_batch: below it decode is memory-bound, above it compute-bound")
+
+
+# ---------------------------------------------------------------- chapter 02
+def check_left_pad(fn):
+    from .runner import left_pad
+    for rows in [[[5, 6, 7], [8]], [[1], [2, 3], [4, 5, 6, 7]], [[9, 9]]]:
+        got = fn(rows, 0)
+        want = left_pad(rows, 0)
+        assert got is not None and len(got) == 2, "return (tokens, start)"
+        assert torch.equal(torch.as_tensor(got[0]), want[0]), (
+            f"tokens for {rows}: got {got[0]}, expected {want[0].tolist()} (pads go on the left)")
+        assert torch.equal(torch.as_tensor(got[1]), want[1]), (
+            f"start for {rows}: got {got[1]}, expected {want[1].tolist()}")
+    _ok("left_pad: every prompt ends in the last column")
+
+
+def check_prefill_mask(fn):
+    from .attention import padded_visibility
+    for start in [[0], [2, 0], [3, 1, 0]]:
+        start = torch.tensor(start)
+        T = int(start.max()) + 3
+        want = padded_visibility(start, torch.arange(T).expand(len(start), T), T)
+        got = torch.as_tensor(fn(start, T)).bool()
+        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        assert torch.equal(got, want), (
+            f"start={start.tolist()}: a real token at column c sees columns start..c; "
+            "a padding token sees only itself")
+    _ok("prefill_mask: causal, blind to padding, and no empty row")
+
+
+# ---------------------------------------------------------------- chapter 03
+def check_fits(fn):
+    from .engines.dynamic import fits
+    rng = random.Random()
+    cases = [(10, 5, 10, 20), (11, 5, 10, 20), (3, 18, 10, 28), (3, 19, 10, 28)]
+    cases += [tuple(rng.randint(1, 40) for _ in range(4)) for _ in range(50)]
+    for case in cases:
+        assert bool(fn(*case)) == fits(*case), (
+            f"prompt_len, max_new_tokens, cursor, cache_len = {case}: expected {fits(*case)}")
+    _ok("fits: the newcomer's prompt ends before the cursor and its answer fits after it")
+
+
+# ---------------------------------------------------------------- chapter 04
+def check_admit(fn):
+    from collections import deque
+
+    from .engines.continuous import admit
+    from .requests import Request
+    rng = random.Random()
+    for _ in range(30):
+        reqs = [Request(f"r{i}", [5], 1, arrival_s=t)
+                for i, t in enumerate(sorted(rng.uniform(0, 2) for _ in range(rng.randint(0, 6))))]
+        free = rng.sample(range(8), rng.randint(0, 4))
+        now = rng.uniform(0, 2)
+        q1, f1, q2, f2 = deque(reqs), list(free), deque(reqs), list(free)
+        want = [(r.id, s) for r, s in admit(q1, f1, now)]
+        got = [(r.id, s) for r, s in (fn(q2, f2, now) or [])]
+        assert got == want, (f"queue arrivals {[r.arrival_s for r in reqs]}, free {free}, now {now:.2f}:"
+                             f" got {got}, expected {want}")
+        assert list(q2) == list(q1) and sorted(f2) == sorted(f1), "update the queue and free list"
+    _ok("admit: arrived requests, oldest first, into the lowest free slots")
+
+
+def check_slot_utilisation(fn):
+    from .metrics import Step
+    rng = random.Random()
+    for _ in range(20):
+        steps = []
+        for _ in range(rng.randint(1, 10)):
+            slots = rng.randint(1, 50)
+            useful = rng.randint(0, slots)
+            p = rng.randint(0, useful)
+            steps.append(Step(0, 1, rows=1, slots=slots, prefill_tokens=p, decode_tokens=useful - p,
+                              attended=0, kv_read=0, logit_rows=0))
+        want = sum(s.useful for s in steps) / sum(s.slots for s in steps)
+        got = fn(steps)
+        assert got is not None and math.isclose(got, want, rel_tol=1e-9), (
+            f"got {got}, expected {want}: useful token slots (prefill + decode) over all slots")
+    _ok("slot_utilisation: useful slots over slots computed")
+
+
+def check_ttft_tpot(fn):
+    from .metrics import RequestRecord
+    rng = random.Random()
+    for _ in range(20):
+        rec = RequestRecord("r", arrival_s=rng.uniform(0, 1), prompt_len=5)
+        t = rec.arrival_s
+        for _ in range(rng.randint(1, 8)):
+            t += rng.uniform(0.01, 0.5)
+            rec.emit(7, t)
+        got = fn(rec.arrival_s, list(rec.token_times))
+        assert got is not None and len(got) == 2, "return (ttft, tpot)"
+        assert math.isclose(got[0], rec.ttft_s), f"TTFT: got {got[0]}, expected {rec.ttft_s}"
+        if rec.tpot_s is None:
+            assert got[1] is None, "TPOT of a one-token answer is undefined: return None"
+        else:
+            assert got[1] is not None and math.isclose(got[1], rec.tpot_s), (
+                f"TPOT: got {got[1]}, expected {rec.tpot_s} (time between the first and the last "
+                "token, over the number of gaps)")
+    _ok("ttft_tpot: the two latencies a user feels")

@@ -67,6 +67,7 @@ class Step:
     kv_read: int              # cached tokens of live sequences read
     logit_rows: int           # useful logits computed
     active: list = field(default_factory=list)   # ids of the requests with useful work
+    held: list = field(default_factory=list)     # ids of finished requests still holding a row
 
     @property
     def useful(self) -> int:
@@ -159,4 +160,4 @@ def request_rows(log: RunLog, with_tokens: bool = False) -> list:
 
 
 def step_rows(log: RunLog) -> list:
-    return [{k: v for k, v in asdict(s).items() if k != "active"} for s in log.steps]
+    return [{k: v for k, v in asdict(s).items() if k not in ("active", "held")} for s in log.steps]

@@ -83,3 +83,78 @@ def utilisation_bars(rows, batches=(1, 8, 64), ax=None, title=None, mode="eager"
     ax.set_title(title or "decode-step utilisation")
     ax.legend()
     return ax
+
+
+# ---------------------------------------------------------------- timelines of real runs
+COLOURS = {"waiting": "#d9d9d9", "prefill": "#1f4e79", "decode": "#5b9bd5", "held": "#f4b183"}
+
+
+def _intervals(log):
+    """(request id, kind) -> [(start, end)], from the step log and the request records."""
+    spans, first = {}, {}
+    for s in log.steps:
+        kind = "prefill" if s.kind == "prefill" else "decode"
+        for rid in s.active:
+            spans.setdefault((rid, kind), []).append((s.start_s, s.end_s))
+            first.setdefault(rid, s.start_s)
+        for rid in s.held:
+            spans.setdefault((rid, "held"), []).append((s.start_s, s.end_s))
+    for r in log.requests:
+        if r.id in first and first[r.id] > r.arrival_s:
+            spans[(r.id, "waiting")] = [(r.arrival_s, first[r.id])]
+    return spans
+
+
+def timeline(log, ax=None, title=None, max_requests: int = 40, xmax=None):
+    """A Gantt chart of a real run: one row per request, time on the x axis.
+
+    waiting: arrived, not yet in the batch; prefill / decode: its row computed useful tokens;
+    held: finished, but its row still occupies a slot of the batch (static batching)."""
+    served = [r for r in log.requests if r.finish_reason != "refused"][:max_requests]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 0.22 * len(served) + 1.2))
+    spans = _intervals(log)
+    for y, r in enumerate(served):
+        for kind in ("waiting", "held", "decode", "prefill"):
+            bars = [(a, b - a) for a, b in spans.get((r.id, kind), [])]
+            if bars:
+                ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=COLOURS[kind], linewidth=0)
+    ax.set_yticks(range(len(served)), [r.id for r in served], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_xlim(0, xmax or max((r.finish_s or 0) for r in served) * 1.01)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
+    ax.legend(handles, ["waiting", "prefill", "decode", "finished, row still held"],
+              fontsize=7, loc="lower right", ncol=4)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def batch_over_time(logs: dict, ax=None):
+    """Rows per step (and how many of them did useful work) against time."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3))
+    for label, log in logs.items():
+        steps = [s for s in log.steps if s.kind == "decode"]
+        line, = ax.step([s.start_s for s in steps], [s.rows for s in steps], where="post",
+                        label=f"{label}: rows computed")
+        ax.step([s.start_s for s in steps], [len(s.active) for s in steps], where="post",
+                ls=":", color=line.get_color(), label=f"{label}: rows with useful work")
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_ylabel("sequences per decode step")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def ladder(runs, ax=None, metric="output_tokens_per_s", label="output tokens / s"):
+    """A bar per engine of a ladder run (the bench JSON of each)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.5))
+    names = [r["engine"] for r in runs]
+    values = [r["metrics"][metric] or 0 for r in runs]
+    bars = ax.bar(names, values, color=["#9e9e9e" if n.startswith("hf-") else "#5b9bd5" for n in names])
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_ylabel(label)
+    return ax

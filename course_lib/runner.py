@@ -23,6 +23,14 @@ class Row:
     start: int           # its first real cache column (columns before it are padding)
 
 
+def left_pad(token_lists: list, pad_id: int):
+    """Pad rows of tokens on the left to one length: ``(tokens (B, T), start (B,))`` where
+    ``start[r]`` is the first real column of row ``r``."""
+    T = max(len(t) for t in token_lists)
+    tokens = torch.tensor([[pad_id] * (T - len(t)) + list(t) for t in token_lists])
+    return tokens, torch.tensor([T - len(t) for t in token_lists])
+
+
 class PaddedRunner:
     """Runs padded forward passes of a ``Llama`` over a contiguous KV-cache of ``n_slots`` rows."""
 
@@ -39,23 +47,21 @@ class PaddedRunner:
         overwritten later, never attended to by a real token).
         """
         dev, T = self.model.device, max(len(r.tokens) for r in rows)
-        tokens, write_at, last = [], [], []
-        for r in rows:
-            n, pad = len(r.tokens), T - len(r.tokens)
-            if left_pad:
-                tokens.append([self.pad_id] * pad + list(r.tokens))
-                write_at.append(list(range(r.first_col - pad, r.first_col + n)))
-                last.append(T - 1)
-            else:
-                tokens.append(list(r.tokens) + [self.pad_id] * pad)
-                write_at.append(list(range(r.first_col, r.first_col + T)))
-                last.append(n - 1)
+        if left_pad:
+            tokens, pads = left_pad([r.tokens for r in rows], self.pad_id)
+            write_at = [list(range(r.first_col - p, r.first_col + len(r.tokens)))
+                        for r, p in zip(rows, pads.tolist())]
+            last = [T - 1] * len(rows)
+        else:
+            tokens = torch.tensor([list(r.tokens) + [self.pad_id] * (T - len(r.tokens)) for r in rows])
+            write_at = [list(range(r.first_col, r.first_col + T)) for r in rows]
+            last = [len(r.tokens) - 1 for r in rows]
         if min(min(w) for w in write_at) < 0 or max(max(w) for w in write_at) >= self.cache.max_len:
             raise ValueError("a row's tokens fall outside the KV-cache")
         write_at_t = torch.tensor(write_at, device=dev)
         start = torch.tensor([r.start for r in rows], device=dev)
         attn = PaddedAttention(self.cache, [r.slot for r in rows], start, write_at_t,
                                n_cols=max(max(w) for w in write_at) + 1)
-        hidden = self.model.hidden_states(torch.tensor(tokens, device=dev), attn.positions, attn)
+        hidden = self.model.hidden_states(tokens.to(dev), attn.positions, attn)
         rows_idx = torch.arange(len(rows), device=dev)
         return self.model.logits(hidden[rows_idx, torch.tensor(last, device=dev)]).argmax(-1).tolist()

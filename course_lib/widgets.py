@@ -28,3 +28,31 @@ def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, rep
     slider = w.IntSlider(value=3, min=0, max=max_log2, description="log2(batch)",
                          continuous_update=False)
     return w.interact_manual(show, log2_batch=slider)
+
+
+def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4, 8, 16)):
+    """Pick a batch size: run the engines on the same requests (each run once, then cached) and
+    draw their timelines with their throughput and slot utilisation."""
+    import ipywidgets as w
+
+    from .engines import make_engine
+    from .metrics import summarize
+
+    @lru_cache(maxsize=None)
+    def run(engine, max_batch):
+        return make_engine(engine, loaded, max_batch=max_batch).run(requests)
+
+    def show(max_batch):
+        fig, axes = plt.subplots(len(engines), 1, figsize=(10, 3.2 * len(engines)), squeeze=False)
+        for ax, engine in zip(axes[:, 0], engines):
+            log = run(engine, max_batch)
+            m = summarize(log)
+            plots.timeline(log, ax=ax, title=f"{engine}, max_batch={max_batch}: "
+                           f"{m['output_tokens_per_s']:.1f} tok/s, slot utilisation "
+                           f"{100 * m['slot_utilisation']:.0f}%")
+        plt.tight_layout()
+        plt.show()
+
+    slider = w.SelectionSlider(options=list(batch_sizes), value=batch_sizes[len(batch_sizes) // 2],
+                               description="max_batch", continuous_update=False)
+    return w.interact_manual(show, max_batch=slider)

@@ -11,6 +11,16 @@ from ..runner import Row
 from .padded import PaddedEngine, Seq
 
 
+def admit(queue: deque, free: list, now: float) -> list:
+    """The admission rule: waiting requests that have arrived, oldest first, each taking the
+    lowest free slot, while slots are free. Returns ``(request, slot)`` pairs; updates both."""
+    admitted = []
+    while queue and free and queue[0].arrival_s <= now:
+        free.sort()
+        admitted.append((queue.popleft(), free.pop(0)))
+    return admitted
+
+
 class ContinuousEngine(PaddedEngine):
     name = "continuous"
 
@@ -18,9 +28,7 @@ class ContinuousEngine(PaddedEngine):
         queue, running, free = deque(requests), [], list(range(self.max_batch))
         while queue or running:
             # 1. admit: every request that has arrived, while there are free slots
-            new = []
-            while queue and free and queue[0].arrival_s <= self.now():
-                new.append(Seq(queue.popleft(), slot=free.pop(0), start=0))
+            new = [Seq(req, slot, start=0) for req, slot in admit(queue, free, self.now())]
             if new:   # prefill the newcomers together (padded on the right, each from column 0)
                 self.forward(new, [Row(s.slot, s.req.prompt_tokens, 0, 0) for s in new],
                              left_pad=False, prefill=True)

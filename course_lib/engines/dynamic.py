@@ -13,6 +13,12 @@ from ..runner import Row
 from .padded import PaddedEngine, Seq
 
 
+def fits(prompt_len: int, max_new_tokens: int, cursor: int, cache_len: int) -> bool:
+    """Can a request join a padded batch whose next column is ``cursor``? Its prompt must end
+    just before the cursor (so it must not be longer), and its answer must fit after it."""
+    return prompt_len <= cursor and cursor + max_new_tokens <= cache_len
+
+
 class DynamicEngine(PaddedEngine):
     name = "dynamic"
 
@@ -20,9 +26,7 @@ class DynamicEngine(PaddedEngine):
         return 2 * super().cache_len(requests)      # room for the shared cursor to run on
 
     def fits(self, req, cursor: int) -> bool:
-        """Can ``req`` join a batch whose next column is ``cursor``?"""
-        n = len(req.prompt_tokens)
-        return n <= cursor and cursor + req.max_new_tokens <= self.runner.cache.max_len
+        return fits(len(req.prompt_tokens), req.max_new_tokens, cursor, self.runner.cache.max_len)
 
     def schedule(self, requests):
         queue, running, free, cursor = deque(requests), [], list(range(self.max_batch)), 0

@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from ..metrics import Step
+from ..runner import left_pad
 from .base import Engine
 
 
@@ -48,11 +49,8 @@ class HFGenerateEngine(Engine):
         pad = self.eos if pad is None else pad
         lens = [len(r.prompt_tokens) for r in batch]
         T, B = max(lens), len(batch)
-        ids = torch.full((B, T), pad, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for r, (req, n) in enumerate(zip(batch, lens)):            # left padding
-            ids[r, T - n:] = torch.tensor(req.prompt_tokens)
-            mask[r, T - n:] = 1
+        ids, start = left_pad([r.prompt_tokens for r in batch], pad)
+        mask = (torch.arange(T) >= start[:, None]).long()
         # Stop at EOS only if every request wants that; otherwise cut each output afterwards.
         stop_at_eos = not any(r.ignore_eos for r in batch)
         config = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in batch),

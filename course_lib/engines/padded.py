@@ -62,7 +62,8 @@ class PaddedEngine(Engine):
             start, now, rows=len(rows), slots=len(rows) * width,
             prefill_tokens=useful if prefill else 0, decode_tokens=0 if prefill else useful,
             attended=sum(n * c + n * (n + 1) // 2 for c, n in ctx),
-            kv_read=sum(c for c, _ in ctx), logit_rows=len(live), active=[s.req.id for s, _ in live]))
+            kv_read=sum(c for c, _ in ctx), logit_rows=len(live), active=[s.req.id for s, _ in live],
+            held=[s.req.id for s in seqs if s.done]))
         for (s, r), token in zip(zip(seqs, rows), tokens):
             if s.done:
                 continue                         # a finished row computed padding
