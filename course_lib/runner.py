@@ -38,7 +38,7 @@ class PaddedRunner:
         self.model, self.pad_id = model, pad_id
         self.cache = ContiguousKVCache(model.shape, n_slots, max_len, model.dtype, model.device)
 
-    def step(self, rows: list[Row], left_pad: bool = True) -> list[int]:
+    def step(self, rows: list[Row], pad_left: bool = True) -> list[int]:
         """Run the rows' new tokens; return each row's greedy next token.
 
         Rows with fewer tokens than the longest are padded: on the left (their tokens end in the
@@ -47,7 +47,7 @@ class PaddedRunner:
         overwritten later, never attended to by a real token).
         """
         dev, T = self.model.device, max(len(r.tokens) for r in rows)
-        if left_pad:
+        if pad_left:
             tokens, pads = left_pad([r.tokens for r in rows], self.pad_id)
             write_at = [list(range(r.first_col - p, r.first_col + len(r.tokens)))
                         for r, p in zip(rows, pads.tolist())]

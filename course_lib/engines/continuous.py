@@ -31,7 +31,7 @@ class ContinuousEngine(PaddedEngine):
             new = [Seq(req, slot, start=0) for req, slot in admit(queue, free, self.now())]
             if new:   # prefill the newcomers together (padded on the right, each from column 0)
                 self.forward(new, [Row(s.slot, s.req.prompt_tokens, 0, 0) for s in new],
-                             left_pad=False, prefill=True)
+                             pad_left=False, prefill=True)
                 running += new
             # 2. one decode step for every running sequence
             live = [s for s in running if not s.done]

@@ -49,10 +49,10 @@ class PaddedEngine(Engine):
     def schedule(self, requests):
         raise NotImplementedError
 
-    def forward(self, seqs, rows, left_pad: bool = True, prefill: bool = False):
+    def forward(self, seqs, rows, pad_left: bool = True, prefill: bool = False):
         """Run ``rows`` (row i belongs to ``seqs[i]``); feed the tokens to the live sequences."""
         start = self.now()
-        tokens = self.runner.step(rows, left_pad)
+        tokens = self.runner.step(rows, pad_left)
         now = self.now()
         width = max(len(r.tokens) for r in rows)
         live = [(s, r) for s, r in zip(seqs, rows) if not s.done]
