@@ -37,8 +37,9 @@ class PaddedAttention:
         self.cache, self.write_at = cache, write_at
         slots = list(slots)
         B = len(slots)
-        # Consecutive slots 0..B-1 are a view of the cache; any other set is gathered.
-        self.rows = slice(0, B) if slots == list(range(B)) else torch.tensor(slots, device=write_at.device)
+        # Consecutive slots are a view of the cache; any other set of rows must be gathered.
+        consecutive = slots == list(range(slots[0], slots[0] + B))
+        self.rows = slice(slots[0], slots[0] + B) if consecutive else torch.tensor(slots, device=write_at.device)
         self.slot_index = torch.tensor(slots, device=write_at.device)[:, None]
         self.n_cols = int(write_at.max()) + 1 if n_cols is None else n_cols
         self.visible = padded_visibility(start, write_at, self.n_cols)[:, None]   # (B, 1, T, S)

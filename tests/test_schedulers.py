@@ -10,7 +10,9 @@ ENGINES = [StaticEngine, DynamicEngine, ContinuousEngine]
 
 
 def schedule(log, kind=None):
-    return [s.active for s in log.steps if kind is None or s.kind == kind]
+    """Which requests computed a useful token in each step (in request order)."""
+    order = {r.id: i for i, r in enumerate(log.requests)}
+    return [sorted(s.active, key=order.get) for s in log.steps if kind is None or s.kind == kind]
 
 
 def seed_requests():

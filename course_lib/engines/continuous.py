@@ -33,8 +33,9 @@ class ContinuousEngine(PaddedEngine):
                 self.forward(new, [Row(s.slot, s.req.prompt_tokens, 0, 0) for s in new],
                              pad_left=False, prefill=True)
                 running += new
-            # 2. one decode step for every running sequence
-            live = [s for s in running if not s.done]
+            # 2. one decode step for every running sequence (in slot order: a full batch then
+            #    reads its cache rows as one block instead of gathering them)
+            live = sorted((s for s in running if not s.done), key=lambda s: s.slot)
             if live:
                 self.forward(live, [Row(s.slot, [s.last], s.next_col, 0) for s in live])
             # 3. finished sequences leave; their slots are free at the next iteration
