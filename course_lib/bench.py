@@ -45,7 +45,8 @@ def commit() -> str | None:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+                                "--", "course_lib", "bench"],        # the code that measures
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
@@ -83,7 +84,8 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     metrics["nvml_gpu_util"] = nvml.mean
     out = {
         "engine": engine, "model": model, "workload": workload, "n": len(requests),
-        "max_batch": max_batch, "dtype": str(dtype_t).removeprefix("torch."),
+        "max_batch": max_batch, "max_new_tokens": max_new_tokens,
+        "dtype": str(dtype_t).removeprefix("torch."),
         "device": {"type": torch.device(device).type, **asdict(peaks)},
         "versions": versions(),
         "step_source": log.step_source,

@@ -86,7 +86,10 @@ def utilisation_bars(rows, batches=(1, 8, 64), ax=None, title=None, mode="eager"
 
 
 # ---------------------------------------------------------------- timelines of real runs
-COLOURS = {"waiting": "#d9d9d9", "prefill": "#1f4e79", "decode": "#5b9bd5", "held": "#f4b183"}
+COLOURS = {"waiting": "#d9d9d9", "prefill": "#1f4e79", "decode": "#5b9bd5", "held": "#f4b183",
+           "stalled": "#c9a0dc"}
+LABELS = {"waiting": "waiting", "prefill": "prefill", "decode": "decode",
+          "held": "finished, row still held", "stalled": "stalled by another's prefill"}
 
 
 def _intervals(log):
@@ -99,6 +102,13 @@ def _intervals(log):
             first.setdefault(rid, s.start_s)
         for rid in s.held:
             spans.setdefault((rid, "held"), []).append((s.start_s, s.end_s))
+    done = {r.id: r.finish_s for r in log.requests}
+    for s in log.steps:
+        if s.kind == "prefill":      # sequences already running, idle while newcomers prefill
+            busy = set(s.active) | set(s.held)
+            for rid, t0 in first.items():
+                if rid not in busy and t0 < s.start_s < (done[rid] or 0):
+                    spans.setdefault((rid, "stalled"), []).append((s.start_s, s.end_s))
     for r in log.requests:
         if r.id in first and first[r.id] > r.arrival_s:
             spans[(r.id, "waiting")] = [(r.arrival_s, first[r.id])]
@@ -109,13 +119,14 @@ def timeline(log, ax=None, title=None, max_requests: int = 40, xmax=None):
     """A Gantt chart of a real run: one row per request, time on the x axis.
 
     waiting: arrived, not yet in the batch; prefill / decode: its row computed useful tokens;
-    held: finished, but its row still occupies a slot of the batch (static batching)."""
+    held: finished, but its row still occupies a slot of the batch (static batching);
+    stalled: running, but the step was another request's prefill."""
     served = [r for r in log.requests if r.finish_reason != "refused"][:max_requests]
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 0.22 * len(served) + 1.2))
     spans = _intervals(log)
     for y, r in enumerate(served):
-        for kind in ("waiting", "held", "decode", "prefill"):
+        for kind in ("waiting", "held", "stalled", "decode", "prefill"):
             bars = [(a, b - a) for a, b in spans.get((r.id, kind), [])]
             if bars:
                 ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=COLOURS[kind], linewidth=0)
@@ -123,9 +134,8 @@ def timeline(log, ax=None, title=None, max_requests: int = 40, xmax=None):
     ax.invert_yaxis()
     ax.set_xlabel("time since the run started (s)")
     ax.set_xlim(0, xmax or max((r.finish_s or 0) for r in served) * 1.01)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
-    ax.legend(handles, ["waiting", "prefill", "decode", "finished, row still held"],
-              fontsize=7, loc="lower right", ncol=4)
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()],
+              [LABELS[k] for k in COLOURS], fontsize=7, loc="lower right", ncol=5)
     if title:
         ax.set_title(title)
     return ax
