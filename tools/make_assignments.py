@@ -21,7 +21,7 @@ becomes the single line::
       raise NotImplementedError("Exercise: replace this line with your solution")
 
 at the indentation of its BEGIN marker, and every code cell's outputs and
-execution count are cleared. Notebook metadata is kept.
+execution count are cleared. Notebook metadata is kept, except the widget state of one run.
 
 Usage::
 
@@ -57,6 +57,8 @@ _MARKER_LIKE = re.compile(r"^\s*#+\s*(BEGIN|END)\s+SOLUTION\b", re.IGNORECASE)
 
 # Cell metadata that only records when/how a cell ran; dropped from student copies.
 _VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "papermill")
+# Notebook metadata that records one run (the widget state of its outputs); dropped likewise.
+_VOLATILE_NOTEBOOK_METADATA = ("widgets", "papermill")
 
 
 class AssignmentError(Exception):
@@ -171,6 +173,8 @@ def make_student_copy(nb: nbformat.NotebookNode, notebook: str = "<notebook>") -
     """Return a student copy of ``nb`` (``nb`` itself is not modified)."""
     find_exercises(nb, notebook)  # validates the convention (check cells etc.)
     student = copy.deepcopy(nb)
+    for key in _VOLATILE_NOTEBOOK_METADATA:
+        student.metadata.pop(key, None)
     for i, cell in enumerate(student.cells):
         for key in _VOLATILE_CELL_METADATA:
             cell.metadata.pop(key, None)
