@@ -54,3 +54,49 @@ class PaddedAttention:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=self.visible,
                                            enable_gqa=True)                # (B, H, T, d)
         return o.transpose(1, 2)
+
+
+def block_diagonal_causal(q_seq, q_pos, k_seq, k_pos):
+    """The mask of packed attention: query i may see key j when both belong to the same sequence
+    and key j is not later than query i. A boolean ``(N queries, M keys)``."""
+    return (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+
+
+class PagedAttention:
+    """Attention for one forward pass over *packed* tokens: the new tokens of several sequences
+    concatenated into one list, no padding, with each sequence's keys and values in a paged cache.
+
+    cache: a ``PagedKVCache`` whose block tables already hold room for the new tokens
+    seqs:  ``(seq_id, n_cached, n_new)`` per sequence, in the order of the packed tokens:
+           ``n_cached`` tokens are already in the cache, ``n_new`` come in this pass (a whole
+           prompt, a chunk of one, or the one token of a decode step)
+
+    ``cu_seqlens`` marks where each sequence starts in the packed list, as varlen kernels take it.
+    This reference gathers each sequence's keys through its block table and runs one masked
+    attention; the CUDA path of chapter 09 reads the blocks in place.
+    """
+
+    def __init__(self, cache, seqs, device="cpu"):
+        self.cache = cache
+        pos, write, read, q_seq, k_seq, k_pos, lens = [], [], [], [], [], [], [0]
+        for i, (sid, cached, new) in enumerate(seqs):
+            pos += range(cached, cached + new)
+            write += cache.slots(sid, cached, cached + new)
+            read += cache.slots(sid, 0, cached + new)
+            q_seq += [i] * new
+            k_seq += [i] * (cached + new)
+            k_pos += range(cached + new)
+            lens.append(lens[-1] + new)
+        t = lambda x: torch.tensor(x, device=device)
+        self.positions, self.write, self.read = t(pos), t(write), t(read)
+        self.cu_seqlens = t(lens)
+        self.mask = block_diagonal_causal(t(q_seq), self.positions, t(k_seq), t(k_pos))
+
+    def __call__(self, layer, q, k, v):
+        # q: (N, H, d); k, v: (N, Hkv, d)
+        K, V = self.cache.k[layer], self.cache.v[layer]          # (blocks * block_size, Hkv, d)
+        K[self.write], V[self.write] = k, v
+        K, V = K[self.read].transpose(0, 1), V[self.read].transpose(0, 1)    # (Hkv, M, d)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None],
+                                           attn_mask=self.mask[None, None], enable_gqa=True)
+        return o[0].transpose(0, 1)                               # (N, H, d)

@@ -38,3 +38,98 @@ class ContiguousKVCache:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+# ---------------------------------------------------------------- the paged cache (chapter 07)
+class OutOfBlocks(RuntimeError):
+    """No free block is left: the scheduler must wait, or preempt a running sequence."""
+
+
+class BlockAllocator:
+    """Fixed-size blocks handed out from a free list, with a reference count per block (a block
+    shared by two sequences, e.g. a common prompt prefix, is freed when both let go of it)."""
+
+    def __init__(self, n_blocks: int):
+        if n_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {n_blocks}")
+        self.n_blocks = n_blocks
+        self.free_list = list(range(n_blocks - 1, -1, -1))     # pop() hands out block 0 first
+        self.refs = [0] * n_blocks
+
+    @property
+    def n_free(self) -> int:
+        return len(self.free_list)
+
+    def allocate(self) -> int:
+        if not self.free_list:
+            raise OutOfBlocks(f"all {self.n_blocks} KV-cache blocks are in use")
+        block = self.free_list.pop()
+        self.refs[block] = 1
+        return block
+
+    def share(self, block: int) -> int:
+        if self.refs[block] < 1:
+            raise ValueError(f"block {block} is free: nothing to share")
+        self.refs[block] += 1
+        return block
+
+    def free(self, block: int):
+        if self.refs[block] < 1:
+            raise ValueError(f"block {block} is already free")
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free_list.append(block)
+
+
+class PagedKVCache:
+    """K and V in blocks of ``block_size`` tokens: ``(layers, n_blocks * block_size, kv_heads, d)``.
+
+    Each sequence owns a *block table*, the list of its blocks in order: token ``p`` of a
+    sequence lives in block ``table[p // block_size]`` at offset ``p % block_size``. Blocks are
+    allocated as a sequence grows and freed when it finishes, so memory follows the tokens that
+    exist, not the longest a sequence might become.
+    """
+
+    def __init__(self, shape, n_blocks: int, block_size: int, dtype=torch.float32, device="cpu"):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1 token, got {block_size}")
+        self.block_size, self.allocator = block_size, BlockAllocator(n_blocks)
+        size = (shape.n_layers, n_blocks * block_size, shape.n_kv_heads, shape.head_dim)
+        self.k = torch.zeros(size, dtype=dtype, device=device)
+        self.v = torch.zeros(size, dtype=dtype, device=device)
+        self.tables: dict = {}       # sequence id -> its block table
+        self.lengths: dict = {}      # sequence id -> tokens stored
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def blocks_needed(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def can_grow(self, seq_id, n_new: int) -> bool:
+        have = len(self.tables.get(seq_id, []))
+        return self.blocks_needed(self.lengths.get(seq_id, 0) + n_new) - have <= self.allocator.n_free
+
+    def grow(self, seq_id, n_new: int):
+        """Make room for ``n_new`` more tokens of ``seq_id`` (raises ``OutOfBlocks``, leaving the
+        sequence as it was, when there are not enough free blocks)."""
+        if not self.can_grow(seq_id, n_new):
+            raise OutOfBlocks(f"sequence {seq_id!r} needs more blocks than the "
+                              f"{self.allocator.n_free} free ones")
+        table = self.tables.setdefault(seq_id, [])
+        n = self.lengths.get(seq_id, 0) + n_new
+        while len(table) < self.blocks_needed(n):
+            table.append(self.allocator.allocate())
+        self.lengths[seq_id] = n
+
+    def release(self, seq_id):
+        """Free every block of a sequence (finished, or preempted)."""
+        for block in self.tables.pop(seq_id, []):
+            self.allocator.free(block)
+        self.lengths.pop(seq_id, None)
+
+    def slots(self, seq_id, start: int, stop: int) -> list:
+        """Physical rows of tokens ``start .. stop - 1`` of a sequence."""
+        table, bs = self.tables[seq_id], self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, stop)]

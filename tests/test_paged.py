@@ -1,0 +1,109 @@
+"""The paged KV-cache: the block allocator (property-based), block tables, and packed attention
+through the block tables, against Hugging Face's logits."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from course_lib.attention import PagedAttention, block_diagonal_causal
+from course_lib.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
+from course_lib.requests import chat_workload
+from fakes import FakeLlama
+
+SHAPE = FakeLlama.shape
+
+ops = st.lists(st.tuples(st.sampled_from(["grow", "release"]), st.integers(0, 5), st.integers(1, 40)),
+               max_size=60)
+
+
+def owned(cache):
+    return [b for table in cache.tables.values() for b in table]
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_blocks=st.integers(1, 12), block_size=st.integers(1, 8), ops=ops)
+def test_no_block_is_owned_twice_and_none_leaks(n_blocks, block_size, ops):
+    cache = PagedKVCache(SHAPE, n_blocks, block_size)
+    for op, seq, n in ops:
+        before = ({k: list(v) for k, v in cache.tables.items()}, dict(cache.lengths),
+                  cache.allocator.n_free)
+        if op == "grow":
+            try:
+                cache.grow(seq, n)
+            except OutOfBlocks:   # a refused request leaves everything as it was
+                assert ({k: list(v) for k, v in cache.tables.items()}, dict(cache.lengths),
+                        cache.allocator.n_free) == before
+        else:
+            cache.release(seq)
+        blocks = owned(cache)
+        assert len(blocks) == len(set(blocks)), "a block is owned twice"
+        assert len(blocks) + cache.allocator.n_free == n_blocks, "a block leaked"
+        for s, table in cache.tables.items():   # just enough blocks for the tokens
+            assert len(table) == -(-cache.lengths[s] // block_size)
+    for seq in list(cache.tables):
+        cache.release(seq)
+    assert cache.allocator.n_free == n_blocks and not owned(cache)
+
+
+def test_shared_blocks_are_freed_by_their_last_owner():
+    a = BlockAllocator(4)
+    block = a.allocate()
+    a.share(block)
+    a.free(block)
+    assert a.n_free == 3              # still held by its second owner
+    a.free(block)
+    assert a.n_free == 4
+    with pytest.raises(ValueError, match="already free"):
+        a.free(block)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockAllocator(0)
+    with pytest.raises(ValueError, match="block_size"):
+        PagedKVCache(SHAPE, 4, 0)
+    with pytest.raises(OutOfBlocks, match="4 KV-cache blocks"):
+        a = BlockAllocator(4)
+        for _ in range(5):
+            a.allocate()
+
+
+def test_block_table_addresses():
+    cache = PagedKVCache(SHAPE, n_blocks=6, block_size=4)
+    cache.grow("a", 3)
+    cache.grow("b", 5)
+    cache.grow("a", 3)            # a: 6 tokens -> a second block, allocated after b's two
+    assert cache.tables == {"a": [0, 3], "b": [1, 2]}
+    assert cache.slots("a", 0, 6) == [0, 1, 2, 3, 12, 13]
+    assert cache.slots("b", 3, 5) == [7, 8]
+
+
+def test_block_diagonal_causal_mask():
+    q_seq, q_pos = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2])
+    k_seq, k_pos = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 0, 1, 2])
+    assert block_diagonal_causal(q_seq, q_pos, k_seq, k_pos).int().tolist() == [
+        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 16])
+def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size):
+    reqs = chat_workload(smollm.tokenizer, n=3)
+    cache = PagedKVCache(smollm_ours.shape, n_blocks=200, block_size=block_size)
+    for r in reqs:
+        cache.grow(r.id, len(r.prompt_tokens))
+    attn = PagedAttention(cache, [(r.id, 0, len(r.prompt_tokens)) for r in reqs])
+    logits = smollm_ours(torch.tensor([t for r in reqs for t in r.prompt_tokens]), attn.positions, attn)
+    assert attn.cu_seqlens.tolist() == [0] + list(torch.tensor([len(r.prompt_tokens) for r in reqs]).cumsum(0))
+    nxt = []
+    for i, r in enumerate(reqs):                     # prefill: every position of every prompt
+        a, b = attn.cu_seqlens[i], attn.cu_seqlens[i + 1]
+        ref = smollm.model(torch.tensor([r.prompt_tokens])).logits[0]
+        torch.testing.assert_close(logits[a:b], ref, rtol=1e-4, atol=1e-3)
+        nxt.append(int(logits[b - 1].argmax()))
+    for r in reqs:                                   # decode: one token each, different contexts
+        cache.grow(r.id, 1)
+    attn = PagedAttention(cache, [(r.id, len(r.prompt_tokens), 1) for r in reqs])
+    logits = smollm_ours(torch.tensor(nxt), attn.positions, attn)
+    for i, r in enumerate(reqs):
+        ref = smollm.model(torch.tensor([r.prompt_tokens + [nxt[i]]])).logits[0, -1]
+        torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-3)
