@@ -82,9 +82,12 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         log = runner.run(requests, progress=progress)
     metrics = summarize(log, shape, torch.finfo(dtype_t).bits // 8, peaks)
     metrics["nvml_gpu_util"] = nvml.mean
+    if hasattr(runner, "preemptions"):
+        metrics["preemptions"] = runner.preemptions
     out = {
         "engine": engine, "model": model, "workload": workload, "n": len(requests),
         "max_batch": max_batch, "max_new_tokens": max_new_tokens,
+        "engine_options": engine_options or {},
         "dtype": str(dtype_t).removeprefix("torch."),
         "device": {"type": torch.device(device).type, **asdict(peaks)},
         "versions": versions(),
@@ -124,13 +127,22 @@ def main(argv=None):
                    help="for the chat workload (default 128)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="continuous engine: token budget per step (chunked prefill)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="continuous engine: paged KV-cache with blocks of this many tokens")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="continuous engine: paged KV-cache of this many blocks (preempts when full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", action="store_true", help="store each request's output tokens")
     p.add_argument("--steps", action="store_true", help="store the step log")
     p.add_argument("--json", required=True, help="where to write the result")
     a = p.parse_args(argv)
+    paged = {"max_num_batched_tokens": a.max_num_batched_tokens, "block_size": a.block_size,
+             "num_blocks": a.num_blocks}
     result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device, a.tokens,
-                   a.max_new_tokens, a.seed, progress=True, steps=a.steps)
+                   a.max_new_tokens, a.seed, progress=True, steps=a.steps,
+                   engine_options={k: v for k, v in paged.items() if v is not None})
     save_result(result, a.json, "python -m course_lib.bench " + " ".join(
         shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)))
     print(describe(result))

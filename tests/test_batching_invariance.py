@@ -25,15 +25,22 @@ def expected(smollm, requests):
     return out
 
 
-@pytest.mark.parametrize("engine,max_batch,arrival_rate", [
-    ("static", 4, None), ("static", 16, None),
-    ("dynamic", 8, None), ("dynamic", 16, 40.0),
-    ("continuous", 4, None), ("continuous", 16, None), ("continuous", 8, 40.0),
+@pytest.mark.parametrize("engine,max_batch,arrival_rate,options", [
+    ("static", 4, None, {}), ("static", 16, None, {}),
+    ("dynamic", 8, None, {}), ("dynamic", 16, 40.0, {}),
+    ("continuous", 4, None, {}), ("continuous", 16, None, {}), ("continuous", 8, 40.0, {}),
+    # packed steps under a token budget (chunked prefill), paged KV-cache
+    ("continuous", 8, None, {"max_num_batched_tokens": 24, "block_size": 16}),
+    # a cache too small for the batch: sequences are preempted and recomputed
+    ("continuous", 16, None, {"block_size": 8, "num_blocks": 40}),
 ])
 def test_engine_says_what_hf_generate_says_alone(smollm, requests, expected, engine, max_batch,
-                                                 arrival_rate):
+                                                 arrival_rate, options):
     reqs = poisson_arrivals(requests, arrival_rate, seed=1) if arrival_rate else requests
-    log = make_engine(engine, smollm, max_batch=max_batch).run(reqs)
+    runner = make_engine(engine, smollm, max_batch=max_batch, **options)
+    log = runner.run(reqs)
+    if "num_blocks" in options:
+        assert runner.preemptions > 0, "the test should exercise preemption"
     wrong = [r.id for r in log.requests if r.output_tokens != expected[r.id]]
     assert not wrong, f"{engine} at B={max_batch} changed the answer of {wrong}"
     assert {r.finish_reason for r in log.requests} == {"eos", "length"}

@@ -2,6 +2,7 @@
 from .continuous import ContinuousEngine
 from .dynamic import DynamicEngine
 from .hf import HFContinuousEngine, HFGenerateEngine
+from .paged import PagedEngine
 from .sequential import SequentialEngine
 from .static import StaticEngine
 
@@ -15,7 +16,19 @@ ENGINES = {
 }
 
 
+PAGED_OPTIONS = ("max_num_batched_tokens", "block_size", "num_blocks")
+
+
 def make_engine(name: str, loaded, **options):
+    """An engine by name. ``continuous`` with any of ``max_num_batched_tokens``, ``block_size`` or
+    ``num_blocks`` is the packed, chunked, paged engine of chapters 05-07."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; the engines are: {', '.join(ENGINES)}")
+    paged = {k: options.pop(k) for k in PAGED_OPTIONS if options.get(k) is not None}
+    for k in PAGED_OPTIONS:
+        options.pop(k, None)
+    if paged:
+        if name != "continuous":
+            raise ValueError(f"{', '.join(paged)} only apply to the continuous engine")
+        return PagedEngine(loaded, **options, **paged)
     return ENGINES[name](loaded, **options)

@@ -1,0 +1,164 @@
+"""Continuous batching the way servers do it: packed steps under a token budget, over a paged
+KV-cache, with preemption when the cache is full.
+
+Every step:
+  1. decodes first: one token for every running sequence whose prompt is done;
+  2. then prefill chunks, while the step has tokens left in its budget
+     (``max_num_batched_tokens``): first sequences whose prompt is half done, then newcomers;
+  3. one *packed* forward pass over all of it (no padding), attention through the block tables.
+A sequence's blocks are allocated as it grows. When a decode needs a block and none is free, the
+most recently admitted sequence is *preempted*: its blocks are freed and it goes back to the
+front of the queue, to be recomputed later (prompt and answer so far) - never lost.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import PagedAttention
+from ..kv_cache import PagedKVCache
+from ..llama import Llama
+from ..metrics import Step
+from ..requests import RequestError
+from .base import Engine
+
+
+@dataclass
+class PagedSeq:
+    req: object
+    tokens: list = field(default_factory=list)    # prompt + answer so far: what the cache must hold
+    cached: int = 0                                # of which in the cache
+
+    @property
+    def pending(self) -> int:
+        """Tokens to feed before the next token can be sampled (1 for a decode)."""
+        return len(self.tokens) - self.cached
+
+
+class PagedEngine(Engine):
+    name = "continuous"
+
+    def __init__(self, loaded, max_batch: int = 8, max_num_batched_tokens: int | None = None,
+                 block_size: int = 16, num_blocks: int | None = None, model=None):
+        super().__init__(loaded, max_batch)
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1 token, got {block_size}")
+        if num_blocks is not None and num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.budget, self.block_size, self.num_blocks = max_num_batched_tokens, block_size, num_blocks
+        self.model = model if model is not None else Llama.from_hf(loaded.model)
+        self.preemptions = 0
+
+    def _serve(self, requests):
+        self.preemptions = 0
+        if not requests:
+            return
+        # default: room for every request at once (no preemption); --num-blocks caps it
+        n_blocks = self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens)
+                                            // self.block_size) for r in requests)
+        self.cache = PagedKVCache(self.model.shape, n_blocks, self.block_size, self.model.dtype,
+                                  self.model.device)
+        queue = deque()
+        for req in requests:
+            need = self.cache.blocks_needed(len(req.prompt_tokens) + req.max_new_tokens)
+            if need > n_blocks:      # could never fit, even alone: refuse it, serve the rest
+                rec = self.records[req.id]
+                rec.finish_reason = "refused"
+                rec.error = str(RequestError(
+                    f"request {req.id!r} needs {need} KV-cache blocks of {self.block_size} tokens, "
+                    f"the cache has {n_blocks}"))
+                self._bar.update(1)
+            else:
+                queue.append(req)
+        self.loop(queue)
+
+    def loop(self, arrivals: deque):
+        waiting, running = deque(), []
+        while arrivals or waiting or running:
+            while arrivals and arrivals[0].arrival_s <= self.now():
+                waiting.append(PagedSeq(arrivals[0], list(arrivals.popleft().prompt_tokens)))
+            batch = self.schedule(waiting, running)
+            if batch:
+                self.forward(batch, running)
+            elif arrivals:
+                self.wait_until(arrivals[0].arrival_s)
+            elif waiting or running:
+                raise RuntimeError("the scheduler found nothing to run")   # a bug, never a hang
+
+    def schedule(self, waiting: deque, running: list) -> list:
+        """Pick this step's ``(sequence, n_tokens)`` pairs: decodes first, then prefill chunks."""
+        budget = self.budget or float("inf")
+        batch = []
+        for seq in [s for s in running if s.pending == 1]:                 # 1. decodes
+            if budget < 1:
+                break
+            while not self.cache.can_grow(seq.req.id, 1):
+                victim = running[-1]                                     # the newest goes back
+                self.preempt(victim, running, waiting)
+                if victim is seq:
+                    break
+            if seq in running:
+                self.cache.grow(seq.req.id, 1)
+                batch.append((seq, 1))
+                budget -= 1
+        chunks = [s for s in running if s.pending > 1]                     # 2. unfinished prompts
+        while waiting and len(running) < self.max_batch:                   #    and newcomers
+            running.append(waiting.popleft())
+            chunks.append(running[-1])
+        for seq in chunks:
+            n = int(min(seq.pending, budget))
+            while n > 0 and not self.cache.can_grow(seq.req.id, n):        # take what fits
+                n //= 2
+            if n < 1:
+                continue
+            self.cache.grow(seq.req.id, n)
+            batch.append((seq, n))
+            budget -= n
+        # newcomers that got nothing this step wait in the queue, in order
+        for seq in reversed([s for s in running if s.cached == 0 and all(s is not b for b, _ in batch)]):
+            running.remove(seq)
+            waiting.appendleft(seq)
+        return batch
+
+    def preempt(self, seq, running, waiting):
+        """Free a sequence's blocks; it will be recomputed (prompt and answer so far) later."""
+        self.cache.release(seq.req.id)
+        seq.cached = 0
+        running.remove(seq)
+        waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def forward(self, batch, running):
+        start = self.now()
+        dev = self.model.device
+        attn = PagedAttention(self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
+        tokens = torch.tensor([t for s, n in batch for t in s.tokens[s.cached:s.cached + n]],
+                              device=dev)
+        hidden = self.model.hidden_states(tokens, attn.positions, attn)
+        done = [i for i, (s, n) in enumerate(batch) if s.cached + n == len(s.tokens)]
+        last = attn.cu_seqlens[1:][done] - 1 if done else []
+        nxt = self.model.logits(hidden[last]).argmax(-1).tolist() if done else []
+        now = self.now()
+        decode = [(s, n) for s, n in batch if s.pending == 1 and s.cached >= len(s.req.prompt_tokens)]
+        prefill = [(s, n) for s, n in batch if (s, n) not in decode]     # prompts, and recomputes
+        self.steps.append(Step(
+            start, now, rows=len(batch), slots=tokens.numel(),
+            prefill_tokens=sum(n for _, n in prefill), decode_tokens=len(decode),
+            attended=sum(n * s.cached + n * (n + 1) // 2 for s, n in batch),
+            kv_read=sum(s.cached for s, _ in batch), logit_rows=len(done),
+            active=[s.req.id for s, _ in batch]))
+        for s, n in batch:
+            s.cached += n
+        for i, token in zip(done, nxt):
+            seq = batch[i][0]
+            seq.tokens.append(token)
+            self.records[seq.req.id].emit(token, now)
+            reason = self.is_done(seq.req, token)
+            if reason:
+                self.cache.release(seq.req.id)
+                running.remove(seq)
+                self.finish(seq.req, reason)

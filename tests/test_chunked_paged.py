@@ -1,0 +1,80 @@
+"""The packed, chunked, paged continuous engine (chapters 05-07), on the fake model."""
+import pytest
+
+from course_lib.engines import make_engine
+from course_lib.requests import Request
+from fakes import LOADED, FakeLlama, req
+
+
+def engine(**options):
+    return make_engine("continuous", LOADED, model=FakeLlama(), **options)
+
+
+def outputs(log):
+    return {r.id: (r.output_tokens, r.finish_reason) for r in log.requests}
+
+
+def test_a_long_prompt_is_chunked_under_the_budget_while_others_decode():
+    rs = [req("a", 12), req("b", 12), req("long", 3, prompt_len=20, arrival=0.0)]
+    log = engine(max_batch=3, max_num_batched_tokens=6, block_size=4).run(rs)
+    assert all(s.slots <= 6 for s in log.steps)
+    # the seed's [PPP][D][D][PPP]: the long prompt goes in chunks, and every step carries the
+    # decodes of a and b first
+    steps = log.steps
+    long_steps = [s for s in steps if "long" in s.active and s.prefill_tokens]
+    assert len(long_steps) >= 4 and sum(s.prefill_tokens for s in long_steps) >= 20
+    assert all(s.decode_tokens == 2 for s in long_steps[1:])
+    assert outputs(log)["long"] == ([4, 3, 2], "eos")
+
+
+def test_without_a_budget_a_step_takes_whole_prompts_with_the_decodes():
+    rs = [req("a", 5), req("b", 2, prompt_len=9)]
+    log = engine(max_batch=1, block_size=4).run(rs)
+    assert [(s.prefill_tokens, s.decode_tokens) for s in log.steps] == [
+        (3, 0)] + [(0, 1)] * 4 + [(9, 0), (0, 1)]
+
+
+def test_preempted_requests_are_recomputed_and_say_the_same():
+    rs = [Request(f"r{i}", [7] * (3 + i) + [8 + i], max_new_tokens=12) for i in range(6)]
+    roomy = engine(max_batch=4, block_size=2, num_blocks=60)
+    tight = engine(max_batch=4, block_size=2, num_blocks=12)
+    a, b = roomy.run(rs), tight.run(rs)
+    assert roomy.preemptions == 0 and tight.preemptions > 0
+    assert outputs(a) == outputs(b)
+    assert tight.cache.allocator.n_free == 12 and not tight.cache.tables     # nothing leaked
+
+
+def test_a_request_that_can_never_fit_is_refused_and_the_others_served():
+    rs = [Request("huge", [7] * 30 + [9], max_new_tokens=40), Request("ok", [7, 7, 5], max_new_tokens=8)]
+    log = engine(max_batch=2, block_size=4, num_blocks=10).run(rs)
+    by = {r.id: r for r in log.requests}
+    assert by["huge"].finish_reason == "refused"
+    assert "needs 18 KV-cache blocks of 4 tokens, the cache has 10" in by["huge"].error
+    assert by["ok"].output_tokens == [4, 3, 2]
+
+
+@pytest.mark.parametrize("option,value", [("max_num_batched_tokens", 0), ("block_size", 0),
+                                          ("num_blocks", 0)])
+def test_settings_that_cannot_work_are_named(option, value):
+    with pytest.raises(ValueError, match=option):
+        engine(max_batch=2, **{option: value})
+
+
+def test_paged_options_belong_to_the_continuous_engine():
+    with pytest.raises(ValueError, match="continuous"):
+        make_engine("static", LOADED, model=FakeLlama(), max_batch=2, block_size=16)
+
+
+def test_blocks_follow_the_tokens():
+    rs = [Request("a", [7] * 4 + [8], max_new_tokens=8)]           # answers 7, 6, ..., 2
+    e = engine(max_batch=1, block_size=4, num_blocks=8)
+    seen = []
+    forward = e.forward
+
+    def spy(batch, running):
+        forward(batch, running)
+        seen.append(len(e.cache.tables.get("a", [])))
+    e.forward = spy
+    e.run(rs)
+    # 5 prompt tokens -> 2 blocks; a third block once the answer passes 8 tokens in the cache
+    assert seen[0] == 2 and max(seen[:-1]) == 3 and seen[-1] == 0
