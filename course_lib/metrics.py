@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .kv_cache import kv_bytes_per_token
 from .roofline import step_work
 
 
@@ -48,6 +49,11 @@ class RequestRecord:
         return None if self.finish_s is None else self.finish_s - self.arrival_s
 
     @property
+    def gaps_s(self) -> list:
+        """Inter-token latencies: the wait between consecutive tokens of this request."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
     def tpot_s(self):
         n = len(self.token_times)
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n >= 2 else None
@@ -68,6 +74,8 @@ class Step:
     logit_rows: int           # useful logits computed
     active: list = field(default_factory=list)   # ids of the requests with useful work
     held: list = field(default_factory=list)     # ids of finished requests still holding a row
+    kv_used: int = 0          # tokens held in the KV-cache after the step, live sequences
+    kv_reserved: int = 0      # token places reserved for them (rows, or allocated blocks)
 
     @property
     def useful(self) -> int:
@@ -127,12 +135,23 @@ def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=Non
         "ttft_s": percentiles(r.ttft_s for r in served),
         "tpot_s": percentiles(r.tpot_s for r in served),
         "e2e_s": percentiles(r.e2e_s for r in served),
+        "itl_s": {**percentiles(g for r in served for g in r.gaps_s),
+                  "max": max((g for r in served for g in r.gaps_s), default=None)},
         "steps": len(log.steps),
         "slot_utilisation": None, "mbu": None, "mfu": None,
     }
     if log.steps and log.step_source != "timestamps":   # padding is unknown when rebuilt
         slots = sum(s.slots for s in log.steps)
         m["slot_utilisation"] = sum(s.useful for s in log.steps) / slots if slots else None
+    reserved = sum(s.kv_reserved for s in log.steps)
+    if reserved:
+        m["kv_tokens_used_peak"] = max(s.kv_used for s in log.steps)
+        m["kv_tokens_reserved_peak"] = max(s.kv_reserved for s in log.steps)
+        m["kv_waste"] = 1 - sum(s.kv_used for s in log.steps) / reserved   # averaged over steps
+        if shape is not None:
+            per_token = kv_bytes_per_token(shape, dtype_bytes)
+            m["kv_bytes_used_peak"] = m["kv_tokens_used_peak"] * per_token
+            m["kv_bytes_reserved_peak"] = m["kv_tokens_reserved_peak"] * per_token
     if log.steps and shape is not None and peaks is not None:
         busy = sum(s.seconds for s in log.steps)
         work = [step_work(shape, dtype_bytes, s.useful, s.attended, s.kv_read, s.logit_rows)

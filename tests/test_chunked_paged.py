@@ -78,3 +78,22 @@ def test_blocks_follow_the_tokens():
     e.run(rs)
     # 5 prompt tokens -> 2 blocks; a third block once the answer passes 8 tokens in the cache
     assert seen[0] == 2 and max(seen[:-1]) == 3 and seen[-1] == 0
+
+
+def test_paging_wastes_less_memory_than_full_rows():
+    from course_lib.engines import ContinuousEngine
+    from course_lib.metrics import summarize
+    from fakes import make_engine as make_padded
+    rs = [Request(f"r{i}", [7] * 5 + [3 + 4 * i], max_new_tokens=60) for i in range(6)]
+    rows = summarize(make_padded(ContinuousEngine, 3).run(rs))
+    paged = summarize(engine(max_batch=3, block_size=4).run(rs))
+    assert paged["kv_waste"] < 0.5 * rows["kv_waste"]
+    assert paged["kv_tokens_reserved_peak"] < rows["kv_tokens_reserved_peak"]
+
+
+def test_inter_token_gaps_are_measured():
+    from course_lib.metrics import summarize
+    log = engine(max_batch=2, block_size=4).run([req("a", 4), req("b", 3)])
+    m = summarize(log)
+    gaps = [g for r in log.requests for g in r.gaps_s]
+    assert len(gaps) == 3 + 2 and m["itl_s"]["max"] == max(gaps)

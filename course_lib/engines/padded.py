@@ -74,6 +74,10 @@ class PaddedEngine(Engine):
             if reason:
                 s.done = True
                 self.finish(s.req, reason)
+        # memory: tokens the live rows hold, against the full cache rows reserved for them
+        step = self.steps[-1]
+        step.kv_used = sum(s.context for s in seqs if not s.done)
+        step.kv_reserved = len(seqs) * self.runner.cache.max_len   # finished static rows too
 
     @staticmethod
     def _real(seq, row) -> int:

@@ -162,3 +162,7 @@ class PagedEngine(Engine):
                 self.cache.release(seq.req.id)
                 running.remove(seq)
                 self.finish(seq.req, reason)
+        # memory: tokens held against the token places of the blocks allocated for them
+        self.steps[-1].kv_used = sum(self.cache.lengths.values())
+        self.steps[-1].kv_reserved = (self.cache.allocator.n_blocks - self.cache.allocator.n_free) \
+            * self.cache.block_size
