@@ -171,3 +171,30 @@ def check_ttft_tpot(fn):
                 f"TPOT: got {got[1]}, expected {rec.tpot_s} (time between the first and the last "
                 "token, over the number of gaps)")
     _ok("ttft_tpot: the two latencies a user feels")
+
+
+# ---------------------------------------------------------------- chapter 05
+def check_chunk_sizes(fn):
+    from .engines.paged import chunk_sizes
+    rng = random.Random()
+    cases = [([100, 30], 64), ([10, 20, 30], 64), ([5], 64), ([], 8), ([64, 1], 64)]
+    cases += [([rng.randint(1, 300) for _ in range(rng.randint(0, 5))], rng.randint(1, 256))
+              for _ in range(40)]
+    for pending, budget in cases:
+        want = chunk_sizes(pending, budget)
+        got = fn(list(pending), budget)
+        assert list(got or []) == want, (f"pending {pending}, budget {budget}: got {got}, expected "
+                                         f"{want} (in order, each takes what it needs or what is left)")
+    _ok("chunk_sizes: the token budget, filled in order")
+
+
+def check_steps_to_prefill(fn):
+    rng = random.Random()
+    for _ in range(50):
+        p, b = rng.randint(1, 2000), rng.randint(2, 512)
+        d = rng.randint(0, b - 1)
+        want = math.ceil(p / (b - d))
+        got = fn(p, b, d)
+        assert got == want, (f"prompt {p}, budget {b}, {d} decoding: got {got}, expected {want}. "
+                             "Hint: the decodes go first, the prompt gets what is left of each step")
+    _ok("steps_to_prefill: a bigger budget, fewer but longer steps")

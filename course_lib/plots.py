@@ -95,9 +95,11 @@ LABELS = {"waiting": "waiting", "prefill": "prefill", "decode": "decode",
 def _intervals(log):
     """(request id, kind) -> [(start, end)], from the step log and the request records."""
     spans, first = {}, {}
+    first_token = {r.id: (r.token_times[0] if r.token_times else float("inf")) for r in log.requests}
     for s in log.steps:
-        kind = "prefill" if s.kind == "prefill" else "decode"
         for rid in s.active:
+            # a request computes its prompt until its first token comes out, then decodes
+            kind = "prefill" if s.end_s <= first_token[rid] else "decode"
             spans.setdefault((rid, kind), []).append((s.start_s, s.end_s))
             first.setdefault(rid, s.start_s)
         for rid in s.held:
@@ -167,4 +169,42 @@ def ladder(runs, ax=None, metric="output_tokens_per_s", label="output tokens / s
     bars = ax.bar(names, values, color=["#9e9e9e" if n.startswith("hf-") else "#5b9bd5" for n in names])
     ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_ylabel(label)
+    return ax
+
+
+def step_composition(log, ax=None, title=None):
+    """Each step as a bar: its prefill tokens and its decode tokens, at the time it ran. Without
+    a token budget a long prompt is one tall bar; with one it is spread over many steps."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3))
+    x = [s.start_s for s in log.steps]
+    w = [max(s.seconds, 1e-4) for s in log.steps]
+    pre = [s.prefill_tokens for s in log.steps]
+    dec = [s.decode_tokens for s in log.steps]
+    ax.bar(x, pre, width=w, align="edge", color=COLOURS["prefill"], label="prefill tokens")
+    ax.bar(x, dec, width=w, bottom=pre, align="edge", color=COLOURS["decode"], label="decode tokens")
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_ylabel("tokens in the step")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def token_gaps(log, ax=None, title=None, prefix=None):
+    """The wait before each token of each request, at the time the token came out: a decode
+    stalled by a long step shows as a spike."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3))
+    for r in log.requests:
+        if prefix and not r.id.startswith(prefix):
+            continue
+        if len(r.token_times) > 1:
+            ax.plot(r.token_times[1:], [1e3 * g for g in r.gaps_s], ".-", lw=0.8, ms=3, label=r.id)
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_ylabel("wait for this token (ms)")
+    ax.legend(fontsize=7, ncol=4)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
     return ax

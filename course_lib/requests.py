@@ -439,3 +439,15 @@ def load_workload(
         return limited(requests if n is None else requests[:n])
 
     raise WorkloadError(f"unknown workload {spec!r}; valid forms: {_SPEC_FORMS}")
+
+
+def interference_workload(tokenizer, vocab_size: int, n_chat: int = 4, n_long: int = 3,
+                          long_len: int = 512, first_long_s: float = 1.0, gap_s: float = 1.0,
+                          max_new_tokens: int = 64, seed: int = 0) -> list:
+    """Chat requests that start decoding at once, and long prompts that arrive while they do:
+    the workload that shows how a prefill stalls everybody else's decoding (chapter 05)."""
+    chat = chat_workload(tokenizer, n=n_chat, max_new_tokens=max_new_tokens)
+    long = anyscale_workload(n_long, vocab_size, prompt_len=long_len, mean_output=8, cap=8, seed=seed)
+    for i, r in enumerate(long):
+        r.id, r.arrival_s = f"long-{i}", first_long_s + i * gap_s
+    return chat + long

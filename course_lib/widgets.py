@@ -56,3 +56,31 @@ def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4,
     slider = w.SelectionSlider(options=list(batch_sizes), value=batch_sizes[len(batch_sizes) // 2],
                                description="max_batch", continuous_update=False)
     return w.interact_manual(show, max_batch=slider)
+
+
+def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), block_size: int = 16,
+                    max_batch: int = 8):
+    """Pick a token budget (max_num_batched_tokens): run the chunked engine (once per budget,
+    then cached) and see its steps and its worst decode stall."""
+    import ipywidgets as w
+
+    from .engines import make_engine
+    from .metrics import summarize
+
+    @lru_cache(maxsize=None)
+    def run(budget):
+        return make_engine("continuous", loaded, max_batch=max_batch, block_size=block_size,
+                           max_num_batched_tokens=budget).run(requests)
+
+    def show(budget):
+        log = run(budget)
+        m = summarize(log)
+        plots.step_composition(log, title=(
+            f"budget {budget} tokens/step: longest wait between two tokens "
+            f"{m['itl_s']['max']:.2f} s, TPOT p99 {1e3 * m['tpot_s']['p99']:.0f} ms, "
+            f"{m['output_tokens_per_s']:.1f} tok/s"))
+        plt.show()
+
+    slider = w.SelectionSlider(options=list(budgets), value=budgets[len(budgets) // 2],
+                               description="budget", continuous_update=False)
+    return w.interact_manual(show, budget=slider)

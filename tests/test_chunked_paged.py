@@ -97,3 +97,25 @@ def test_inter_token_gaps_are_measured():
     m = summarize(log)
     gaps = [g for r in log.requests for g in r.gaps_s]
     assert len(gaps) == 3 + 2 and m["itl_s"]["max"] == max(gaps)
+
+
+def test_step_plots_and_budget_explorer(monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    from course_lib import plots, widgets
+    log = engine(max_batch=2, block_size=4, max_num_batched_tokens=4).run([req("a", 4, prompt_len=9)])
+    ax = plots.step_composition(log)
+    assert len(ax.patches) == 2 * len(log.steps)
+    assert len(plots.token_gaps(log).lines) == 1
+    calls = []
+    monkeypatch.setattr("course_lib.engines.make_engine", lambda *a, **k: calls.append(a))
+    widgets.budget_explorer(None, [], budgets=(4, 8))
+    assert calls == []                      # nothing runs until the learner clicks
+    matplotlib.pyplot.close("all")
+
+
+def test_interference_workload_sends_long_prompts_mid_stream(smollm):
+    from course_lib.requests import interference_workload
+    rs = interference_workload(smollm.tokenizer, 49152, n_chat=3, n_long=2, long_len=100)
+    assert [r.arrival_s for r in rs] == [0, 0, 0, 1.0, 2.0]
+    assert [len(r.prompt_tokens) for r in rs[3:]] == [100, 100] and all(r.ignore_eos for r in rs[3:])

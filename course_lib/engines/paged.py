@@ -25,6 +25,17 @@ from ..requests import RequestError
 from .base import Engine
 
 
+def chunk_sizes(pending: list, budget) -> list:
+    """How a step's token budget is split among prompts waiting to be prefilled, in order: each
+    takes what it still needs, until the budget is spent (later prompts get 0 this step)."""
+    sizes = []
+    for n in pending:
+        take = int(min(n, budget))
+        sizes.append(take)
+        budget -= take
+    return sizes
+
+
 @dataclass
 class PagedSeq:
     req: object
@@ -109,15 +120,13 @@ class PagedEngine(Engine):
         while waiting and len(running) < self.max_batch:                   #    and newcomers
             running.append(waiting.popleft())
             chunks.append(running[-1])
-        for seq in chunks:
-            n = int(min(seq.pending, budget))
+        for seq, n in zip(chunks, chunk_sizes([s.pending for s in chunks], budget)):
             while n > 0 and not self.cache.can_grow(seq.req.id, n):        # take what fits
                 n //= 2
             if n < 1:
                 continue
             self.cache.grow(seq.req.id, n)
             batch.append((seq, n))
-            budget -= n
         # newcomers that got nothing this step wait in the queue, in order
         for seq in reversed([s for s in running if s.cached == 0 and all(s is not b for b, _ in batch)]):
             running.remove(seq)
