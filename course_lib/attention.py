@@ -56,6 +56,15 @@ class PaddedAttention:
         return o.transpose(1, 2)
 
 
+def cu_seqlens(lengths) -> list:
+    """Where each sequence starts in a packed list of tokens (and where the last one ends):
+    ``[0, l0, l0 + l1, ...]``, the index varlen attention kernels take."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
 def block_diagonal_causal(q_seq, q_pos, k_seq, k_pos):
     """The mask of packed attention: query i may see key j when both belong to the same sequence
     and key j is not later than query i. A boolean ``(N queries, M keys)``."""
@@ -78,7 +87,7 @@ class PagedAttention:
 
     def __init__(self, cache, seqs, device="cpu"):
         self.cache = cache
-        pos, write, read, q_seq, k_seq, k_pos, lens = [], [], [], [], [], [], [0]
+        pos, write, read, q_seq, k_seq, k_pos = [], [], [], [], [], []
         for i, (sid, cached, new) in enumerate(seqs):
             pos += range(cached, cached + new)
             write += cache.slots(sid, cached, cached + new)
@@ -86,10 +95,9 @@ class PagedAttention:
             q_seq += [i] * new
             k_seq += [i] * (cached + new)
             k_pos += range(cached + new)
-            lens.append(lens[-1] + new)
         t = lambda x: torch.tensor(x, device=device)
         self.positions, self.write, self.read = t(pos), t(write), t(read)
-        self.cu_seqlens = t(lens)
+        self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
         self.mask = block_diagonal_causal(t(q_seq), self.positions, t(k_seq), t(k_pos))
 
     def __call__(self, layer, q, k, v):

@@ -198,3 +198,31 @@ def check_steps_to_prefill(fn):
         assert got == want, (f"prompt {p}, budget {b}, {d} decoding: got {got}, expected {want}. "
                              "Hint: the decodes go first, the prompt gets what is left of each step")
     _ok("steps_to_prefill: a bigger budget, fewer but longer steps")
+
+
+# ---------------------------------------------------------------- chapter 06
+def check_cu_seqlens(fn):
+    from .attention import cu_seqlens
+    rng = random.Random()
+    for lengths in [[3, 5, 2], [7], []] + [[rng.randint(1, 50) for _ in range(rng.randint(1, 8))]
+                                           for _ in range(20)]:
+        got = fn(list(lengths))
+        assert list(got) == cu_seqlens(lengths), (
+            f"lengths {lengths}: got {list(got)}, expected {cu_seqlens(lengths)}")
+    _ok("cu_seqlens: where each sequence starts in the packed batch")
+
+
+def check_packed_mask(fn):
+    from .attention import block_diagonal_causal, cu_seqlens
+    rng = random.Random()
+    for lengths in [[3, 2], [1, 1, 1], [4]] + [[rng.randint(1, 6) for _ in range(rng.randint(1, 4))]
+                                               for _ in range(10)]:
+        seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])
+        pos = torch.tensor([p for n in lengths for p in range(n)])
+        want = block_diagonal_causal(seq, pos, seq, pos)
+        got = torch.as_tensor(fn(cu_seqlens(lengths))).bool()
+        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        assert torch.equal(got, want), (
+            f"lengths {lengths}: token i sees token j when they belong to the same sequence and "
+            "j is not after i")
+    _ok("packed_mask: block-diagonal and causal")

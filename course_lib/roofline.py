@@ -146,6 +146,19 @@ def step_work(shape, dtype_bytes: int, tokens: int, attended: int, kv_read: int,
     return Work(moved, flops)
 
 
+def prefill_work(shape, dtype_bytes: int, lengths, padded: bool) -> Work:
+    """The work of prefilling prompts of ``lengths`` in one step: padded to the longest (every
+    row computes ``max(lengths)`` positions and attends over all of them, the padding masked but
+    computed) or packed (each prompt's own tokens, attention within each prompt only)."""
+    if padded:
+        T = max(lengths)
+        n, attended = len(lengths) * T, len(lengths) * T * T
+    else:
+        n, attended = sum(lengths), sum(x * (x + 1) // 2 for x in lengths)
+    return step_work(shape, dtype_bytes, tokens=n, attended=attended, kv_read=0,
+                     logit_rows=len(lengths))
+
+
 # ---------------------------------------------------------------- NVML
 class NvmlSampler:
     """Samples NVML's GPU utilisation (percent of time a kernel was running) in a thread.
