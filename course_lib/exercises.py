@@ -226,3 +226,45 @@ def check_packed_mask(fn):
             f"lengths {lengths}: token i sees token j when they belong to the same sequence and "
             "j is not after i")
     _ok("packed_mask: block-diagonal and causal")
+
+
+# ---------------------------------------------------------------- chapter 07
+def check_block_slot(fn):
+    rng = random.Random()
+    for _ in range(50):
+        bs = rng.randint(1, 32)
+        table = rng.sample(range(100), rng.randint(1, 10))
+        p = rng.randrange(len(table) * bs)
+        want = table[p // bs] * bs + p % bs
+        got = fn(table, p, bs)
+        assert got == want, (f"block table {table}, position {p}, block size {bs}: got {got}, "
+                             f"expected {want}. Hint: which block (p // block_size), where in it")
+    _ok("block_slot: position -> block -> row of the cache")
+
+
+def check_allocator(cls):
+    from .kv_cache import BlockAllocator, OutOfBlocks
+    rng = random.Random()
+    for _ in range(20):
+        n = rng.randint(1, 8)
+        mine, ref, held = cls(n), BlockAllocator(n), []
+        for _ in range(40):
+            if held and rng.random() < 0.4:
+                b, rb = held.pop(rng.randrange(len(held)))
+                mine.free(b)
+                ref.free(rb)
+            else:
+                try:
+                    want = ref.allocate()
+                except OutOfBlocks:
+                    try:
+                        mine.allocate()
+                    except Exception:
+                        continue
+                    raise AssertionError(f"all {n} blocks are in use: allocate() must raise")
+                got = mine.allocate()
+                assert got not in [b for b, _ in held], f"block {got} was handed out twice"
+                assert 0 <= got < n, f"block {got} does not exist ({n} blocks)"
+                held.append((got, want))
+            assert mine.n_free == ref.n_free, f"n_free is {mine.n_free}, expected {ref.n_free}"
+    _ok("allocator: no block twice, every freed block reusable")

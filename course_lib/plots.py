@@ -208,3 +208,26 @@ def token_gaps(log, ax=None, title=None, prefix=None):
     if title:
         ax.set_title(title)
     return ax
+
+
+def block_map(trace, n_blocks: int, ax=None, title=None):
+    """Which sequence owns each block of the paged cache after each step (white: free).
+    Blocks are taken as sequences grow and handed back when they finish or are preempted."""
+    import numpy as np
+    owners = sorted({sid for snap in trace for sid in snap}, key=str)
+    index = {sid: i for i, sid in enumerate(owners)}
+    grid = np.full((n_blocks, len(trace)), np.nan)
+    for step, snap in enumerate(trace):
+        for sid, table in snap.items():
+            grid[table, step] = index[sid]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3.5))
+    cmap = plt.get_cmap("tab20").copy()
+    cmap.set_bad("white")
+    ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=cmap,
+              vmin=0, vmax=max(len(owners) - 1, 1))
+    ax.set_xlabel("step")
+    ax.set_ylabel("block")
+    if title:
+        ax.set_title(title)
+    return ax

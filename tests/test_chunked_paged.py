@@ -119,3 +119,15 @@ def test_interference_workload_sends_long_prompts_mid_stream(smollm):
     rs = interference_workload(smollm.tokenizer, 49152, n_chat=3, n_long=2, long_len=100)
     assert [r.arrival_s for r in rs] == [0, 0, 0, 1.0, 2.0]
     assert [len(r.prompt_tokens) for r in rs[3:]] == [100, 100] and all(r.ignore_eos for r in rs[3:])
+
+
+def test_block_map_shows_every_owner():
+    import matplotlib
+    matplotlib.use("Agg")
+    from course_lib import plots
+    e = engine(max_batch=2, block_size=2, num_blocks=8)
+    e.run([Request("a", [7, 7, 6], max_new_tokens=6), Request("b", [7, 7, 7, 5], max_new_tokens=6)])
+    assert len(e.block_trace) == len(e.steps) and e.block_trace[-1] == {}
+    ax = plots.block_map(e.block_trace, 8)
+    assert ax.images[0].get_array().shape == (8, len(e.steps))
+    matplotlib.pyplot.close("all")

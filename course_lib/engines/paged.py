@@ -66,6 +66,7 @@ class PagedEngine(Engine):
 
     def _serve(self, requests):
         self.preemptions = 0
+        self.block_trace = []        # after each step: {sequence id: its block table}
         if not requests:
             return
         # default: room for every request at once (no preemption); --num-blocks caps it
@@ -171,6 +172,7 @@ class PagedEngine(Engine):
                 self.cache.release(seq.req.id)
                 running.remove(seq)
                 self.finish(seq.req, reason)
+        self.block_trace.append({sid: list(t) for sid, t in self.cache.tables.items()})
         # memory: tokens held against the token places of the blocks allocated for them
         self.steps[-1].kv_used = sum(self.cache.lengths.values())
         self.steps[-1].kv_reserved = (self.cache.allocator.n_blocks - self.cache.allocator.n_free) \
