@@ -131,3 +131,11 @@ def test_block_map_shows_every_owner():
     ax = plots.block_map(e.block_trace, 8)
     assert ax.images[0].get_array().shape == (8, len(e.steps))
     matplotlib.pyplot.close("all")
+
+
+def test_long_prompts_chunked_into_a_tight_cache_all_finish():
+    rs = [Request(f"p{i}", [7] * 29 + [5 + i], max_new_tokens=6) for i in range(3)]
+    e = engine(max_batch=3, block_size=4, num_blocks=10, max_num_batched_tokens=24)
+    log = e.run(rs)
+    assert [r.output_tokens for r in log.requests] == [[4, 3, 2], [5, 4, 3, 2], [6, 5, 4, 3, 2]]
+    assert e.cache.allocator.n_free == 10 and not e.cache.tables

@@ -94,6 +94,9 @@ class PagedEngine(Engine):
             while arrivals and arrivals[0].arrival_s <= self.now():
                 waiting.append(PagedSeq(arrivals[0], list(arrivals.popleft().prompt_tokens)))
             batch = self.schedule(waiting, running)
+            while not batch and len(running) > 1:   # all stuck on a full cache: make room
+                self.preempt(running[-1], running, waiting)
+                batch = self.schedule(waiting, running)
             if batch:
                 self.forward(batch, running)
             elif arrivals:
