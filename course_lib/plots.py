@@ -222,8 +222,7 @@ def block_map(trace, n_blocks: int, ax=None, title=None):
             grid[table, step] = index[sid]
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3.5))
-    cmap = plt.get_cmap("tab20").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("tab20").with_extremes(bad="white")
     ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=cmap,
               vmin=0, vmax=max(len(owners) - 1, 1))
     ax.set_xlabel("step")
