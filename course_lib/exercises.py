@@ -18,6 +18,12 @@ def _ok(msg):
     print(f"✓ {msg}")
 
 
+def _same_mask(got, want, hint):
+    got = torch.as_tensor(got).bool()
+    assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    assert torch.equal(got, want), hint
+
+
 def _configs():
     return {name: LlamaConfig(**p.config) for name, p in models.PRESETS.items()}
 
@@ -93,11 +99,8 @@ def check_prefill_mask(fn):
         start = torch.tensor(start)
         T = int(start.max()) + 3
         want = padded_visibility(start, torch.arange(T).expand(len(start), T), T)
-        got = torch.as_tensor(fn(start, T)).bool()
-        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-        assert torch.equal(got, want), (
-            f"start={start.tolist()}: a real token at column c sees columns start..c; "
-            "a padding token sees only itself")
+        _same_mask(fn(start, T), want, f"start={start.tolist()}: a real token at column c sees "
+                   "columns start..c; a padding token sees only itself")
     _ok("prefill_mask: causal, blind to padding, and no empty row")
 
 
@@ -220,11 +223,8 @@ def check_packed_mask(fn):
         seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])
         pos = torch.tensor([p for n in lengths for p in range(n)])
         want = block_diagonal_causal(seq, pos, seq, pos)
-        got = torch.as_tensor(fn(cu_seqlens(lengths))).bool()
-        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-        assert torch.equal(got, want), (
-            f"lengths {lengths}: token i sees token j when they belong to the same sequence and "
-            "j is not after i")
+        _same_mask(fn(cu_seqlens(lengths)), want, f"lengths {lengths}: token i sees token j when "
+                   "they belong to the same sequence and j is not after i")
     _ok("packed_mask: block-diagonal and causal")
 
 
