@@ -110,6 +110,7 @@ def test_step_plots_and_budget_explorer(monkeypatch):
     calls = []
     monkeypatch.setattr("course_lib.engines.make_engine", lambda *a, **k: calls.append(a))
     widgets.budget_explorer(None, [], budgets=(4, 8))
+    widgets.block_size_explorer(None, [], sizes=(4, 8))
     assert calls == []                      # nothing runs until the learner clicks
     matplotlib.pyplot.close("all")
 
