@@ -9,6 +9,18 @@ import matplotlib.pyplot as plt
 from . import plots, roofline
 
 
+def _pick(show, options, description: str):
+    """A slider over ``options`` that calls ``show(value)`` only when the button is clicked."""
+    import inspect
+
+    import ipywidgets as w
+    options = list(options)
+    slider = w.SelectionSlider(options=options, value=options[len(options) // 2],
+                               description=description, continuous_update=False)
+    name = next(iter(inspect.signature(show).parameters))
+    return w.interact_manual(show, **{name: slider})
+
+
 def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, repeat: int = 3):
     """Pick a batch size, time one decode step at it, and see where it lands on the roofline."""
     import ipywidgets as w
@@ -33,7 +45,6 @@ def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, rep
 def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4, 8, 16)):
     """Pick a batch size: run the engines on the same requests (each run once, then cached) and
     draw their timelines with their throughput and slot utilisation."""
-    import ipywidgets as w
 
     from .engines import make_engine
     from .metrics import summarize
@@ -53,16 +64,13 @@ def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4,
         plt.tight_layout()
         plt.show()
 
-    slider = w.SelectionSlider(options=list(batch_sizes), value=batch_sizes[len(batch_sizes) // 2],
-                               description="max_batch", continuous_update=False)
-    return w.interact_manual(show, max_batch=slider)
+    return _pick(show, batch_sizes, "max_batch")
 
 
 def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), block_size: int = 16,
                     max_batch: int = 8):
     """Pick a token budget (max_num_batched_tokens): run the chunked engine (once per budget,
     then cached) and see its steps and its worst decode stall."""
-    import ipywidgets as w
 
     from .engines import make_engine
     from .metrics import summarize
@@ -81,15 +89,12 @@ def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), bloc
             f"{m['output_tokens_per_s']:.1f} tok/s"))
         plt.show()
 
-    slider = w.SelectionSlider(options=list(budgets), value=budgets[len(budgets) // 2],
-                               description="budget", continuous_update=False)
-    return w.interact_manual(show, budget=slider)
+    return _pick(show, budgets, "budget")
 
 
 def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int = 8):
     """Pick a block size: run the paged engine (once per size, then cached) and see how much of
     the memory it reserves holds no token, and how many blocks it manages."""
-    import ipywidgets as w
 
     from .engines import make_engine
     from .metrics import summarize
@@ -107,6 +112,4 @@ def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int =
             f"{100 * m['kv_waste']:.1f}% of the reserved places empty on average"))
         plt.show()
 
-    slider = w.SelectionSlider(options=list(sizes), value=sizes[len(sizes) // 2],
-                               description="block size", continuous_update=False)
-    return w.interact_manual(show, block_size=slider)
+    return _pick(show, sizes, "block size")
