@@ -3,7 +3,11 @@ object stores the new keys and values in its KV-cache and attends over everythin
 
 ``PaddedAttention`` is the textbook layout: a batch of ``B`` rows, ``T`` new tokens per row, and a
 contiguous cache in which row ``r`` holds its tokens in columns ``start[r] ...``. Columns before
-``start[r]`` are left padding; a boolean mask hides them. Packed and paged variants come later.
+``start[r]`` are left padding; a boolean mask hides them.
+
+``PagedAttention`` (chapters 05-07) takes *packed* tokens and a paged cache: the reference gathers
+K/V through the block tables; ``FlexPagedAttention`` reads them in place with FlexAttention (the
+fast path on CUDA).
 """
 from __future__ import annotations
 
@@ -81,8 +85,9 @@ class PagedAttention:
            prompt, a chunk of one, or the one token of a decode step)
 
     ``cu_seqlens`` marks where each sequence starts in the packed list, as varlen kernels take it.
-    This reference gathers each sequence's keys through its block table and runs one masked
-    attention; the CUDA path of chapter 09 reads the blocks in place.
+    This is the *reference*: it gathers each sequence's keys through its block table into one
+    packed list and runs one masked attention over it. ``FlexPagedAttention`` below computes the
+    same thing without the copy.
     """
 
     def __init__(self, cache, seqs, device="cpu"):
@@ -100,11 +105,98 @@ class PagedAttention:
         self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
         self.mask = block_diagonal_causal(t(q_seq), self.positions, t(k_seq), t(k_pos))
 
+    def store(self, layer, k, v):
+        """Write the new tokens' keys and values into their cache slots; return the layer's cache."""
+        K, V = self.cache.k[layer], self.cache.v[layer]          # (Hkv, blocks * block_size, d)
+        K[:, self.write], V[:, self.write] = k.transpose(0, 1), v.transpose(0, 1)
+        return K, V
+
     def __call__(self, layer, q, k, v):
         # q: (N, H, d); k, v: (N, Hkv, d)
-        K, V = self.cache.k[layer], self.cache.v[layer]          # (blocks * block_size, Hkv, d)
-        K[self.write], V[self.write] = k, v
-        K, V = K[self.read].transpose(0, 1), V[self.read].transpose(0, 1)    # (Hkv, M, d)
+        K, V = self.store(layer, k, v)
+        K, V = K[:, self.read], V[:, self.read]                  # (Hkv, M, d): a copy
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None],
                                            attn_mask=self.mask[None, None], enable_gqa=True)
         return o[0].transpose(0, 1)                               # (N, H, d)
+
+
+def bucket(n: int, smallest: int = 16) -> int:
+    """The next power of two from ``smallest`` up: shapes a compiled kernel is reused for."""
+    return max(smallest, 1 << (max(n, 1) - 1).bit_length())
+
+
+_compiled = {}
+
+
+def flex_attention(*args, **kwargs):
+    """``torch.nn.attention.flex_attention``: compiled into one fused Triton kernel on CUDA; on
+    the CPU the unfused reference (which the tests use), without its warning."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if args[0].device.type == "cuda":
+        if "cuda" not in _compiled:
+            _compiled["cuda"] = torch.compile(flex)
+        return _compiled["cuda"](*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flex(*args, **kwargs)
+
+
+class FlexPagedAttention(PagedAttention):
+    """The same packed, paged attention, reading keys and values *in place*, with FlexAttention.
+
+    Instead of gathering each sequence's keys, it labels every physical slot of the cache with
+    the sequence of this step that owns it (``owner``, -1 for none) and the position it holds
+    there (``slot_pos``). The mask is then the block-diagonal causal mask over physical slots:
+
+        query i sees slot j  <=>  owner[j] == q_seq[i]  and  slot_pos[j] <= position[i]
+
+    FlexAttention turns that rule into a *block mask* once per step (shared by all layers) and
+    its kernel skips every tile of 128 slots that no query of a tile can see.
+    The queries are padded to a power of two (padding belongs to no sequence: it sees nothing),
+    so that the compiled kernel is reused from step to step.
+    """
+
+    def __init__(self, cache, seqs, device="cpu"):
+        from torch.nn.attention.flex_attention import create_block_mask
+        self.cache, bs = cache, cache.block_size
+        pos, write, q_seq, blocks, block_seq, block_index = [], [], [], [], [], []
+        for i, (sid, cached, new) in enumerate(seqs):
+            pos += range(cached, cached + new)
+            write += cache.slots(sid, cached, cached + new)
+            q_seq += [i] * new
+            table = cache.tables[sid][:cache.blocks_needed(cached + new)]
+            blocks += table
+            block_seq += [i] * len(table)
+            block_index += range(len(table))
+        t = lambda x: torch.tensor(x, device=device)
+        self.n = len(pos)
+        self.positions, self.write = t(pos), t(write)
+        self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
+        # the slots to look at: up to the last block in use (rounded up, so that shapes repeat)
+        self.n_slots = min(cache.k.shape[2], bucket((max(blocks) + 1) * bs, 128))
+        n_blocks = -(-self.n_slots // bs)
+        blocks = t(blocks)
+        owner = torch.full((n_blocks, bs), -1, device=device)
+        owner[blocks] = t(block_seq)[:, None]
+        slot_pos = torch.zeros((n_blocks, bs), dtype=torch.long, device=device)
+        slot_pos[blocks] = t(block_index)[:, None] * bs + torch.arange(bs, device=device)
+        owner, slot_pos = owner.flatten()[:self.n_slots], slot_pos.flatten()[:self.n_slots]
+        n_pad = bucket(self.n)
+        q_seq = torch.cat([t(q_seq), torch.full((n_pad - self.n,), -2, device=device)])
+        q_pos = torch.cat([self.positions, torch.zeros(n_pad - self.n, dtype=torch.long, device=device)])
+
+        def visible(b, h, i, j):
+            return (owner[j] == q_seq[i]) & (slot_pos[j] <= q_pos[i])
+        self.block_mask = create_block_mask(visible, None, None, n_pad, self.n_slots, device=device)
+
+    def __call__(self, layer, q, k, v):
+        K, V = self.store(layer, k, v)
+        n_pad = self.block_mask.shape[-2]
+        q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
+        o = flex_attention(q, K[None, :, :self.n_slots], V[None, :, :self.n_slots],
+                           block_mask=self.block_mask, enable_gqa=True)
+        return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
+
+
+PAGED_ATTENTION = {"gather": PagedAttention, "flex": FlexPagedAttention}

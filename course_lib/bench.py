@@ -133,13 +133,16 @@ def main(argv=None):
                    help="continuous engine: paged KV-cache with blocks of this many tokens")
     p.add_argument("--num-blocks", type=int, default=None,
                    help="continuous engine: paged KV-cache of this many blocks (preempts when full)")
+    p.add_argument("--attention", default=None, choices=["gather", "flex"],
+                   help="paged engine: gather K/V (the reference; CPU default) or FlexAttention "
+                        "reading the blocks in place (CUDA default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", action="store_true", help="store each request's output tokens")
     p.add_argument("--steps", action="store_true", help="store the step log")
     p.add_argument("--json", required=True, help="where to write the result")
     a = p.parse_args(argv)
     paged = {"max_num_batched_tokens": a.max_num_batched_tokens, "block_size": a.block_size,
-             "num_blocks": a.num_blocks}
+             "num_blocks": a.num_blocks, "attention": a.attention}
     result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device, a.tokens,
                    a.max_new_tokens, a.seed, progress=True, steps=a.steps,
                    engine_options={k: v for k, v in paged.items() if v is not None})

@@ -82,7 +82,7 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """K and V in blocks of ``block_size`` tokens: ``(layers, n_blocks * block_size, kv_heads, d)``.
+    """K and V in blocks of ``block_size`` tokens: ``(layers, kv_heads, n_blocks * block_size, d)``.
 
     Each sequence owns a *block table*, the list of its blocks in order: token ``p`` of a
     sequence lives in block ``table[p // block_size]`` at offset ``p % block_size``. Blocks are
@@ -94,7 +94,8 @@ class PagedKVCache:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1 token, got {block_size}")
         self.block_size, self.allocator = block_size, BlockAllocator(n_blocks)
-        size = (shape.n_layers, n_blocks * block_size, shape.n_kv_heads, shape.head_dim)
+        # heads first, so that one layer's cache is the (heads, tokens, d) tensor attention reads
+        size = (shape.n_layers, shape.n_kv_heads, n_blocks * block_size, shape.head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)
         self.v = torch.zeros(size, dtype=dtype, device=device)
         self.tables: dict = {}       # sequence id -> its block table

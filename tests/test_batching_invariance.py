@@ -33,6 +33,9 @@ def expected(smollm, requests):
     ("continuous", 8, None, {"max_num_batched_tokens": 24, "block_size": 16}),
     # a cache too small for the batch: sequences are preempted and recomputed
     ("continuous", 16, None, {"block_size": 8, "num_blocks": 40}),
+    # the same two, with FlexAttention reading the blocks in place (the CUDA path's attention)
+    ("continuous", 8, None, {"max_num_batched_tokens": 24, "block_size": 16, "attention": "flex"}),
+    ("continuous", 16, None, {"block_size": 8, "num_blocks": 40, "attention": "flex"}),
 ])
 def test_engine_says_what_hf_generate_says_alone(smollm, requests, expected, engine, max_batch,
                                                  arrival_rate, options):

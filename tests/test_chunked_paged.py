@@ -54,7 +54,7 @@ def test_a_request_that_can_never_fit_is_refused_and_the_others_served():
 
 
 @pytest.mark.parametrize("option,value", [("max_num_batched_tokens", 0), ("block_size", 0),
-                                          ("num_blocks", 0)])
+                                          ("num_blocks", 0), ("attention", "sparse")])
 def test_settings_that_cannot_work_are_named(option, value):
     with pytest.raises(ValueError, match=option):
         engine(max_batch=2, **{option: value})

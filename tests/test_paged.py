@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from course_lib.attention import PagedAttention, block_diagonal_causal
+from course_lib.attention import PAGED_ATTENTION, block_diagonal_causal
 from course_lib.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
 from course_lib.requests import chat_workload
 from fakes import FakeLlama
@@ -85,8 +85,10 @@ def test_block_diagonal_causal_mask():
         [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
 
 
-@pytest.mark.parametrize("block_size", [1, 7, 16])
-def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size):
+@pytest.mark.parametrize("block_size,attention", [(1, "gather"), (7, "gather"), (16, "gather"),
+                                                  (7, "flex"), (16, "flex")])
+def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size, attention):
+    PagedAttention = PAGED_ATTENTION[attention]
     reqs = chat_workload(smollm.tokenizer, n=3)
     cache = PagedKVCache(smollm_ours.shape, n_blocks=200, block_size=block_size)
     for r in reqs:

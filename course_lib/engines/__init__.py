@@ -16,12 +16,12 @@ ENGINES = {
 }
 
 
-PAGED_OPTIONS = ("max_num_batched_tokens", "block_size", "num_blocks")
+PAGED_OPTIONS = ("max_num_batched_tokens", "block_size", "num_blocks", "attention")
 
 
 def make_engine(name: str, loaded, **options):
-    """An engine by name. ``continuous`` with any of ``max_num_batched_tokens``, ``block_size`` or
-    ``num_blocks`` is the packed, chunked, paged engine of chapters 05-07."""
+    """An engine by name. ``continuous`` with any of ``max_num_batched_tokens``, ``block_size``,
+    ``num_blocks`` or ``attention`` is the packed, chunked, paged engine of chapters 05-07."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; the engines are: {', '.join(ENGINES)}")
     paged = {k: options.pop(k) for k in PAGED_OPTIONS if options.get(k) is not None}

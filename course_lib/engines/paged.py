@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import PagedAttention
+from ..attention import PAGED_ATTENTION
 from ..kv_cache import PagedKVCache
 from ..llama import Llama
 from ..metrics import Step
@@ -52,7 +52,8 @@ class PagedEngine(Engine):
     name = "continuous"
 
     def __init__(self, loaded, max_batch: int = 8, max_num_batched_tokens: int | None = None,
-                 block_size: int = 16, num_blocks: int | None = None, model=None):
+                 block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
+                 model=None):
         super().__init__(loaded, max_batch)
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
@@ -62,6 +63,11 @@ class PagedEngine(Engine):
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.budget, self.block_size, self.num_blocks = max_num_batched_tokens, block_size, num_blocks
         self.model = model if model is not None else Llama.from_hf(loaded.model)
+        # the gather reference on the CPU; FlexAttention, reading the blocks in place, on CUDA
+        attention = attention or ("flex" if self.model.device.type == "cuda" else "gather")
+        if attention not in PAGED_ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(PAGED_ATTENTION)}, got {attention!r}")
+        self.attention = attention
         self.preemptions = 0
 
     def _serve(self, requests):
@@ -148,7 +154,7 @@ class PagedEngine(Engine):
     def forward(self, batch, running):
         start = self.now()
         dev = self.model.device
-        attn = PagedAttention(self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
+        attn = PAGED_ATTENTION[self.attention](self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
         tokens = torch.tensor([t for s, n in batch for t in s.tokens[s.cached:s.cached + n]],
                               device=dev)
         hidden = self.model.hidden_states(tokens, attn.positions, attn)
