@@ -120,8 +120,8 @@ class PagedAttention:
         return o[0].transpose(0, 1)                               # (N, H, d)
 
 
-def bucket(n: int, smallest: int = 16) -> int:
-    """The next power of two from ``smallest`` up: shapes a compiled kernel is reused for."""
+def bucket(n: int, smallest: int = 128) -> int:
+    """The next power of two from ``smallest`` up: the shapes a compiled kernel is reused for."""
     return max(smallest, 1 << (max(n, 1) - 1).bit_length())
 
 
@@ -129,17 +129,25 @@ _compiled = {}
 
 
 def flex_attention(*args, **kwargs):
-    """``torch.nn.attention.flex_attention``: compiled into one fused Triton kernel on CUDA; on
-    the CPU the unfused reference (which the tests use), without its warning."""
+    """``torch.nn.attention.flex_attention``: on CUDA compiled into fused Triton kernels, one per
+    query-length bucket (static shapes); on the CPU the unfused reference, which the tests use."""
     import warnings
     from torch.nn.attention.flex_attention import flex_attention as flex
     if args[0].device.type == "cuda":
         if "cuda" not in _compiled:
-            _compiled["cuda"] = torch.compile(flex)
+            import torch._dynamo.config as dynamo
+            for name in ("recompile_limit", "cache_size_limit"):   # one kernel per bucket
+                if hasattr(dynamo, name):
+                    setattr(dynamo, name, max(getattr(dynamo, name), 64))
+                    break
+            _compiled["cuda"] = torch.compile(flex, dynamic=False)
         return _compiled["cuda"](*args, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return flex(*args, **kwargs)
+
+
+TILE = 128     # FlexAttention's tile: 128 queries x 128 key slots
 
 
 class FlexPagedAttention(PagedAttention):
@@ -151,14 +159,16 @@ class FlexPagedAttention(PagedAttention):
 
         query i sees slot j  <=>  owner[j] == q_seq[i]  and  slot_pos[j] <= position[i]
 
-    FlexAttention turns that rule into a *block mask* once per step (shared by all layers) and
-    its kernel skips every tile of 128 slots that no query of a tile can see.
-    The queries are padded to a power of two (padding belongs to no sequence: it sees nothing),
-    so that the compiled kernel is reused from step to step.
+    FlexAttention works in tiles of 128 queries x 128 slots and skips a tile that its *block
+    mask* does not list. The block tables say which tiles hold a sequence's blocks, so the block
+    mask is built from them directly (once per step, shared by all layers), and the kernel
+    reads only the tiles where this step's sequences live.
+    The queries are padded to a power of two (padding belongs to no sequence and sees nothing)
+    and the keys are the whole cache, so that the compiled kernel is reused from step to step.
     """
 
-    def __init__(self, cache, seqs, device="cpu"):
-        from torch.nn.attention.flex_attention import create_block_mask
+    def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None):
+        from torch.nn.attention.flex_attention import BlockMask
         self.cache, bs = cache, cache.block_size
         pos, write, q_seq, blocks, block_seq, block_index = [], [], [], [], [], []
         for i, (sid, cached, new) in enumerate(seqs):
@@ -173,29 +183,51 @@ class FlexPagedAttention(PagedAttention):
         self.n = len(pos)
         self.positions, self.write = t(pos), t(write)
         self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
-        # the slots to look at: up to the last block in use (rounded up, so that shapes repeat)
-        self.n_slots = min(cache.k.shape[2], bucket((max(blocks) + 1) * bs, 128))
-        n_blocks = -(-self.n_slots // bs)
-        blocks = t(blocks)
-        owner = torch.full((n_blocks, bs), -1, device=device)
-        owner[blocks] = t(block_seq)[:, None]
-        slot_pos = torch.zeros((n_blocks, bs), dtype=torch.long, device=device)
+        n_slots, n_pad = cache.k.shape[2], n_pad or bucket(self.n)
+        blocks, block_seq = t(blocks), t(block_seq)
+        # every slot: which sequence of this step owns it, at which position
+        owner = torch.full((n_slots // bs, bs), -1, device=device)
+        owner[blocks] = block_seq[:, None]
+        slot_pos = torch.zeros((n_slots // bs, bs), dtype=torch.long, device=device)
         slot_pos[blocks] = t(block_index)[:, None] * bs + torch.arange(bs, device=device)
-        owner, slot_pos = owner.flatten()[:self.n_slots], slot_pos.flatten()[:self.n_slots]
-        n_pad = bucket(self.n)
+        owner, slot_pos = owner.flatten(), slot_pos.flatten()
         q_seq = torch.cat([t(q_seq), torch.full((n_pad - self.n,), -2, device=device)])
-        q_pos = torch.cat([self.positions, torch.zeros(n_pad - self.n, dtype=torch.long, device=device)])
+        q_pos = torch.cat([self.positions, self.positions.new_zeros(n_pad - self.n)])
 
         def visible(b, h, i, j):
             return (owner[j] == q_seq[i]) & (slot_pos[j] <= q_pos[i])
-        self.block_mask = create_block_mask(visible, None, None, n_pad, self.n_slots, device=device)
+
+        # the block mask: query tile -> the key tiles holding its sequences' blocks
+        q_tiles, kv_tiles = n_pad // TILE, -(-n_slots // TILE)
+        seq_in_tile = torch.zeros(q_tiles, len(seqs), device=device)            # (Q tiles, seqs)
+        first = torch.arange(q_tiles, device=device)[:, None] * TILE
+        seq_in_tile[(first < self.cu_seqlens[1:]) & (first + TILE > self.cu_seqlens[:-1])] = 1
+        tiles_of_seq = torch.zeros(len(seqs), kv_tiles, device=device)           # (seqs, KV tiles)
+        for end in [*range(0, bs, TILE), bs - 1]:   # a block may straddle tiles
+            tiles_of_seq[block_seq, (blocks * bs + end) // TILE] = 1
+        needed = (seq_in_tile @ tiles_of_seq) > 0                                # (Q, KV tiles)
+        order = torch.sort((~needed).int(), dim=-1, stable=True).indices         # listed first
+        self.block_mask = BlockMask.from_kv_blocks(
+            needed.sum(-1, dtype=torch.int32)[None, None], order.int()[None, None],
+            BLOCK_SIZE=TILE, mask_mod=visible, seq_lengths=(n_pad, n_slots))
+
+    @classmethod
+    def precompile(cls, cache, max_tokens: int, shape, dtype):
+        """Compile the kernel for every query bucket a run may need, before its clock starts."""
+        n = TILE
+        while n <= bucket(max_tokens) and cache.can_grow("precompile", n):
+            cache.grow("precompile", n)
+            q = torch.zeros(n, shape.n_heads, shape.head_dim, dtype=dtype, device=cache.k.device)
+            k = torch.zeros(n, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=cache.k.device)
+            cls(cache, [("precompile", 0, n)], cache.k.device)(0, q, k, k)
+            cache.release("precompile")
+            n *= 2
 
     def __call__(self, layer, q, k, v):
         K, V = self.store(layer, k, v)
         n_pad = self.block_mask.shape[-2]
         q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
-        o = flex_attention(q, K[None, :, :self.n_slots], V[None, :, :self.n_slots],
-                           block_mask=self.block_mask, enable_gqa=True)
+        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True)
         return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
 
 

@@ -76,6 +76,7 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     peaks = measure_peaks(device, dtype_t)
     runner = make_engine(engine, loaded, max_batch=max_batch, **(engine_options or {}))
     if warmup:   # first calls pay for kernel loading, allocator growth, library set-up: not timed
+        runner.prepare(requests)
         runner.run([replace(r, id=f"warmup-{r.id}", arrival_s=0.0, max_new_tokens=min(4, r.max_new_tokens))
                     for r in requests[:2]])
     with NvmlSampler(torch.device(device).index or 0) as nvml:

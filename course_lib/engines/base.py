@@ -37,6 +37,10 @@ class Engine:
             time.sleep(delay)
 
     # ------------------------------------------------------------------ the run
+    def prepare(self, requests):
+        """Compile or set up what a run of ``requests`` needs, before a clock starts (the bench
+        calls it during its warm-up). Most engines need nothing."""
+
     def run(self, requests, progress: bool = False) -> RunLog:
         self.records, self.steps, good = {}, [], []
         for req in requests:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import PAGED_ATTENTION
+from ..attention import PAGED_ATTENTION, FlexPagedAttention
 from ..kv_cache import PagedKVCache
 from ..llama import Llama
 from ..metrics import Step
@@ -70,16 +70,28 @@ class PagedEngine(Engine):
         self.attention = attention
         self.preemptions = 0
 
+    def new_cache(self, requests) -> PagedKVCache:
+        # default: room for every request at once (no preemption); --num-blocks caps it
+        n_blocks = self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens)
+                                            // self.block_size) for r in requests)
+        return PagedKVCache(self.model.shape, n_blocks, self.block_size, self.model.dtype,
+                            self.model.device)
+
+    def prepare(self, requests):
+        """On CUDA, compile FlexAttention for every step size this run may take."""
+        if self.attention == "flex" and self.model.device.type == "cuda" and requests:
+            most = self.budget or sum(sorted(len(r.prompt_tokens) + r.max_new_tokens
+                                             for r in requests)[-self.max_batch:])
+            FlexPagedAttention.precompile(self.new_cache(requests), most, self.model.shape,
+                                          self.model.dtype)
+
     def _serve(self, requests):
         self.preemptions = 0
         self.block_trace = []        # after each step: {sequence id: its block table}
         if not requests:
             return
-        # default: room for every request at once (no preemption); --num-blocks caps it
-        n_blocks = self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens)
-                                            // self.block_size) for r in requests)
-        self.cache = PagedKVCache(self.model.shape, n_blocks, self.block_size, self.model.dtype,
-                                  self.model.device)
+        self.cache = self.new_cache(requests)
+        n_blocks = self.cache.allocator.n_blocks
         queue = deque()
         for req in requests:
             need = self.cache.blocks_needed(len(req.prompt_tokens) + req.max_new_tokens)
