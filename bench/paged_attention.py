@@ -36,7 +36,8 @@ def fragmented_cache(contexts, block_size, dtype, device, spare=1.1):
     """A cache whose sequences grew side by side (as in decoding), so their blocks interleave."""
     n_blocks = int(sum(-(-c // block_size) + 1 for c in contexts) * spare) + 1
     cache = PagedKVCache(SHAPE, n_blocks, block_size, dtype, device)
-    cache.k.normal_(), cache.v.normal_()
+    for t in cache.k + cache.v:
+        t.normal_()
     done = [0] * len(contexts)
     while done != list(contexts):
         for i, c in enumerate(contexts):

@@ -183,7 +183,7 @@ class FlexPagedAttention(PagedAttention):
         self.n = len(pos)
         self.positions, self.write = t(pos), t(write)
         self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
-        n_slots, n_pad = cache.k.shape[2], n_pad or bucket(self.n)
+        n_slots, n_pad = cache.n_slots, n_pad or bucket(self.n)
         blocks, block_seq = t(blocks), t(block_seq)
         # every slot: which sequence of this step owns it, at which position
         owner = torch.full((n_slots // bs, bs), -1, device=device)
@@ -217,9 +217,11 @@ class FlexPagedAttention(PagedAttention):
         n = TILE
         while n <= bucket(max_tokens) and cache.can_grow("precompile", n):
             cache.grow("precompile", n)
-            q = torch.zeros(n, shape.n_heads, shape.head_dim, dtype=dtype, device=cache.k.device)
-            k = torch.zeros(n, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=cache.k.device)
-            cls(cache, [("precompile", 0, n)], cache.k.device)(0, q, k, k)
+            q = torch.zeros(n, shape.n_heads, shape.head_dim, dtype=dtype, device=cache.k[0].device)
+            k = torch.zeros(n, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=cache.k[0].device)
+            attn = cls(cache, [("precompile", 0, n)], cache.k[0].device)
+            for layer in range(len(cache.k)):
+                attn(layer, q, k, k)
             cache.release("precompile")
             n *= 2
 
