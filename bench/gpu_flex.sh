@@ -11,7 +11,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 bench/paged_attention.py --device cuda --dtype bfloat16 --out "$OUT" 2>&1 | grep -v Warning
 W="anyscale:prompt_len=512,cap=512,mean=128"; N=${N:-256}
 run() { TORCH_LOGS=${TORCH_LOGS:-recompiles} python3 -m course_lib.bench --engine continuous --model llama-1b-dummy --dtype bfloat16 \
-          --workload "$W" --n "$N" --steps "$@" 2>&1 | grep -v "it/s\]\|req/s\]" | grep -i "recompil\|tok/s\|error" | cut -c1-300 | tail -8; }|req/s\]" | tail -2; }
+          --workload "$W" --n "$N" --steps "$@" 2>&1 | grep -v "it/s\]\|req/s\]" \
+        | grep -i "recompil\|tok/s\|error" | cut -c1-300 | tail -8; }
 run --max-batch 64 --block-size 16 --attention flex --json "$OUT/flex_blocks_llama-1b-dummy_gpu.json"
 run --max-batch 64 --block-size 16 --attention flex --max-num-batched-tokens 2048 \
     --json "$OUT/flex_chunked_llama-1b-dummy_gpu.json"
