@@ -212,6 +212,7 @@ class FlexPagedAttention(PagedAttention):
             BLOCK_SIZE=TILE, mask_mod=visible, seq_lengths=(n_pad, n_slots))
 
     @classmethod
+    @torch.inference_mode()          # as the model runs: a change of grad mode would recompile
     def precompile(cls, cache, max_tokens: int, shape, dtype):
         """Compile the kernel for every query bucket a run may need, before its clock starts."""
         n = TILE
