@@ -85,10 +85,15 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     metrics["nvml_gpu_util"] = nvml.mean
     if hasattr(runner, "preemptions"):
         metrics["preemptions"] = runner.preemptions
+    options = dict(engine_options or {})
+    if hasattr(runner, "attention"):          # the paged engine's settings, as resolved
+        options["attention"] = runner.attention
+        if runner.num_blocks is not None:
+            options["num_blocks"] = runner.num_blocks
     out = {
         "engine": engine, "model": model, "workload": workload, "n": len(requests),
         "max_batch": max_batch, "max_new_tokens": max_new_tokens,
-        "engine_options": engine_options or {},
+        "engine_options": options,
         "dtype": str(dtype_t).removeprefix("torch."),
         "device": {"type": torch.device(device).type, **asdict(peaks)},
         "versions": versions(),
@@ -99,6 +104,23 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     if steps:
         out["steps"] = step_rows(log)
     return out
+
+
+def run_label(result: dict) -> str:
+    """A short name for a run from its engine and options, e.g. ``continuous, blocks of 16,
+    flex, budget 2048, B=256``."""
+    o = result.get("engine_options") or {}
+    parts = [result["engine"]]
+    if result["engine"] == "continuous":
+        parts.append(f"blocks of {o['block_size']}" if o.get("block_size") else "rows")
+        if o.get("attention") or o.get("block_size"):
+            parts.append(o.get("attention") or "gather")
+        if o.get("max_num_batched_tokens"):
+            parts.append(f"budget {o['max_num_batched_tokens']}")
+        if o.get("num_blocks"):
+            parts.append(f"{o['num_blocks']} blocks")
+    parts.append(f"B={result['max_batch']}")
+    return ", ".join(parts)
 
 
 def describe(result: dict) -> str:
@@ -134,6 +156,8 @@ def main(argv=None):
                    help="continuous engine: paged KV-cache with blocks of this many tokens")
     p.add_argument("--num-blocks", type=int, default=None,
                    help="continuous engine: paged KV-cache of this many blocks (preempts when full)")
+    p.add_argument("--kv-memory-mib", type=float, default=None,
+                   help="continuous engine: paged KV-cache of as many blocks as fit in this many MiB")
     p.add_argument("--attention", default=None, choices=["gather", "flex"],
                    help="paged engine: gather K/V (the reference; CPU default) or FlexAttention "
                         "reading the blocks in place (CUDA default)")
@@ -143,7 +167,8 @@ def main(argv=None):
     p.add_argument("--json", required=True, help="where to write the result")
     a = p.parse_args(argv)
     paged = {"max_num_batched_tokens": a.max_num_batched_tokens, "block_size": a.block_size,
-             "num_blocks": a.num_blocks, "attention": a.attention}
+             "num_blocks": a.num_blocks, "attention": a.attention,
+             "kv_memory_bytes": None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20)}
     result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device, a.tokens,
                    a.max_new_tokens, a.seed, progress=True, steps=a.steps,
                    engine_options={k: v for k, v in paged.items() if v is not None})

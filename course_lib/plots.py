@@ -160,11 +160,11 @@ def batch_over_time(logs: dict, ax=None):
     return ax
 
 
-def ladder(runs, ax=None, metric="output_tokens_per_s", label="output tokens / s"):
-    """A bar per engine of a ladder run (the bench JSON of each)."""
+def ladder(runs, ax=None, metric="output_tokens_per_s", label="output tokens / s", names=None):
+    """A bar per engine of a ladder run (the bench JSON of each), named by engine or by ``names``."""
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 3.5))
-    names = [r["engine"] for r in runs]
+    names = names or [r["engine"] for r in runs]
     values = [r["metrics"][metric] or 0 for r in runs]
     bars = ax.bar(names, values, color=["#9e9e9e" if n.startswith("hf-") else "#5b9bd5" for n in names])
     ax.bar_label(bars, fmt="%.3g", fontsize=8)

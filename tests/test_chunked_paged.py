@@ -2,6 +2,7 @@
 import pytest
 
 from course_lib.engines import make_engine
+from course_lib.kv_cache import kv_bytes_per_token
 from course_lib.requests import Request
 from fakes import LOADED, FakeLlama, req
 
@@ -54,7 +55,8 @@ def test_a_request_that_can_never_fit_is_refused_and_the_others_served():
 
 
 @pytest.mark.parametrize("option,value", [("max_num_batched_tokens", 0), ("block_size", 0),
-                                          ("num_blocks", 0), ("attention", "sparse")])
+                                          ("num_blocks", 0), ("attention", "sparse"),
+                                          ("kv_memory_bytes", 100)])
 def test_settings_that_cannot_work_are_named(option, value):
     with pytest.raises(ValueError, match=option):
         engine(max_batch=2, **{option: value})
@@ -140,3 +142,10 @@ def test_long_prompts_chunked_into_a_tight_cache_all_finish():
     log = e.run(rs)
     assert [r.output_tokens for r in log.requests] == [[4, 3, 2], [5, 4, 3, 2], [6, 5, 4, 3, 2]]
     assert e.cache.allocator.n_free == 10 and not e.cache.tables
+
+
+def test_a_memory_budget_in_bytes_becomes_blocks():
+    per_token = kv_bytes_per_token(FakeLlama().shape, 4)
+    assert engine(max_batch=2, block_size=4, kv_memory_bytes=10 * 4 * per_token + 5).num_blocks == 10
+    with pytest.raises(ValueError, match="not both"):
+        engine(max_batch=2, block_size=4, num_blocks=3, kv_memory_bytes=10 * 4 * per_token)

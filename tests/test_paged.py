@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from course_lib.attention import PAGED_ATTENTION, block_diagonal_causal
 from course_lib.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
+from course_lib.llama import LlamaShape
 from course_lib.requests import chat_workload
 from fakes import FakeLlama
 
@@ -109,3 +110,29 @@ def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size,
     for i, r in enumerate(reqs):
         ref = smollm.model(torch.tensor([r.prompt_tokens + [nxt[i]]])).logits[0, -1]
         torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("block_size", [7, 16, 200])
+def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size):
+    """FlexAttention skips the tiles its block mask does not list (the CPU reference does not,
+    so the logits tests cannot catch a missing tile): every (query, slot) pair that the rule
+    allows must fall in a listed tile."""
+    from course_lib.attention import TILE, FlexPagedAttention
+    shape = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)
+    cache = PagedKVCache(shape, n_blocks=4000 // block_size, block_size=block_size)
+    for step in range(40):                        # sequences growing side by side: blocks interleave
+        for sid in "abcd":
+            cache.grow(sid, 1 + step % 5)
+    cache.release("b")
+    cache.grow("e", 300)
+    seqs = [("a", cache.lengths["a"] - 1, 1), ("c", cache.lengths["c"] - 1, 1),
+            ("e", 0, 300), ("d", cache.lengths["d"] - 20, 20)]
+    attn = FlexPagedAttention(cache, seqs)
+    listed = attn.block_mask.to_dense()[0, 0].bool()                    # (query tiles, slot tiles)
+    q = 0
+    for sid, cached, new in seqs:
+        for p in range(cached, cached + new):
+            for slot in cache.slots(sid, 0, p + 1):                     # what query q may see
+                assert listed[q // TILE, slot // TILE], (sid, p, slot)
+            q += 1
+    assert listed.sum() < listed.numel(), "the block mask should skip tiles"

@@ -16,12 +16,13 @@ ENGINES = {
 }
 
 
-PAGED_OPTIONS = ("max_num_batched_tokens", "block_size", "num_blocks", "attention")
+PAGED_OPTIONS = ("max_num_batched_tokens", "block_size", "num_blocks", "attention", "kv_memory_bytes")
 
 
 def make_engine(name: str, loaded, **options):
     """An engine by name. ``continuous`` with any of ``max_num_batched_tokens``, ``block_size``,
-    ``num_blocks`` or ``attention`` is the packed, chunked, paged engine of chapters 05-07."""
+    ``num_blocks``, ``kv_memory_bytes`` or ``attention`` is the packed, chunked, paged engine of
+    chapters 05-07."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; the engines are: {', '.join(ENGINES)}")
     paged = {k: options.pop(k) for k in PAGED_OPTIONS if options.get(k) is not None}

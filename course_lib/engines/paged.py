@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import PAGED_ATTENTION, FlexPagedAttention
-from ..kv_cache import PagedKVCache
+from ..kv_cache import PagedKVCache, kv_bytes_per_token
 from ..llama import Llama
 from ..metrics import Step
 from ..requests import RequestError
@@ -53,7 +53,7 @@ class PagedEngine(Engine):
 
     def __init__(self, loaded, max_batch: int = 8, max_num_batched_tokens: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
-                 model=None):
+                 kv_memory_bytes: int | None = None, model=None):
         super().__init__(loaded, max_batch)
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
@@ -63,6 +63,14 @@ class PagedEngine(Engine):
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.budget, self.block_size, self.num_blocks = max_num_batched_tokens, block_size, num_blocks
         self.model = model if model is not None else Llama.from_hf(loaded.model)
+        if kv_memory_bytes is not None:          # a memory budget instead of a block count
+            if num_blocks is not None:
+                raise ValueError("give num_blocks or kv_memory_bytes, not both")
+            per_block = block_size * kv_bytes_per_token(self.model.shape, self.model.dtype.itemsize)
+            if kv_memory_bytes < per_block:
+                raise ValueError(f"kv_memory_bytes={kv_memory_bytes} cannot hold one block of "
+                                 f"{block_size} tokens ({per_block} bytes)")
+            self.num_blocks = kv_memory_bytes // per_block
         # the gather reference on the CPU; FlexAttention, reading the blocks in place, on CUDA
         attention = attention or ("flex" if self.model.device.type == "cuda" else "gather")
         if attention not in PAGED_ATTENTION:
