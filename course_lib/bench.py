@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from . import models
+from .admission import SLO
 from .engines import ENGINES, make_engine
 from .llama import LlamaShape
 from .metrics import request_rows, step_rows, summarize
-from .requests import load_workload
+from .requests import load_workload, poisson_arrivals
 from .roofline import NvmlSampler, measure_peaks
 
 
@@ -66,13 +67,33 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
           max_batch: int = 8, dtype: str = "float32", device: str = "cpu", tokens: bool = False,
           max_new_tokens: int | None = None, seed: int = 0, progress: bool = True,
           loaded=None, steps: bool = False, engine_options: dict | None = None,
-          warmup: bool = True) -> dict:
-    """Run one benchmark and return the JSON object (also what the CLI writes)."""
+          warmup: bool = True, arrival_rate: float | None = None, simulate=None, slo=None,
+          admission: bool = False) -> dict:
+    """Run one benchmark and return the JSON object (also what the CLI writes).
+
+    ``arrival_rate``: requests arrive as a Poisson process of that many per second (online
+    serving) instead of all at once. ``simulate``: a fitted ``StepCost`` (or the path of one):
+    the engine's scheduler runs as usual, but every step takes the time the cost model predicts
+    and nothing is computed; the JSON is marked ``"simulated": true``. ``slo``: an
+    ``admission.SLO``, against which goodput is reported; ``admission``: the continuous engine
+    admits, queues or refuses requests to meet it.
+    """
+    if admission:
+        if slo is None:
+            raise ValueError("admission control needs an SLO (a TTFT or a TPOT target)")
+        engine_options = {**(engine_options or {}), "slo": slo}
+    if arrival_rate is not None and not arrival_rate > 0:
+        raise ValueError(f"arrival rate must be > 0 requests/s, got {arrival_rate}")
+    if simulate is not None:
+        return bench_simulated(engine, model, workload, n, max_batch, dtype, max_new_tokens, seed,
+                               steps, engine_options, arrival_rate, simulate, slo)
     loaded = loaded or models.load(model, dtype=dtype, device=device)
     dtype_t = loaded.model.dtype
     shape = LlamaShape.from_config(loaded.config)
     requests = load_workload(workload, tokenizer=loaded.tokenizer, n=n,
                              vocab_size=shape.vocab_size, seed=seed, max_new_tokens=max_new_tokens)
+    if arrival_rate is not None:
+        requests = poisson_arrivals(requests, arrival_rate, seed)
     peaks = measure_peaks(device, dtype_t)
     runner = make_engine(engine, loaded, max_batch=max_batch, **(engine_options or {}))
     if warmup:   # first calls pay for kernel loading, allocator growth, library set-up: not timed
@@ -81,18 +102,18 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
                     for r in requests[:2]])
     with NvmlSampler(torch.device(device).index or 0) as nvml:
         log = runner.run(requests, progress=progress)
-    metrics = summarize(log, shape, torch.finfo(dtype_t).bits // 8, peaks)
+    metrics = summarize(log, shape, torch.finfo(dtype_t).bits // 8, peaks, slo=slo)
     metrics["nvml_gpu_util"] = nvml.mean
     if hasattr(runner, "preemptions"):
         metrics["preemptions"] = runner.preemptions
-    options = dict(engine_options or {})
+    options = json_options(engine_options)
     if hasattr(runner, "attention"):          # the paged engine's settings, as resolved
         options["attention"] = runner.attention
         if runner.num_blocks is not None:
             options["num_blocks"] = runner.num_blocks
     out = {
         "engine": engine, "model": model, "workload": workload, "n": len(requests),
-        "max_batch": max_batch, "max_new_tokens": max_new_tokens,
+        "max_batch": max_batch, "max_new_tokens": max_new_tokens, "arrival_rate": arrival_rate,
         "engine_options": options,
         "dtype": str(dtype_t).removeprefix("torch."),
         "device": {"type": torch.device(device).type, **asdict(peaks)},
@@ -100,6 +121,48 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         "step_source": log.step_source,
         "metrics": metrics,
         "requests": request_rows(log, with_tokens=tokens),
+    }
+    if steps:
+        out["steps"] = step_rows(log)
+    return out
+
+
+def json_options(options: dict | None) -> dict:
+    """Engine options as the JSON stores them (an SLO as its targets)."""
+    return {k: asdict(v) if k == "slo" else v for k, v in (options or {}).items()
+            if k != "step_cost"}
+
+
+def bench_simulated(engine, model, workload, n, max_batch, dtype, max_new_tokens, seed, steps,
+                    engine_options, arrival_rate, cost, slo=None) -> dict:
+    """``bench`` with simulated steps (see ``course_lib.simulator``). Output lengths are each
+    request's ``max_new_tokens``: a simulation knows no EOS."""
+    from transformers import LlamaConfig
+
+    from .roofline import Peaks
+    from .simulator import CostBook, StepCost, simulate
+    cost = cost if isinstance(cost, (StepCost, CostBook)) else CostBook.load(cost)
+    if isinstance(cost, CostBook):
+        cost = cost.for_run(engine, engine_options)
+    shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[model].config))
+    dtype_bytes = torch.finfo(models._dtype(dtype)).bits // 8
+    requests = load_workload(workload, tokenizer=models.load_tokenizer() if workload == "chat" else None,
+                             n=n, vocab_size=shape.vocab_size, seed=seed, max_new_tokens=max_new_tokens)
+    if arrival_rate is not None:
+        requests = poisson_arrivals(requests, arrival_rate, seed)
+    runner, log = simulate(engine, requests, cost, shape, dtype_bytes, max_batch, **(engine_options or {}))
+    peaks = Peaks(cost.device, dtype, cost.bandwidth, cost.flops, "simulated")
+    metrics = summarize(log, shape, dtype_bytes, peaks, slo=slo)
+    metrics["nvml_gpu_util"] = None
+    if hasattr(runner, "preemptions"):
+        metrics["preemptions"] = runner.preemptions
+    out = {
+        "simulated": True, "cost_model": asdict(cost),
+        "engine": engine, "model": model, "workload": workload, "n": len(requests),
+        "max_batch": max_batch, "max_new_tokens": max_new_tokens, "arrival_rate": arrival_rate,
+        "engine_options": json_options(engine_options), "dtype": dtype,
+        "device": {"type": "simulated", **asdict(peaks)}, "versions": versions(),
+        "step_source": "simulated", "metrics": metrics, "requests": request_rows(log),
     }
     if steps:
         out["steps"] = step_rows(log)
@@ -131,7 +194,8 @@ def describe(result: dict) -> str:
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
-    return (f"{result['engine']:>12} | {result['model']} | {result['device']['device']} | "
+    device = result["device"]["device"] + (" (simulated)" if result.get("simulated") else "")
+    return (f"{result['engine']:>12} | {result['model']} | {device} | "
             f"B={result['max_batch']} | {m['output_tokens_per_s'] or 0:.1f} tok/s | "
             f"TTFT p50 {ms(m['ttft_s']['p50'])} | TPOT p50 {ms(m['tpot_s']['p50'])} | "
             f"slots {pct(m['slot_utilisation'])} | MBU {pct(m['mbu'])} | MFU {pct(m['mfu'])}")
@@ -161,6 +225,14 @@ def main(argv=None):
     p.add_argument("--attention", default=None, choices=["gather", "flex"],
                    help="paged engine: gather K/V (the reference; CPU default) or FlexAttention "
                         "reading the blocks in place (CUDA default)")
+    p.add_argument("--arrival-rate", type=float, default=None,
+                   help="requests arrive as a Poisson process of this many per second (default: all at once)")
+    p.add_argument("--simulate", default=None, metavar="COST_JSON",
+                   help="simulate the run with a fitted step-cost model (python -m course_lib.simulator fit)")
+    p.add_argument("--ttft-slo", type=float, default=None, help="TTFT target in seconds (goodput)")
+    p.add_argument("--tpot-slo", type=float, default=None, help="TPOT target in seconds (goodput)")
+    p.add_argument("--admission", action="store_true",
+                   help="continuous engine: admit, queue or refuse requests to meet the SLO")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", action="store_true", help="store each request's output tokens")
     p.add_argument("--steps", action="store_true", help="store the step log")
@@ -171,7 +243,9 @@ def main(argv=None):
              "kv_memory_bytes": None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20)}
     result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device, a.tokens,
                    a.max_new_tokens, a.seed, progress=True, steps=a.steps,
-                   engine_options={k: v for k, v in paged.items() if v is not None})
+                   engine_options={k: v for k, v in paged.items() if v is not None},
+                   arrival_rate=a.arrival_rate, simulate=a.simulate, admission=a.admission,
+                   slo=None if a.ttft_slo is None and a.tpot_slo is None else SLO(a.ttft_slo, a.tpot_slo))
     save_result(result, a.json, "python -m course_lib.bench " + " ".join(
         shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)))
     print(describe(result))

@@ -118,8 +118,40 @@ def step_utilisation(step: Step, shape, dtype_bytes: int, peaks) -> dict:
             "mfu": w.flops / t / peaks.flops if t > 0 else None}
 
 
-def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=None) -> dict:
-    """The metrics block of the bench JSON."""
+def goodput(log: RunLog, slo) -> dict:
+    """Requests served within the SLO (``admission.SLO``), per second of the run, and as a share
+    of all requests (refused ones count as missed)."""
+    served = [r for r in log.requests if r.finish_reason in ("eos", "length")]
+    good = [r for r in served if slo.met(r)]
+    start = min((r.arrival_s for r in log.requests), default=0.0)
+    end = max((r.finish_s for r in served), default=start)
+    return {"ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s, "met": len(good),
+            "goodput_rps": len(good) / (end - start) if end > start else None,
+            "attainment": len(good) / len(log.requests) if log.requests else None}
+
+
+def queue_depth(log: RunLog) -> tuple:
+    """Requests waiting (arrived, not yet in any step, not refused) over time: ``(times, depth)``,
+    a step function that changes at arrivals, first steps and refusals."""
+    first = {}
+    for s in log.steps:
+        for rid in s.active:
+            first.setdefault(rid, s.start_s)
+    events = []
+    for r in log.requests:
+        leave = first.get(r.id, r.finish_s if r.finish_s is not None else r.arrival_s)
+        events += [(r.arrival_s, 1), (max(leave, r.arrival_s), -1)]
+    events.sort(key=lambda e: e[0])          # stable: a request arrives before it leaves
+    times, depth, n = [0.0], [0], 0
+    for t, d in events:
+        n += d
+        times.append(t)
+        depth.append(n)
+    return times, depth
+
+
+def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=None, slo=None) -> dict:
+    """The metrics block of the bench JSON (with ``slo``: goodput and the largest queue too)."""
     served = [r for r in log.requests if r.finish_reason in ("eos", "length")]
     n_out = sum(len(r.output_tokens) for r in served)
     start = min((r.arrival_s for r in log.requests), default=0.0)
@@ -161,6 +193,9 @@ def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=Non
             m["mbu"] = sum(w.bytes for w in work) / busy / peaks.bandwidth
             m["mfu"] = sum(w.flops for w in work) / busy / peaks.flops
         m["step_time_s"] = percentiles(s.seconds for s in log.steps)
+    if slo is not None:
+        m["slo"] = goodput(log, slo)
+        m["queue_depth_max"] = max(queue_depth(log)[1])
     return m
 
 

@@ -17,6 +17,8 @@ from ..requests import RequestError, validate
 class Engine:
     name = "engine"
     step_source = "engine"      # where the step log comes from: "engine", "streamer", "timestamps"
+    clock = staticmethod(time.perf_counter)   # seconds; the simulator puts a virtual clock here
+    sleep = staticmethod(time.sleep)
 
     def __init__(self, loaded, max_batch: int = 1):
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -28,13 +30,13 @@ class Engine:
 
     # ------------------------------------------------------------------ the clock
     def now(self) -> float:
-        return time.perf_counter() - self._t0
+        return self.clock() - self._t0
 
     def wait_until(self, t: float):
         """Idle until the clock reads ``t`` (a request that has not arrived yet)."""
         delay = t - self.now()
         if delay > 0:
-            time.sleep(delay)
+            self.sleep(delay)
 
     # ------------------------------------------------------------------ the run
     def prepare(self, requests):
@@ -54,7 +56,7 @@ class Engine:
         good.sort(key=lambda r: r.arrival_s)
         self._bar = tqdm(total=len(good), desc=self.name, unit="req", disable=not progress,
                          leave=False)
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         try:
             self._serve(good)
         finally:

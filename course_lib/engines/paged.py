@@ -9,6 +9,11 @@ Every step:
 A sequence's blocks are allocated as it grows. When a decode needs a block and none is free, the
 most recently admitted sequence is *preempted*: its blocks are freed and it goes back to the
 front of the queue, to be recomputed later (prompt and answer so far) - never lost.
+
+With an ``slo`` (chapter 08), an admission controller stands at the door: a newcomer joins only
+if one more sequence keeps decode steps within the TPOT target, and a waiting request that can no
+longer get its first token within the TTFT target is refused, with the reason
+(``course_lib.admission``).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..admission import AdmissionController, StepTimeModel
 from ..attention import PAGED_ATTENTION, FlexPagedAttention
 from ..kv_cache import PagedKVCache, kv_bytes_per_token
 from ..llama import Llama
@@ -53,7 +59,7 @@ class PagedEngine(Engine):
 
     def __init__(self, loaded, max_batch: int = 8, max_num_batched_tokens: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
-                 kv_memory_bytes: int | None = None, model=None):
+                 kv_memory_bytes: int | None = None, slo=None, step_cost=None, model=None):
         super().__init__(loaded, max_batch)
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
@@ -75,7 +81,8 @@ class PagedEngine(Engine):
         attention = attention or ("flex" if self.model.device.type == "cuda" else "gather")
         if attention not in PAGED_ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(PAGED_ATTENTION)}, got {attention!r}")
-        self.attention = attention
+        self.attention, self.attention_cls = attention, PAGED_ATTENTION[attention]
+        self.slo, self.step_cost = slo, step_cost        # admission control, and its prior model
         self.preemptions = 0
 
     def new_cache(self, requests) -> PagedKVCache:
@@ -116,9 +123,16 @@ class PagedEngine(Engine):
 
     def loop(self, arrivals: deque):
         waiting, running = deque(), []
+        self.admission, self.admitted = None, set()
+        if self.slo is not None:
+            shape = getattr(self.model, "cost_shape", self.model.shape)   # a SimModel's: the simulated one
+            nbytes = getattr(self.model, "dtype_bytes", self.model.dtype.itemsize)
+            self.admission = AdmissionController(self.slo, StepTimeModel(shape, nbytes, prior=self.step_cost))
         while arrivals or waiting or running:
             while arrivals and arrivals[0].arrival_s <= self.now():
                 waiting.append(PagedSeq(arrivals[0], list(arrivals.popleft().prompt_tokens)))
+            if self.admission:
+                self.shed(waiting, running)
             batch = self.schedule(waiting, running)
             while not batch and len(running) > 1:   # all stuck on a full cache: make room
                 self.preempt(running[-1], running, waiting)
@@ -148,6 +162,8 @@ class PagedEngine(Engine):
                 budget -= 1
         chunks = [s for s in running if s.pending > 1]                     # 2. unfinished prompts
         while waiting and len(running) < self.max_batch:                   #    and newcomers
+            if self.admission and not self.admit(waiting[0], running):
+                break
             running.append(waiting.popleft())
             chunks.append(running[-1])
         for seq, n in zip(chunks, chunk_sizes([s.pending for s in chunks], budget)):
@@ -163,6 +179,27 @@ class PagedEngine(Engine):
             waiting.appendleft(seq)
         return batch
 
+    def admit(self, seq, running) -> bool:
+        """May the head of the queue join now? (Preempted sequences were admitted before.)"""
+        if seq.req.id not in self.admitted:
+            verdict, _ = self.admission.decide(len(seq.tokens), self.now() - seq.req.arrival_s,
+                                               [len(s.tokens) for s in running])
+            if verdict != "admit":
+                return False
+            self.admitted.add(seq.req.id)
+        return True
+
+    def shed(self, waiting: deque, running: list):
+        """Refuse every waiting request that can no longer meet its TTFT target."""
+        contexts = [len(s.tokens) for s in running]
+        for seq in [s for s in waiting if s.req.id not in self.admitted]:
+            verdict, why = self.admission.decide(len(seq.tokens), self.now() - seq.req.arrival_s,
+                                                 contexts)
+            if verdict == "refuse":
+                waiting.remove(seq)
+                self.records[seq.req.id].error = f"request {seq.req.id!r} refused: {why}"
+                self.finish(seq.req, "refused")
+
     def preempt(self, seq, running, waiting):
         """Free a sequence's blocks; it will be recomputed (prompt and answer so far) later."""
         self.cache.release(seq.req.id)
@@ -174,7 +211,7 @@ class PagedEngine(Engine):
     def forward(self, batch, running):
         start = self.now()
         dev = self.model.device
-        attn = PAGED_ATTENTION[self.attention](self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
+        attn = self.attention_cls(self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
         tokens = torch.tensor([t for s, n in batch for t in s.tokens[s.cached:s.cached + n]],
                               device=dev)
         hidden = self.model.hidden_states(tokens, attn.positions, attn)
@@ -202,6 +239,8 @@ class PagedEngine(Engine):
                 running.remove(seq)
                 self.finish(seq.req, reason)
         self.block_trace.append({sid: list(t) for sid, t in self.cache.tables.items()})
+        if self.admission:
+            self.admission.model.update(self.steps[-512:])
         # memory: tokens held against the token places of the blocks allocated for them
         self.steps[-1].kv_used = sum(self.cache.lengths.values())
         self.steps[-1].kv_reserved = (self.cache.allocator.n_blocks - self.cache.allocator.n_free) \

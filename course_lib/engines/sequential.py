@@ -16,9 +16,9 @@ from .base import Engine
 class SequentialEngine(Engine):
     name = "sequential"
 
-    def __init__(self, loaded, max_batch: int = 1):
+    def __init__(self, loaded, max_batch: int = 1, model=None):
         super().__init__(loaded, max_batch)
-        self.model = Llama.from_hf(loaded.model)
+        self.model = model if model is not None else Llama.from_hf(loaded.model)
 
     def _serve(self, requests):
         if not requests:

@@ -1,0 +1,45 @@
+"""Fit the step-cost model to some stored runs of one device and predict the others.
+
+    python bench/simulator_validation.py --fit R1.json R2.json --predict R3.json R4.json \\
+        --out bench/results/simulator_<device>.json
+
+Writes the fitted ``CostBook`` (one model per implementation path) and, for every run, the
+simulated and measured throughput, TTFT, TPOT and end-to-end latency with the relative error;
+runs in ``--fit`` are marked as such (their errors are in-sample).
+"""
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from course_lib.bench import save_result  # noqa: E402
+from course_lib.simulator import CostBook, dtype_bytes_of, runs_in, shape_of, validate  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--fit", nargs="+", required=True)
+    p.add_argument("--predict", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    load = lambda paths: [r for x in paths for r in runs_in(json.loads(Path(x).read_text()))]
+    fit, held_out = load(a.fit), load(a.predict)
+    book = CostBook.fit(fit)
+    rows = [{**validate(book, r, shape_of(r), dtype_bytes_of(r)), "in_fit": r in fit}
+            for r in fit + held_out]
+    for row in rows:
+        print(("fitted   " if row["in_fit"] else "predicted") + " | " + row["run"] + " | " + ", ".join(
+            f"{k} {100 * v['error']:+.0f}%" for k, v in row.items()
+            if isinstance(v, dict) and v.get("error") is not None))
+    save_result({"device": fit[0]["device"], "cost_book": {k: asdict(c) for k, c in book.paths.items()},
+                 "fit_files": a.fit, "predict_files": a.predict, "rows": rows}, a.out,
+                "python bench/simulator_validation.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()

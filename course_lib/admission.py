@@ -1,0 +1,105 @@
+"""Admission control against latency targets (SLOs).
+
+A server that admits every request keeps its throughput but, past its capacity, lets the queue
+grow without bound: every request then misses its time-to-first-token target, and a batch grown
+too large misses the time-per-output-token target too. An admission controller decides, for each
+waiting request, one of three things:
+
+* **admit** it now;
+* **queue** it (the batch is as large as the TPOT target allows: one more sequence would make
+  every decode step too slow);
+* **refuse** it, with the reason, when it can no longer meet its TTFT target even if admitted
+  now (it has waited too long, or its prompt alone takes too long to prefill). Refusing early is
+  what keeps the others on time: served late is as useless as not served, and costs capacity.
+
+Its predictions come from the step-cost model of ``course_lib.simulator``, fitted online to the
+steps this engine has run so far (and, until there are enough of them, from a given model).
+*Goodput* is what the controller tries to maximise: requests served within both targets, per
+second (``course_lib.metrics.goodput``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .simulator import FEATURES, StepCost, features, nonnegative_fit, step_features
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency targets, in seconds (None: no target)."""
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    def __post_init__(self):
+        for name in ("ttft_s", "tpot_s"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"the {name[:4].upper()} SLO must be > 0 seconds, got {v}")
+
+    def met(self, record) -> bool:
+        """Did a served request meet both targets?"""
+        ttft_ok = self.ttft_s is None or (record.ttft_s is not None and record.ttft_s <= self.ttft_s)
+        tpot_ok = self.tpot_s is None or record.tpot_s is None or record.tpot_s <= self.tpot_s
+        return ttft_ok and tpot_ok
+
+
+class StepTimeModel:
+    """Predicts step times: a ``StepCost`` refitted every ``refit_every`` steps to the engine's
+    own step log (the first fit needs ``min_steps`` steps; until then ``prior``, if given)."""
+
+    def __init__(self, shape, dtype_bytes: int, prior: StepCost | None = None,
+                 min_steps: int = 8, refit_every: int = 16):
+        self.shape, self.dtype_bytes, self.cost = shape, dtype_bytes, prior
+        self.min_steps, self.refit_every, self._fitted_at = min_steps, refit_every, 0
+
+    def update(self, steps: list):
+        n = len(steps)
+        if n >= self.min_steps and n - self._fitted_at >= (self.refit_every if self._fitted_at else 0):
+            X = np.array([step_features(s, self.shape, self.dtype_bytes) for s in steps])
+            y = np.array([s.seconds for s in steps])
+            self.cost = StepCost(dict(zip(FEATURES, nonnegative_fit(X, y).tolist())), "online", 1, 1)
+            self._fitted_at = n
+
+    def predict(self, rows: int, tokens: int, attended: int, kv_read: int) -> float | None:
+        if self.cost is None:
+            return None
+        x = features(self.shape, self.dtype_bytes, rows, tokens, attended, kv_read, rows)
+        return self.cost.predict(x)
+
+
+class AdmissionController:
+    """Admit, queue or refuse, from the SLO and the predicted step times."""
+
+    def __init__(self, slo: SLO, model: StepTimeModel):
+        self.slo, self.model = slo, model
+
+    def decode_time(self, contexts: list) -> float | None:
+        """Predicted time of one decode step of sequences with these many cached tokens."""
+        n = len(contexts)
+        return self.model.predict(n, n, sum(c + 1 for c in contexts), sum(contexts))
+
+    def prefill_time(self, prompt_len: int, contexts: list) -> float | None:
+        """Predicted time of a step that prefills a prompt next to one decode for each running
+        sequence (the step in which a newcomer gets its first token)."""
+        n = len(contexts)
+        return self.model.predict(n + 1, n + prompt_len,
+                                  sum(c + 1 for c in contexts) + prompt_len * (prompt_len + 1) // 2,
+                                  sum(contexts))
+
+    def decide(self, prompt_len: int, waited_s: float, contexts: list) -> tuple:
+        """``("admit", "")``, ``("queue", why)`` or ``("refuse", why)`` for a request with a
+        ``prompt_len``-token prompt that has waited ``waited_s``, next to running sequences
+        with ``contexts`` cached tokens."""
+        if self.slo.ttft_s is not None:
+            first = self.prefill_time(prompt_len, contexts)
+            if first is not None and waited_s + first > self.slo.ttft_s:
+                return "refuse", (f"would miss the TTFT target of {self.slo.ttft_s:g} s: waited "
+                                  f"{waited_s:.3g} s, its first token needs {first:.3g} s more")
+        if self.slo.tpot_s is not None and contexts:
+            step = self.decode_time(contexts + [prompt_len])
+            if step is not None and step > self.slo.tpot_s:
+                return "queue", (f"one more sequence makes a decode step {step:.3g} s, over the "
+                                 f"TPOT target of {self.slo.tpot_s:g} s")
+        return "admit", ""

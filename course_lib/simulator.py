@@ -1,0 +1,335 @@
+"""A step-cost model fitted to measured steps, and a simulator that runs the course's own
+schedulers on a virtual clock with that model in place of the hardware.
+
+The cost of one forward pass, in seconds:
+
+    t = overhead + per_row x rows + per_byte x bytes + per_flop x flops + per_pair x pairs
+
+``bytes`` and ``flops`` are what the step must move and compute (``roofline.step_work``: the
+weights, the KV-cache it reads, the matrix products and attention); ``rows`` is the number of
+sequences in the step (host-side work grows with it: index lists, masks); ``pairs`` is the number
+of (query, key) pairs attention looks at, whose cost an implementation may pay well beyond its
+FLOPs and bytes (a dense mask, a gather, a kernel that skips nothing). The five coefficients
+are fitted, none negative, to the step logs of real runs on one device. ``1 / per_byte`` is an
+effective bandwidth and ``1 / per_flop`` an effective FLOP rate; divided by the device's measured
+peaks they are efficiencies, which is what carries over to another device (``StepCost.on``).
+
+Each implementation has its own costs (the padded engines build dense masks; the paged engine's
+gather reference lists every cached token; FlexAttention does neither), so a ``CostBook`` holds
+one ``StepCost`` per *path*: ``padded``, ``paged-gather``, ``paged-flex``.
+
+The simulator runs the real engines (static, dynamic, continuous, paged) unchanged. Only the
+model is replaced: ``SimModel`` computes nothing, moves the engine's clock on by the predicted
+time of the step it is handed, and answers a token that is never EOS, so each request produces
+exactly ``max_new_tokens`` tokens (the lengths of the workload being replayed).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from .attention import cu_seqlens
+from .llama import LlamaShape
+from .requests import Request
+from .roofline import step_work
+
+FEATURES = ("overhead", "per_row", "per_byte", "per_flop", "per_pair")
+
+
+def features(shape, dtype_bytes: int, rows: int, tokens: int, attended: int, kv_read: int,
+             logit_rows: int) -> np.ndarray:
+    """The cost model's inputs for one step: ``[1, rows, bytes, flops, pairs]``."""
+    w = step_work(shape, dtype_bytes, tokens, attended, kv_read, logit_rows)
+    return np.array([1.0, rows, w.bytes, w.flops, attended * shape.n_layers])
+
+
+def step_features(step: dict, shape, dtype_bytes: int) -> np.ndarray:
+    """Features of a logged step (a ``Step`` or a row of a bench JSON's ``steps``). Every token
+    position computed counts, padding included: it costs time even when it is waste."""
+    g = step.get if isinstance(step, dict) else lambda k: getattr(step, k)
+    return features(shape, dtype_bytes, g("rows"), g("slots"), g("attended"), g("kv_read"),
+                    g("logit_rows"))
+
+
+def nonnegative_fit(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares in seconds (so that the fit gets a run's total time right: long prefill
+    steps count as much as the many short decodes they replace), with every coefficient >= 0:
+    the best of the fits over every subset of the columns."""
+    best, best_err = np.zeros(X.shape[1]), np.inf
+    for k in range(1, X.shape[1] + 1):
+        for cols in itertools.combinations(range(X.shape[1]), k):
+            c, *_ = np.linalg.lstsq(X[:, cols], y, rcond=None)
+            if (c < 0).any():
+                continue
+            err = float(((X[:, cols] @ c - y) ** 2).sum())
+            if err < best_err:
+                best, best_err = np.zeros(X.shape[1]), err
+                best[list(cols)] = c
+    return best
+
+
+@dataclass
+class StepCost:
+    """Seconds per step = the dot product of ``coef`` with ``features(...)``."""
+    coef: dict                      # FEATURES -> seconds per unit
+    device: str                     # the device whose steps it was fitted to
+    bandwidth: float                # that device's measured peaks (bytes/s, FLOP/s)
+    flops: float
+    fitted_on: list = field(default_factory=list)
+    transferred_from: str | None = None
+
+    def predict(self, x: np.ndarray) -> float:
+        return float(np.dot(x, [self.coef[k] for k in FEATURES]))
+
+    @property
+    def efficiency(self) -> dict:
+        """Effective bandwidth and FLOP rate as shares of the measured peaks."""
+        b, f = self.coef["per_byte"], self.coef["per_flop"]
+        return {"bandwidth": 1 / b / self.bandwidth if b > 0 else None,
+                "flops": 1 / f / self.flops if f > 0 else None}
+
+    def on(self, device: str, bandwidth: float, flops: float) -> "StepCost":
+        """The same efficiencies on another device's peaks. The per-step and per-row times are
+        host-side work (Python, kernel launches) and are kept as they are: a guess, said so.
+        Attention's extra cost per pair is taken to scale with bandwidth (it reads K and V)."""
+        coef = dict(self.coef, per_byte=self.coef["per_byte"] * self.bandwidth / bandwidth,
+                    per_flop=self.coef["per_flop"] * self.flops / flops,
+                    per_pair=self.coef["per_pair"] * self.bandwidth / bandwidth)
+        return StepCost(coef, device, bandwidth, flops, self.fitted_on, self.device)
+
+    @classmethod
+    def fit(cls, runs: list, shape, dtype_bytes: int) -> "StepCost":
+        """Fit to the ``steps`` of bench results (JSON dicts) from one device."""
+        devices = {r["device"]["device"] for r in runs}
+        if len(devices) != 1:
+            raise ValueError(f"fit one device at a time, got {sorted(devices)}")
+        X = np.array([step_features(s, shape, dtype_bytes) for r in runs for s in r["steps"]])
+        y = np.array([s["end_s"] - s["start_s"] for r in runs for s in r["steps"]])
+        d = runs[0]["device"]
+        return cls(dict(zip(FEATURES, nonnegative_fit(X, y).tolist())), d["device"],
+                   d["bandwidth"], d["flops"], [run_name(r) for r in runs])
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "StepCost":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def path_of(engine: str, options: dict | None) -> str:
+    """Which implementation a run takes: ``padded`` (sequential, static, dynamic, continuous
+    with rows) or ``paged-<attention>``."""
+    from .engines import PAGED_OPTIONS
+    options = options or {}
+    if engine == "continuous" and any(options.get(k) is not None for k in PAGED_OPTIONS):
+        return f"paged-{options.get('attention') or 'gather'}"
+    return "padded"
+
+
+@dataclass
+class CostBook:
+    """One fitted ``StepCost`` per implementation path, all from one device."""
+    paths: dict
+
+    def for_run(self, engine: str, options: dict | None) -> StepCost:
+        path = path_of(engine, options)
+        if path not in self.paths:
+            raise ValueError(f"no cost model for the {path!r} path (have: {', '.join(self.paths)}); "
+                             f"fit one to runs that took it")
+        return self.paths[path]
+
+    @classmethod
+    def fit(cls, runs: list) -> "CostBook":
+        groups = {}
+        for r in runs:
+            groups.setdefault(path_of(r["engine"], r.get("engine_options")), []).append(r)
+        return cls({path: StepCost.fit(rs, shape_of(rs[0]), dtype_bytes_of(rs[0]))
+                    for path, rs in groups.items()})
+
+    def on(self, device: str, bandwidth: float, flops: float) -> "CostBook":
+        return CostBook({k: c.on(device, bandwidth, flops) for k, c in self.paths.items()})
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps({k: asdict(c) for k, c in self.paths.items()}, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "CostBook":
+        return cls({k: StepCost(**v) for k, v in json.loads(Path(path).read_text()).items()})
+
+
+def run_name(result: dict) -> str:
+    from .bench import run_label
+    return f"{run_label(result)}, {result['workload']}, n={result['n']}"
+
+
+# ---------------------------------------------------------------- the simulated model
+class VirtualClock:
+    """Simulated seconds: reading the clock costs nothing, sleeping jumps ahead."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float):
+        self.t += max(0.0, seconds)
+
+
+class SimModel:
+    """Stands in for ``Llama`` in an engine. Its ``shape`` is a tiny one, so that the engine's
+    caches cost no memory; ``cost_shape`` is the model being simulated."""
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, shape: LlamaShape, dtype_bytes: int, cost: StepCost, clock: VirtualClock):
+        self.cost_shape, self.dtype_bytes, self.cost, self.clock = shape, dtype_bytes, cost, clock
+        self.answer = 0 if shape.eos_token_id != 0 else 1          # never EOS
+        self.shape = replace(shape, hidden=1, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2,
+                             vocab_size=2)
+
+    def hidden_states(self, tokens, positions, attn):
+        if tokens.dim() == 2:                 # a padded batch (B, T): every position computed
+            rows = tokens.shape[0]
+            kv_read = int(positions[:, 0].sum()) if tokens.shape[1] == 1 else 0
+        else:                                 # packed: positions of each sequence's new tokens
+            starts = attn.cu_seqlens[:-1]
+            rows, kv_read = len(starts), int(positions[starts].sum())
+        x = features(self.cost_shape, self.dtype_bytes, rows, tokens.numel(),
+                     int((positions + 1).sum()), kv_read, rows)
+        self.clock.sleep(self.cost.predict(x))
+        return torch.zeros(*tokens.shape, 1)
+
+    def logits(self, hidden):
+        out = torch.zeros(*hidden.shape[:-1], 2)
+        out[..., self.answer] = 1.0
+        return out
+
+
+class PackedPositions:
+    """What the paged engine needs of its attention object when nothing is computed: the
+    positions and ``cu_seqlens`` of the packed tokens (no index lists, no mask)."""
+
+    def __init__(self, cache, seqs, device="cpu"):
+        self.positions = torch.tensor([p for _, cached, new in seqs for p in range(cached, cached + new)])
+        self.cu_seqlens = torch.tensor(cu_seqlens(new for _, _, new in seqs))
+
+
+def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: int,
+             max_batch: int, **options):
+    """Run an engine of the course on ``requests`` with simulated steps; returns the engine and
+    its ``RunLog``. Each request produces exactly ``max_new_tokens`` tokens. ``cost``: a
+    ``StepCost``, or a ``CostBook`` (the model of the path this engine takes)."""
+    if isinstance(cost, CostBook):
+        cost = cost.for_run(engine, options)
+    options.pop("attention", None)                         # nothing is computed
+    if isinstance(options.get("slo"), dict):               # as a stored JSON holds it
+        from .admission import SLO
+        options["slo"] = SLO(**options["slo"])
+    from .engines import make_engine
+    from .kv_cache import kv_bytes_per_token
+    if options.get("kv_memory_bytes") is not None:       # in blocks of the *simulated* model
+        per_block = options.get("block_size", 16) * kv_bytes_per_token(shape, dtype_bytes)
+        options["num_blocks"] = options.pop("kv_memory_bytes") // per_block
+    clock = VirtualClock()
+    config = SimpleNamespace(eos_token_id=shape.eos_token_id, max_position_embeddings=shape.max_context)
+    loaded = SimpleNamespace(model=SimpleNamespace(config=config))
+    model = SimModel(shape, dtype_bytes, cost, clock)
+    eng = make_engine(engine, loaded, max_batch=max_batch, model=model, **options)
+    eng.clock, eng.sleep = clock, clock.sleep
+    if hasattr(eng, "attention_cls"):
+        eng.attention_cls = PackedPositions
+    reqs = [replace(r, ignore_eos=True) for r in requests]
+    return eng, eng.run(reqs)
+
+
+def replay_requests(result: dict) -> list:
+    """The requests of a stored run, as the simulator needs them: prompt length, the number of
+    tokens each produced, and its arrival time (prompt token ids do not matter to the cost)."""
+    return [Request(r["id"], [1] * r["prompt_len"], max_new_tokens=r["n_output_tokens"],
+                    arrival_s=r["arrival_s"], ignore_eos=True)
+            for r in result["requests"] if r["finish_reason"] in ("eos", "length")]
+
+
+def validate(cost, result: dict, shape, dtype_bytes: int) -> dict:
+    """Simulate a stored run (same engine, options, requests and arrivals) and compare: the
+    relative error of throughput, TTFT p50, TPOT p50 and the end-to-end p50."""
+    from .metrics import summarize
+    options = dict(result.get("engine_options") or {})
+    _, log = simulate(result["engine"], replay_requests(result), cost, shape, dtype_bytes,
+                      result["max_batch"], **options)
+    sim, real = summarize(log), result["metrics"]
+    pairs = {"output_tokens_per_s": (sim["output_tokens_per_s"], real["output_tokens_per_s"]),
+             "ttft_p50_s": (sim["ttft_s"]["p50"], real["ttft_s"]["p50"]),
+             "tpot_p50_s": (sim["tpot_s"]["p50"], real["tpot_s"]["p50"]),
+             "e2e_p50_s": (sim["e2e_s"]["p50"], real["e2e_s"]["p50"])}
+    return {"run": run_name(result),
+            **{k: {"simulated": s, "measured": m, "error": (s - m) / m if m else None}
+               for k, (s, m) in pairs.items()}}
+
+
+def runs_in(stored: dict) -> list:
+    """The runs of a stored result (a ladder holds several) that the simulator can model: the
+    course's own engines, with a step log."""
+    runs = stored.get("runs", [stored])
+    return [r for r in runs if not r["engine"].startswith("hf-") and r.get("steps")
+            and not r.get("simulated")]
+
+
+def shape_of(result: dict) -> LlamaShape:
+    """The shape of a stored run's model preset."""
+    from transformers import LlamaConfig
+
+    from .models import PRESETS
+    return LlamaShape.from_config(LlamaConfig(**PRESETS[result["model"]].config))
+
+
+def dtype_bytes_of(result: dict) -> int:
+    return torch.finfo(getattr(torch, result["dtype"])).bits // 8
+
+
+def main(argv=None):
+    """python -m course_lib.simulator fit --out COST.json RESULT.json ...
+    python -m course_lib.simulator validate --cost COST.json RESULT.json ..."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m course_lib.simulator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="fit a step-cost model to the steps of stored runs")
+    f.add_argument("results", nargs="+", help="bench JSON files run with --steps, one device")
+    f.add_argument("--out", required=True)
+    v = sub.add_parser("validate", help="simulate stored runs and compare with what was measured")
+    v.add_argument("results", nargs="+")
+    v.add_argument("--cost", required=True)
+    a = p.parse_args(argv)
+    runs = [r for x in a.results for r in runs_in(json.loads(Path(x).read_text()))]
+    if a.command == "fit":
+        book = CostBook.fit(runs)
+        book.save(a.out)
+        for path, c in book.paths.items():
+            eff = c.efficiency
+            print(f"{path}: " + ", ".join(f"{k} {v:.3g}" for k, v in c.coef.items()) +
+                  f" | effective bandwidth {eff['bandwidth'] or 0:.0%} and FLOP rate {eff['flops'] or 0:.0%} "
+                  f"of the peaks ({len(c.fitted_on)} runs on {c.device})")
+    else:
+        cost = CostBook.load(a.cost)
+        for r in runs:
+            out = validate(cost, r, shape_of(r), dtype_bytes_of(r))
+            print(out["run"] + ": " + ", ".join(
+                f"{k} {100 * e['error']:+.0f}%" for k, e in out.items()
+                if isinstance(e, dict) and e["error"] is not None))
+
+
+if __name__ == "__main__":
+    main()
