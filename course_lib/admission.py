@@ -59,7 +59,9 @@ class StepTimeModel:
         if n >= self.min_steps and n - self._fitted_at >= (self.refit_every if self._fitted_at else 0):
             X = np.array([step_features(s, self.shape, self.dtype_bytes) for s in steps])
             y = np.array([s.seconds for s in steps])
-            self.cost = StepCost(dict(zip(FEATURES, nonnegative_fit(X, y).tolist())), "online", 1, 1)
+            # no weights term here: online, a fixed cost per step is all the same to the fit
+            self.cost = StepCost(dict(zip(FEATURES, nonnegative_fit(X[:, :-1], y).tolist())),
+                                 "online", bandwidth=float("inf"), flops=float("inf"))
             self._fitted_at = n
 
     def predict(self, rows: int, tokens: int, attended: int, kv_read: int) -> float | None:

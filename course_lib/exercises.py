@@ -268,3 +268,77 @@ def check_allocator(cls):
                 held.append((got, want))
             assert mine.n_free == ref.n_free, f"n_free is {mine.n_free}, expected {ref.n_free}"
     _ok("allocator: no block twice, every freed block reusable")
+
+
+# ---------------------------------------------------------------- chapter 08
+def check_percentile_latency(fn):
+    """``fn(values, q)``: the q-th percentile (0-100) with linear interpolation between ranks,
+    as numpy's default; None for no values."""
+    import numpy as np
+    rng = random.Random()
+    assert fn([], 50) is None, "no values: return None"
+    for _ in range(30):
+        values = [rng.expovariate(5.0) for _ in range(rng.randint(1, 40))]
+        q = rng.choice([50, 90, 99, rng.uniform(0, 100)])
+        want = float(np.percentile(values, q))
+        got = fn(list(values), q)
+        assert got is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12), (
+            f"p{q:.3g} of {len(values)} values: got {got}, expected {want}. Sort them; the "
+            "percentile sits at rank (n - 1) * q / 100, between two values when it is not whole")
+    _ok("percentile: p50, p90, p99 from raw latencies")
+
+
+def check_goodput(fn):
+    """``fn(records, ttft_slo, tpot_slo)``: requests served within both targets per second, from
+    the first arrival to the last finish of a served request."""
+    from .admission import SLO
+    from .metrics import RequestRecord, RunLog, goodput
+    rng = random.Random()
+    for _ in range(20):
+        recs = []
+        for i in range(rng.randint(2, 12)):
+            rec = RequestRecord(f"r{i}", arrival_s=rng.uniform(0, 2), prompt_len=4)
+            if rng.random() < 0.2:
+                rec.finish("refused", rec.arrival_s)
+            else:
+                t = rec.arrival_s
+                for _ in range(rng.randint(1, 6)):
+                    t += rng.uniform(0.01, 0.4)
+                    rec.emit(5, t)
+                rec.finish("length", t)
+            recs.append(rec)
+        ttft, tpot = rng.uniform(0.05, 0.5), rng.uniform(0.05, 0.3)
+        want = goodput(RunLog("x", recs, [], 0.0), SLO(ttft, tpot))["goodput_rps"]
+        got = fn(recs, ttft, tpot)
+        assert (got is None) == (want is None) and (want is None or math.isclose(got, want)), (
+            f"got {got}, expected {want}: count served requests with TTFT <= {ttft:.3g} and TPOT <= "
+            f"{tpot:.3g} (a one-token answer has no TPOT: it meets that target), over the time "
+            "from the first arrival to the last finish of a served request")
+    _ok("goodput: what a user counts, not what the GPU does")
+
+
+def check_admission_rule(fn):
+    """``fn(waited_s, first_token_s, decode_step_s, ttft_slo, tpot_slo)`` -> "admit", "queue" or
+    "refuse": refuse what cannot meet the TTFT target even if admitted now; queue what would make
+    decode steps slower than the TPOT target; admit the rest."""
+    from .admission import SLO, AdmissionController
+
+    class Fixed:
+        def __init__(self, first, step):
+            self.first, self.step = first, step
+
+        def predict(self, rows, tokens, attended, kv_read):
+            return self.first if tokens > rows else self.step       # a prefill step, or a decode
+    rng = random.Random()
+    seen = set()
+    for _ in range(200):
+        waited, first, step = rng.uniform(0, 1), rng.uniform(0.01, 0.5), rng.uniform(0.005, 0.1)
+        ttft, tpot = rng.uniform(0.1, 1.0), rng.uniform(0.01, 0.08)
+        want = AdmissionController(SLO(ttft, tpot), Fixed(first, step)).decide(8, waited, [20])[0]
+        got = fn(waited, first, step, ttft, tpot)
+        seen.add(want)
+        assert got == want, (
+            f"waited {waited:.3g} s, first token in {first:.3g} s more, decode step {step:.3g} s, "
+            f"targets TTFT {ttft:.3g} s / TPOT {tpot:.3g} s: expected {want!r}, got {got!r}")
+    assert seen == {"admit", "queue", "refuse"}
+    _ok("admission rule: refuse the late, queue what would slow everyone, admit the rest")

@@ -230,3 +230,86 @@ def block_map(trace, n_blocks: int, ax=None, title=None):
     if title:
         ax.set_title(title)
     return ax
+
+
+# ---------------------------------------------------------------- chapter 08: metrics and trade-offs
+def latency_distributions(logs: dict, axes=None):
+    """TTFT, TPOT and end-to-end latency of every served request, as cumulative distributions
+    (the p50 and p99 are read off where a curve crosses 0.5 and 0.99)."""
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    kinds = (("ttft_s", "time to first token (s)"), ("tpot_s", "time per output token (s)"),
+             ("e2e_s", "end-to-end latency (s)"))
+    for label, log in logs.items():
+        served = [r for r in log.requests if r.finish_reason in ("eos", "length")]
+        for ax, (attr, _) in zip(axes, kinds):
+            v = np.sort([getattr(r, attr) for r in served if getattr(r, attr) is not None])
+            ax.step(v, np.arange(1, len(v) + 1) / max(len(v), 1), where="post", label=label)
+    for ax, (_, name) in zip(axes, kinds):
+        ax.set_xlabel(name)
+        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        ax.axhline(0.99, color="grey", lw=0.6, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of requests")
+    axes[0].legend(fontsize=8)
+    plt.tight_layout()
+    return axes
+
+
+def throughput_latency(rows, ax=None, latency="tpot_p50", measured=None, title=None,
+                       label="simulated"):
+    """The trade-off: throughput (x) against a latency (y), one curve per ``max_batch`` through
+    increasing arrival rates. ``measured``: rows of real runs, drawn as black markers."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.5))
+    for b in sorted({r["max_batch"] for r in rows}):
+        pts = sorted((r for r in rows if r["max_batch"] == b), key=lambda r: r["rate"] or 1e9)
+        ax.plot([r["tokens_per_s"] for r in pts], [r[latency] for r in pts], "o-", ms=3,
+                label=f"max_batch {b} ({label})")
+    for r in measured or []:
+        ax.plot(r["tokens_per_s"], r[latency], "kx", ms=9, mew=2)
+        ax.annotate(f"B={r['max_batch']}, {r['rate'] or 'all'}/s", (r["tokens_per_s"], r[latency]),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if measured:
+        ax.plot([], [], "kx", ms=9, mew=2, label="measured here")
+    ax.set_xlabel("output tokens / s")
+    ax.set_ylabel(latency.replace("_", " ") + " (s)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "each point: one arrival rate; further right = more load")
+    return ax
+
+
+def queue_depth(logs: dict, ax=None):
+    """Requests waiting for their first step, over time, for each run."""
+    from .metrics import queue_depth as depth
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3))
+    for label, log in logs.items():
+        t, d = depth(log)
+        ax.step(t, d, where="post", label=label)
+    ax.set_xlabel("time since the first arrival (s)")
+    ax.set_ylabel("requests waiting")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def goodput_vs_load(rows, ax=None, title=None):
+    """Goodput (requests served within the SLO per second) against the arrival rate, with and
+    without admission control."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for adm in (False, True):
+        pts = sorted((r for r in rows if r.get("admission") == adm), key=lambda r: r["rate"])
+        if pts:
+            ax.plot([r["rate"] for r in pts], [r["goodput_rps"] or 0 for r in pts], "o-",
+                    label="with admission control" if adm else "admit everything")
+    ax.set_xlabel("arrival rate (requests / s)")
+    ax.set_ylabel("goodput (requests / s within the SLO)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax

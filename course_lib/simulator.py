@@ -3,10 +3,15 @@ schedulers on a virtual clock with that model in place of the hardware.
 
 The cost of one forward pass, in seconds:
 
-    t = overhead + per_row x rows + per_byte x bytes + per_flop x flops + per_pair x pairs
+    t = weights / bandwidth + overhead + per_row x rows + per_byte x kv_bytes + per_flop x flops
+        + per_pair x pairs
 
-``bytes`` and ``flops`` are what the step must move and compute (``roofline.step_work``: the
-weights, the KV-cache it reads, the matrix products and attention); ``rows`` is the number of
+Reading the weights (``weights`` bytes, the same every step) is taken to run at the device's
+measured copy bandwidth: a single model's steps cannot tell a fixed cost per step from a fixed
+number of bytes per step, and this assumption is what lets the model move to a bigger model.
+``kv_bytes`` and ``flops`` are the rest of what the step must move and compute
+(``roofline.step_work``: the KV-cache it reads and writes, the matrix products and attention);
+``rows`` is the number of
 sequences in the step (host-side work grows with it: index lists, masks); ``pairs`` is the number
 of (query, key) pairs attention looks at, whose cost an implementation may pay well beyond its
 FLOPs and bytes (a dense mask, a gather, a kernel that skips nothing). The five coefficients
@@ -37,16 +42,17 @@ import torch
 from .attention import cu_seqlens
 from .llama import LlamaShape
 from .requests import Request
-from .roofline import step_work
+from .roofline import step_work, weight_bytes
 
 FEATURES = ("overhead", "per_row", "per_byte", "per_flop", "per_pair")
 
 
 def features(shape, dtype_bytes: int, rows: int, tokens: int, attended: int, kv_read: int,
              logit_rows: int) -> np.ndarray:
-    """The cost model's inputs for one step: ``[1, rows, bytes, flops, pairs]``."""
+    """The cost model's inputs for one step: ``[1, rows, kv_bytes, flops, pairs, weights]``."""
     w = step_work(shape, dtype_bytes, tokens, attended, kv_read, logit_rows)
-    return np.array([1.0, rows, w.bytes, w.flops, attended * shape.n_layers])
+    weights = weight_bytes(shape, dtype_bytes)
+    return np.array([1.0, rows, w.bytes - weights, w.flops, attended * shape.n_layers, weights])
 
 
 def step_features(step: dict, shape, dtype_bytes: int) -> np.ndarray:
@@ -85,7 +91,8 @@ class StepCost:
     transferred_from: str | None = None
 
     def predict(self, x: np.ndarray) -> float:
-        return float(np.dot(x, [self.coef[k] for k in FEATURES]))
+        return float(np.dot(x[:len(FEATURES)], [self.coef[k] for k in FEATURES])
+                     + x[len(FEATURES)] / self.bandwidth)
 
     @property
     def efficiency(self) -> dict:
@@ -104,15 +111,31 @@ class StepCost:
         return StepCost(coef, device, bandwidth, flops, self.fitted_on, self.device)
 
     @classmethod
+    def floor(cls, device: str, bandwidth: float, flops: float) -> "StepCost":
+        """The physical floor: every byte at the full bandwidth, every FLOP at the full rate,
+        no host time. No engine is faster; how far one is from it is its overhead."""
+        coef = dict(overhead=0.0, per_row=0.0, per_byte=1 / bandwidth, per_flop=1 / flops, per_pair=0.0)
+        return cls(coef, device, bandwidth, flops, ["the roofline"])
+
+    @classmethod
+    def fit_steps(cls, steps: list, shape, dtype_bytes: int, peaks, name: str = "") -> "StepCost":
+        """Fit to ``Step`` records (a ``RunLog``'s ``steps``) measured on a device with ``peaks``."""
+        X = np.array([step_features(s, shape, dtype_bytes) for s in steps])
+        y = np.array([s.seconds for s in steps]) - X[:, -1] / peaks.bandwidth   # beyond the weights
+        return cls(dict(zip(FEATURES, nonnegative_fit(X[:, :-1], y).tolist())), peaks.device,
+                   peaks.bandwidth, peaks.flops, [name] if name else [])
+
+    @classmethod
     def fit(cls, runs: list, shape, dtype_bytes: int) -> "StepCost":
         """Fit to the ``steps`` of bench results (JSON dicts) from one device."""
         devices = {r["device"]["device"] for r in runs}
         if len(devices) != 1:
             raise ValueError(f"fit one device at a time, got {sorted(devices)}")
         X = np.array([step_features(s, shape, dtype_bytes) for r in runs for s in r["steps"]])
-        y = np.array([s["end_s"] - s["start_s"] for r in runs for s in r["steps"]])
         d = runs[0]["device"]
-        return cls(dict(zip(FEATURES, nonnegative_fit(X, y).tolist())), d["device"],
+        y = np.array([s["end_s"] - s["start_s"] for r in runs for s in r["steps"]]) \
+            - X[:, -1] / d["bandwidth"]                                         # beyond the weights
+        return cls(dict(zip(FEATURES, nonnegative_fit(X[:, :-1], y).tolist())), d["device"],
                    d["bandwidth"], d["flops"], [run_name(r) for r in runs])
 
     def save(self, path) -> Path:
@@ -155,6 +178,11 @@ class CostBook:
         return cls({path: StepCost.fit(rs, shape_of(rs[0]), dtype_bytes_of(rs[0]))
                     for path, rs in groups.items()})
 
+    @classmethod
+    def floor(cls, device: str, bandwidth: float, flops: float) -> "CostBook":
+        c = StepCost.floor(device, bandwidth, flops)
+        return cls({"padded": c, "paged-gather": c, "paged-flex": c})
+
     def on(self, device: str, bandwidth: float, flops: float) -> "CostBook":
         return CostBook({k: c.on(device, bandwidth, flops) for k, c in self.paths.items()})
 
@@ -171,6 +199,19 @@ class CostBook:
 def run_name(result: dict) -> str:
     from .bench import run_label
     return f"{run_label(result)}, {result['workload']}, n={result['n']}"
+
+
+# Cards to replay a workload on: memory in bytes, and the peaks the cost model is moved to.
+# The A100's figures are its datasheet's (NVIDIA A100 80GB SXM: 2,039 GB/s, 312 TFLOP/s dense
+# BF16), not measurements, and say so; the H200's come from ``bench/results`` (measured there).
+NAMED_GPUS = {
+    "A100 80GB (datasheet)": {"memory": 80e9, "bandwidth": 2.039e12, "flops": 312e12},
+}
+
+
+def stored_cost_book(path) -> CostBook:
+    """The ``CostBook`` stored by ``bench/simulator_validation.py``."""
+    return CostBook({k: StepCost(**v) for k, v in json.loads(Path(path).read_text())["cost_book"].items()})
 
 
 # ---------------------------------------------------------------- the simulated model
@@ -262,6 +303,26 @@ def replay_requests(result: dict) -> list:
             for r in result["requests"] if r["finish_reason"] in ("eos", "length")]
 
 
+def with_lengths(requests: list, log) -> list:
+    """The requests, each asking for exactly as many tokens as it produced in ``log`` (a real
+    run): how the simulator replays answers that ended at EOS."""
+    produced = {r.id: len(r.output_tokens) for r in log.requests}
+    return [replace(r, max_new_tokens=produced[r.id], ignore_eos=True) for r in requests
+            if produced.get(r.id)]
+
+
+def compare(measured: dict, simulated: dict) -> dict:
+    """Relative error of a simulated run's metrics (``summarize``) against a measured run's."""
+    keys = {"output_tokens_per_s": lambda m: m["output_tokens_per_s"],
+            "ttft_p50_s": lambda m: m["ttft_s"]["p50"], "tpot_p50_s": lambda m: m["tpot_s"]["p50"],
+            "e2e_p50_s": lambda m: m["e2e_s"]["p50"]}
+    out = {}
+    for k, get in keys.items():
+        s, m = get(simulated), get(measured)
+        out[k] = {"simulated": s, "measured": m, "error": (s - m) / m if m else None}
+    return out
+
+
 def validate(cost, result: dict, shape, dtype_bytes: int) -> dict:
     """Simulate a stored run (same engine, options, requests and arrivals) and compare: the
     relative error of throughput, TTFT p50, TPOT p50 and the end-to-end p50."""
@@ -269,14 +330,7 @@ def validate(cost, result: dict, shape, dtype_bytes: int) -> dict:
     options = dict(result.get("engine_options") or {})
     _, log = simulate(result["engine"], replay_requests(result), cost, shape, dtype_bytes,
                       result["max_batch"], **options)
-    sim, real = summarize(log), result["metrics"]
-    pairs = {"output_tokens_per_s": (sim["output_tokens_per_s"], real["output_tokens_per_s"]),
-             "ttft_p50_s": (sim["ttft_s"]["p50"], real["ttft_s"]["p50"]),
-             "tpot_p50_s": (sim["tpot_s"]["p50"], real["tpot_s"]["p50"]),
-             "e2e_p50_s": (sim["e2e_s"]["p50"], real["e2e_s"]["p50"])}
-    return {"run": run_name(result),
-            **{k: {"simulated": s, "measured": m, "error": (s - m) / m if m else None}
-               for k, (s, m) in pairs.items()}}
+    return {"run": run_name(result), **compare(result["metrics"], summarize(log))}
 
 
 def runs_in(stored: dict) -> list:

@@ -113,3 +113,37 @@ def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int =
         plt.show()
 
     return _pick(show, sizes, "block size")
+
+
+def operating_point_explorer(run, rates, batches, ttft_slos):
+    """Pick an arrival rate, a max batch and a TTFT target. ``run(rate, max_batch[, slo])`` is a
+    cached simulated run (``tradeoffs.simulated``): the point on the trade-off curve, and the
+    queue over time with and without admission control."""
+    import ipywidgets as w
+
+    from .admission import SLO
+    from .tradeoffs import point, sweep
+
+    def show(rate, max_batch, ttft_slo):
+        slo = SLO(ttft_s=ttft_slo)
+        free, gated = run(rate, max_batch), run(rate, max_batch, slo)
+        for name, log, adm in (("admit everything", free, False), ("admission control", gated, True)):
+            p = point(log, rate, max_batch, slo, admission=adm)
+            print(f"{name:>18}: {p['tokens_per_s']:7.0f} tok/s, TTFT p50 {p['ttft_p50']:.3g} s / p99 "
+                  f"{p['ttft_p99']:.3g} s, TPOT p50 {1e3 * p['tpot_p50']:.1f} ms, refused {p['refused']}, "
+                  f"goodput {p['goodput_rps'] or 0:.2f} req/s ({100 * (p['attainment'] or 0):.0f}% within the SLO)")
+        _, ax = plt.subplots(1, 2, figsize=(13, 4))
+        plots.throughput_latency(sweep(run, rates, [max_batch]), ax=ax[0], latency="ttft_p50")
+        here = point(free, rate, max_batch)
+        ax[0].plot(here["tokens_per_s"], here["ttft_p50"], "r*", ms=14, label="this point")
+        ax[0].axhline(ttft_slo, color="red", lw=0.8, ls="--", label="TTFT target")
+        ax[0].legend(fontsize=7)
+        plots.queue_depth({"admit everything": free, "admission control": gated}, ax=ax[1])
+        plt.show()
+
+    def pick(options, description):
+        options = list(options)
+        return w.SelectionSlider(options=options, value=options[len(options) // 2],
+                                 description=description, continuous_update=False)
+    return w.interact_manual(show, rate=pick(rates, "rate (req/s)"), max_batch=pick(batches, "max_batch"),
+                             ttft_slo=pick(ttft_slos, "TTFT SLO (s)"))

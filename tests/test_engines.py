@@ -86,3 +86,11 @@ def test_bench_cli_writes_the_contract(tmp_path, tiny, monkeypatch):
     row = r["requests"][0]
     assert set(row) >= {"id", "ttft_s", "e2e_s", "finish_reason", "output_tokens"}
     assert all(len(q["output_tokens"]) <= 8 for q in r["requests"])
+
+
+def test_request_ids_must_be_unique():
+    from fakes import LOADED, FakeLlama, req
+    from course_lib.engines import make_engine
+    e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=2)
+    with pytest.raises(ValueError, match="'a' appears more than once"):
+        e.run([req("a", 3), req("a", 2)])

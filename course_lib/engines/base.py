@@ -44,6 +44,10 @@ class Engine:
         calls it during its warm-up). Most engines need nothing."""
 
     def run(self, requests, progress: bool = False) -> RunLog:
+        ids = [r.id for r in requests]
+        if len(set(ids)) != len(ids):
+            twice = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"request ids must be unique: {twice!r} appears more than once")
         self.records, self.steps, good = {}, [], []
         for req in requests:
             rec = RequestRecord(req.id, req.arrival_s, len(req.prompt_tokens))
