@@ -101,3 +101,23 @@ def test_bench_admission_needs_an_slo_and_reports_goodput(tmp_path):
     r = json.loads(out.read_text())
     assert r["engine_options"]["slo"] == {"ttft_s": 0.2, "tpot_s": None}
     assert r["metrics"]["slo"]["ttft_slo_s"] == 0.2 and r["metrics"]["queue_depth_max"] >= 1
+
+
+def test_the_curve_saturates_and_the_plots_draw():
+    import matplotlib
+    matplotlib.use("Agg")
+    from course_lib import plots
+    from course_lib.tradeoffs import simulated, sweep
+    reqs = [Request(f"r{i}", [3] * 20, max_new_tokens=16) for i in range(40)]
+    run = simulated(CostBook({"paged-gather": COST}), SHAPE, 2, reqs, block_size=16)
+    rows = sweep(run, [5, 20, 80, 320], [2, 16])
+    by = {(r["max_batch"], r["rate"]): r for r in rows}
+    assert by[16, 20]["tokens_per_s"] > by[16, 5]["tokens_per_s"]          # more load, more output
+    assert by[2, 320]["ttft_p50"] > 5 * by[2, 5]["ttft_p50"]              # past capacity: a queue
+    assert by[16, 320]["tokens_per_s"] > by[2, 320]["tokens_per_s"]       # a bigger batch, more capacity
+    slo = SLO(ttft_s=0.3)
+    g = sweep(run, [20, 320], [16], slo=slo) + sweep(run, [20, 320], [16], slo=slo, admission=True)
+    plots.throughput_latency(rows, measured=rows[:1])
+    plots.goodput_vs_load(g)
+    plots.queue_depth({"x": run(320, 2)})
+    plots.latency_distributions({"x": run(320, 2)})
