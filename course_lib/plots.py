@@ -257,15 +257,22 @@ def latency_distributions(logs: dict, axes=None):
 
 
 def throughput_latency(rows, ax=None, latency="tpot_p50", measured=None, title=None,
-                       label="simulated"):
+                       label="simulated", real_sweep=None):
     """The trade-off: throughput (x) against a latency (y), one curve per ``max_batch`` through
-    increasing arrival rates. ``measured``: rows of real runs, drawn as black markers."""
+    increasing arrival rates. ``real_sweep``: rows of a real sweep, drawn dashed in the same
+    colours; ``measured``: single real runs, drawn as black markers."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 4.5))
+    colours = {}
     for b in sorted({r["max_batch"] for r in rows}):
         pts = sorted((r for r in rows if r["max_batch"] == b), key=lambda r: r["rate"] or 1e9)
-        ax.plot([r["tokens_per_s"] for r in pts], [r[latency] for r in pts], "o-", ms=3,
-                label=f"max_batch {b} ({label})")
+        line, = ax.plot([r["tokens_per_s"] for r in pts], [r[latency] for r in pts], "o-", ms=3,
+                        label=f"max_batch {b} ({label})")
+        colours[b] = line.get_color()
+    for b in sorted({r["max_batch"] for r in real_sweep or []}):
+        pts = sorted((r for r in real_sweep if r["max_batch"] == b), key=lambda r: r["rate"])
+        ax.plot([r["tokens_per_s"] for r in pts], [r[latency] for r in pts], "s--", ms=5, mfc="none",
+                color=colours.get(b), label=f"max_batch {b} (measured sweep)")
     for r in measured or []:
         ax.plot(r["tokens_per_s"], r[latency], "kx", ms=9, mew=2)
         ax.annotate(f"B={r['max_batch']}, {r['rate'] or 'all'}/s", (r["tokens_per_s"], r[latency]),

@@ -1,0 +1,59 @@
+"""The throughput-latency curve from real runs: the continuous engine (paged, blocks of 16) on the
+same requests at every (arrival rate, max batch), one after the other in one process.
+
+    python bench/curve.py --rates 1 2 4 8 --batches 2 8 32 --out bench/results/cpu/curve_smollm2-135m_cpu.json
+
+Each row is ``course_lib.tradeoffs.point`` of one run (throughput, TTFT/TPOT/end-to-end p50 and
+p99); notebook 08 draws them over its simulated curves.
+"""
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from course_lib import models  # noqa: E402
+from course_lib.bench import save_result  # noqa: E402
+from course_lib.engines import make_engine  # noqa: E402
+from course_lib.requests import chat_workload, poisson_arrivals  # noqa: E402
+from course_lib.roofline import measure_peaks  # noqa: E402
+from course_lib.tradeoffs import point  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--n", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=[2, 8, 32])
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    loaded = models.load(a.model, dtype=a.dtype, device=a.device)
+    peaks = measure_peaks(a.device, loaded.model.dtype)
+    requests = chat_workload(loaded.tokenizer, n=a.n, max_new_tokens=a.max_new_tokens)
+    make_engine("continuous", loaded, max_batch=2, block_size=a.block_size).run(requests[:2])  # warm-up
+    rows = []
+    for b in a.batches:
+        for rate in a.rates:
+            log = make_engine("continuous", loaded, max_batch=b, block_size=a.block_size).run(
+                poisson_arrivals(requests, rate, seed=0))
+            rows.append(point(log, rate, b))
+            r = rows[-1]
+            print(f"B={b:3d} rate {rate:5.2f}/s: {r['tokens_per_s']:6.1f} tok/s, TTFT p50 {r['ttft_p50']:.2f} s, "
+                  f"TPOT p50 {1e3 * r['tpot_p50']:.0f} ms", flush=True)
+    save_result({"model": a.model, "dtype": a.dtype, "device": vars(peaks), "n": a.n,
+                 "max_new_tokens": a.max_new_tokens, "block_size": a.block_size,
+                 "torch_threads": torch.get_num_threads(), "rows": rows}, a.out,
+                "python bench/curve.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
