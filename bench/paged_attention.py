@@ -1,5 +1,5 @@
 """Packed, paged attention alone, one layer: the gather reference against FlexAttention reading the
-blocks in place. Same cache, same fragmented block tables, same queries; the outputs are compared
+blocks in place, and, for decode steps, the course's Triton kernel (``course_lib/paged_decode.py``). Same cache, same fragmented block tables, same queries; the outputs are compared
 and each variant is timed (median of events after warm-up on CUDA, of wall time on the CPU).
 
     python bench/paged_attention.py --device cuda --dtype bfloat16 --out bench/results
@@ -67,6 +67,14 @@ def timed(fn, device, repeat):
     return statistics.median(out)
 
 
+def kernel_available(device) -> bool:
+    """The course's Triton decode kernel runs on CUDA (or on the CPU in Triton's interpreter)."""
+    import importlib.util
+    import os
+    return importlib.util.find_spec("triton") is not None and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def case(name, cached, new, block_size, dtype, device, repeat, peak_bw):
     """``cached[i]`` tokens already in the cache and ``new[i]`` new ones, for each sequence i."""
     cache = fragmented_cache([c + n for c, n in zip(cached, new)], block_size, dtype, device)
@@ -88,6 +96,21 @@ def case(name, cached, new, block_size, dtype, device, repeat, peak_bw):
         row[f"{variant}_s"] = timed(lambda: attn(0, q, k, v), device, repeat)
         row[f"{variant}_setup_s"] = timed(lambda: cls(cache, seqs, device), device, max(3, repeat // 4))
         row[f"{variant}_bandwidth_share"] = kv_bytes / row[f"{variant}_s"] / peak_bw
+    if all(n == 1 for n in new) and kernel_available(device):      # a decode step: the Triton kernel
+        from course_lib.paged_decode import paged_decode
+        attn = PAGED_ATTENTION["gather"](cache, seqs, device)
+        attn.store(0, k, v)                                        # the new K, V in place, as the others
+        tables = torch.zeros(len(seqs), max(len(t) for t in cache.tables.values()), dtype=torch.int32)
+        for i in range(len(seqs)):
+            tables[i, :len(cache.tables[i])] = torch.tensor(cache.tables[i])
+        tables = tables.to(device)
+        lengths = torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32, device=device)
+        run = lambda: paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size)
+        outs["triton"] = run().float()
+        row["triton_s"] = timed(run, device, repeat)
+        row["triton_bandwidth_share"] = kv_bytes / row["triton_s"] / peak_bw
+        row["triton_max_rel_diff"] = ((outs["triton"] - outs["gather"]).abs().max()
+                                      / outs["gather"].abs().max()).item()
     ref = outs["gather"]
     err = (outs["flex"] - ref).abs().max().item()
     row["max_abs_diff"] = err
@@ -119,7 +142,9 @@ def main():
         print(f"{name:>11} | N={r['new_tokens']:5d} | KV {r['kv_tokens']:6d} tok | gather "
               f"{r['gather_s'] * 1e6:8.0f} us | flex {r['flex_s'] * 1e6:8.0f} us | "
               f"x{r['speedup']:.1f} | flex at {100 * r['flex_bandwidth_share']:.0f}% of copy bw | "
-              f"rel diff {r['max_rel_diff']:.1e}", flush=True)
+              f"rel diff {r['max_rel_diff']:.1e}" + (
+                  f" | triton {r['triton_s'] * 1e6:6.0f} us, {100 * r['triton_bandwidth_share']:.0f}% of "
+                  f"copy bw, rel diff {r['triton_max_rel_diff']:.1e}" if "triton_s" in r else ""), flush=True)
     slug = re.sub(r"[^a-z0-9]+", "-", peaks.device.lower()).strip("-")
     path = Path(a.out) / f"paged_attention_{slug}.json"
     save_result({"dtype": a.dtype, "device": vars(peaks), "shape": vars(SHAPE), "rows": rows}, path,
