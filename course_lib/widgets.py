@@ -9,16 +9,20 @@ import matplotlib.pyplot as plt
 from . import plots, roofline
 
 
-def _pick(show, options, description: str):
-    """A slider over ``options`` that calls ``show(value)`` only when the button is clicked."""
+def _pick(show, options, description: str, **more):
+    """Sliders that call ``show`` only when the button is clicked: one over ``options`` for its
+    first parameter, and one per further parameter ``name=(options, description)``."""
     import inspect
 
     import ipywidgets as w
-    options = list(options)
-    slider = w.SelectionSlider(options=options, value=options[len(options) // 2],
-                               description=description, continuous_update=False)
+
+    def slider(opts, label):
+        opts = list(opts)
+        return w.SelectionSlider(options=opts, value=opts[len(opts) // 2], description=label,
+                                 continuous_update=False)
     name = next(iter(inspect.signature(show).parameters))
-    return w.interact_manual(show, **{name: slider})
+    return w.interact_manual(show, **{name: slider(options, description)},
+                             **{k: slider(*v) for k, v in more.items()})
 
 
 def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, repeat: int = 3):
@@ -119,8 +123,6 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
     """Pick an arrival rate, a max batch and a TTFT target. ``run(rate, max_batch[, slo])`` is a
     cached simulated run (``tradeoffs.simulated``): the point on the trade-off curve, and the
     queue over time with and without admission control."""
-    import ipywidgets as w
-
     from .admission import SLO
     from .tradeoffs import point, sweep
 
@@ -141,9 +143,5 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
         plots.queue_depth({"admit everything": free, "admission control": gated}, ax=ax[1])
         plt.show()
 
-    def pick(options, description):
-        options = list(options)
-        return w.SelectionSlider(options=options, value=options[len(options) // 2],
-                                 description=description, continuous_update=False)
-    return w.interact_manual(show, rate=pick(rates, "rate (req/s)"), max_batch=pick(batches, "max_batch"),
-                             ttft_slo=pick(ttft_slos, "TTFT SLO (s)"))
+    return _pick(show, rates, "rate (req/s)", max_batch=(batches, "max_batch"),
+                 ttft_slo=(ttft_slos, "TTFT SLO (s)"))
