@@ -20,10 +20,11 @@ second (``course_lib.metrics.goodput``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
-import numpy as np
+from .simulator import StepCost, features
 
-from .simulator import FEATURES, StepCost, features, nonnegative_fit, step_features
+ONLINE = SimpleNamespace(device="online", bandwidth=float("inf"), flops=float("inf"))
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,8 @@ class StepTimeModel:
     def update(self, steps: list):
         n = len(steps)
         if n >= self.min_steps and n - self._fitted_at >= (self.refit_every if self._fitted_at else 0):
-            X = np.array([step_features(s, self.shape, self.dtype_bytes) for s in steps])
-            y = np.array([s.seconds for s in steps])
-            # no weights term here: online, a fixed cost per step is all the same to the fit
-            self.cost = StepCost(dict(zip(FEATURES, nonnegative_fit(X[:, :-1], y).tolist())),
-                                 "online", bandwidth=float("inf"), flops=float("inf"))
+            # no peaks online: the weights' time goes into the fitted fixed cost per step
+            self.cost = StepCost.fit_steps(steps, self.shape, self.dtype_bytes, ONLINE)
             self._fitted_at = n
 
     def predict(self, rows: int, tokens: int, attended: int, kv_read: int) -> float | None:

@@ -119,11 +119,14 @@ class StepCost:
 
     @classmethod
     def fit_steps(cls, steps: list, shape, dtype_bytes: int, peaks, name: str = "") -> "StepCost":
-        """Fit to ``Step`` records (a ``RunLog``'s ``steps``) measured on a device with ``peaks``."""
+        """Fit to logged steps (``Step`` records, or the ``steps`` rows of a bench JSON) measured
+        on a device with ``peaks`` (``device``, ``bandwidth``, ``flops``; an infinite bandwidth
+        leaves the weights to the fitted fixed cost)."""
         X = np.array([step_features(s, shape, dtype_bytes) for s in steps])
-        y = np.array([s.seconds for s in steps]) - X[:, -1] / peaks.bandwidth   # beyond the weights
+        seconds = np.array([s["end_s"] - s["start_s"] if isinstance(s, dict) else s.seconds for s in steps])
+        y = seconds - X[:, -1] / peaks.bandwidth                                # beyond the weights
         return cls(dict(zip(FEATURES, nonnegative_fit(X[:, :-1], y).tolist())), peaks.device,
-                   peaks.bandwidth, peaks.flops, [name] if name else [])
+                   peaks.bandwidth, peaks.flops, name if isinstance(name, list) else [name] if name else [])
 
     @classmethod
     def fit(cls, runs: list, shape, dtype_bytes: int) -> "StepCost":
@@ -131,12 +134,10 @@ class StepCost:
         devices = {r["device"]["device"] for r in runs}
         if len(devices) != 1:
             raise ValueError(f"fit one device at a time, got {sorted(devices)}")
-        X = np.array([step_features(s, shape, dtype_bytes) for r in runs for s in r["steps"]])
         d = runs[0]["device"]
-        y = np.array([s["end_s"] - s["start_s"] for r in runs for s in r["steps"]]) \
-            - X[:, -1] / d["bandwidth"]                                         # beyond the weights
-        return cls(dict(zip(FEATURES, nonnegative_fit(X[:, :-1], y).tolist())), d["device"],
-                   d["bandwidth"], d["flops"], [run_name(r) for r in runs])
+        peaks = SimpleNamespace(device=d["device"], bandwidth=d["bandwidth"], flops=d["flops"])
+        return cls.fit_steps([s for r in runs for s in r["steps"]], shape, dtype_bytes, peaks,
+                             [run_name(r) for r in runs])
 
     def save(self, path) -> Path:
         path = Path(path)
@@ -279,10 +280,6 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
         from .admission import SLO
         options["slo"] = SLO(**options["slo"])
     from .engines import make_engine
-    from .kv_cache import kv_bytes_per_token
-    if options.get("kv_memory_bytes") is not None:       # in blocks of the *simulated* model
-        per_block = options.get("block_size", 16) * kv_bytes_per_token(shape, dtype_bytes)
-        options["num_blocks"] = options.pop("kv_memory_bytes") // per_block
     clock = VirtualClock()
     config = SimpleNamespace(eos_token_id=shape.eos_token_id, max_position_embeddings=shape.max_context)
     loaded = SimpleNamespace(model=SimpleNamespace(config=config))

@@ -121,3 +121,10 @@ def test_a_model_fitted_to_real_runs_predicts_another(smollm):
     # a loose bound, for a shared 2-core machine; the course reports the measured errors
     assert abs(err["output_tokens_per_s"]["error"]) < 0.35, err
     assert abs(err["e2e_p50_s"]["error"]) < 0.35, err
+
+
+def test_a_kv_memory_budget_counts_the_simulated_models_bytes():
+    per_token = 2 * SHAPE.n_layers * SHAPE.n_kv_heads * SHAPE.head_dim * 2     # bf16, GQA
+    eng, _ = simulate("continuous", [Request("a", [3] * 4, max_new_tokens=2)], flat_cost(), SHAPE, 2,
+                      max_batch=1, block_size=4, kv_memory_bytes=10 * 4 * per_token)
+    assert eng.num_blocks == 10

@@ -69,10 +69,13 @@ class PagedEngine(Engine):
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.budget, self.block_size, self.num_blocks = max_num_batched_tokens, block_size, num_blocks
         self.model = model if model is not None else Llama.from_hf(loaded.model)
+        # the model that memory and step costs are counted for (a SimModel's: the simulated one)
+        self.work_shape = getattr(self.model, "cost_shape", self.model.shape)
+        self.dtype_bytes = getattr(self.model, "dtype_bytes", self.model.dtype.itemsize)
         if kv_memory_bytes is not None:          # a memory budget instead of a block count
             if num_blocks is not None:
                 raise ValueError("give num_blocks or kv_memory_bytes, not both")
-            per_block = block_size * kv_bytes_per_token(self.model.shape, self.model.dtype.itemsize)
+            per_block = block_size * kv_bytes_per_token(self.work_shape, self.dtype_bytes)
             if kv_memory_bytes < per_block:
                 raise ValueError(f"kv_memory_bytes={kv_memory_bytes} cannot hold one block of "
                                  f"{block_size} tokens ({per_block} bytes)")
@@ -125,9 +128,8 @@ class PagedEngine(Engine):
         waiting, running = deque(), []
         self.admission, self.admitted = None, set()
         if self.slo is not None:
-            shape = getattr(self.model, "cost_shape", self.model.shape)   # a SimModel's: the simulated one
-            nbytes = getattr(self.model, "dtype_bytes", self.model.dtype.itemsize)
-            self.admission = AdmissionController(self.slo, StepTimeModel(shape, nbytes, prior=self.step_cost))
+            self.admission = AdmissionController(self.slo, StepTimeModel(
+                self.work_shape, self.dtype_bytes, prior=self.step_cost))
         while arrivals or waiting or running:
             while arrivals and arrivals[0].arrival_s <= self.now():
                 waiting.append(PagedSeq(arrivals[0], list(arrivals.popleft().prompt_tokens)))
