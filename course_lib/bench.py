@@ -72,7 +72,8 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     """Run one benchmark and return the JSON object (also what the CLI writes).
 
     ``arrival_rate``: requests arrive as a Poisson process of that many per second (online
-    serving) instead of all at once. ``simulate``: a fitted ``StepCost`` (or the path of one):
+    serving) instead of all at once. ``simulate``: a fitted ``StepCost`` or ``CostBook`` (or
+    the path of a stored ``CostBook``):
     the engine's scheduler runs as usual, but every step takes the time the cost model predicts
     and nothing is computed; the JSON is marked ``"simulated": true``. ``slo``: an
     ``admission.SLO``, against which goodput is reported; ``admission``: the continuous engine
@@ -84,44 +85,62 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         engine_options = {**(engine_options or {}), "slo": slo}
     if arrival_rate is not None and not arrival_rate > 0:
         raise ValueError(f"arrival rate must be > 0 requests/s, got {arrival_rate}")
-    if simulate is not None:
-        return bench_simulated(engine, model, workload, n, max_batch, dtype, max_new_tokens, seed,
-                               steps, engine_options, arrival_rate, simulate, slo)
-    loaded = loaded or models.load(model, dtype=dtype, device=device)
-    dtype_t = loaded.model.dtype
-    shape = LlamaShape.from_config(loaded.config)
-    requests = load_workload(workload, tokenizer=loaded.tokenizer, n=n,
+    if simulate is None:
+        loaded = loaded or models.load(model, dtype=dtype, device=device)
+        dtype_t, tokenizer = loaded.model.dtype, loaded.tokenizer
+        shape = LlamaShape.from_config(loaded.config)
+    else:                       # nothing runs: the preset's shape is all the cost model needs
+        from transformers import LlamaConfig
+        dtype_t = models._dtype(dtype)
+        tokenizer = models.load_tokenizer() if workload == "chat" else None
+        shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[model].config))
+    dtype_bytes = torch.finfo(dtype_t).bits // 8
+    requests = load_workload(workload, tokenizer=tokenizer, n=n,
                              vocab_size=shape.vocab_size, seed=seed, max_new_tokens=max_new_tokens)
     if arrival_rate is not None:
         requests = poisson_arrivals(requests, arrival_rate, seed)
-    peaks = measure_peaks(device, dtype_t)
-    runner = make_engine(engine, loaded, max_batch=max_batch, **(engine_options or {}))
-    if warmup:   # first calls pay for kernel loading, allocator growth, library set-up: not timed
-        runner.prepare(requests)
-        runner.run([replace(r, id=f"warmup-{r.id}", arrival_s=0.0, max_new_tokens=min(4, r.max_new_tokens))
-                    for r in requests[:2]])
-    with NvmlSampler(torch.device(device).index or 0) as nvml:
-        log = runner.run(requests, progress=progress)
-    metrics = summarize(log, shape, torch.finfo(dtype_t).bits // 8, peaks, slo=slo)
-    metrics["nvml_gpu_util"] = nvml.mean
+    options = json_options(engine_options)
+    if simulate is None:
+        peaks = measure_peaks(device, dtype_t)
+        runner = make_engine(engine, loaded, max_batch=max_batch, **(engine_options or {}))
+        if warmup:   # first calls pay for kernel loading, allocator growth, library set-up: not timed
+            runner.prepare(requests)
+            runner.run([replace(r, id=f"warmup-{r.id}", arrival_s=0.0,
+                                max_new_tokens=min(4, r.max_new_tokens)) for r in requests[:2]])
+        with NvmlSampler(torch.device(device).index or 0) as nvml:
+            log = runner.run(requests, progress=progress)
+        device_type, nvml_mean, step_source = torch.device(device).type, nvml.mean, log.step_source
+        if hasattr(runner, "attention"):          # the paged engine's settings, as resolved
+            options["attention"] = runner.attention
+            if runner.num_blocks is not None:
+                options["num_blocks"] = runner.num_blocks
+    else:
+        from .roofline import Peaks
+        from .simulator import CostBook, StepCost, simulate as run_simulated
+        cost = simulate if isinstance(simulate, (StepCost, CostBook)) else CostBook.load(simulate)
+        if isinstance(cost, CostBook):
+            cost = cost.for_run(engine, engine_options)
+        runner, log = run_simulated(engine, requests, cost, shape, dtype_bytes, max_batch,
+                                    **(engine_options or {}))
+        peaks = Peaks(cost.device, dtype, cost.bandwidth, cost.flops, "simulated")
+        device_type, nvml_mean, step_source = "simulated", None, "simulated"
+    metrics = summarize(log, shape, dtype_bytes, peaks, slo=slo)
+    metrics["nvml_gpu_util"] = nvml_mean
     if hasattr(runner, "preemptions"):
         metrics["preemptions"] = runner.preemptions
-    options = json_options(engine_options)
-    if hasattr(runner, "attention"):          # the paged engine's settings, as resolved
-        options["attention"] = runner.attention
-        if runner.num_blocks is not None:
-            options["num_blocks"] = runner.num_blocks
     out = {
         "engine": engine, "model": model, "workload": workload, "n": len(requests),
         "max_batch": max_batch, "max_new_tokens": max_new_tokens, "arrival_rate": arrival_rate,
         "engine_options": options,
         "dtype": str(dtype_t).removeprefix("torch."),
-        "device": {"type": torch.device(device).type, **asdict(peaks)},
+        "device": {"type": device_type, **asdict(peaks)},
         "versions": versions(),
-        "step_source": log.step_source,
+        "step_source": step_source,
         "metrics": metrics,
         "requests": request_rows(log, with_tokens=tokens),
     }
+    if simulate is not None:   # output lengths are each request's max_new_tokens: no EOS there
+        out.update(simulated=True, cost_model=asdict(cost))
     if steps:
         out["steps"] = step_rows(log)
     return out
@@ -131,42 +150,6 @@ def json_options(options: dict | None) -> dict:
     """Engine options as the JSON stores them (an SLO as its targets)."""
     return {k: asdict(v) if k == "slo" else v for k, v in (options or {}).items()
             if k != "step_cost"}
-
-
-def bench_simulated(engine, model, workload, n, max_batch, dtype, max_new_tokens, seed, steps,
-                    engine_options, arrival_rate, cost, slo=None) -> dict:
-    """``bench`` with simulated steps (see ``course_lib.simulator``). Output lengths are each
-    request's ``max_new_tokens``: a simulation knows no EOS."""
-    from transformers import LlamaConfig
-
-    from .roofline import Peaks
-    from .simulator import CostBook, StepCost, simulate
-    cost = cost if isinstance(cost, (StepCost, CostBook)) else CostBook.load(cost)
-    if isinstance(cost, CostBook):
-        cost = cost.for_run(engine, engine_options)
-    shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[model].config))
-    dtype_bytes = torch.finfo(models._dtype(dtype)).bits // 8
-    requests = load_workload(workload, tokenizer=models.load_tokenizer() if workload == "chat" else None,
-                             n=n, vocab_size=shape.vocab_size, seed=seed, max_new_tokens=max_new_tokens)
-    if arrival_rate is not None:
-        requests = poisson_arrivals(requests, arrival_rate, seed)
-    runner, log = simulate(engine, requests, cost, shape, dtype_bytes, max_batch, **(engine_options or {}))
-    peaks = Peaks(cost.device, dtype, cost.bandwidth, cost.flops, "simulated")
-    metrics = summarize(log, shape, dtype_bytes, peaks, slo=slo)
-    metrics["nvml_gpu_util"] = None
-    if hasattr(runner, "preemptions"):
-        metrics["preemptions"] = runner.preemptions
-    out = {
-        "simulated": True, "cost_model": asdict(cost),
-        "engine": engine, "model": model, "workload": workload, "n": len(requests),
-        "max_batch": max_batch, "max_new_tokens": max_new_tokens, "arrival_rate": arrival_rate,
-        "engine_options": json_options(engine_options), "dtype": dtype,
-        "device": {"type": "simulated", **asdict(peaks)}, "versions": versions(),
-        "step_source": "simulated", "metrics": metrics, "requests": request_rows(log),
-    }
-    if steps:
-        out["steps"] = step_rows(log)
-    return out
 
 
 def run_label(result: dict) -> str:
