@@ -100,10 +100,7 @@ def case(name, cached, new, block_size, dtype, device, repeat, peak_bw):
         from course_lib.paged_decode import paged_decode
         attn = PAGED_ATTENTION["gather"](cache, seqs, device)
         attn.store(0, k, v)                                        # the new K, V in place, as the others
-        tables = torch.zeros(len(seqs), max(len(t) for t in cache.tables.values()), dtype=torch.int32)
-        for i in range(len(seqs)):
-            tables[i, :len(cache.tables[i])] = torch.tensor(cache.tables[i])
-        tables = tables.to(device)
+        tables = cache.table_tensor(range(len(seqs)), device)
         lengths = torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32, device=device)
         run = lambda: paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size)
         outs["triton"] = run().float()

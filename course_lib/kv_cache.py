@@ -131,6 +131,15 @@ class PagedKVCache:
             self.allocator.free(block)
         self.lengths.pop(seq_id, None)
 
+    def table_tensor(self, seq_ids, device="cpu"):
+        """The block tables of ``seq_ids`` as one ``(len(seq_ids), longest)`` int32 tensor, each
+        row padded with 0 past its own blocks: what a kernel reads."""
+        tables = [self.tables[s] for s in seq_ids]
+        out = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.int32)
+        for row, table in zip(out, tables):
+            row[:len(table)] = torch.tensor(table)
+        return out.to(device)
+
     def slots(self, seq_id, start: int, stop: int) -> list:
         """Physical rows of tokens ``start .. stop - 1`` of a sequence."""
         table, bs = self.tables[seq_id], self.block_size

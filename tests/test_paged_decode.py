@@ -30,11 +30,9 @@ def random_decode_step(B=5, block_size=16, n_blocks=200, device="cpu", dtype=tor
         for b, n in enumerate(lengths):
             if step < n:
                 cache.grow(b, 1)
-    tables = torch.zeros(B, max(len(t) for t in cache.tables.values()), dtype=torch.int32)
-    for b in range(B):
-        tables[b, :len(cache.tables[b])] = torch.tensor(cache.tables[b])
     q = torch.randn(B, SHAPE.n_heads, SHAPE.head_dim, generator=g).to(dtype)
-    return cache, q.to(device), tables.to(device), torch.tensor(lengths, dtype=torch.int32, device=device)
+    return (cache, q.to(device), cache.table_tensor(range(B), device),
+            torch.tensor(lengths, dtype=torch.int32, device=device))
 
 
 def test_the_reference_is_the_packed_paged_attention_of_a_decode_step():
