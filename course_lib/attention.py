@@ -6,8 +6,9 @@ contiguous cache in which row ``r`` holds its tokens in columns ``start[r] ...``
 ``start[r]`` are left padding; a boolean mask hides them.
 
 ``PagedAttention`` (chapters 05-07) takes *packed* tokens and a paged cache: the reference gathers
-K/V through the block tables; ``FlexPagedAttention`` reads them in place with FlexAttention (the
-fast path on CUDA).
+K/V through the block tables; ``FlexPagedAttention`` reads them in place with FlexAttention.
+Chapter 09's ``DecodeAttention`` sends decode tokens through the course's Triton kernel, and
+``KernelPagedAttention`` (the fast path on CUDA) splits a step between the two.
 """
 from __future__ import annotations
 
@@ -234,4 +235,60 @@ class FlexPagedAttention(PagedAttention):
         return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
 
 
-PAGED_ATTENTION = {"gather": PagedAttention, "flex": FlexPagedAttention}
+class DecodeAttention:
+    """One new token per sequence (a decode step, chapter 09): store each token's key and value
+    in its slot, then the course's Triton kernel reads every sequence's keys and values in place
+    through its block table (``course_lib.paged_decode``; the reference where Triton cannot run).
+
+    slots:   ``(B,)`` cache slot of each new token
+    tables:  ``(B, max_blocks)`` block tables, padded past each sequence's blocks
+    lengths: ``(B,)`` tokens of each sequence in the cache, the new one included
+    All three are tensors on the model's device, so a CUDA graph can keep them as its inputs and
+    only their contents change from step to step (``course_lib.cuda_graphs``).
+    """
+
+    def __init__(self, cache, slots, tables, lengths):
+        self.cache, self.slots, self.tables, self.lengths = cache, slots, tables, lengths
+
+    @classmethod
+    def of(cls, cache, seqs, device="cpu"):
+        """From ``(seq_id, n_cached, 1)`` triples, as the packed attentions take them."""
+        slots = [cache.slots(sid, cached, cached + 1)[0] for sid, cached, _ in seqs]
+        return cls(cache, torch.tensor(slots, device=device),
+                   cache.table_tensor([sid for sid, _, _ in seqs], device),
+                   torch.tensor([cached + 1 for _, cached, _ in seqs], device=device))
+
+    def __call__(self, layer, q, k, v):
+        from .paged_decode import decode_attention
+        K, V = self.cache.k[layer], self.cache.v[layer]          # (Hkv, slots, d)
+        K[:, self.slots], V[:, self.slots] = k.transpose(0, 1), v.transpose(0, 1)
+        return decode_attention(q, K, V, self.tables, self.lengths, self.cache.block_size)
+
+
+class KernelPagedAttention(PagedAttention):
+    """A packed step the fast way: its decodes (sequences with one new token, which the
+    scheduler puts first) through the paged decode kernel, its prefill chunks through
+    FlexAttention. FlexAttention alone is slow for decodes: they share 128-query tiles, and
+    each tile reads the keys of all its sequences for every query in it."""
+
+    def __init__(self, cache, seqs, device="cpu"):
+        seqs = list(seqs)
+        d = next((i for i, (_, _, new) in enumerate(seqs) if new != 1), len(seqs))
+        self.n_decode = d
+        self.decode = DecodeAttention.of(cache, seqs[:d], device) if d else None
+        self.prefill = FlexPagedAttention(cache, seqs[d:], device) if d < len(seqs) else None
+        self.positions = torch.tensor([c for _, c, _ in seqs[:d]], dtype=torch.long, device=device)
+        if self.prefill is not None:
+            self.positions = torch.cat([self.positions, self.prefill.positions])
+        self.cu_seqlens = torch.tensor(cu_seqlens(new for _, _, new in seqs), device=device)
+
+    def __call__(self, layer, q, k, v):
+        d, parts = self.n_decode, []
+        if self.decode is not None:
+            parts.append(self.decode(layer, q[:d], k[:d], v[:d]))
+        if self.prefill is not None:
+            parts.append(self.prefill(layer, q[d:], k[d:], v[d:]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+PAGED_ATTENTION = {"gather": PagedAttention, "flex": FlexPagedAttention, "kernel": KernelPagedAttention}

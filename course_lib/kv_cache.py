@@ -82,7 +82,7 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """K and V in blocks of ``block_size`` tokens: per layer, ``(kv_heads, n_blocks * block_size, d)``.
+    """K and V in blocks of ``block_size`` tokens: per layer, ``(kv_heads, (n_blocks + 1) * block_size, d)``.
 
     Each sequence owns a *block table*, the list of its blocks in order: token ``p`` of a
     sequence lives in block ``table[p // block_size]`` at offset ``p % block_size``. Blocks are
@@ -94,17 +94,26 @@ class PagedKVCache:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1 token, got {block_size}")
         self.block_size, self.allocator = block_size, BlockAllocator(n_blocks)
-        # one tensor per layer, heads first: the (heads, tokens, d) layout attention kernels read
-        size = (shape.n_kv_heads, n_blocks * block_size, shape.head_dim)
+        # one tensor per layer, heads first: the (heads, tokens, d) layout attention kernels read.
+        # One block more than the allocator hands out: the *pad block*, which no sequence owns,
+        # where the padding rows of a CUDA graph's fixed-size batch write (chapter 09).
+        self.pad_block = n_blocks
+        size = (shape.n_kv_heads, (n_blocks + 1) * block_size, shape.head_dim)
         self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
         self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
-        self.n_slots = n_blocks * block_size
+        self.n_slots = (n_blocks + 1) * block_size
         self.tables: dict = {}       # sequence id -> its block table
         self.lengths: dict = {}      # sequence id -> tokens stored
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reset(self):
+        """Forget every sequence: all blocks free again (the tensors are kept, not cleared)."""
+        self.allocator = BlockAllocator(self.allocator.n_blocks)
+        self.tables.clear()
+        self.lengths.clear()
 
     def blocks_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)

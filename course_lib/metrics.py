@@ -193,6 +193,13 @@ def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=Non
             m["mbu"] = sum(w.bytes for w in work) / busy / peaks.bandwidth
             m["mfu"] = sum(w.flops for w in work) / busy / peaks.flops
         m["step_time_s"] = percentiles(s.seconds for s in log.steps)
+        # decode-only steps of 128 sequences or more: how close the big decode steps come to
+        # the copy bandwidth (chapter 09's target), wall time per step, host work included
+        big = [(s, w) for s, w in zip(log.steps, work) if s.kind == "decode" and s.rows >= 128]
+        t = sum(s.seconds for s, _ in big)
+        m["decode_b128"] = {"steps": len(big), "mbu": sum(w.bytes for _, w in big) / t / peaks.bandwidth
+                            if t > 0 else None,
+                            "step_time_s": percentiles(s.seconds for s, _ in big)["p50"]}
     if slo is not None:
         m["slo"] = goodput(log, slo)
         m["queue_depth_max"] = max(queue_depth(log)[1])

@@ -81,6 +81,15 @@ if triton is not None:
                  o.to(o_ptr.dtype.element_ty), mask=gd_mask)
 
 
+def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None):
+    """The kernel where it can run (a CUDA tensor, or Triton's interpreter), else the reference."""
+    import os
+    if triton is not None and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size, out)
+    ref = paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_size)
+    return ref if out is None else out.copy_(ref)
+
+
 def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None):
     """The Triton kernel; same arguments and result as ``paged_decode_reference`` (``out``: where
     to write it). On the CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before

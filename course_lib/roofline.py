@@ -159,6 +159,34 @@ def prefill_work(shape, dtype_bytes: int, lengths, padded: bool) -> Work:
                      logit_rows=len(lengths))
 
 
+def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> dict:
+    """The physical floor of a workload on a device: no engine can serve it faster.
+
+    Prefill: every prompt's FLOPs (matmuls, causal attention within the prompt, the logits of its
+    first output token) at the measured matmul rate. Decode: every sequence decodes side by side
+    from the start (the largest batch there is), one step per output token after the first; a
+    step reads the weights once and the K and V of every sequence still running, at the measured
+    copy bandwidth (or does its FLOPs at the matmul rate, if that takes longer).
+    Returns seconds for each part, the total, and output tokens per second at the floor.
+    """
+    prompt_lens, output_lens = list(prompt_lens), list(output_lens)
+    prefill_flops = sum(step_work(shape, dtype_bytes, tokens=n, attended=n * (n + 1) // 2,
+                                  kv_read=0, logit_rows=1).flops for n in prompt_lens)
+    prefill_s = prefill_flops / peaks.flops
+    decode_s, decode_bytes = 0.0, 0.0
+    for t in range(1, max(output_lens, default=1)):       # step t feeds each sequence's t-th token
+        ctx = [p + t - 1 for p, n in zip(prompt_lens, output_lens) if n > t]
+        w = step_work(shape, dtype_bytes, tokens=len(ctx), attended=sum(ctx) + len(ctx),
+                      kv_read=sum(ctx), logit_rows=len(ctx))
+        decode_s += max(w.bytes / peaks.bandwidth, w.flops / peaks.flops)
+        decode_bytes += w.bytes
+    total = prefill_s + decode_s
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "seconds": total,
+            "prefill_flops": prefill_flops, "decode_bytes": decode_bytes,
+            "output_tokens": sum(output_lens),
+            "output_tokens_per_s": sum(output_lens) / total if total > 0 else None}
+
+
 # ---------------------------------------------------------------- NVML
 class NvmlSampler:
     """Samples NVML's GPU utilisation (percent of time a kernel was running) in a thread.

@@ -10,6 +10,11 @@ A sequence's blocks are allocated as it grows. When a decode needs a block and n
 most recently admitted sequence is *preempted*: its blocks are freed and it goes back to the
 front of the queue, to be recomputed later (prompt and answer so far) - never lost.
 
+On CUDA (chapter 09) the step is split by kind: decodes go through the course's Triton paged
+decode kernel and prefill chunks through FlexAttention (``attention="kernel"``, the default
+there), a step made only of decodes is replayed as a CUDA graph (``course_lib.cuda_graphs``), and
+the next token is chosen on the GPU (``course_lib.sampling``).
+
 With an ``slo`` (chapter 08), an admission controller stands at the door: a newcomer joins only
 if one more sequence keeps decode steps within the TPOT target, and a waiting request that can no
 longer get its first token within the TTFT target is refused, with the reason
@@ -24,10 +29,12 @@ import torch
 
 from ..admission import AdmissionController, StepTimeModel
 from ..attention import PAGED_ATTENTION, FlexPagedAttention
+from ..cuda_graphs import DecodeGraphs
 from ..kv_cache import PagedKVCache, kv_bytes_per_token
 from ..llama import Llama
 from ..metrics import Step
 from ..requests import RequestError
+from ..sampling import sample
 from .base import Engine
 
 
@@ -59,7 +66,9 @@ class PagedEngine(Engine):
 
     def __init__(self, loaded, max_batch: int = 8, max_num_batched_tokens: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
-                 kv_memory_bytes: int | None = None, slo=None, step_cost=None, model=None):
+                 kv_memory_bytes: int | None = None, slo=None, step_cost=None, model=None,
+                 cuda_graphs: bool | None = None, temperature: float = 0.0,
+                 trace_blocks: bool | None = None):
         super().__init__(loaded, max_batch)
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
@@ -80,11 +89,23 @@ class PagedEngine(Engine):
                 raise ValueError(f"kv_memory_bytes={kv_memory_bytes} cannot hold one block of "
                                  f"{block_size} tokens ({per_block} bytes)")
             self.num_blocks = kv_memory_bytes // per_block
-        # the gather reference on the CPU; FlexAttention, reading the blocks in place, on CUDA
-        attention = attention or ("flex" if self.model.device.type == "cuda" else "gather")
+        # the gather reference on the CPU; on CUDA the kernel for decodes, FlexAttention for prefill
+        cuda = self.model.device.type == "cuda"
+        attention = attention or ("kernel" if cuda else "gather")
         if attention not in PAGED_ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(PAGED_ATTENTION)}, got {attention!r}")
         self.attention, self.attention_cls = attention, PAGED_ATTENTION[attention]
+        if cuda_graphs and not (cuda and attention == "kernel"):
+            raise ValueError("cuda_graphs needs a CUDA device and attention='kernel'")
+        # decode-only steps through fixed buffers (graphs on CUDA, eager elsewhere)
+        self.decode_path = attention == "kernel"
+        self.cuda_graphs = cuda and self.decode_path if cuda_graphs is None else cuda_graphs
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.temperature = temperature
+        # block tables after every step, for the pictures of chapter 07 (memory grows with steps)
+        self.trace_blocks = not cuda if trace_blocks is None else trace_blocks
+        self.cache = self.graphs = None
         self.slo, self.step_cost = slo, step_cost        # admission control, and its prior model
         self.preemptions = 0
 
@@ -95,20 +116,36 @@ class PagedEngine(Engine):
         return PagedKVCache(self.model.shape, n_blocks, self.block_size, self.model.dtype,
                             self.model.device)
 
+    def setup(self, requests):
+        """The cache for a run, and the decode graphs that read it. Both are kept from run to
+        run while they fit (capturing graphs takes seconds), emptied at the start of each."""
+        n_blocks = self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens)
+                                            // self.block_size) for r in requests)
+        if self.cache is None or self.cache.allocator.n_blocks < n_blocks or (
+                self.num_blocks and self.cache.allocator.n_blocks != n_blocks):
+            self.cache, self.graphs = self.new_cache(requests), None
+        self.cache.reset()
+        longest = max(len(r.prompt_tokens) + r.max_new_tokens for r in requests)
+        width = min(self.cache.blocks_needed(longest), self.cache.allocator.n_blocks)
+        if self.decode_path and (self.graphs is None or self.graphs.max_blocks < width):
+            self.graphs = DecodeGraphs(self.model, self.cache, self.max_batch, width,
+                                       self.temperature, graphs=self.cuda_graphs)
+
     def prepare(self, requests):
-        """On CUDA, compile FlexAttention for every step size this run may take."""
-        if self.attention == "flex" and self.model.device.type == "cuda" and requests:
+        """On CUDA, compile FlexAttention for every step size this run may take, and capture
+        the decode graphs."""
+        if self.attention in ("flex", "kernel") and self.model.device.type == "cuda" and requests:
             most = self.budget or sum(sorted(len(r.prompt_tokens) + r.max_new_tokens
                                              for r in requests)[-self.max_batch:])
-            FlexPagedAttention.precompile(self.new_cache(requests), most, self.model.shape,
-                                          self.model.dtype)
+            self.setup(requests)
+            FlexPagedAttention.precompile(self.cache, most, self.model.shape, self.model.dtype)
 
     def _serve(self, requests):
         self.preemptions = 0
         self.block_trace = []        # after each step: {sequence id: its block table}
         if not requests:
             return
-        self.cache = self.new_cache(requests)
+        self.setup(requests)
         n_blocks = self.cache.allocator.n_blocks
         queue = deque()
         for req in requests:
@@ -156,6 +193,9 @@ class PagedEngine(Engine):
             while not self.cache.can_grow(seq.req.id, 1):
                 victim = running[-1]                                     # the newest goes back
                 self.preempt(victim, running, waiting)
+                if any(s is victim for s, _ in batch):   # already scheduled: not any more
+                    batch = [(s, n) for s, n in batch if s is not victim]
+                    budget += 1
                 if victim is seq:
                     break
             if seq in running:
@@ -213,18 +253,24 @@ class PagedEngine(Engine):
     def forward(self, batch, running):
         start = self.now()
         dev = self.model.device
-        attn = self.attention_cls(self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
-        tokens = torch.tensor([t for s, n in batch for t in s.tokens[s.cached:s.cached + n]],
-                              device=dev)
-        hidden = self.model.hidden_states(tokens, attn.positions, attn)
-        done = [i for i, (s, n) in enumerate(batch) if s.cached + n == len(s.tokens)]
-        last = attn.cu_seqlens[1:][done] - 1 if done else []
-        nxt = self.model.logits(hidden[last]).argmax(-1).tolist() if done else []
+        if self.graphs is not None and all(s.pending == 1 for s, _ in batch):   # decodes only
+            nxt = self.graphs.step([(s.tokens[s.cached], s.cached, self.cache.tables[s.req.id])
+                                    for s, _ in batch])
+            done, computed = list(range(len(batch))), self.graphs.bucket(len(batch))
+        else:
+            attn = self.attention_cls(self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
+            tokens = torch.tensor([t for s, n in batch for t in s.tokens[s.cached:s.cached + n]],
+                                  device=dev)
+            hidden = self.model.hidden_states(tokens, attn.positions, attn)
+            done = [i for i, (s, n) in enumerate(batch) if s.cached + n == len(s.tokens)]
+            last = attn.cu_seqlens[1:][done] - 1 if done else []
+            nxt = sample(self.model.logits(hidden[last]), self.temperature).tolist() if done else []
+            computed = tokens.numel()
         now = self.now()
         decode = [(s, n) for s, n in batch if s.pending == 1 and s.cached >= len(s.req.prompt_tokens)]
         prefill = [(s, n) for s, n in batch if (s, n) not in decode]     # prompts, and recomputes
         self.steps.append(Step(
-            start, now, rows=len(batch), slots=tokens.numel(),
+            start, now, rows=len(batch), slots=computed,
             prefill_tokens=sum(n for _, n in prefill), decode_tokens=len(decode),
             attended=sum(n * s.cached + n * (n + 1) // 2 for s, n in batch),
             kv_read=sum(s.cached for s, _ in batch), logit_rows=len(done),
@@ -240,7 +286,8 @@ class PagedEngine(Engine):
                 self.cache.release(seq.req.id)
                 running.remove(seq)
                 self.finish(seq.req, reason)
-        self.block_trace.append({sid: list(t) for sid, t in self.cache.tables.items()})
+        if self.trace_blocks:
+            self.block_trace.append({sid: list(t) for sid, t in self.cache.tables.items()})
         if self.admission:
             self.admission.model.update(self.steps[-512:])
         # memory: tokens held against the token places of the blocks allocated for them

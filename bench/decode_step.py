@@ -1,0 +1,96 @@
+"""One whole decode step of the paged engine's fast path, per batch size: the CUDA graph replay
+on the GPU (events), the whole step as the engine sees it (host fill + one copy + replay + the
+tokens back), and the same step launched eagerly, kernel by kernel. MBU = (weights + KV bytes
+the step must read) / time / measured copy bandwidth.
+
+    python bench/decode_step.py --model llama-1b-dummy --dtype bfloat16 --context 640 --out DIR
+"""
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from course_lib import models  # noqa: E402
+from course_lib.bench import save_result  # noqa: E402
+from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
+from course_lib.kv_cache import PagedKVCache  # noqa: E402
+from course_lib.llama import Llama  # noqa: E402
+from course_lib.roofline import measure_peaks, step_work  # noqa: E402
+
+
+def events_ms(fn, repeat):
+    out = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def wall_ms(fn, repeat):
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(out)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-1b-dummy")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--context", type=int, default=640, help="tokens cached per sequence")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256, 512])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    loaded = models.load(a.model, dtype=a.dtype, device="cuda")
+    model = Llama.from_hf(loaded.model)
+    peaks = measure_peaks("cuda", model.dtype)
+    B, bs = max(a.batch), a.block_size
+    per_seq = -(-(a.context + 1) // bs)
+    cache = PagedKVCache(model.shape, B * per_seq, bs, model.dtype, "cuda")
+    for step in range(per_seq):
+        for i in range(B):
+            cache.grow(i, min(bs, a.context + 1 - step * bs))
+    rows = [(1, a.context, cache.tables[i]) for i in range(B)]
+    graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
+    eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)
+    dtype_bytes = model.dtype.itemsize
+    out = []
+    for b in a.batch:
+        nb = graphs.bucket(b)
+        graphs.step(rows[:b])                       # fill the inputs once
+        gpu = events_ms(graphs.graphs[nb].replay, a.repeat)
+        step = wall_ms(lambda: graphs.step(rows[:b]), a.repeat)
+        eager_step = wall_ms(lambda: eager.step(rows[:b]), max(3, a.repeat // 4))
+        w = step_work(model.shape, dtype_bytes, tokens=b, attended=b * (a.context + 1),
+                      kv_read=b * a.context, logit_rows=b)
+        row = {"batch": b, "bucket": nb, "context": a.context, "bytes": w.bytes, "flops": w.flops,
+               "graph_gpu_ms": gpu, "graph_step_ms": step, "eager_step_ms": eager_step,
+               "mbu_gpu": w.bytes / (gpu / 1e3) / peaks.bandwidth,
+               "mbu_step": w.bytes / (step / 1e3) / peaks.bandwidth,
+               "mbu_eager": w.bytes / (eager_step / 1e3) / peaks.bandwidth}
+        out.append(row)
+        print(f"B={b:4d} (graph {nb:4d}) | replay {gpu:7.3f} ms MBU {row['mbu_gpu']:.0%} | "
+              f"step {step:7.3f} ms MBU {row['mbu_step']:.0%} | eager {eager_step:7.3f} ms "
+              f"MBU {row['mbu_eager']:.0%}", flush=True)
+    name = torch.cuda.get_device_name().lower().replace(" ", "-")
+    save_result({"model": a.model, "dtype": a.dtype, "device": peaks.__dict__, "rows": out},
+                Path(a.out) / f"decode_step_{a.model}_{name}.json",
+                "python bench/decode_step.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
