@@ -50,9 +50,10 @@ def parse_rung(spec: str, settings: dict):
     options = {k: settings.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
     for item in filter(None, over.split(",")):
         key, value = item.split("=")
+        value = int(value) if value.isdigit() else value
         if key == "kv_memory_mib":
             key, value = "kv_memory_bytes", int(float(value) * 2**20)
-        options[key] = int(value) if value.isdigit() else value
+        options[key] = value
     max_batch = options.pop("max_batch", settings["max_batch"])
     return spec, engine, int(max_batch), options
 
@@ -87,13 +88,19 @@ def main():
     for spec in a.engines:
         rung, engine, max_batch, options = parse_rung(spec, settings)
         n = a.sequential_n if engine == "sequential" and a.sequential_n else a.n
-        r = bench(engine, a.model, a.workload, n, max_batch, a.dtype, a.device, tokens=a.tokens,
-                  max_new_tokens=a.max_new_tokens, loaded=loaded, steps=True,
-                  engine_options=options or None)
+        try:
+            r = bench(engine, a.model, a.workload, n, max_batch, a.dtype, a.device, tokens=a.tokens,
+                      max_new_tokens=a.max_new_tokens, loaded=loaded, steps=True,
+                      engine_options=options or None)
+        except Exception as e:       # one broken rung must not lose the others' measurements
+            import traceback
+            traceback.print_exc()
+            runs.append({"rung": rung, "engine": engine, "error": f"{type(e).__name__}: {e}"})
+            continue
         r["rung"] = rung
         print(f"{rung:>24} | " + describe(r), flush=True)
         runs.append(r)
-    first = runs[0]
+    first = next(r for r in runs if "error" not in r)
     peaks = measure_peaks(a.device, loaded.model.dtype)
     floor = workload_floor(shape, dtype_bytes, [len(r.prompt_tokens) for r in requests],
                            [r.max_new_tokens for r in requests], peaks) \

@@ -4,13 +4,20 @@ reference it is checked against.
 
 Work per call: every cached key and value of every sequence is read once (``2 x tokens x
 kv_heads x head_dim x bytes``); the FLOPs are tiny (``4 x tokens x heads x head_dim``). So the
-kernel is memory-bound, and the one thing it must do well is read each block once, whole, for
-all the query heads that share it (grouped-query attention).
+kernel is memory-bound, and what it must do well is keep enough bytes in flight: read each key
+once for all the query heads that share it (grouped-query attention), in large tiles, from
+enough programs at once to fill the GPU.
 
-The kernel runs one program per (sequence, KV head). It walks the sequence's block table, loads
-one block of keys (``block_size x head_dim``) for all ``G = heads / kv_heads`` query heads of the
-group at once, and keeps a running softmax (max, sum, weighted values) in float32, so that no
-score matrix is ever stored. Positions past the sequence's length are masked.
+* One program per (sequence, KV head, *split*). A split is a stretch of the sequence's tokens:
+  with few sequences (small batch) the context is cut into several splits, so that there are
+  still hundreds of programs running ("split-K", as in flash-decoding); with many, one split.
+* Each loop iteration handles ``BLOCK_N`` tokens (several cache blocks): it looks up each token's
+  block in the block table, ``slot = table[t // block_size] * block_size + t % block_size``,
+  loads those keys for all ``G = heads / kv_heads`` query heads at once (one small matrix
+  product), and keeps a running softmax (max, sum, weighted values) in float32, so that no
+  score matrix is ever stored. Tokens past the sequence's length are masked.
+* With several splits, each writes its unnormalised partial result and its (max, sum); a second
+  small kernel combines them: ``out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``.
 """
 from __future__ import annotations
 
@@ -46,39 +53,64 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_siz
 
 if triton is not None:
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, o_ptr, scale,
-                             stride_qb, stride_qh, stride_kh, stride_ks, stride_tb,
-                             stride_ob, stride_oh,
-                             G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        b, kvh = tl.program_id(0), tl.program_id(1)
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, o_ptr, m_ptr, l_ptr,
+                             scale, stride_qb, stride_qh, stride_kh, stride_ks, stride_tb,
+                             stride_ob, stride_oh, stride_os,
+                             H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                             S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                             SPLIT_TOKENS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         g, d, n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
         heads = kvh * G + g
         gd_mask = (g < G)[:, None] & (d < D)[None, :]
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=gd_mask, other=0.0).to(tl.float32)                     # (G, D)
+                    mask=gd_mask, other=0.0)                                     # (G, D)
         length = tl.load(lengths_ptr + b)
+        start = split * SPLIT_TOKENS
+        end = tl.minimum(length, start + SPLIT_TOKENS)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)                         # running max
         total = tl.zeros([BLOCK_G], tl.float32)                                   # running sum
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)                            # weighted V
-        for i in range(0, tl.cdiv(length, BS)):     # this sequence's blocks, in order
-            valid = (n < BS) & (i * BS + n < length)                              # (N,)
-            block = tl.load(tables_ptr + b * stride_tb + i)
-            rows = kvh * stride_kh + (block * BS + n)[:, None] * stride_ks + d[None, :]
+        for t0 in range(start, end, BLOCK_N):           # this split's tokens, BLOCK_N at a time
+            tok = t0 + n
+            valid = tok < end
+            block = tl.load(tables_ptr + b * stride_tb + tok // BS, mask=valid, other=0)
+            slot = block.to(tl.int64) * BS + tok % BS                             # (N,)
+            rows = kvh * stride_kh + slot[:, None] * stride_ks + d[None, :]
             nd_mask = valid[:, None] & (d < D)[None, :]
-            k = tl.load(k_ptr + rows, mask=nd_mask, other=0.0).to(tl.float32)     # (N, D)
-            v = tl.load(v_ptr + rows, mask=nd_mask, other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale             # (G, N)
+            k = tl.load(k_ptr + rows, mask=nd_mask, other=0.0)                   # (N, D)
+            v = tl.load(v_ptr + rows, mask=nd_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale        # (G, N)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             total = total * alpha + tl.sum(p, axis=1)
             m = m_new
-        o = acc / total[:, None]
-        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                 o.to(o_ptr.dtype.element_ty), mask=gd_mask)
+        if SPLIT:        # partial results, combined by _combine_kernel
+            out = o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+            tl.store(out, acc, mask=gd_mask)
+            ml = (b * H + heads) * S + split                                      # (B, H, S)
+            tl.store(m_ptr + ml, m, mask=g < G)
+            tl.store(l_ptr + ml, total, mask=g < G)
+        else:
+            tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                     (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
+
+    @triton.jit
+    def _combine_kernel(part_ptr, m_ptr, l_ptr, o_ptr, stride_ob, stride_oh, H: tl.constexpr,
+                        S: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        bh = tl.program_id(0)                 # (sequence, head), flattened
+        b, h = bh // H, bh % H
+        s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+        m = tl.load(m_ptr + bh * S + s, mask=s < S, other=float("-inf"))          # (S,)
+        l = tl.load(l_ptr + bh * S + s, mask=s < S, other=0.0)
+        part = tl.load(part_ptr + (bh * S + s[:, None]) * D + d[None, :],
+                       mask=(s < S)[:, None] & (d < D)[None, :], other=0.0)      # (S, D)
+        w = tl.exp(m - tl.max(m, axis=0))                                        # empty split: 0
+        o = tl.sum(w[:, None] * part, axis=0) / tl.sum(w * l, axis=0)
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + d, o.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None):
@@ -90,22 +122,49 @@ def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int
     return ref if out is None else out.copy_(ref)
 
 
-def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None):
+def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, programs: int = 512) -> int:
+    """How many splits per sequence keep about ``programs`` programs busy, each split at least
+    ``block_n`` tokens long (1 when the batch alone gives enough programs)."""
+    return max(1, min(-(-programs // (batch * kv_heads)), -(-max_tokens // block_n)))
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None,
+                 block_n: int = 64):
     """The Triton kernel; same arguments and result as ``paged_decode_reference`` (``out``: where
-    to write it). On the CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before
-    Triton is imported): slow, but the same code, so the tests check it without a GPU."""
+    to write it). The splits are chosen from the batch and the block tables' width (the longest
+    a sequence may be), not from the lengths, so that nothing is read back from the GPU and a
+    CUDA graph can hold the call. On the CPU it runs in Triton's interpreter
+    (``TRITON_INTERPRET=1`` set before Triton is imported): slow, but the same code, so the tests
+    check it without a GPU."""
     if triton is None:
         raise RuntimeError("the paged decode kernel needs Triton (it ships with CUDA builds of "
                            "PyTorch); use paged_decode_reference on the CPU")
     B, heads, d = q.shape
     kv_heads = k_cache.shape[0]
     assert k_cache.stride(-1) == 1 and q.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    assert block_tables.stride(-1) == 1
     out = torch.empty_like(q) if out is None else out
     G = heads // kv_heads
-    _paged_decode_kernel[(B, kv_heads)](
-        q, k_cache, v_cache, block_tables, lengths, out, d ** -0.5,
+    max_tokens = block_tables.shape[1] * block_size
+    S = n_splits(B, kv_heads, max_tokens, block_n)
+    split_tokens = -(-max_tokens // S // block_n) * block_n
+    consts = dict(H=heads, G=G, D=d, S=S, BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
+                  BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n,
+                  SPLIT_TOKENS=split_tokens, SPLIT=S > 1,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if S == 1:
+        _paged_decode_kernel[(B, kv_heads, 1)](
+            q, k_cache, v_cache, block_tables, lengths, out, out, out, d ** -0.5,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+            out.stride(0), out.stride(1), 0, **consts)
+        return out
+    part = torch.empty(B, heads, S, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, heads, S, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _paged_decode_kernel[(B, kv_heads, S)](
+        q, k_cache, v_cache, block_tables, lengths, part, m, l, d ** -0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        G=G, D=d, BS=block_size, BLOCK_G=triton.next_power_of_2(G),
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=triton.next_power_of_2(block_size))
+        part.stride(0), part.stride(1), part.stride(2), **consts)
+    _combine_kernel[(B * heads,)](part, m, l, out, out.stride(0), out.stride(1), H=heads, S=S, D=d,
+                                  BLOCK_S=triton.next_power_of_2(S), BLOCK_D=triton.next_power_of_2(d))
     return out
