@@ -342,3 +342,64 @@ def check_admission_rule(fn):
             f"targets TTFT {ttft:.3g} s / TPOT {tpot:.3g} s: expected {want!r}, got {got!r}")
     assert seen == {"admit", "queue", "refuse"}
     _ok("admission rule: refuse the late, queue what would slow everyone, admit the rest")
+
+
+# ---------------------------------------------------------------- chapter 09
+def check_tile_slots(fn):
+    """``fn(table, start, block_n, block_size, end)`` -> ``(slots, valid)``: the cache slots of
+    tokens ``start .. start + block_n - 1`` of a sequence (one iteration of the decode kernel)
+    and which of them are real (``< end``); masked-off entries may hold anything."""
+    from .kv_cache import PagedKVCache
+    from .llama import LlamaShape
+    rng = random.Random()
+    shape = LlamaShape(10, 4, 8, 1, 2, 1, 2, 1e4, 1e-5, 0, 4096)
+    for block_size in (1, 7, 16):
+        cache = PagedKVCache(shape, 400, block_size)
+        for step in range(60):                       # three sequences growing side by side
+            for sid in range(3):
+                cache.grow(sid, rng.randint(1, 3))
+        for sid in range(3):
+            n = cache.lengths[sid]
+            table = torch.tensor(cache.tables[sid])
+            for start in (0, rng.randrange(n), (n // 2) // 8 * 8):
+                block_n = rng.choice((8, 16, 64))
+                got = fn(table, start, block_n, block_size, n)
+                assert got is not None and len(got) == 2, "return (slots, valid)"
+                slots, valid = (torch.as_tensor(t) for t in got)
+                pos = torch.arange(start, start + block_n)
+                want_valid = pos < n
+                assert slots.shape == (block_n,) and valid.shape == (block_n,), \
+                    f"shapes {tuple(slots.shape)}, {tuple(valid.shape)}; expected ({block_n},) each"
+                assert torch.equal(valid.bool(), want_valid), "valid: the tokens before `end`"
+                want = torch.tensor(cache.slots(sid, start, min(n, start + block_n)), dtype=torch.long)
+                assert torch.equal(slots[want_valid].long(), want), (
+                    f"block size {block_size}, tokens {start}..: slot = table[t // block_size] * "
+                    f"block_size + t % block_size")
+    _ok("tile slots: the kernel's address arithmetic, with the tail masked")
+
+
+def check_combine_splits(fn):
+    """``fn(m, l, o)`` -> the attention output from split partial results: per split ``s``, the
+    running max ``m[s]``, the sum ``l[s]`` of ``exp(score - m[s])`` and the unnormalised
+    ``o[s] = sum exp(score - m[s]) v`` (shapes ``(S,)``, ``(S,)``, ``(S, d)``)."""
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    for S, n, d in ((1, 5, 4), (3, 40, 8), (6, 13, 16)):
+        scores = torch.randn(n, generator=g, dtype=torch.float64) * 4
+        v = torch.randn(n, d, generator=g, dtype=torch.float64)
+        want = scores.softmax(0) @ v
+        cuts = sorted(random.sample(range(1, n), S - 1)) if S > 1 else []
+        parts = list(zip([0, *cuts], [*cuts, n]))
+        m = torch.stack([scores[a:b].max() for a, b in parts])
+        l = torch.stack([(scores[a:b] - m[i]).exp().sum() for i, (a, b) in enumerate(parts)])
+        o = torch.stack([(scores[a:b] - m[i]).exp() @ v[a:b] for i, (a, b) in enumerate(parts)])
+        if S > 2:                                   # an empty split, as the kernel writes one
+            m[-1], l[-1], o[-1] = float("-inf"), 0.0, 0.0
+            want = scores[:parts[-1][0]].softmax(0) @ v[:parts[-1][0]]
+        got = fn(m, l, o)
+        assert got is not None, "your function returns nothing"
+        got = torch.as_tensor(got, dtype=torch.float64)
+        assert got.shape == (d,), f"shape {tuple(got.shape)}, expected ({d},)"
+        assert not got.isnan().any(), "NaN: an empty split (m = -inf, l = 0) must weigh 0"
+        assert torch.allclose(got, want, atol=1e-9), (
+            "rescale each split by exp(m[s] - max(m)), then sum o and l over splits and divide")
+    _ok("split combine: the same softmax, in pieces")

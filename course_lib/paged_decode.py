@@ -168,3 +168,48 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     _combine_kernel[(B * heads,)](part, m, l, out, out.stride(0), out.stride(1), H=heads, S=S, D=d,
                                   BLOCK_S=triton.next_power_of_2(S), BLOCK_D=triton.next_power_of_2(d))
     return out
+
+
+def random_decode_step(shape, B=5, block_size=16, device="cpu", dtype=torch.float32, seed=0):
+    """A paged cache of random keys and values whose ``B`` sequences grew side by side (so their
+    blocks interleave), and a random query per sequence: ``(cache, q, tables, lengths)``."""
+    from .kv_cache import PagedKVCache
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(shape, 10 * B, block_size, dtype, device)
+    for t in cache.k + cache.v:
+        t.copy_(torch.randn(t.shape, generator=g).to(dtype))
+    lengths = torch.randint(1, 9 * block_size, (B,), generator=g).tolist()
+    for step in range(max(lengths)):
+        for b, n in enumerate(lengths):
+            if step < n:
+                cache.grow(b, 1)
+    q = torch.randn(B, shape.n_heads, shape.head_dim, generator=g).to(dtype)
+    return (cache, q.to(device), cache.table_tensor(range(B), device),
+            torch.tensor(lengths, dtype=torch.int32, device=device))
+
+
+def selfcheck(shape, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu", dtype=torch.float32):
+    """Run the kernel against the reference on fresh random caches, one row per ``(B,
+    block_size)`` case: splits used, max abs error, relative error, every element written.
+    On the CPU, set ``TRITON_INTERPRET=1`` before Triton is first imported."""
+    rows = []
+    for seed, (B, block_size) in enumerate(cases):
+        cache, q, tables, lengths = random_decode_step(shape, B, block_size, device, dtype, seed)
+        out = torch.full_like(q, float("nan"))
+        paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size, out=out)
+        ref = paged_decode_reference(q, cache.k[0], cache.v[0], tables, lengths, block_size)
+        err = (out.float() - ref.float())
+        rows.append({"batch": B, "block_size": block_size,
+                     "splits": n_splits(B, shape.n_kv_heads, tables.shape[1] * block_size, 64),
+                     "all_written": not out.isnan().any().item(),
+                     "max_abs_error": err.abs().max().item(),
+                     "relative_error": (err.norm() / ref.float().norm()).item()})
+    return rows
+
+
+if __name__ == "__main__":       # python -m course_lib.paged_decode (TRITON_INTERPRET=1 on a CPU)
+    from .llama import LlamaShape
+    shape = LlamaShape(100, 64, 128, 1, n_heads=8, n_kv_heads=2, head_dim=32, rope_theta=1e4,
+                       eps=1e-5, eos_token_id=0, max_context=4096)
+    for row in selfcheck(shape):
+        print(row)

@@ -320,3 +320,90 @@ def goodput_vs_load(rows, ax=None, title=None):
     if title:
         ax.set_title(title)
     return ax
+
+
+# ---------------------------------------------------------------- chapter 09
+def _rung_names(result):
+    return [r["rung"] for r in result["runs"] if "error" not in r]
+
+
+def ladder_vs_floor(result, ax=None):
+    """Output tokens/s of every rung of a ladder result (``course_lib.ladder``), on a log scale,
+    the peers in grey, with the workload's physical floor on the same card as a line."""
+    runs = [r for r in result["runs"] if "error" not in r]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4))
+    names = _rung_names(result)
+    values = [r["metrics"]["output_tokens_per_s"] or 0 for r in runs]
+    bars = ax.barh(names, values, color=["#9e9e9e" if r["engine"].startswith("hf-") else "#5b9bd5"
+                                          for r in runs])
+    ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
+    if result.get("floor"):
+        f = result["floor"]["output_tokens_per_s"]
+        ax.axvline(f, color="#c00000", ls="--")
+        ax.text(f, len(runs) - 0.5, f" physical floor\n {f:,.0f} tok/s", color="#c00000", fontsize=8,
+                va="top", ha="right")
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("output tokens / s (log scale)")
+    ax.set_title(f"{result['model']} on {result['device']['device']}, {result['n']} requests")
+    return ax
+
+
+def utilisation_by_rung(result, ax=None):
+    """MBU and MFU (from the bytes and FLOPs every step must move and do) next to NVML's 'GPU
+    utilisation' (the share of time any kernel ran), per rung."""
+    runs = [r for r in result["runs"] if "error" not in r]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3.5))
+    x = np.arange(len(runs))
+    for i, (key, label, colour) in enumerate([("mbu", "MBU", "#1f4e79"), ("mfu", "MFU", "#5b9bd5"),
+                                              ("nvml_gpu_util", "NVML utilisation", "#f4b183")]):
+        vals = [(r["metrics"][key] or 0) * (1 if key == "nvml_gpu_util" else 100) for r in runs]
+        ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=label, color=colour)
+    ax.set_xticks(x, _rung_names(result), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("% of the card")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def decode_step_curve(results, ax=None):
+    """MBU of one whole decode step against batch size (``bench/decode_step.py`` results): the
+    CUDA graph's replay on the GPU, the whole step as the engine sees it, and eager launches."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.5))
+    styles = [("mbu_gpu", "graph replay (GPU time)", "-"), ("mbu_step", "graph step (wall time)", "--"),
+              ("mbu_eager", "eager step (wall time)", ":")]
+    for res, marker in zip(results, "os^"):
+        b = [r["batch"] for r in res["rows"]]
+        for key, label, ls in styles:
+            ax.plot(b, [100 * r[key] for r in res["rows"]], ls=ls, marker=marker,
+                    label=f"{res['model']}: {label}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequences in the decode step")
+    ax.set_ylabel("MBU (%)")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def run_steps(run, ax=None):
+    """The steps of one stored run (a bench JSON with ``steps``): each step's duration at the time
+    it started, coloured by kind, with its batch size on a second axis."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3.5))
+    steps = run["steps"]
+    kinds = ["mixed" if s["prefill_tokens"] and s["decode_tokens"] else
+             "prefill" if s["prefill_tokens"] else "decode" for s in steps]
+    colour = {"prefill": COLOURS["prefill"], "decode": COLOURS["decode"], "mixed": "#f4b183"}
+    for kind in ("prefill", "mixed", "decode"):
+        pts = [(s["start_s"], 1e3 * (s["end_s"] - s["start_s"])) for s, k in zip(steps, kinds) if k == kind]
+        if pts:
+            ax.scatter(*zip(*pts), s=6, color=colour[kind], label=f"{kind} steps ({len(pts)})")
+    ax.set_yscale("log")
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_ylabel("step time (ms)")
+    ax.legend(fontsize=8, loc="upper left")
+    twin = ax.twinx()
+    twin.plot([s["start_s"] for s in steps], [s["rows"] for s in steps], color="#7f7f7f", lw=0.8)
+    twin.set_ylabel("sequences in the step", color="#7f7f7f")
+    return ax

@@ -145,3 +145,18 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
 
     return _pick(show, rates, "rate (req/s)", max_batch=(batches, "max_batch"),
                  ttft_slo=(ttft_slos, "TTFT SLO (s)"))
+
+
+def ladder_explorer(result):
+    """Pick a rung of a ladder result (``course_lib.ladder``) and see its steps over time."""
+    runs = {r["rung"]: r for r in result["runs"] if "error" not in r and r.get("steps")}
+
+    def show(rung):
+        r = runs[rung]
+        m = r["metrics"]
+        print(f"{rung}: {m['output_tokens_per_s']:.0f} tok/s, {m['steps']} steps, "
+              f"step time p50 {1e3 * m['step_time_s']['p50']:.1f} ms, MBU {100 * (m['mbu'] or 0):.1f}%, "
+              f"preemptions {m.get('preemptions') or 0}")
+        plots.run_steps(r, ax=plt.subplots(figsize=(10, 3.5))[1])
+        plt.show()
+    return _pick(show, list(runs), "rung")

@@ -1,0 +1,125 @@
+"""Chapter 09's ladder: named rungs, each an engine with settings, run one after the other on the
+same loaded model, the same requests and the same device, with the workload's physical floor.
+
+  static, dynamic, continuous   the padded engines of chapters 02-04, at ``max_batch``
+  paged       + paged KV-cache: FlexAttention over blocks of 16, up to ``big_batch`` sequences in
+              the KV memory the continuous engine's rows reserve at ``max_batch``
+  chunked     + chunked prefill: the same, under a budget of ``budget`` tokens per step
+  graphs      + the Triton decode kernel, CUDA graphs and sampling on the GPU (chapter 09)
+  hf-generate, hf-cb            the peers, at ``max_batch``
+
+Options after a colon override a rung's settings: ``graphs:kv_memory_mib=16384``.
+"""
+from __future__ import annotations
+
+import traceback
+
+from .bench import bench, describe
+from .kv_cache import kv_bytes_per_token
+from .llama import LlamaShape
+from .requests import load_workload
+from .roofline import measure_peaks, workload_floor
+
+RUNGS = {   # name -> engine, options ("rows": the rows' KV memory; "big": big_batch; "budget")
+    "paged": ("continuous", {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows",
+                             "max_batch": "big"}),
+    "chunked": ("continuous", {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows",
+                               "max_batch": "big", "max_num_batched_tokens": "budget"}),
+    "graphs": ("continuous", {"block_size": 16, "attention": "kernel", "cuda_graphs": True,
+                              "kv_memory_bytes": "rows", "max_batch": "big",
+                              "max_num_batched_tokens": "budget"}),
+}
+
+
+def parse_rung(spec: str, settings: dict):
+    """``name[:key=value,...]`` -> (rung name, engine, max_batch, engine options)."""
+    name, _, over = spec.partition(":")
+    engine, options = RUNGS.get(name, (name, {}))
+    options = {k: settings.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    for item in filter(None, over.split(",")):
+        key, value = item.split("=")
+        value = int(value) if value.isdigit() else value
+        if key == "kv_memory_mib":
+            key, value = "kv_memory_bytes", int(float(value) * 2**20)
+        options[key] = value
+    max_batch = options.pop("max_batch", settings["max_batch"])
+    return spec, engine, int(max_batch), options
+
+
+def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int, big_batch: int = 512,
+               budget: int = 2048, dtype: str = "bfloat16", device: str = "cuda",
+               max_new_tokens: int | None = None, tokens: bool = False, sequential_n: int | None = None,
+               progress: bool = True, echo=print) -> dict:
+    """Run every rung; return one JSON object: settings, the floor and ``runs`` (the bench JSON of
+    each rung, with its ``rung`` name; a rung that fails holds its ``error`` and the rest go on)."""
+    shape = LlamaShape.from_config(loaded.config)
+    dtype_bytes = loaded.model.dtype.itemsize
+    requests = load_workload(workload, tokenizer=loaded.tokenizer, n=n, vocab_size=shape.vocab_size,
+                             max_new_tokens=max_new_tokens)
+    longest = max(len(r.prompt_tokens) for r in requests) + max(r.max_new_tokens for r in requests)
+    settings = {"rows": max_batch * longest * kv_bytes_per_token(shape, dtype_bytes),
+                "big": big_batch, "budget": budget, "max_batch": max_batch}
+    runs = []
+    for spec in rungs:
+        rung, engine, batch, options = parse_rung(spec, settings)
+        count = sequential_n if engine == "sequential" and sequential_n else n
+        try:
+            r = bench(engine, model, workload, count, batch, dtype, device, tokens=tokens,
+                      max_new_tokens=max_new_tokens, loaded=loaded, steps=True,
+                      engine_options=options or None, progress=progress)
+        except Exception as e:       # one broken rung must not lose the others' measurements
+            traceback.print_exc()
+            runs.append({"rung": rung, "engine": engine, "error": f"{type(e).__name__}: {e}"})
+            continue
+        r["rung"] = rung
+        echo(f"{rung:>24} | " + describe(r))
+        runs.append(r)
+    first = next(r for r in runs if "error" not in r)
+    peaks = measure_peaks(device, loaded.model.dtype)
+    floor = workload_floor(shape, dtype_bytes, [len(r.prompt_tokens) for r in requests],
+                           [r.max_new_tokens for r in requests], peaks) \
+        if all(r.ignore_eos for r in requests) else None      # with EOS the lengths are unknown
+    if floor:
+        echo(f"{'physical floor':>24} | {floor['seconds']:.2f} s, {floor['output_tokens_per_s']:.0f} tok/s")
+    return {"model": model, "workload": workload, "n": n, "max_batch": max_batch,
+            "big_batch": big_batch, "budget": budget, "kv_memory_rows_bytes": settings["rows"],
+            "dtype": dtype, "device": first["device"], "versions": first["versions"],
+            "floor": floor, "runs": runs}
+
+
+def table(result) -> list:
+    """One row per rung: throughput, its ratio to the static rung, to each peer and to the floor,
+    MBU, MFU, NVML utilisation, TTFT/TPOT p50 and the big decode steps' MBU."""
+    runs = {r["rung"]: r for r in result["runs"] if "error" not in r}
+    tput = {k: r["metrics"]["output_tokens_per_s"] for k, r in runs.items()}
+    floor = (result.get("floor") or {}).get("output_tokens_per_s")
+    rows = []
+    for name, r in runs.items():
+        m = r["metrics"]
+        rows.append({"rung": name, "max_batch": r["max_batch"], "tokens_per_s": tput[name],
+                     "x_static": tput[name] / tput["static"] if "static" in tput else None,
+                     "x_hf_cb": tput[name] / tput["hf-cb"] if "hf-cb" in tput else None,
+                     "x_hf_generate": tput[name] / tput["hf-generate"] if "hf-generate" in tput else None,
+                     "of_floor": tput[name] / floor if floor else None,
+                     "mbu": m["mbu"], "mfu": m["mfu"], "nvml": m["nvml_gpu_util"],
+                     "ttft_p50_s": m["ttft_s"]["p50"], "tpot_p50_s": m["tpot_s"]["p50"],
+                     "decode_b128_mbu": (m.get("decode_b128") or {}).get("mbu"),
+                     "preemptions": m.get("preemptions")})
+    return rows
+
+
+def print_table(result):
+    """The ladder table, as the notebook and the closing note show it."""
+    print(f"{'rung':<52} {'B':>4} {'tok/s':>8} {'x static':>8} {'x hf-cb':>8} {'of floor':>8} "
+          f"{'MBU':>6} {'MFU':>6} {'NVML':>5} {'TTFT p50':>9} {'TPOT p50':>9}")
+    for r in table(result):
+        def f(x, fmt):
+            return "-" if x is None else format(x, fmt)
+        print(f"{r['rung']:<52} {r['max_batch']:>4} {r['tokens_per_s']:>8.0f} {f(r['x_static'], '>8.2f')} "
+              f"{f(r['x_hf_cb'], '>8.2f')} {f(r['of_floor'], '>8.1%')} {f(r['mbu'], '>6.1%')} "
+              f"{f(r['mfu'], '>6.1%')} {f(r['nvml'], '>4.0f')}% {f(r['ttft_p50_s'], '>8.2f')}s "
+              f"{f(r['tpot_p50_s'] and r['tpot_p50_s'] * 1e3, '>7.1f')}ms")
+    if result.get("floor"):
+        fl = result["floor"]
+        print(f"physical floor: {fl['seconds']:.2f} s ({fl['prefill_s']:.2f} s prefill at the matmul peak, "
+              f"{fl['decode_s']:.2f} s decode at the copy peak), {fl['output_tokens_per_s']:,.0f} tok/s")

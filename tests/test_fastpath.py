@@ -1,0 +1,161 @@
+"""Chapter 09's fast path on the CPU: sampling, the decode buffers a CUDA graph owns (eager here),
+the engine's kernel path, the physical floor, the named ladder rungs; and on a GPU, graphs
+against eager launches."""
+import json
+
+import pytest
+import torch
+
+from course_lib import models, plots, widgets
+from course_lib.cuda_graphs import DecodeGraphs, batch_buckets
+from course_lib.engines import make_engine
+from course_lib.ladder import parse_rung, run_ladder, table
+from course_lib.llama import Llama, LlamaShape
+from course_lib.metrics import RunLog, Step, summarize
+from course_lib.nbtools import RESULTS
+from course_lib.requests import Request, load_workload
+from course_lib.roofline import Peaks, step_work, workload_floor
+from course_lib.sampling import sample
+from fakes import LOADED, FakeLlama
+
+
+def test_greedy_sampling_is_argmax_and_temperature_follows_the_softmax():
+    logits = torch.randn(6, 50)
+    assert torch.equal(sample(logits), logits.argmax(-1))
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g = torch.Generator().manual_seed(0)
+    draws = sample(probs.log().expand(20000, 4), temperature=1.0, generator=g)
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(freq, probs, atol=0.015), freq
+    hot = sample(probs.log().expand(20000, 4), temperature=0.25, generator=g)   # sharper: p^4
+    want = (probs.log() / 0.25).softmax(0)
+    assert torch.allclose(torch.bincount(hot, minlength=4).float() / len(hot), want, atol=0.015)
+    with pytest.raises(ValueError, match="temperature"):
+        sample(logits, -1.0)
+
+
+def test_batch_buckets_cover_every_batch_with_little_padding():
+    assert batch_buckets(512)[:7] == [1, 2, 4, 8, 16, 32, 64] and batch_buckets(512)[-1] == 512
+    assert batch_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 96, 100]
+    assert batch_buckets(1) == [1]
+
+
+def test_decode_buffers_give_the_packed_engine_logits(tiny):
+    """One decode step through the fixed buffers (pad rows included) = the gather reference."""
+    model = Llama.from_hf(tiny.model)
+    eng = make_engine("continuous", tiny, max_batch=3, block_size=4, num_blocks=40, attention="kernel")
+    reqs = [Request(f"r{i}", list(range(5, 9 + 3 * i)), max_new_tokens=5) for i in range(3)]
+    ref = make_engine("continuous", tiny, max_batch=3, block_size=4, num_blocks=40).run(reqs)
+    log = eng.run(reqs)
+    assert [r.output_tokens for r in log.requests] == [r.output_tokens for r in ref.requests]
+    assert isinstance(eng.graphs, DecodeGraphs) and not eng.graphs.graphs       # eager on the CPU
+    decode = [s for s in log.steps if s.kind == "decode"]
+    assert decode and all(s.slots == eng.graphs.bucket(s.rows) for s in decode)   # pad rows counted
+    # a second run reuses the cache and the buffers, emptied
+    cache = eng.cache
+    assert [r.output_tokens for r in eng.run(reqs).requests] == [r.output_tokens for r in ref.requests]
+    assert eng.cache is cache and cache.allocator.n_free == 40
+    with pytest.raises(ValueError, match="1 to 3 sequences"):
+        eng.graphs.step([])
+    del model
+
+
+def test_fast_path_schedules_like_the_reference_on_the_fake_model():
+    reqs = [Request(f"r{i}", [7] * (3 + i) + [8 + i], max_new_tokens=12) for i in range(6)]
+    outs = {}
+    for attention in ("gather", "kernel"):
+        e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=4, block_size=2,
+                        num_blocks=12, attention=attention)
+        log = e.run(reqs)
+        outs[attention] = ([r.output_tokens for r in log.requests],
+                           [(s.prefill_tokens, s.decode_tokens) for s in log.steps], e.preemptions)
+    assert outs["gather"] == outs["kernel"] and outs["kernel"][2] > 0
+
+
+def test_a_victim_already_in_the_step_is_taken_out_of_it(tiny):
+    """Preemption during the decode pass may pick a sequence scheduled earlier in the same pass
+    (the running order changes once sequences are readmitted): it must leave the step."""
+    reqs = load_workload("anyscale:prompt_len=32,cap=32,mean=8", n=12, vocab_size=tiny.config.vocab_size)
+    e = make_engine("continuous", tiny, max_batch=8, block_size=16, num_blocks=12)
+    log = e.run(reqs)
+    assert e.preemptions > 0
+    assert {r.finish_reason for r in log.requests} == {"length"}
+    assert all(len(r.output_tokens) == q.max_new_tokens for r, q in zip(log.requests, reqs))
+    assert e.cache.allocator.n_free == 12 and not e.cache.tables
+
+
+@pytest.mark.parametrize("option,value,message", [("cuda_graphs", True, "cuda_graphs needs a CUDA"),
+                                                  ("temperature", -0.5, "temperature")])
+def test_fast_path_settings_that_cannot_work_are_named(tiny, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        make_engine("continuous", tiny, block_size=16, **{option: value})
+
+
+def test_the_physical_floor_adds_prefill_flops_and_decode_bytes():
+    shape = LlamaShape(100, 64, 128, 2, 4, 2, 16, 1e4, 1e-5, 0, 4096)
+    peaks = Peaks("test", "float32", bandwidth=1e9, flops=1e12, method="given")
+    f = workload_floor(shape, 4, [10, 20], [3, 1], peaks)
+    pre = sum(step_work(shape, 4, n, n * (n + 1) // 2, 0, 1).flops for n in (10, 20)) / 1e12
+    steps = [step_work(shape, 4, 1, 11, 10, 1), step_work(shape, 4, 1, 12, 11, 1)]   # only the first decodes
+    dec = sum(max(w.bytes / 1e9, w.flops / 1e12) for w in steps)
+    assert f["prefill_s"] == pytest.approx(pre) and f["decode_s"] == pytest.approx(dec)
+    assert f["output_tokens_per_s"] == pytest.approx(4 / (pre + dec))
+
+
+def test_big_decode_steps_are_summarised_apart():
+    shape = LlamaShape(100, 64, 128, 2, 4, 2, 16, 1e4, 1e-5, 0, 4096)
+    peaks = Peaks("test", "float32", bandwidth=1e9, flops=1e12, method="given")
+    steps = [Step(0, 1, 128, 128, 0, 128, 128 * 50, 128 * 49, 128),
+             Step(1, 2, 4, 4, 0, 4, 200, 196, 4), Step(2, 4, 200, 300, 100, 200, 0, 0, 200)]
+    m = summarize(RunLog("x", [], steps, 4.0), shape, 4, peaks)
+    w = step_work(shape, 4, 128, 128 * 50, 128 * 49, 128)
+    assert m["decode_b128"]["steps"] == 1 and m["decode_b128"]["mbu"] == pytest.approx(w.bytes / 1e9)
+
+
+def test_rungs_are_parsed_with_their_settings():
+    settings = {"rows": 1000, "big": 512, "budget": 2048, "max_batch": 64}
+    assert parse_rung("static", settings) == ("static", "static", 64, {})
+    name, engine, batch, opts = parse_rung("graphs:kv_memory_mib=2,max_num_batched_tokens=8192", settings)
+    assert (engine, batch) == ("continuous", 512)
+    assert opts == {"block_size": 16, "attention": "kernel", "cuda_graphs": True,
+                    "kv_memory_bytes": 2 * 2**20, "max_num_batched_tokens": 8192}
+
+
+def test_a_ladder_run_names_its_rungs_keeps_going_and_has_a_floor(tiny):
+    r = run_ladder(tiny, "tiny", "anyscale:prompt_len=16,cap=8,mean=4", ["static", "graphs",
+                   "graphs:cuda_graphs=0"], n=6, max_batch=2, big_batch=4, budget=32, dtype="float32",
+                   device="cpu", progress=False, echo=lambda *a: None)
+    assert [x["rung"] for x in r["runs"]] == ["static", "graphs", "graphs:cuda_graphs=0"]
+    assert "cuda_graphs needs a CUDA device" in r["runs"][1]["error"]     # recorded, not fatal
+    assert r["runs"][2]["engine_options"]["attention"] == "kernel"
+    assert r["floor"]["output_tokens"] == sum(q["n_output_tokens"] for q in r["runs"][0]["requests"])
+    rows = table(r)
+    assert [x["rung"] for x in rows] == ["static", "graphs:cuda_graphs=0"] and rows[0]["x_static"] == 1
+
+
+def test_chapter_09_pictures_draw_the_stored_results():
+    result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
+    assert {r["engine"] for r in result["runs"]} >= {"static", "dynamic", "continuous", "hf-generate", "hf-cb"}
+    assert plots.ladder_vs_floor(result).get_xscale() == "log"
+    assert len(plots.utilisation_by_rung(result).patches) == 3 * len(result["runs"])
+    steps = [json.loads((RESULTS / f"decode_step_{m}_nvidia-h200.json").read_text())
+             for m in ("llama-1b-dummy", "smollm2-135m")]
+    assert len(plots.decode_step_curve(steps).lines) == 6
+    assert plots.run_steps(result["runs"][-3]).get_yscale() == "log"
+    assert widgets.ladder_explorer(result) is not None
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_say_what_eager_launches_say():
+    loaded = models.load("tiny", dtype="float32", device="cuda")
+    reqs = [Request(f"r{i}", list(range(5, 9 + 3 * i)), max_new_tokens=6) for i in range(5)]
+    outs = []
+    for graphs in (False, True):
+        e = make_engine("continuous", loaded, max_batch=5, block_size=4, num_blocks=64,
+                        attention="kernel", cuda_graphs=graphs)
+        e.prepare(reqs)
+        outs.append([r.output_tokens for r in e.run(reqs).requests])
+        assert bool(e.graphs.graphs) == graphs
+    assert outs[0] == outs[1]
