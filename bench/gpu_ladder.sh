@@ -1,20 +1,14 @@
 #!/usr/bin/env bash
-# Chapter 09's ladder on one GPU, in one process: llama-1b-dummy (bf16) on the anyscale workload
-# (512 requests, 512-token prompts, outputs capped at 512, EOS ignored). The padded engines and
-# the peers at B=64; the paged rungs up to 512 sequences in the KV memory the padded rows
-# reserve at B=64; then two settings of the fast rung beyond that (a budget of 8192 tokens, and
-# 16 GiB of KV-cache). The JSON holds every run and the workload's physical floor on this card.
+# Chapter 04's ladder on a GPU: llama-1b-dummy (bf16) on the anyscale workload, our engines and
+# the Hugging Face peers at the same max_batch, one after the other in one process.
 # Everything lands in $OUT; see bench/README.md for .gpucarry and COURSE_COMMIT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 COURSE_COMMIT=${COURSE_COMMIT:-unknown}
 [ -d .gpucarry/cache ] && export COURSE_CACHE=$PWD/.gpucarry/cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-N=${N:-512}
+N=${N:-256}; B=${B:-64}
 python3 bench/ladder.py --model llama-1b-dummy --dtype bfloat16 --device cuda \
-  --workload "anyscale:prompt_len=512,cap=512,mean=128" --n "$N" --max-batch 64 --big-batch 512 \
-  --budget 2048 --no-tokens \
-  --rungs static dynamic continuous paged chunked graphs \
-          "graphs:max_num_batched_tokens=8192" "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192" \
-          hf-generate hf-cb \
-  --out "$OUT/ladder09_anyscale_llama-1b-dummy_gpu.json" 2>&1 | grep -v "it/s\]\|req/s\]"
+  --workload "anyscale:prompt_len=512,cap=512,mean=128" --n "$N" --max-batch "$B" --sequential-n 4 \
+  --engines sequential static dynamic continuous hf-generate hf-cb \
+  --out "$OUT/ladder_anyscale_llama-1b-dummy_gpu.json" 2>&1 | grep -v "it/s\]\|req/s\]"
