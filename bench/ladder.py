@@ -42,9 +42,11 @@ def main():
     p.add_argument("--out", required=True)
     a = p.parse_args()
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
+    command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     result = run_ladder(loaded, a.model, a.workload, a.engines, a.n, a.max_batch, a.big_batch,
-                        a.budget, a.dtype, a.device, a.max_new_tokens, a.tokens, a.sequential_n)
-    save_result(result, a.out, "python " + " ".join(shlex.quote(x) for x in sys.argv))
+                        a.budget, a.dtype, a.device, a.max_new_tokens, a.tokens, a.sequential_n,
+                        after_each=lambda partial: save_result(partial, a.out, command))
+    save_result(result, a.out, command)
     print("wrote", a.out, flush=True)
 
 

@@ -46,12 +46,22 @@ def parse_rung(spec: str, settings: dict):
     return spec, engine, int(max_batch), options
 
 
+ORDER = ["sequential", "static", "dynamic", "continuous", "paged", "chunked", "graphs", "hf-generate", "hf-cb"]
+
+
+def ordered(runs) -> list:
+    """Runs in the ladder's order (rungs, then the peers), whatever order they ran in."""
+    return sorted(runs, key=lambda r: ORDER.index(r["rung"].partition(":")[0])
+                  if r["rung"].partition(":")[0] in ORDER else len(ORDER))
+
+
 def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int, big_batch: int = 512,
                budget: int = 2048, dtype: str = "bfloat16", device: str = "cuda",
                max_new_tokens: int | None = None, tokens: bool = False, sequential_n: int | None = None,
-               progress: bool = True, echo=print) -> dict:
+               progress: bool = True, echo=print, after_each=None) -> dict:
     """Run every rung; return one JSON object: settings, the floor and ``runs`` (the bench JSON of
-    each rung, with its ``rung`` name; a rung that fails holds its ``error`` and the rest go on)."""
+    each rung, with its ``rung`` name; a rung that fails holds its ``error`` and the rest go on).
+    ``after_each(result so far)`` is called after every rung (to save partial results)."""
     shape = LlamaShape.from_config(loaded.config)
     dtype_bytes = loaded.model.dtype.itemsize
     requests = load_workload(workload, tokenizer=loaded.tokenizer, n=n, vocab_size=shape.vocab_size,
@@ -59,7 +69,16 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
     longest = max(len(r.prompt_tokens) for r in requests) + max(r.max_new_tokens for r in requests)
     settings = {"rows": max_batch * longest * kv_bytes_per_token(shape, dtype_bytes),
                 "big": big_batch, "budget": budget, "max_batch": max_batch}
-    runs = []
+    peaks = measure_peaks(device, loaded.model.dtype)
+    floor = workload_floor(shape, dtype_bytes, [len(r.prompt_tokens) for r in requests],
+                           [r.max_new_tokens for r in requests], peaks) \
+        if all(r.ignore_eos for r in requests) else None      # with EOS the lengths are unknown
+    if floor:
+        echo(f"{'physical floor':>24} | {floor['seconds']:.2f} s, {floor['output_tokens_per_s']:.0f} tok/s")
+    result = {"model": model, "workload": workload, "n": n, "max_batch": max_batch,
+              "big_batch": big_batch, "budget": budget, "kv_memory_rows_bytes": settings["rows"],
+              "dtype": dtype, "floor": floor, "runs": []}
+    runs = result["runs"]
     for spec in rungs:
         rung, engine, batch, options = parse_rung(spec, settings)
         count = sequential_n if engine == "sequential" and sequential_n else n
@@ -74,23 +93,16 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
         r["rung"] = rung
         echo(f"{rung:>24} | " + describe(r))
         runs.append(r)
-    first = next(r for r in runs if "error" not in r)
-    peaks = measure_peaks(device, loaded.model.dtype)
-    floor = workload_floor(shape, dtype_bytes, [len(r.prompt_tokens) for r in requests],
-                           [r.max_new_tokens for r in requests], peaks) \
-        if all(r.ignore_eos for r in requests) else None      # with EOS the lengths are unknown
-    if floor:
-        echo(f"{'physical floor':>24} | {floor['seconds']:.2f} s, {floor['output_tokens_per_s']:.0f} tok/s")
-    return {"model": model, "workload": workload, "n": n, "max_batch": max_batch,
-            "big_batch": big_batch, "budget": budget, "kv_memory_rows_bytes": settings["rows"],
-            "dtype": dtype, "device": first["device"], "versions": first["versions"],
-            "floor": floor, "runs": runs}
+        result.update(device=r["device"], versions=r["versions"])
+        if after_each:
+            after_each(result)
+    return result
 
 
 def table(result) -> list:
     """One row per rung: throughput, its ratio to the static rung, to each peer and to the floor,
     MBU, MFU, NVML utilisation, TTFT/TPOT p50 and the big decode steps' MBU."""
-    runs = {r["rung"]: r for r in result["runs"] if "error" not in r}
+    runs = {r["rung"]: r for r in ordered(result["runs"]) if "error" not in r}
     tput = {k: r["metrics"]["output_tokens_per_s"] for k, r in runs.items()}
     floor = (result.get("floor") or {}).get("output_tokens_per_s")
     rows = []

@@ -323,14 +323,19 @@ def goodput_vs_load(rows, ax=None, title=None):
 
 
 # ---------------------------------------------------------------- chapter 09
+def _runs(result):
+    from .ladder import ordered
+    return [r for r in ordered(result["runs"]) if "error" not in r]
+
+
 def _rung_names(result):
-    return [r["rung"] for r in result["runs"] if "error" not in r]
+    return [r["rung"] for r in _runs(result)]
 
 
 def ladder_vs_floor(result, ax=None):
     """Output tokens/s of every rung of a ladder result (``course_lib.ladder``), on a log scale,
     the peers in grey, with the workload's physical floor on the same card as a line."""
-    runs = [r for r in result["runs"] if "error" not in r]
+    runs = _runs(result)
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 4))
     names = _rung_names(result)
@@ -353,7 +358,7 @@ def ladder_vs_floor(result, ax=None):
 def utilisation_by_rung(result, ax=None):
     """MBU and MFU (from the bytes and FLOPs every step must move and do) next to NVML's 'GPU
     utilisation' (the share of time any kernel ran), per rung."""
-    runs = [r for r in result["runs"] if "error" not in r]
+    runs = _runs(result)
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3.5))
     x = np.arange(len(runs))

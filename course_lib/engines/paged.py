@@ -49,7 +49,7 @@ def chunk_sizes(pending: list, budget) -> list:
     return sizes
 
 
-@dataclass
+@dataclass(eq=False)       # a sequence is itself: `in`, `remove` compare identity, not token lists
 class PagedSeq:
     req: object
     tokens: list = field(default_factory=list)    # prompt + answer so far: what the cache must hold
@@ -267,8 +267,9 @@ class PagedEngine(Engine):
             nxt = sample(self.model.logits(hidden[last]), self.temperature).tolist() if done else []
             computed = tokens.numel()
         now = self.now()
-        decode = [(s, n) for s, n in batch if s.pending == 1 and s.cached >= len(s.req.prompt_tokens)]
-        prefill = [(s, n) for s, n in batch if (s, n) not in decode]     # prompts, and recomputes
+        is_decode = [s.pending == 1 and s.cached >= len(s.req.prompt_tokens) for s, _ in batch]
+        decode = [b for b, d in zip(batch, is_decode) if d]
+        prefill = [b for b, d in zip(batch, is_decode) if not d]         # prompts, and recomputes
         self.steps.append(Step(
             start, now, rows=len(batch), slots=computed,
             prefill_tokens=sum(n for _, n in prefill), decode_tokens=len(decode),
