@@ -51,8 +51,11 @@ ORDER = ["sequential", "static", "dynamic", "continuous", "paged", "chunked", "g
 
 def ordered(runs) -> list:
     """Runs in the ladder's order (rungs, then the peers), whatever order they ran in."""
-    return sorted(runs, key=lambda r: ORDER.index(r["rung"].partition(":")[0])
-                  if r["rung"].partition(":")[0] in ORDER else len(ORDER))
+    def key(r):
+        name = r["rung"].partition(":")[0]
+        tput = (r.get("metrics") or {}).get("output_tokens_per_s") or 0
+        return (ORDER.index(name) if name in ORDER else len(ORDER), tput)   # variants: slowest first
+    return sorted(runs, key=key)
 
 
 def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int, big_batch: int = 512,
@@ -135,3 +138,23 @@ def print_table(result):
         fl = result["floor"]
         print(f"physical floor: {fl['seconds']:.2f} s ({fl['prefill_s']:.2f} s prefill at the matmul peak, "
               f"{fl['decode_s']:.2f} s decode at the copy peak), {fl['output_tokens_per_s']:,.0f} tok/s")
+
+
+def between_steps_s(run) -> float:
+    """Seconds of a run's makespan spent between its steps (the host deciding what to run next,
+    with the GPU idle), from its step log."""
+    steps = run.get("steps") or []
+    return sum(max(0.0, b["start_s"] - a["end_s"]) for a, b in zip(steps, steps[1:]))
+
+
+def time_split(run) -> dict:
+    """Where a run's makespan went, from its step log: seconds in prefill-only, mixed and
+    decode-only steps, and between steps; and its slowest steps (``(ms, prefill, decode)``)."""
+    out = {"prefill": 0.0, "mixed": 0.0, "decode": 0.0, "between": between_steps_s(run)}
+    for s in run["steps"]:
+        kind = ("mixed" if s["decode_tokens"] else "prefill") if s["prefill_tokens"] else "decode"
+        out[kind] += s["end_s"] - s["start_s"]
+    slow = sorted(run["steps"], key=lambda s: s["start_s"] - s["end_s"])[:6]
+    out["slowest"] = [(round(1e3 * (s["end_s"] - s["start_s"])), s["prefill_tokens"], s["decode_tokens"])
+                      for s in slow]
+    return out

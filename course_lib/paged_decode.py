@@ -55,10 +55,10 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, o_ptr, m_ptr, l_ptr,
                              scale, stride_qb, stride_qh, stride_kh, stride_ks, stride_tb,
-                             stride_ob, stride_oh, stride_os,
+                             stride_ob, stride_oh, stride_os, S, split_tokens,
                              H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                             S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                             SPLIT_TOKENS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                             SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         g, d, n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
         heads = kvh * G + g
@@ -66,8 +66,8 @@ if triton is not None:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=gd_mask, other=0.0)                                     # (G, D)
         length = tl.load(lengths_ptr + b)
-        start = split * SPLIT_TOKENS
-        end = tl.minimum(length, start + SPLIT_TOKENS)
+        start = split * split_tokens
+        end = tl.minimum(length, start + split_tokens)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)                         # running max
         total = tl.zeros([BLOCK_G], tl.float32)                                   # running sum
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)                            # weighted V
@@ -99,8 +99,8 @@ if triton is not None:
                      (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
 
     @triton.jit
-    def _combine_kernel(part_ptr, m_ptr, l_ptr, o_ptr, stride_ob, stride_oh, H: tl.constexpr,
-                        S: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _combine_kernel(part_ptr, m_ptr, l_ptr, o_ptr, stride_ob, stride_oh, S, H: tl.constexpr,
+                        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(0)                 # (sequence, head), flattened
         b, h = bh // H, bh % H
         s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
@@ -148,15 +148,16 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     max_tokens = block_tables.shape[1] * block_size
     S = n_splits(B, kv_heads, max_tokens, block_n)
     split_tokens = -(-max_tokens // S // block_n) * block_n
-    consts = dict(H=heads, G=G, D=d, S=S, BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
-                  BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n,
-                  SPLIT_TOKENS=split_tokens, SPLIT=S > 1,
+    # S and split_tokens are plain arguments, not compile-time constants: a step with another
+    # batch or table width must not compile a new kernel (that stalled the first mixed steps)
+    consts = dict(H=heads, G=G, D=d, BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
+                  BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, SPLIT=S > 1,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if S == 1:
         _paged_decode_kernel[(B, kv_heads, 1)](
             q, k_cache, v_cache, block_tables, lengths, out, out, out, d ** -0.5,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-            out.stride(0), out.stride(1), 0, **consts)
+            out.stride(0), out.stride(1), 0, S, split_tokens, **consts)
         return out
     part = torch.empty(B, heads, S, d, dtype=torch.float32, device=q.device)
     m = torch.empty(B, heads, S, dtype=torch.float32, device=q.device)
@@ -164,8 +165,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     _paged_decode_kernel[(B, kv_heads, S)](
         q, k_cache, v_cache, block_tables, lengths, part, m, l, d ** -0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), **consts)
-    _combine_kernel[(B * heads,)](part, m, l, out, out.stride(0), out.stride(1), H=heads, S=S, D=d,
+        part.stride(0), part.stride(1), part.stride(2), S, split_tokens, **consts)
+    _combine_kernel[(B * heads,)](part, m, l, out, out.stride(0), out.stride(1), S, H=heads, D=d,
                                   BLOCK_S=triton.next_power_of_2(S), BLOCK_D=triton.next_power_of_2(d))
     return out
 

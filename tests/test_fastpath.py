@@ -9,7 +9,7 @@ import torch
 from course_lib import models, plots, widgets
 from course_lib.cuda_graphs import DecodeGraphs, batch_buckets
 from course_lib.engines import make_engine
-from course_lib.ladder import parse_rung, run_ladder, table
+from course_lib.ladder import ordered, parse_rung, run_ladder, table, time_split
 from course_lib.llama import Llama, LlamaShape
 from course_lib.metrics import RunLog, Step, summarize
 from course_lib.nbtools import RESULTS
@@ -134,8 +134,14 @@ def test_a_ladder_run_names_its_rungs_keeps_going_and_has_a_floor(tiny):
 
 
 def test_chapter_09_pictures_draw_the_stored_results():
+    complete = json.loads((RESULTS / "ladder09-2d9ea26_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
+    assert {r["engine"] for r in complete["runs"]} >= {"static", "dynamic", "continuous", "hf-generate", "hf-cb"}
     result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
-    assert {r["engine"] for r in result["runs"]} >= {"static", "dynamic", "continuous", "hf-generate", "hf-cb"}
+    names = [r["rung"] for r in ordered(result["runs"])]
+    assert names[:4] == ["static", "continuous", "paged", "chunked"] and names[-2:] == ["hf-generate", "hf-cb"]
+    split = time_split(result["runs"][1])
+    assert sum(split[k] for k in ("prefill", "mixed", "decode", "between")) == pytest.approx(
+        result["runs"][1]["metrics"]["makespan_s"], rel=0.05)
     assert plots.ladder_vs_floor(result).get_xscale() == "log"
     assert len(plots.utilisation_by_rung(result).patches) == 3 * len(result["runs"])
     steps = [json.loads((RESULTS / f"decode_step_{m}_nvidia-h200.json").read_text())
