@@ -73,6 +73,23 @@ def chapter04(out: Path, model_name: str = "smollm2-135m", n: int = 16, max_batc
     return [path]
 
 
+def chapter09(out: Path) -> list:
+    """The ladder against the card's physical floor, and utilisation per rung: drawn from the
+    stored GPU run (this figure needs a GPU run to change; ``bash bench/gpu_ladder09.sh``)."""
+    import json
+    from .nbtools import RESULTS
+    result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
+    fig, axes = plt.subplots(2, 1, figsize=(10, 8))
+    plots.ladder_vs_floor(result, ax=axes[0])
+    plots.utilisation_by_rung(result, ax=axes[1])
+    axes[1].set_title(f"stored run, commit {result['versions']['course_lib_commit']}")
+    plt.tight_layout()
+    path = out / "ladder_vs_floor.svg"
+    plt.savefig(path)
+    plt.close("all")
+    return [path]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=str(VIS))
@@ -80,7 +97,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in chapter01(out, a.model) + chapter04(out, a.model):
+    for path in chapter01(out, a.model) + chapter04(out, a.model) + chapter09(out):
         print("wrote", path)
 
 

@@ -31,6 +31,13 @@ RUNGS = {   # name -> engine, options ("rows": the rows' KV memory; "big": big_b
 }
 
 
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def parse_rung(spec: str, settings: dict):
     """``name[:key=value,...]`` -> (rung name, engine, max_batch, engine options)."""
     name, _, over = spec.partition(":")
@@ -38,7 +45,7 @@ def parse_rung(spec: str, settings: dict):
     options = {k: settings.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
     for item in filter(None, over.split(",")):
         key, value = item.split("=")
-        value = int(value) if value.isdigit() else value
+        value = int(value) if value.isdigit() else _number(value)
         if key == "kv_memory_mib":
             key, value = "kv_memory_bytes", int(float(value) * 2**20)
         options[key] = value
@@ -47,6 +54,21 @@ def parse_rung(spec: str, settings: dict):
 
 
 ORDER = ["sequential", "static", "dynamic", "continuous", "paged", "chunked", "graphs", "hf-generate", "hf-cb"]
+
+
+def label(rung: str) -> str:
+    """A short name for a rung spec: ``graphs:kv_memory_mib=16384,max_num_batched_tokens=8192``
+    -> ``graphs, 16 GiB KV, budget 8192``."""
+    name, _, over = rung.partition(":")
+    words = {"kv_memory_mib": lambda v: f"{float(v) / 1024:g} GiB KV",
+             "max_num_batched_tokens": lambda v: f"budget {v}",
+             "watermark": lambda v: f"{float(v):.0%} kept free",
+             "cuda_graphs": lambda v: "CUDA graphs" if v not in ("0", "False") else "eager decode"}
+    parts = [name]
+    for item in filter(None, over.split(",")):
+        key, value = item.split("=")
+        parts.append(words[key](value) if key in words else item)
+    return ", ".join(parts)
 
 
 def ordered(runs) -> list:
@@ -111,7 +133,7 @@ def table(result) -> list:
     rows = []
     for name, r in runs.items():
         m = r["metrics"]
-        rows.append({"rung": name, "max_batch": r["max_batch"], "tokens_per_s": tput[name],
+        rows.append({"rung": name, "label": label(name), "max_batch": r["max_batch"], "tokens_per_s": tput[name],
                      "x_static": tput[name] / tput["static"] if "static" in tput else None,
                      "x_hf_cb": tput[name] / tput["hf-cb"] if "hf-cb" in tput else None,
                      "x_hf_generate": tput[name] / tput["hf-generate"] if "hf-generate" in tput else None,
@@ -125,12 +147,12 @@ def table(result) -> list:
 
 def print_table(result):
     """The ladder table, as the notebook and the closing note show it."""
-    print(f"{'rung':<52} {'B':>4} {'tok/s':>8} {'x static':>8} {'x hf-cb':>8} {'of floor':>8} "
+    print(f"{'rung':<30} {'B':>4} {'tok/s':>8} {'x static':>8} {'x hf-cb':>8} {'of floor':>8} "
           f"{'MBU':>6} {'MFU':>6} {'NVML':>5} {'TTFT p50':>9} {'TPOT p50':>9}")
     for r in table(result):
         def f(x, fmt):
             return "-" if x is None else format(x, fmt)
-        print(f"{r['rung']:<52} {r['max_batch']:>4} {r['tokens_per_s']:>8.0f} {f(r['x_static'], '>8.2f')} "
+        print(f"{r['label']:<30} {r['max_batch']:>4} {r['tokens_per_s']:>8.0f} {f(r['x_static'], '>8.2f')} "
               f"{f(r['x_hf_cb'], '>8.2f')} {f(r['of_floor'], '>8.1%')} {f(r['mbu'], '>6.1%')} "
               f"{f(r['mfu'], '>6.1%')} {f(r['nvml'], '>4.0f')}% {f(r['ttft_p50_s'], '>8.2f')}s "
               f"{f(r['tpot_p50_s'] and r['tpot_p50_s'] * 1e3, '>7.1f')}ms")

@@ -329,7 +329,8 @@ def _runs(result):
 
 
 def _rung_names(result):
-    return [r["rung"] for r in _runs(result)]
+    from .ladder import label
+    return [label(r["rung"]) for r in _runs(result)]
 
 
 def ladder_vs_floor(result, ax=None):

@@ -276,6 +276,7 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
     if isinstance(cost, CostBook):
         cost = cost.for_run(engine, options)
     options.pop("attention", None)                         # nothing is computed
+    options.pop("cuda_graphs", None)
     if isinstance(options.get("slo"), dict):               # as a stored JSON holds it
         from .admission import SLO
         options["slo"] = SLO(**options["slo"])

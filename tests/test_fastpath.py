@@ -9,7 +9,7 @@ import torch
 from course_lib import models, plots, widgets
 from course_lib.cuda_graphs import DecodeGraphs, batch_buckets
 from course_lib.engines import make_engine
-from course_lib.ladder import ordered, parse_rung, run_ladder, table, time_split
+from course_lib.ladder import label, ordered, parse_rung, run_ladder, table, time_split
 from course_lib.llama import Llama, LlamaShape
 from course_lib.metrics import RunLog, Step, summarize
 from course_lib.nbtools import RESULTS
@@ -72,6 +72,20 @@ def test_fast_path_schedules_like_the_reference_on_the_fake_model():
     assert outs["gather"] == outs["kernel"] and outs["kernel"][2] > 0
 
 
+def test_a_watermark_keeps_room_to_grow_and_preempts_less():
+    reqs = [Request(f"r{i}", [7] * 20 + [30], max_new_tokens=40) for i in range(12)]
+    runs = {}
+    for wm in (0.0, 0.25):
+        e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=12, block_size=4,
+                        num_blocks=60, watermark=wm)
+        log = e.run(reqs)
+        runs[wm] = (e.preemptions, [r.output_tokens for r in log.requests], max(s.rows for s in log.steps))
+    assert runs[0.0][0] > 0 and runs[0.25][0] < runs[0.0][0]       # fewer prompts recomputed
+    assert runs[0.0][1] == runs[0.25][1]                            # the same answers
+    assert parse_rung("graphs:watermark=0.05", {"rows": 1, "big": 8, "budget": 64, "max_batch": 4})[3][
+        "watermark"] == 0.05
+
+
 def test_a_victim_already_in_the_step_is_taken_out_of_it(tiny):
     """Preemption during the decode pass may pick a sequence scheduled earlier in the same pass
     (the running order changes once sequences are readmitted): it must leave the step."""
@@ -85,7 +99,8 @@ def test_a_victim_already_in_the_step_is_taken_out_of_it(tiny):
 
 
 @pytest.mark.parametrize("option,value,message", [("cuda_graphs", True, "cuda_graphs needs a CUDA"),
-                                                  ("temperature", -0.5, "temperature")])
+                                                  ("temperature", -0.5, "temperature"),
+                                                  ("watermark", 1.0, "watermark")])
 def test_fast_path_settings_that_cannot_work_are_named(tiny, option, value, message):
     with pytest.raises(ValueError, match=message):
         make_engine("continuous", tiny, block_size=16, **{option: value})
@@ -144,6 +159,7 @@ def test_chapter_09_pictures_draw_the_stored_results():
         result["runs"][1]["metrics"]["makespan_s"], rel=0.05)
     assert plots.ladder_vs_floor(result).get_xscale() == "log"
     assert len(plots.utilisation_by_rung(result).patches) == 3 * len(result["runs"])
+    assert label("graphs:kv_memory_mib=16384,max_num_batched_tokens=8192") == "graphs, 16 GiB KV, budget 8192"
     steps = [json.loads((RESULTS / f"decode_step_{m}_nvidia-h200.json").read_text())
              for m in ("llama-1b-dummy", "smollm2-135m")]
     assert len(plots.decode_step_curve(steps).lines) == 6

@@ -68,7 +68,7 @@ class PagedEngine(Engine):
                  block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
                  kv_memory_bytes: int | None = None, slo=None, step_cost=None, model=None,
                  cuda_graphs: bool | None = None, temperature: float = 0.0,
-                 trace_blocks: bool | None = None):
+                 trace_blocks: bool | None = None, watermark: float = 0.0):
         super().__init__(loaded, max_batch)
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
@@ -103,6 +103,9 @@ class PagedEngine(Engine):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.temperature = temperature
+        if not 0 <= watermark < 1:
+            raise ValueError(f"watermark must be a fraction of the blocks in [0, 1), got {watermark}")
+        self.watermark = watermark       # blocks kept free for growth when admitting (chapter 09)
         # block tables after every step, for the pictures of chapter 07 (memory grows with steps)
         self.trace_blocks = not cuda if trace_blocks is None else trace_blocks
         self.cache = self.graphs = None
@@ -206,6 +209,8 @@ class PagedEngine(Engine):
         while waiting and len(running) < self.max_batch:                   #    and newcomers
             if self.admission and not self.admit(waiting[0], running):
                 break
+            if self.watermark and running and not self.room_for(waiting[0]):
+                break
             running.append(waiting.popleft())
             chunks.append(running[-1])
         for seq, n in zip(chunks, chunk_sizes([s.pending for s in chunks], budget)):
@@ -220,6 +225,13 @@ class PagedEngine(Engine):
             running.remove(seq)
             waiting.appendleft(seq)
         return batch
+
+    def room_for(self, seq) -> bool:
+        """Would ``watermark`` of the cache's blocks stay free after this sequence's prompt? The
+        free blocks are the running sequences' room to grow: admitting into the last of them
+        means preempting (and recomputing a whole prompt) a few steps later."""
+        alloc = self.cache.allocator
+        return alloc.n_free - self.cache.blocks_needed(len(seq.tokens)) >= self.watermark * alloc.n_blocks
 
     def admit(self, seq, running) -> bool:
         """May the head of the queue join now? (Preempted sequences were admitted before.)"""
