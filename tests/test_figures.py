@@ -11,3 +11,9 @@ def test_figures_are_drawn_from_runs(tmp_path):
         assert p.exists() and p.stat().st_size > 5000
     svg = (tmp_path / "batching_comparison.svg").read_text()
     assert "static batching" in svg and "continuous batching" in svg
+
+
+def test_the_ladder_figure_is_drawn_from_the_stored_gpu_run(tmp_path):
+    (path,) = figures.chapter09(tmp_path)
+    svg = path.read_text()
+    assert path.name == "ladder_vs_floor.svg" and "physical floor" in svg and "hf-cb" in svg
