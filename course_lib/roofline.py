@@ -170,8 +170,7 @@ def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> 
     Returns seconds for each part, the total, and output tokens per second at the floor.
     """
     prompt_lens, output_lens = list(prompt_lens), list(output_lens)
-    prefill_flops = sum(step_work(shape, dtype_bytes, tokens=n, attended=n * (n + 1) // 2,
-                                  kv_read=0, logit_rows=1).flops for n in prompt_lens)
+    prefill_flops = prefill_work(shape, dtype_bytes, prompt_lens, padded=False).flops
     prefill_s = prefill_flops / peaks.flops
     decode_s, decode_bytes = 0.0, 0.0
     for t in range(1, max(output_lens, default=1)):       # step t feeds each sequence's t-th token

@@ -112,18 +112,20 @@ class PagedEngine(Engine):
         self.slo, self.step_cost = slo, step_cost        # admission control, and its prior model
         self.preemptions = 0
 
+    def blocks_for(self, requests) -> int:
+        """The cache's blocks: ``num_blocks`` (or the memory budget), else room for every
+        request at once (no preemption)."""
+        return self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens)
+                                        // self.block_size) for r in requests)
+
     def new_cache(self, requests) -> PagedKVCache:
-        # default: room for every request at once (no preemption); --num-blocks caps it
-        n_blocks = self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens)
-                                            // self.block_size) for r in requests)
-        return PagedKVCache(self.model.shape, n_blocks, self.block_size, self.model.dtype,
-                            self.model.device)
+        return PagedKVCache(self.model.shape, self.blocks_for(requests), self.block_size,
+                            self.model.dtype, self.model.device)
 
     def setup(self, requests):
         """The cache for a run, and the decode graphs that read it. Both are kept from run to
         run while they fit (capturing graphs takes seconds), emptied at the start of each."""
-        n_blocks = self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens)
-                                            // self.block_size) for r in requests)
+        n_blocks = self.blocks_for(requests)
         if self.cache is None or self.cache.allocator.n_blocks < n_blocks or (
                 self.num_blocks and self.cache.allocator.n_blocks != n_blocks):
             self.cache, self.graphs = self.new_cache(requests), None
