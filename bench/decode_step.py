@@ -6,6 +6,7 @@ the step must read) / time / measured copy bandwidth.
     python bench/decode_step.py --model llama-1b-dummy --dtype bfloat16 --context 640 --out DIR
 """
 import argparse
+from dataclasses import asdict
 import shlex
 import statistics
 import sys
@@ -45,6 +46,18 @@ def wall_ms(fn, repeat):
     return statistics.median(out)
 
 
+def decoding_batch(model_name: str, batch: int, context: int, block_size: int = 16,
+                   dtype: str = "bfloat16"):
+    """The model, and a paged cache of ``batch`` sequences of ``context`` tokens grown side by
+    side (their blocks scattered, as in serving), each about to decode its next token:
+    ``(model, cache, rows for DecodeGraphs.step, blocks per sequence)``."""
+    model = Llama.from_hf(models.load(model_name, dtype=dtype, device="cuda").model)
+    per_seq = -(-(context + 1) // block_size)
+    cache = PagedKVCache(model.shape, batch * per_seq, block_size, model.dtype, "cuda")
+    cache.grow_side_by_side(dict.fromkeys(range(batch), context + 1), chunk=block_size)
+    return model, cache, [(1, context, cache.tables[i]) for i in range(batch)], per_seq
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-1b-dummy")
@@ -55,16 +68,9 @@ def main():
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    loaded = models.load(a.model, dtype=a.dtype, device="cuda")
-    model = Llama.from_hf(loaded.model)
+    B = max(a.batch)
+    model, cache, rows, per_seq = decoding_batch(a.model, B, a.context, a.block_size, a.dtype)
     peaks = measure_peaks("cuda", model.dtype)
-    B, bs = max(a.batch), a.block_size
-    per_seq = -(-(a.context + 1) // bs)
-    cache = PagedKVCache(model.shape, B * per_seq, bs, model.dtype, "cuda")
-    for step in range(per_seq):
-        for i in range(B):
-            cache.grow(i, min(bs, a.context + 1 - step * bs))
-    rows = [(1, a.context, cache.tables[i]) for i in range(B)]
     graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
     eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)
     dtype_bytes = model.dtype.itemsize
@@ -87,7 +93,7 @@ def main():
               f"step {step:7.3f} ms MBU {row['mbu_step']:.0%} | eager {eager_step:7.3f} ms "
               f"MBU {row['mbu_eager']:.0%}", flush=True)
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
-    save_result({"model": a.model, "dtype": a.dtype, "device": peaks.__dict__, "rows": out},
+    save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "rows": out},
                 Path(a.out) / f"decode_step_{a.model}_{name}.json",
                 "python bench/decode_step.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 

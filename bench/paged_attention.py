@@ -38,13 +38,7 @@ def fragmented_cache(contexts, block_size, dtype, device, spare=1.1):
     cache = PagedKVCache(SHAPE, n_blocks, block_size, dtype, device)
     for t in cache.k + cache.v:
         t.normal_()
-    done = [0] * len(contexts)
-    while done != list(contexts):
-        for i, c in enumerate(contexts):
-            n = min(block_size, c - done[i])
-            if n:
-                cache.grow(i, n)
-                done[i] += n
+    cache.grow_side_by_side(dict(enumerate(contexts)), chunk=block_size)
     return cache
 
 

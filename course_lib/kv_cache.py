@@ -134,6 +134,17 @@ class PagedKVCache:
             table.append(self.allocator.allocate())
         self.lengths[seq_id] = n
 
+    def grow_side_by_side(self, lengths: dict, chunk: int = 1):
+        """Grow sequences ``{seq_id: tokens}`` in turns of ``chunk`` tokens, as a batch that decodes
+        together does, so that their blocks interleave in memory (benchmarks and tests)."""
+        done = dict.fromkeys(lengths, 0)
+        while done != lengths:
+            for sid, n in lengths.items():
+                take = min(chunk, n - done[sid])
+                if take:
+                    self.grow(sid, take)
+                    done[sid] += take
+
     def release(self, seq_id):
         """Free every block of a sequence (finished, or preempted)."""
         for block in self.tables.pop(seq_id, []):

@@ -21,7 +21,11 @@ enough programs at once to fill the GPU.
 """
 from __future__ import annotations
 
+import json
+
 import torch
+
+from .llama import LlamaShape
 
 try:                                   # Triton ships with CUDA builds of PyTorch
     import triton
@@ -122,14 +126,18 @@ def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int
     return ref if out is None else out.copy_(ref)
 
 
-def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int, programs: int = 512) -> int:
+BLOCK_N = 64          # tokens per loop iteration of the kernel
+
+
+def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
+             programs: int = 512) -> int:
     """How many splits per sequence keep about ``programs`` programs busy, each split at least
     ``block_n`` tokens long (1 when the batch alone gives enough programs)."""
     return max(1, min(-(-programs // (batch * kv_heads)), -(-max_tokens // block_n)))
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None,
-                 block_n: int = 64):
+                 block_n: int = BLOCK_N):
     """The Triton kernel; same arguments and result as ``paged_decode_reference`` (``out``: where
     to write it). The splits are chosen from the batch and the block tables' width (the longest
     a sequence may be), not from the lengths, so that nothing is read back from the GPU and a
@@ -180,16 +188,18 @@ def random_decode_step(shape, B=5, block_size=16, device="cpu", dtype=torch.floa
     for t in cache.k + cache.v:
         t.copy_(torch.randn(t.shape, generator=g).to(dtype))
     lengths = torch.randint(1, 9 * block_size, (B,), generator=g).tolist()
-    for step in range(max(lengths)):
-        for b, n in enumerate(lengths):
-            if step < n:
-                cache.grow(b, 1)
+    cache.grow_side_by_side(dict(enumerate(lengths)))
     q = torch.randn(B, shape.n_heads, shape.head_dim, generator=g).to(dtype)
     return (cache, q.to(device), cache.table_tensor(range(B), device),
             torch.tensor(lengths, dtype=torch.int32, device=device))
 
 
-def selfcheck(shape, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu", dtype=torch.float32):
+# a small GQA shape (4 query heads per KV head) for the checks
+SELFCHECK_SHAPE = LlamaShape(100, 64, 128, 1, n_heads=8, n_kv_heads=2, head_dim=32, rope_theta=1e4,
+                             eps=1e-5, eos_token_id=0, max_context=4096)
+
+
+def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu", dtype=torch.float32):
     """Run the kernel against the reference on fresh random caches, one row per ``(B,
     block_size)`` case: splits used, max abs error, relative error, every element written.
     On the CPU, set ``TRITON_INTERPRET=1`` before Triton is first imported."""
@@ -201,7 +211,7 @@ def selfcheck(shape, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu", 
         ref = paged_decode_reference(q, cache.k[0], cache.v[0], tables, lengths, block_size)
         err = (out.float() - ref.float())
         rows.append({"batch": B, "block_size": block_size,
-                     "splits": n_splits(B, shape.n_kv_heads, tables.shape[1] * block_size, 64),
+                     "splits": n_splits(B, shape.n_kv_heads, tables.shape[1] * block_size),
                      "all_written": not out.isnan().any().item(),
                      "max_abs_error": err.abs().max().item(),
                      "relative_error": (err.norm() / ref.float().norm()).item()})
@@ -209,8 +219,5 @@ def selfcheck(shape, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu", 
 
 
 if __name__ == "__main__":       # python -m course_lib.paged_decode (TRITON_INTERPRET=1 on a CPU)
-    from .llama import LlamaShape
-    shape = LlamaShape(100, 64, 128, 1, n_heads=8, n_kv_heads=2, head_dim=32, rope_theta=1e4,
-                       eps=1e-5, eos_token_id=0, max_context=4096)
-    for row in selfcheck(shape):
-        print(row)
+    for row in selfcheck():
+        print(json.dumps(row))

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from course_lib.attention import DecodeAttention, PagedAttention
-from course_lib.llama import LlamaShape
-from course_lib.paged_decode import n_splits, paged_decode_reference, random_decode_step, selfcheck
+from course_lib.paged_decode import (SELFCHECK_SHAPE, n_splits, paged_decode_reference,
+                                     random_decode_step, selfcheck)
 
-SHAPE = LlamaShape(100, 64, 128, 1, n_heads=8, n_kv_heads=2, head_dim=32, rope_theta=1e4, eps=1e-5,
-                   eos_token_id=0, max_context=4096)
+SHAPE = SELFCHECK_SHAPE
 
 
 def test_the_reference_is_the_packed_paged_attention_of_a_decode_step():
@@ -45,14 +44,11 @@ def test_splits_keep_the_gpu_busy_and_vanish_at_large_batch():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bf16 test runs the real kernel "
                     "(and older Tritons' interpreters fail there with numpy 2)")
 def test_the_triton_kernel_in_the_interpreter():
-    code = ("import json; from course_lib.paged_decode import selfcheck; from test_paged_decode import SHAPE; "
-            "print(json.dumps(selfcheck(SHAPE)))")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "course_lib.paged_decode"], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert {row["splits"] > 1 for row in rows} == {True, False}     # split and unsplit grids
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 4 and {row["splits"] > 1 for row in rows} == {True, False}   # both grids
     for row in rows:
         assert row["all_written"], f"every output element must be written: {row}"
         assert row["max_abs_error"] < 1e-5, row
