@@ -17,6 +17,7 @@ import traceback
 from .bench import bench, describe
 from .kv_cache import kv_bytes_per_token
 from .llama import LlamaShape
+from .metrics import steps_of
 from .requests import load_workload
 from .roofline import measure_peaks, workload_floor
 
@@ -31,23 +32,27 @@ RUNGS = {   # name -> engine, options ("rows": the rows' KV memory; "big": big_b
 }
 
 
-def _number(text: str):
-    try:
-        return float(text)
-    except ValueError:
+def _split(spec: str):
+    """``name[:key=value,...]`` -> (name, [(key, value), ...]), values as numbers where they are."""
+    def number(text):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
         return text
+    name, _, over = spec.partition(":")
+    return name, [(k, number(v)) for k, v in (item.split("=") for item in over.split(",") if item)]
 
 
 def parse_rung(spec: str, settings: dict):
     """``name[:key=value,...]`` -> (rung name, engine, max_batch, engine options)."""
-    name, _, over = spec.partition(":")
+    name, overrides = _split(spec)
     engine, options = RUNGS.get(name, (name, {}))
     options = {k: settings.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
-    for item in filter(None, over.split(",")):
-        key, value = item.split("=")
-        value = int(value) if value.isdigit() else _number(value)
+    for key, value in overrides:
         if key == "kv_memory_mib":
-            key, value = "kv_memory_bytes", int(float(value) * 2**20)
+            key, value = "kv_memory_bytes", int(value * 2**20)
         options[key] = value
     max_batch = options.pop("max_batch", settings["max_batch"])
     return spec, engine, int(max_batch), options
@@ -59,16 +64,12 @@ ORDER = ["sequential", "static", "dynamic", "continuous", "paged", "chunked", "g
 def label(rung: str) -> str:
     """A short name for a rung spec: ``graphs:kv_memory_mib=16384,max_num_batched_tokens=8192``
     -> ``graphs, 16 GiB KV, budget 8192``."""
-    name, _, over = rung.partition(":")
-    words = {"kv_memory_mib": lambda v: f"{float(v) / 1024:g} GiB KV",
+    name, overrides = _split(rung)
+    words = {"kv_memory_mib": lambda v: f"{v / 1024:g} GiB KV",
              "max_num_batched_tokens": lambda v: f"budget {v}",
-             "watermark": lambda v: f"{float(v):.0%} kept free",
-             "cuda_graphs": lambda v: "CUDA graphs" if v not in ("0", "False") else "eager decode"}
-    parts = [name]
-    for item in filter(None, over.split(",")):
-        key, value = item.split("=")
-        parts.append(words[key](value) if key in words else item)
-    return ", ".join(parts)
+             "watermark": lambda v: f"{v:.0%} kept free",
+             "cuda_graphs": lambda v: "CUDA graphs" if v not in (0, "False") else "eager decode"}
+    return ", ".join([name] + [words[k](v) if k in words else f"{k}={v}" for k, v in overrides])
 
 
 def ordered(runs) -> list:
@@ -165,18 +166,17 @@ def print_table(result):
 def between_steps_s(run) -> float:
     """Seconds of a run's makespan spent between its steps (the host deciding what to run next,
     with the GPU idle), from its step log."""
-    steps = run.get("steps") or []
-    return sum(max(0.0, b["start_s"] - a["end_s"]) for a, b in zip(steps, steps[1:]))
+    steps = steps_of(run)
+    return sum(max(0.0, b.start_s - a.end_s) for a, b in zip(steps, steps[1:]))
 
 
 def time_split(run) -> dict:
     """Where a run's makespan went, from its step log: seconds in prefill-only, mixed and
     decode-only steps, and between steps; and its slowest steps (``(ms, prefill, decode)``)."""
     out = {"prefill": 0.0, "mixed": 0.0, "decode": 0.0, "between": between_steps_s(run)}
-    for s in run["steps"]:
-        kind = ("mixed" if s["decode_tokens"] else "prefill") if s["prefill_tokens"] else "decode"
-        out[kind] += s["end_s"] - s["start_s"]
-    slow = sorted(run["steps"], key=lambda s: s["start_s"] - s["end_s"])[:6]
-    out["slowest"] = [(round(1e3 * (s["end_s"] - s["start_s"])), s["prefill_tokens"], s["decode_tokens"])
-                      for s in slow]
+    steps = steps_of(run)
+    for s in steps:
+        out[s.kind] += s.seconds
+    slow = sorted(steps, key=lambda s: -s.seconds)[:6]
+    out["slowest"] = [(round(1e3 * s.seconds), s.prefill_tokens, s.decode_tokens) for s in slow]
     return out

@@ -222,3 +222,8 @@ def request_rows(log: RunLog, with_tokens: bool = False) -> list:
 
 def step_rows(log: RunLog) -> list:
     return [{k: v for k, v in asdict(s).items() if k not in ("active", "held")} for s in log.steps]
+
+
+def steps_of(result: dict) -> list:
+    """The ``Step`` records of a stored run (the ``steps`` rows of a bench JSON)."""
+    return [Step(**row) for row in result.get("steps") or []]

@@ -334,24 +334,17 @@ def _rung_names(result):
 
 
 def ladder_vs_floor(result, ax=None):
-    """Output tokens/s of every rung of a ladder result (``course_lib.ladder``), on a log scale,
-    the peers in grey, with the workload's physical floor on the same card as a line."""
-    runs = _runs(result)
+    """The ladder's bars (``ladder``) for every rung of a ladder result (``course_lib.ladder``),
+    on a log scale, with the workload's physical floor on the same card as a line."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(9, 4))
-    names = _rung_names(result)
-    values = [r["metrics"]["output_tokens_per_s"] or 0 for r in runs]
-    bars = ax.barh(names, values, color=["#9e9e9e" if r["engine"].startswith("hf-") else "#5b9bd5"
-                                          for r in runs])
-    ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
+        _, ax = plt.subplots(figsize=(10, 4.5))
+    ladder(_runs(result), ax=ax, label="output tokens / s (log scale)", names=_rung_names(result))
     if result.get("floor"):
         f = result["floor"]["output_tokens_per_s"]
-        ax.axvline(f, color="#c00000", ls="--")
-        ax.text(f, len(runs) - 0.5, f" physical floor\n {f:,.0f} tok/s", color="#c00000", fontsize=8,
-                va="top", ha="right")
-    ax.set_xscale("log")
-    ax.invert_yaxis()
-    ax.set_xlabel("output tokens / s (log scale)")
+        ax.axhline(f, color="#c00000", ls="--")
+        ax.text(0, f, f"physical floor: {f:,.0f} tok/s", color="#c00000", fontsize=8, va="bottom")
+    ax.set_yscale("log")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.set_title(f"{result['model']} on {result['device']['device']}, {result['n']} requests")
     return ax
 
@@ -395,14 +388,13 @@ def decode_step_curve(results, ax=None):
 def run_steps(run, ax=None):
     """The steps of one stored run (a bench JSON with ``steps``): each step's duration at the time
     it started, coloured by kind, with its batch size on a second axis."""
+    from .metrics import steps_of
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3.5))
-    steps = run["steps"]
-    kinds = ["mixed" if s["prefill_tokens"] and s["decode_tokens"] else
-             "prefill" if s["prefill_tokens"] else "decode" for s in steps]
+    steps = steps_of(run)
     colour = {"prefill": COLOURS["prefill"], "decode": COLOURS["decode"], "mixed": "#f4b183"}
     for kind in ("prefill", "mixed", "decode"):
-        pts = [(s["start_s"], 1e3 * (s["end_s"] - s["start_s"])) for s, k in zip(steps, kinds) if k == kind]
+        pts = [(s.start_s, 1e3 * s.seconds) for s in steps if s.kind == kind]
         if pts:
             ax.scatter(*zip(*pts), s=6, color=colour[kind], label=f"{kind} steps ({len(pts)})")
     ax.set_yscale("log")
@@ -410,6 +402,6 @@ def run_steps(run, ax=None):
     ax.set_ylabel("step time (ms)")
     ax.legend(fontsize=8, loc="upper left")
     twin = ax.twinx()
-    twin.plot([s["start_s"] for s in steps], [s["rows"] for s in steps], color="#7f7f7f", lw=0.8)
+    twin.plot([s.start_s for s in steps], [s.rows for s in steps], color="#7f7f7f", lw=0.8)
     twin.set_ylabel("sequences in the step", color="#7f7f7f")
     return ax
