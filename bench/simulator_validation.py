@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.simulator import CostBook, dtype_bytes_of, runs_in, shape_of, validate  # noqa: E402
+from course_lib.simulator import CostBook, runs_in, validate  # noqa: E402
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
     load = lambda paths: [r for x in paths for r in runs_in(json.loads(Path(x).read_text()))]
     fit, held_out = load(a.fit), load(a.predict)
     book = CostBook.fit(fit)
-    rows = [{**validate(book, r, shape_of(r), dtype_bytes_of(r)), "in_fit": r in fit}
+    rows = [{**validate(book, r), "in_fit": r in fit}
             for r in fit + held_out]
     for row in rows:
         print(("fitted   " if row["in_fit"] else "predicted") + " | " + row["run"] + " | " + ", ".join(

@@ -321,13 +321,21 @@ def compare(measured: dict, simulated: dict) -> dict:
     return out
 
 
-def validate(cost, result: dict, shape, dtype_bytes: int) -> dict:
-    """Simulate a stored run (same engine, options, requests and arrivals) and compare: the
-    relative error of throughput, TTFT p50, TPOT p50 and the end-to-end p50."""
-    from .metrics import summarize
+def replay(cost, result: dict, **changes):
+    """Simulate a stored run: the same engine, options (``changes`` replace some), requests and
+    arrivals. Returns the engine and its ``RunLog``."""
     options = dict(result.get("engine_options") or {})
-    _, log = simulate(result["engine"], replay_requests(result), cost, shape, dtype_bytes,
-                      result["max_batch"], **options)
+    if "num_blocks" in options:              # the budget, as the run resolved it into blocks
+        options.pop("kv_memory_bytes", None)
+    return simulate(result["engine"], replay_requests(result), cost, shape_of(result),
+                    dtype_bytes_of(result), result["max_batch"], **{**options, **changes})
+
+
+def validate(cost, result: dict) -> dict:
+    """Simulate a stored run (``replay``) and compare: the relative error of throughput, TTFT
+    p50, TPOT p50 and the end-to-end p50."""
+    from .metrics import summarize
+    _, log = replay(cost, result)
     return {"run": run_name(result), **compare(result["metrics"], summarize(log))}
 
 
@@ -377,7 +385,7 @@ def main(argv=None):
     else:
         cost = CostBook.load(a.cost)
         for r in runs:
-            out = validate(cost, r, shape_of(r), dtype_bytes_of(r))
+            out = validate(cost, r)
             print(out["run"] + ": " + ", ".join(
                 f"{k} {100 * e['error']:+.0f}%" for k, e in out.items()
                 if isinstance(e, dict) and e["error"] is not None))
