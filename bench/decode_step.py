@@ -1,11 +1,13 @@
 """One whole decode step of the paged engine's fast path, per batch size: the CUDA graph replay
 on the GPU (events), the whole step as the engine sees it (host fill + one copy + replay + the
-tokens back), and the same step launched eagerly, kernel by kernel. MBU = (weights + KV bytes
-the step must read) / time / measured copy bandwidth.
+tokens back), the same step launched eagerly, kernel by kernel, and the graph replay of the model
+without the fused elementwise kernels (``course_lib.fused``). MBU = (weights + KV bytes the step
+must read) / time / measured copy bandwidth.
 
     python bench/decode_step.py --model llama-1b-dummy --dtype bfloat16 --context 640 --out DIR
 """
 import argparse
+import copy
 from dataclasses import asdict
 import shlex
 import statistics
@@ -71,6 +73,8 @@ def main():
     B = max(a.batch)
     model, cache, rows, per_seq = decoding_batch(a.model, B, a.context, a.block_size, a.dtype)
     peaks = measure_peaks("cuda", model.dtype)
+    unfused = DecodeGraphs(copy.copy(model), cache, B, per_seq, graphs=True)
+    model.fused = True
     graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
     eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)
     dtype_bytes = model.dtype.itemsize
@@ -79,17 +83,22 @@ def main():
         nb = graphs.bucket(b)
         graphs.step(rows[:b])                       # fill the inputs once
         gpu = events_ms(graphs.graphs[nb].replay, a.repeat)
+        unfused.step(rows[:b])
+        gpu_unfused = events_ms(unfused.graphs[nb].replay, a.repeat)
         step = wall_ms(lambda: graphs.step(rows[:b]), a.repeat)
         eager_step = wall_ms(lambda: eager.step(rows[:b]), max(3, a.repeat // 4))
         w = step_work(model.shape, dtype_bytes, tokens=b, attended=b * (a.context + 1),
                       kv_read=b * a.context, logit_rows=b)
         row = {"batch": b, "bucket": nb, "context": a.context, "bytes": w.bytes, "flops": w.flops,
                "graph_gpu_ms": gpu, "graph_step_ms": step, "eager_step_ms": eager_step,
+               "unfused_gpu_ms": gpu_unfused,
                "mbu_gpu": w.bytes / (gpu / 1e3) / peaks.bandwidth,
+               "mbu_unfused": w.bytes / (gpu_unfused / 1e3) / peaks.bandwidth,
                "mbu_step": w.bytes / (step / 1e3) / peaks.bandwidth,
                "mbu_eager": w.bytes / (eager_step / 1e3) / peaks.bandwidth}
         out.append(row)
         print(f"B={b:4d} (graph {nb:4d}) | replay {gpu:7.3f} ms MBU {row['mbu_gpu']:.0%} | "
+              f"unfused {gpu_unfused:7.3f} ms MBU {row['mbu_unfused']:.0%} | "
               f"step {step:7.3f} ms MBU {row['mbu_step']:.0%} | eager {eager_step:7.3f} ms "
               f"MBU {row['mbu_eager']:.0%}", flush=True)
     name = torch.cuda.get_device_name().lower().replace(" ", "-")

@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: torch.profiler over eager decode steps of the fast path
-(the same kernels a CUDA graph replays), the kernels with the most GPU time, printed and written
-as JSON.
+(the same kernels a CUDA graph replays), with the fused elementwise kernels and without them,
+the kernels with the most GPU time, printed and written as JSON.
 
     python bench/profile_decode.py --model llama-1b-dummy --batch 1 256 --context 640 --out DIR
 """
@@ -30,9 +30,10 @@ def main():
     p.add_argument("--out", default=None, help="a folder for the JSON")
     a = p.parse_args()
     model, cache, rows, per_seq = decoding_batch(a.model, max(a.batch), a.context)
-    eager = DecodeGraphs(model, cache, max(a.batch), per_seq, graphs=False)
     batches = []
-    for b in a.batch:
+    for fused, b in [(f, b) for f in (True, False) for b in a.batch]:
+        model.fused = fused
+        eager = DecodeGraphs(model, cache, max(a.batch), per_seq, graphs=False)
         for _ in range(3):
             eager.step(rows[:b])
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -40,9 +41,9 @@ def main():
                 eager.step(rows[:b])
         events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         events.sort(key=lambda e: -e.self_device_time_total)
-        print(f"--- batch {b}, {STEPS} steps")
+        print(f"--- batch {b}, {STEPS} steps, {'fused' if fused else 'unfused'}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=60))
-        batches.append({"batch": b, "cuda_total_ms": sum(e.self_device_time_total for e in events) / 1e3,
+        batches.append({"batch": b, "fused": fused, "cuda_total_ms": sum(e.self_device_time_total for e in events) / 1e3,
                         "top": [[e.key, e.self_device_time_total / 1e3] for e in events[:a.top]]})
     if a.out:
         name = torch.cuda.get_device_name().lower().replace(" ", "-")

@@ -63,7 +63,8 @@ class DecodeGraphs:
     def _forward(self, nb: int):
         attn = DecodeAttention(self.cache, self.slots[:nb], self.tables[:nb], self.lengths[:nb])
         hidden = self.model.hidden_states(self.tokens[:nb], self.positions[:nb], attn)
-        return sample(self.model.logits(hidden), self.temperature)
+        # greedy needs no float32 copy of the logits: the argmax is the same
+        return sample(self.model.logits(hidden, float32=self.temperature > 0), self.temperature)
 
     @torch.inference_mode()
     def capture(self):

@@ -64,6 +64,14 @@ def rms_norm(x, weight, eps):
     return weight * x32.to(x.dtype)
 
 
+def add_rms_norm(x, delta, weight, eps):
+    """The residual add and the next norm: ``x + delta`` and its RMSNorm (``delta=None``: the
+    norm alone). Two jobs side by side, so that the fast path can fuse them (``course_lib.fused``)."""
+    if delta is not None:
+        x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
 def rope_frequencies(head_dim, theta, device=None):
     """The rotation speed of each pair of dimensions: theta^(-2i/d), i = 0 .. d/2 - 1."""
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
@@ -83,12 +91,26 @@ def apply_rope(x, cos, sin):
     return x * cos[..., None, :] + rotated * sin[..., None, :]
 
 
-def swiglu_mlp(x, w: LayerWeights):
-    return F.linear(F.silu(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
+def rope_qk(q, k, cos, sin):
+    """RoPE on a step's queries and keys."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def silu_mul(gate, up):
+    """SwiGLU's gate: ``silu(gate) * up``."""
+    return F.silu(gate) * up
+
+
+REFERENCE_OPS = (add_rms_norm, rope_qk, silu_mul)
 
 
 class Llama:
-    """A Llama decoder over weights borrowed (not copied) from a Hugging Face model."""
+    """A Llama decoder over weights borrowed (not copied) from a Hugging Face model.
+
+    ``fused = True`` runs the elementwise work (residual adds with the norms, RoPE, SwiGLU's
+    gate) through the fused Triton kernels of ``course_lib.fused`` (chapter 09's fast path on
+    CUDA); by default the PyTorch functions above."""
+    fused = False
 
     def __init__(self, shape: LlamaShape, embed, layers, final_norm, lm_head):
         self.shape, self.embed, self.layers = shape, embed, layers
@@ -122,22 +144,34 @@ class Llama:
     def hidden_states(self, tokens, positions, attn):
         """tokens, positions: (...) integers -> final hidden states (..., hidden)."""
         s = self.shape
+        add_norm, rope, gate = self.elementwise_ops()
         x = F.embedding(tokens, self.embed)                                   # (..., hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        norms = [w.attn_norm for w in self.layers[1:]] + [self.final_norm]    # the norm after each layer
+        x, h = add_norm(x, None, self.layers[0].attn_norm, s.eps)             # h = the norm of x
         for i, w in enumerate(self.layers):
-            h = rms_norm(x, w.attn_norm, s.eps)
             q = F.linear(h, w.wq).unflatten(-1, (s.n_heads, s.head_dim))      # (..., H, d)
             k = F.linear(h, w.wk).unflatten(-1, (s.n_kv_heads, s.head_dim))   # (..., Hkv, d)
             v = F.linear(h, w.wv).unflatten(-1, (s.n_kv_heads, s.head_dim))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = rope(q, k, cos, sin)
             o = attn(i, q, k, v)                                              # (..., H, d)
-            x = x + F.linear(o.flatten(-2), w.wo)
-            x = x + swiglu_mlp(rms_norm(x, w.mlp_norm, s.eps), w)
-        return rms_norm(x, self.final_norm, s.eps)
+            x, h = add_norm(x, F.linear(o.flatten(-2), w.wo), w.mlp_norm, s.eps)   # x += attention
+            mlp = F.linear(gate(F.linear(h, w.w_gate), F.linear(h, w.w_up)), w.w_down)  # SwiGLU
+            x, h = add_norm(x, mlp, norms[i], s.eps)                          # x += MLP
+        return h
 
-    def logits(self, hidden):
-        """(..., hidden) -> (..., vocab), in float32."""
-        return F.linear(hidden, self.lm_head).float()
+    def elementwise_ops(self):
+        """``(add_rms_norm, rope_qk, silu_mul)``: the fused kernels, or the PyTorch references."""
+        if self.fused:
+            from . import fused
+            return fused.add_rms_norm, fused.rope_qk, fused.silu_mul
+        return REFERENCE_OPS
+
+    def logits(self, hidden, float32: bool = True):
+        """(..., hidden) -> (..., vocab), in float32 (or in the model's dtype: enough for an
+        argmax, and half the bytes)."""
+        out = F.linear(hidden, self.lm_head)
+        return out.float() if float32 else out
 
     def __call__(self, tokens, positions, attn):
         return self.logits(self.hidden_states(tokens, positions, attn))

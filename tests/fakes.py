@@ -26,7 +26,7 @@ class FakeLlama:
     def hidden_states(self, tokens, positions, attn):
         return tokens.float()[..., None]
 
-    def logits(self, hidden):
+    def logits(self, hidden, float32=True):
         nxt = (hidden[..., 0].long() - 1).clamp(min=EOS)
         return torch.nn.functional.one_hot(nxt, self.shape.vocab_size).float()
 

@@ -98,7 +98,8 @@ def test_a_victim_already_in_the_step_is_taken_out_of_it(tiny):
 
 @pytest.mark.parametrize("option,value,message", [("cuda_graphs", True, "cuda_graphs needs a CUDA"),
                                                   ("temperature", -0.5, "temperature"),
-                                                  ("watermark", 1.0, "watermark")])
+                                                  ("watermark", 1.0, "watermark"),
+                                                  ("fused", True, "fused needs a CUDA")])
 def test_fast_path_settings_that_cannot_work_are_named(tiny, option, value, message):
     with pytest.raises(ValueError, match=message):
         make_engine("continuous", tiny, block_size=16, **{option: value})
@@ -130,20 +131,21 @@ def test_rungs_are_parsed_with_their_settings():
     assert parse_rung("static", settings) == ("static", "static", 64, {})
     name, engine, batch, opts = parse_rung("graphs:kv_memory_mib=2,max_num_batched_tokens=8192", settings)
     assert (engine, batch) == ("continuous", 512)
-    assert opts == {"block_size": 16, "attention": "kernel", "cuda_graphs": True,
+    assert opts == {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True,
                     "kv_memory_bytes": 2 * 2**20, "max_num_batched_tokens": 8192}
 
 
 def test_a_ladder_run_names_its_rungs_keeps_going_and_has_a_floor(tiny):
     r = run_ladder(tiny, "tiny", "anyscale:prompt_len=16,cap=8,mean=4", ["static", "graphs",
-                   "graphs:cuda_graphs=0"], n=6, max_batch=2, big_batch=4, budget=32, dtype="float32",
+                   "graphs:cuda_graphs=0,fused=0"], n=6, max_batch=2, big_batch=4, budget=32, dtype="float32",
                    device="cpu", progress=False, echo=lambda *a: None)
-    assert [x["rung"] for x in r["runs"]] == ["static", "graphs", "graphs:cuda_graphs=0"]
+    assert [x["rung"] for x in r["runs"]] == ["static", "graphs", "graphs:cuda_graphs=0,fused=0"]
     assert "cuda_graphs needs a CUDA device" in r["runs"][1]["error"]     # recorded, not fatal
     assert r["runs"][2]["engine_options"]["attention"] == "kernel"
     assert r["floor"]["output_tokens"] == sum(q["n_output_tokens"] for q in r["runs"][0]["requests"])
     rows = table(r)
-    assert [x["rung"] for x in rows] == ["static", "graphs:cuda_graphs=0"] and rows[0]["x_static"] == 1
+    assert [x["rung"] for x in rows] == ["static", "graphs:cuda_graphs=0,fused=0"] and rows[0]["x_static"] == 1
+    assert label(rows[1]["rung"]) == "graphs, eager decode, unfused elementwise"
 
 
 def test_chapter_09_pictures_draw_the_stored_results():
@@ -174,10 +176,10 @@ def test_cuda_graphs_say_what_eager_launches_say():
     loaded = models.load("tiny", dtype="float32", device="cuda")
     reqs = [Request(f"r{i}", list(range(5, 9 + 3 * i)), max_new_tokens=6) for i in range(5)]
     outs = []
-    for graphs in (False, True):
+    for graphs, fused in ((False, False), (True, False), (True, True)):
         e = make_engine("continuous", loaded, max_batch=5, block_size=4, num_blocks=64,
-                        attention="kernel", cuda_graphs=graphs)
+                        attention="kernel", cuda_graphs=graphs, fused=fused)
         e.prepare(reqs)
         outs.append([r.output_tokens for r in e.run(reqs).requests])
-        assert bool(e.graphs.graphs) == graphs
-    assert outs[0] == outs[1]
+        assert bool(e.graphs.graphs) == graphs and e.model.fused == fused
+    assert outs[0] == outs[1] == outs[2]      # float32: the fused kernels round as PyTorch does

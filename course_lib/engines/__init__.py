@@ -17,13 +17,13 @@ ENGINES = {
 
 
 PAGED_OPTIONS = ("max_num_batched_tokens", "block_size", "num_blocks", "attention", "kv_memory_bytes",
-                 "slo", "step_cost", "cuda_graphs", "temperature", "trace_blocks", "watermark")
+                 "slo", "step_cost", "cuda_graphs", "temperature", "trace_blocks", "watermark", "fused")
 
 
 def make_engine(name: str, loaded, **options):
     """An engine by name. ``continuous`` with any of ``max_num_batched_tokens``, ``block_size``,
     ``num_blocks``, ``kv_memory_bytes``, ``attention``, ``slo``, ``cuda_graphs``, ``temperature``,
-    ``trace_blocks`` or ``watermark`` is the packed, chunked, paged engine of chapters 05-09."""
+    ``trace_blocks``, ``watermark`` or ``fused`` is the packed, chunked, paged engine of chapters 05-09."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; the engines are: {', '.join(ENGINES)}")
     paged = {k: options.pop(k) for k in PAGED_OPTIONS if options.get(k) is not None}

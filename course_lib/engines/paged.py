@@ -13,7 +13,8 @@ front of the queue, to be recomputed later (prompt and answer so far) - never lo
 On CUDA (chapter 09) the step is split by kind: decodes go through the course's Triton paged
 decode kernel and prefill chunks through FlexAttention (``attention="kernel"``, the default
 there), a step made only of decodes is replayed as a CUDA graph (``course_lib.cuda_graphs``), and
-the next token is chosen on the GPU (``course_lib.sampling``).
+the next token is chosen on the GPU (``course_lib.sampling``), and the layer's elementwise work
+runs in fused Triton kernels (``course_lib.fused``).
 
 With an ``slo`` (chapter 08), an admission controller stands at the door: a newcomer joins only
 if one more sequence keeps decode steps within the TPOT target, and a waiting request that can no
@@ -68,7 +69,7 @@ class PagedEngine(Engine):
                  block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
                  kv_memory_bytes: int | None = None, slo=None, step_cost=None, model=None,
                  cuda_graphs: bool | None = None, temperature: float = 0.0,
-                 trace_blocks: bool | None = None, watermark: float = 0.0):
+                 trace_blocks: bool | None = None, watermark: float = 0.0, fused: bool | None = None):
         super().__init__(loaded, max_batch)
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
@@ -100,6 +101,12 @@ class PagedEngine(Engine):
         # decode-only steps through fixed buffers (graphs on CUDA, eager elsewhere)
         self.decode_path = attention == "kernel"
         self.cuda_graphs = cuda and self.decode_path if cuda_graphs is None else cuda_graphs
+        # the layer's elementwise work through fused Triton kernels (course_lib.fused)
+        self.fused = cuda and self.decode_path if fused is None else fused
+        if self.fused and not cuda:
+            raise ValueError("fused needs a CUDA device (the kernels are Triton)")
+        if hasattr(self.model, "fused"):
+            self.model.fused = self.fused
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.temperature = temperature

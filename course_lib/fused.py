@@ -1,0 +1,174 @@
+"""Kernel fusion: the layer's elementwise work in three Triton kernels (chapter 09).
+
+Between its matrix products a Llama layer does small elementwise jobs: the residual adds, two
+RMSNorms (in float32), RoPE on the queries and keys, and SwiGLU's ``silu(gate) * up``. Written in
+PyTorch, each is several kernels (RoPE alone: a slice, a negation, a concatenation, two products
+and a sum, for q and again for k), and each kernel reads its inputs from memory and writes its
+result back. At decode batch sizes these tensors are tiny and the cost is the *launches*: about a
+third of a decode step (see the profile in notebook 09). At prefill sizes the cost is the *bytes*:
+``8192 x 2048`` activations are 32 MiB, read and written a dozen times per layer.
+
+A fused kernel does a job in one pass: it loads its inputs once, does every step in registers,
+and stores the result once:
+
+* ``add_rms_norm(x, delta, w)``: the residual add and the next RMSNorm, one program per token;
+* ``rope_qk(q, k, cos, sin)``: the rotation of every query and key head of a token at once;
+* ``silu_mul(gate, up)``: SwiGLU's product.
+
+Each one rounds where PyTorch's version rounds (to the model's dtype after every operation that
+PyTorch does in that dtype), so the fused model follows the reference closely; the references
+are the functions of ``course_lib.llama``. On the CPU the model uses those references; the
+kernels are checked against them in Triton's interpreter (``python -m course_lib.fused`` with
+``TRITON_INTERPRET=1``) and on a GPU in bf16.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .llama import add_rms_norm as add_rms_norm_reference
+from .llama import rope_cos_sin, rope_qk as rope_qk_reference, silu_mul as silu_mul_reference
+
+try:                                   # Triton ships with CUDA builds of PyTorch
+    import triton
+    import triton.language as tl
+except ImportError:                    # pragma: no cover - CPU-only installs
+    triton = None
+
+
+if triton is not None:
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, n, eps,
+                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * n          # one token (one row) per program
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
+        if HAS_DELTA:                                    # x + delta, rounded to the model's dtype
+            delta = tl.load(d_ptr + row + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + delta.to(tl.float32)).to(x_out_ptr.dtype.element_ty)
+            tl.store(x_out_ptr + row + cols, x, mask=mask)
+        x32 = x.to(tl.float32)
+        rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / n + eps)
+        y = (x32 * rms).to(h_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(h_ptr + row + cols, (w * y).to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotate(x_ptr, out_ptr, tok, n_heads, c, s, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Rotate the pairs (x_i, x_{i + d/2}) of every head of one token by the token's angles."""
+        h, i = tl.arange(0, BLOCK_H), tl.arange(0, HALF)
+        at = (tok * n_heads + h[:, None]).to(tl.int64) * (2 * HALF) + i[None, :]   # (heads, d/2)
+        mask = (h < n_heads)[:, None]
+        x1 = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        dt = out_ptr.dtype.element_ty
+        # as PyTorch does it in the model's dtype: x * cos + rotate_half(x) * sin
+        o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
+        o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+        tl.store(out_ptr + at, o1, mask=mask)
+        tl.store(out_ptr + at + HALF, o2, mask=mask)
+
+    @triton.jit
+    def _rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, H, HKV,
+                        HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        tok = tl.program_id(0)                           # one token per program, all its heads
+        i = tl.arange(0, HALF)
+        c = tl.load(cos_ptr + tok.to(tl.int64) * (2 * HALF) + i).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + tok.to(tl.int64) * (2 * HALF) + i).to(tl.float32)[None, :]
+        _rotate(q_ptr, q_out_ptr, tok, H, c, s, HALF, BLOCK_H)
+        _rotate(k_ptr, k_out_ptr, tok, HKV, c, s, HALF, BLOCK_H)
+
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = at < n
+        g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dt = out_ptr.dtype.element_ty
+        silu = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(out_ptr + at, (silu * u).to(dt), mask=mask)
+
+
+def _rows(x):
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def add_rms_norm(x, delta, weight, eps):
+    """``x + delta`` (the residual stream, updated) and its RMSNorm, in one pass over the rows.
+    ``delta=None``: only the norm (the first layer's), and ``x`` comes back as it was."""
+    rows = _rows(x)
+    h = torch.empty_like(rows)
+    x_out = rows if delta is None else torch.empty_like(rows)
+    n = rows.shape[-1]
+    _add_rms_norm_kernel[(rows.shape[0],)](
+        rows, rows if delta is None else _rows(delta), weight, x_out, h, n, eps,
+        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 1024 else 8)
+    return (x if delta is None else x_out.view(x.shape)), h.view(x.shape)
+
+
+def rope_qk(q, k, cos, sin):
+    """RoPE on the queries ``(..., H, d)`` and keys ``(..., Hkv, d)`` of every token, one program
+    per token. ``cos, sin``: ``(..., d)`` from ``rope_cos_sin``."""
+    d = q.shape[-1]
+    q_rows, k_rows = q.reshape(-1, *q.shape[-2:]).contiguous(), k.reshape(-1, *k.shape[-2:]).contiguous()
+    q_out, k_out = torch.empty_like(q_rows), torch.empty_like(k_rows)
+    _rope_qk_kernel[(q_rows.shape[0],)](
+        q_rows, k_rows, cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous(),
+        q_out, k_out, q.shape[-2], k.shape[-2], HALF=d // 2,
+        BLOCK_H=triton.next_power_of_2(max(q.shape[-2], k.shape[-2])))
+    return q_out.view(q.shape), k_out.view(k.shape)
+
+
+def silu_mul(gate, up, block: int = 1024):
+    """``silu(gate) * up``, elementwise."""
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    _silu_mul_kernel[(triton.cdiv(g.numel(), block),)](g, u, out, g.numel(), BLOCK=block)
+    return out
+
+
+def usable(device) -> bool:
+    """Can the fused kernels run on ``device``? (CUDA, or Triton's interpreter on the CPU.)"""
+    import os
+    return triton is not None and (torch.device(device).type == "cuda"
+                                   or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, heads=6,
+              kv_heads=2, head_dim=16, seed=0) -> list:
+    """Each kernel against its reference on fresh random inputs: one row per (kernel, tokens)
+    with the max abs error, the relative error and whether every element was written. On the
+    CPU, set ``TRITON_INTERPRET=1`` before Triton is first imported."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)    # noqa: E731
+    rows = []
+
+    def row(name, n, out, ref):
+        err = out.float() - ref.float()
+        rows.append({"kernel": name, "tokens": n, "all_written": not out.isnan().any().item(),
+                     "max_abs_error": err.abs().max().item(),
+                     "relative_error": (err.norm() / ref.float().norm()).item()})
+
+    inv_freq = 1.0 / 1e4 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    for n in tokens:
+        x, delta, w = rnd(n, hidden), rnd(n, hidden), rnd(hidden)
+        x_out, h = add_rms_norm(x, delta, w, 1e-5)
+        x_ref, h_ref = add_rms_norm_reference(x, delta, w, 1e-5)
+        row("add_rms_norm (residual)", n, x_out, x_ref)
+        row("add_rms_norm (norm)", n, h, h_ref)
+        row("rms_norm", n, add_rms_norm(x, None, w, 1e-5)[1], add_rms_norm_reference(x, None, w, 1e-5)[1])
+        q, k = rnd(n, heads, head_dim), rnd(n, kv_heads, head_dim)
+        cos, sin = rope_cos_sin(torch.randint(0, 4096, (n,), generator=g).to(device), inv_freq, dtype)
+        (qo, ko), (qr, kr) = rope_qk(q, k, cos, sin), rope_qk_reference(q, k, cos, sin)
+        row("rope_qk (q)", n, qo, qr)
+        row("rope_qk (k)", n, ko, kr)
+        gate, up = rnd(n, 3 * hidden), rnd(n, 3 * hidden)
+        row("silu_mul", n, silu_mul(gate, up, block=128), silu_mul_reference(gate, up))
+    return rows
+
+
+if __name__ == "__main__":       # python -m course_lib.fused (TRITON_INTERPRET=1 on a CPU)
+    for r in selfcheck():
+        print(json.dumps(r))

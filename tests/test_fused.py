@@ -1,0 +1,70 @@
+"""The fused elementwise kernels of chapter 09 (``course_lib.fused``) against the PyTorch
+references of ``course_lib.llama``: in Triton's interpreter on the CPU (in a subprocess, because
+the interpreter must be chosen before Triton is imported), and on a GPU in bf16, kernel by kernel
+and as a whole model."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from course_lib import models
+from course_lib.llama import REFERENCE_OPS, Llama, add_rms_norm, rms_norm
+
+
+def test_the_reference_of_add_rms_norm_is_the_residual_add_then_the_norm():
+    g = torch.Generator().manual_seed(0)
+    x, d, w = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+    x2, h = add_rms_norm(x, d, w, 1e-5)
+    torch.testing.assert_close(x2, x + d)
+    torch.testing.assert_close(h, rms_norm(x + d, w, 1e-5))
+    assert add_rms_norm(x, None, w, 1e-5)[0] is x
+
+
+def test_the_model_uses_the_references_unless_fused(tiny):
+    model = Llama.from_hf(tiny.model)
+    assert not model.fused and model.elementwise_ops() == REFERENCE_OPS
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bf16 test runs the real kernels")
+def test_the_fused_kernels_in_the_interpreter():
+    r = subprocess.run([sys.executable, "-m", "course_lib.fused"], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {row["kernel"].split()[0] for row in rows} == {"add_rms_norm", "rms_norm", "rope_qk", "silu_mul"}
+    assert {row["tokens"] for row in rows} == {1, 7, 64}
+    for row in rows:
+        assert row["all_written"], row
+        assert row["max_abs_error"] < 1e-5, row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_fused_kernels_on_the_gpu_in_bf16():
+    from course_lib.fused import selfcheck
+    rows = selfcheck(device="cuda", dtype=torch.bfloat16, tokens=(1, 7, 300), hidden=2048, heads=32,
+                     kv_heads=8, head_dim=64)
+    for row in rows:
+        assert row["all_written"] and row["relative_error"] < 1e-2, row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_fused_model_gives_the_references_logits_on_the_gpu():
+    loaded = models.load("tiny", dtype="bfloat16", device="cuda")
+    model = Llama.from_hf(loaded.model)
+    tokens = torch.arange(3, 40, device="cuda")
+    from course_lib.attention import PagedAttention
+    from course_lib.kv_cache import PagedKVCache
+    out = []
+    for fused in (False, True):
+        model.fused = fused
+        cache = PagedKVCache(model.shape, 8, 16, model.dtype, "cuda")
+        cache.grow("a", len(tokens))
+        attn = PagedAttention(cache, [("a", 0, len(tokens))], "cuda")
+        out.append(model(tokens, attn.positions, attn))
+    err = (out[1] - out[0]).norm() / out[0].norm()
+    assert err < 1e-2, err
