@@ -3,10 +3,14 @@
 the kernels with the most GPU time, printed and written as JSON.
 
     python bench/profile_decode.py --model llama-1b-dummy --batch 1 256 --context 640 --out DIR
+
+``--mixed`` also profiles one mixed step of the fast path, as the ladder's fastest rung runs them
+(16 prompts of 512 tokens prefilled next to 256 decodes, budget 8192), host work included.
 """
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -15,10 +19,58 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib.bench import save_result  # noqa: E402
+from course_lib.attention import KernelPagedAttention  # noqa: E402
 from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
+from course_lib.kv_cache import PagedKVCache  # noqa: E402
+from course_lib.sampling import sample  # noqa: E402
 from decode_step import decoding_batch  # noqa: E402
 
 STEPS = 5
+
+
+def top_kernels(prof, top):
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return (sum(e.self_device_time_total for e in events) / 1e3,
+            [[e.key, e.self_device_time_total / 1e3] for e in events[:top]])
+
+
+def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=12):
+    """Profile a mixed step: ``n_decode`` decodes at ``context`` tokens and ``n_prompts`` whole
+    prompts, through KernelPagedAttention and the fused model, as PagedEngine.forward runs it."""
+    bs = 16
+    cache = PagedKVCache(model.shape, n_decode * -(-(context + 1) // bs) + n_prompts * -(-prompt // bs),
+                         bs, model.dtype, "cuda")
+    cache.grow_side_by_side(dict.fromkeys(range(n_decode), context + 1), chunk=bs)
+    for j in range(n_prompts):
+        cache.grow(("p", j), prompt)
+    seqs = [(i, context, 1) for i in range(n_decode)] + [(("p", j), 0, prompt) for j in range(n_prompts)]
+    KernelPagedAttention.precompile(cache, n_decode + n_prompts * prompt, model.shape, model.dtype)
+
+    def step():
+        attn = KernelPagedAttention(cache, seqs, "cuda")
+        tokens = torch.ones(n_decode + n_prompts * prompt, dtype=torch.long, device="cuda")
+        hidden = model.hidden_states(tokens, attn.positions, attn)
+        return sample(model.logits(hidden[attn.cu_seqlens[1:] - 1])).tolist()
+
+    for _ in range(3):
+        step()
+    walls = []
+    for _ in range(STEPS):
+        t = time.perf_counter()
+        step()
+        walls.append((time.perf_counter() - t) * 1e3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            step()
+    total, top = top_kernels(prof, top)
+    walls.sort()
+    print(f"--- mixed step: {n_prompts} x {prompt} prefill + {n_decode} decodes: wall {walls[len(walls) // 2]:.1f} ms, "
+          f"GPU {total / STEPS:.1f} ms")
+    for name, ms in top:
+        print(f"{ms / STEPS:8.3f} ms  {name[:90]}")
+    return {"prefill_tokens": n_prompts * prompt, "decodes": n_decode, "context": context,
+            "wall_ms_median": walls[len(walls) // 2], "cuda_total_ms": total, "top": top}
 
 
 def main():
@@ -28,6 +80,7 @@ def main():
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=None, help="a folder for the JSON")
+    p.add_argument("--mixed", action="store_true", help="also profile a mixed step")
     a = p.parse_args()
     model, cache, rows, per_seq = decoding_batch(a.model, max(a.batch), a.context)
     batches = []
@@ -39,17 +92,18 @@ def main():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(STEPS):
                 eager.step(rows[:b])
-        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-        events.sort(key=lambda e: -e.self_device_time_total)
-        print(f"--- batch {b}, {STEPS} steps, {'fused' if fused else 'unfused'}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=60))
-        batches.append({"batch": b, "fused": fused, "cuda_total_ms": sum(e.self_device_time_total for e in events) / 1e3,
-                        "top": [[e.key, e.self_device_time_total / 1e3] for e in events[:a.top]]})
+        total, top = top_kernels(prof, a.top)
+        print(f"--- batch {b}, {'fused' if fused else 'unfused'}: GPU {total / STEPS:.2f} ms per step")
+        for kernel, ms in top:
+            print(f"{ms / STEPS:8.3f} ms  {kernel[:90]}")
+        batches.append({"batch": b, "fused": fused, "cuda_total_ms": total, "top": top})
+    model.fused = True
+    mixed = mixed_step(model, top=a.top) if a.mixed else None
     if a.out:
         name = torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "dtype": str(model.dtype).removeprefix("torch."),
                      "context": a.context, "steps_profiled": STEPS,
-                     "device": {"device": torch.cuda.get_device_name()}, "batches": batches},
+                     "device": {"device": torch.cuda.get_device_name()}, "batches": batches, "mixed_step": mixed},
                     Path(a.out) / f"profile_decode_{a.model}_{name}.json",
                     "python bench/profile_decode.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 

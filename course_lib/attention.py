@@ -282,6 +282,28 @@ class KernelPagedAttention(PagedAttention):
             self.positions = torch.cat([self.positions, self.prefill.positions])
         self.cu_seqlens = torch.tensor(cu_seqlens(new for _, _, new in seqs), device=device)
 
+    @classmethod
+    @torch.inference_mode()
+    def precompile(cls, cache, max_tokens: int, shape, dtype):
+        """FlexAttention for every query bucket, and the decode kernel both ways (split, for a few
+        decodes, and unsplit, for many), on tables as a mixed step builds them: compiling either
+        in a timed step would stall it for a fraction of a second."""
+        from .paged_decode import BLOCK_N, PROGRAMS
+        FlexPagedAttention.precompile(cache, max_tokens, shape, dtype)
+        device = cache.k[0].device
+        # one sequence of 4 tiles is split in 4; PROGRAMS / kv_heads sequences are not split
+        for batch, tokens in ((1, 4 * BLOCK_N), (-(-PROGRAMS // shape.n_kv_heads), 1)):
+            ids = [("precompile", i) for i in range(batch)]
+            if cache.allocator.n_free < batch * cache.blocks_needed(tokens):
+                continue
+            for i in ids:
+                cache.grow(i, tokens)
+            q = torch.zeros(batch, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+            k = torch.zeros(batch, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=device)
+            DecodeAttention.of(cache, [(i, tokens - 1, 1) for i in ids], device)(0, q, k, k)
+            for i in ids:
+                cache.release(i)
+
     def __call__(self, layer, q, k, v):
         d, parts = self.n_decode, []
         if self.decode is not None:

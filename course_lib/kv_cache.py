@@ -14,6 +14,9 @@ sequence it may ever hold. Later chapters add the paged cache next to it.
 """
 from __future__ import annotations
 
+from itertools import chain
+
+import numpy as np
 import torch
 
 
@@ -155,10 +158,10 @@ class PagedKVCache:
         """The block tables of ``seq_ids`` as one ``(len(seq_ids), longest)`` int32 tensor, each
         row padded with 0 past its own blocks: what a kernel reads."""
         tables = [self.tables[s] for s in seq_ids]
-        out = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.int32)
-        for row, table in zip(out, tables):
-            row[:len(table)] = torch.tensor(table)
-        return out.to(device)
+        lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        out = np.zeros((len(tables), lengths.max()), dtype=np.int32)
+        out[np.arange(out.shape[1]) < lengths[:, None]] = list(chain.from_iterable(tables))   # row by row
+        return torch.from_numpy(out).to(device)
 
     def slots(self, seq_id, start: int, stop: int) -> list:
         """Physical rows of tokens ``start .. stop - 1`` of a sequence."""

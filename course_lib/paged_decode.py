@@ -56,7 +56,9 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_siz
 
 
 if triton is not None:
-    @triton.jit
+    # Triton compiles a kernel again for an integer argument that turns 1, or stops being a
+    # multiple of 16: ``do_not_specialize`` keeps one kernel for every batch and table width
+    @triton.jit(do_not_specialize=["stride_tb", "S", "split_tokens"])
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, o_ptr, m_ptr, l_ptr,
                              scale, stride_qb, stride_qh, stride_kh, stride_ks, stride_tb,
                              stride_ob, stride_oh, stride_os, S, split_tokens,
@@ -102,7 +104,7 @@ if triton is not None:
             tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                      (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S"])
     def _combine_kernel(part_ptr, m_ptr, l_ptr, o_ptr, stride_ob, stride_oh, S, H: tl.constexpr,
                         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(0)                 # (sequence, head), flattened
@@ -127,10 +129,11 @@ def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int
 
 
 BLOCK_N = 64          # tokens per loop iteration of the kernel
+PROGRAMS = 512        # programs that keep an H100/H200 busy (132 SMs, a few programs each)
 
 
 def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
-             programs: int = 512) -> int:
+             programs: int = PROGRAMS) -> int:
     """How many splits per sequence keep about ``programs`` programs busy, each split at least
     ``block_n`` tokens long (1 when the batch alone gives enough programs)."""
     return max(1, min(-(-programs // (batch * kv_heads)), -(-max_tokens // block_n)))
@@ -175,7 +178,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), S, split_tokens, **consts)
     _combine_kernel[(B * heads,)](part, m, l, out, out.stride(0), out.stride(1), S, H=heads, D=d,
-                                  BLOCK_S=triton.next_power_of_2(S), BLOCK_D=triton.next_power_of_2(d))
+                                  BLOCK_S=triton.next_power_of_2(n_splits(1, kv_heads, 1 << 30, block_n)),
+                                  BLOCK_D=triton.next_power_of_2(d))   # the most splits: one kernel
     return out
 
 

@@ -183,3 +183,12 @@ def test_cuda_graphs_say_what_eager_launches_say():
         outs.append([r.output_tokens for r in e.run(reqs).requests])
         assert bool(e.graphs.graphs) == graphs and e.model.fused == fused
     assert outs[0] == outs[1] == outs[2]      # float32: the fused kernels round as PyTorch does
+
+
+def test_precompiling_the_kernel_path_leaves_the_cache_empty():
+    from course_lib.attention import KernelPagedAttention
+    from course_lib.kv_cache import PagedKVCache
+    from course_lib.paged_decode import SELFCHECK_SHAPE as shape
+    cache = PagedKVCache(shape, 300, 16, torch.float32, "cpu")
+    KernelPagedAttention.precompile(cache, 256, shape, torch.float32)   # on the CPU: the references
+    assert cache.allocator.n_free == 300 and not cache.tables

@@ -144,13 +144,13 @@ class PagedEngine(Engine):
                                        self.temperature, graphs=self.cuda_graphs)
 
     def prepare(self, requests):
-        """On CUDA, compile FlexAttention for every step size this run may take, and capture
-        the decode graphs."""
+        """On CUDA, compile FlexAttention for every step size this run may take (and the decode
+        kernel, for mixed steps), and capture the decode graphs."""
         if self.attention in ("flex", "kernel") and self.model.device.type == "cuda" and requests:
             most = self.budget or sum(sorted(len(r.prompt_tokens) + r.max_new_tokens
                                              for r in requests)[-self.max_batch:])
             self.setup(requests)
-            FlexPagedAttention.precompile(self.cache, most, self.model.shape, self.model.dtype)
+            self.attention_cls.precompile(self.cache, most, self.model.shape, self.model.dtype)
 
     def _serve(self, requests):
         self.preemptions = 0
