@@ -12,6 +12,7 @@ Chapter 09's ``DecodeAttention`` sends decode tokens through the course's Triton
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -171,28 +172,22 @@ class FlexPagedAttention(PagedAttention):
     def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None):
         from torch.nn.attention.flex_attention import BlockMask
         self.cache, bs = cache, cache.block_size
-        pos, write, q_seq, blocks, block_seq, block_index = [], [], [], [], [], []
-        for i, (sid, cached, new) in enumerate(seqs):
-            pos += range(cached, cached + new)
-            write += cache.slots(sid, cached, cached + new)
-            q_seq += [i] * new
-            table = cache.tables[sid][:cache.blocks_needed(cached + new)]
-            blocks += table
-            block_seq += [i] * len(table)
-            block_index += range(len(table))
-        t = lambda x: torch.tensor(x, device=device)
-        self.n = len(pos)
-        self.positions, self.write = t(pos), t(write)
-        self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
+        # per token: its position, its cache slot, its sequence; per block of the step's
+        # sequences: the block, its sequence, its index in that sequence's table
+        layout = cache.packed_layout(seqs)
+        self.n = len(layout["positions"])
+        on = torch.from_numpy(np.concatenate(list(layout.values()))).to(device)   # one copy
+        self.positions, self.write, q_seq, blocks, block_seq, block_index = on.split(
+            [len(v) for v in layout.values()])
+        self.cu_seqlens = torch.tensor(cu_seqlens(new for _, _, new in seqs), device=device)
         n_slots, n_pad = cache.n_slots, n_pad or bucket(self.n)
-        blocks, block_seq = t(blocks), t(block_seq)
         # every slot: which sequence of this step owns it, at which position
         owner = torch.full((n_slots // bs, bs), -1, device=device)
         owner[blocks] = block_seq[:, None]
         slot_pos = torch.zeros((n_slots // bs, bs), dtype=torch.long, device=device)
-        slot_pos[blocks] = t(block_index)[:, None] * bs + torch.arange(bs, device=device)
+        slot_pos[blocks] = block_index[:, None] * bs + torch.arange(bs, device=device)
         owner, slot_pos = owner.flatten(), slot_pos.flatten()
-        q_seq = torch.cat([t(q_seq), torch.full((n_pad - self.n,), -2, device=device)])
+        q_seq = torch.cat([q_seq, torch.full((n_pad - self.n,), -2, device=device)])
         q_pos = torch.cat([self.positions, self.positions.new_zeros(n_pad - self.n)])
 
         def visible(b, h, i, j):
@@ -207,10 +202,27 @@ class FlexPagedAttention(PagedAttention):
         for end in [*range(0, bs, TILE), bs - 1]:   # a block may straddle tiles
             tiles_of_seq[block_seq, (blocks * bs + end) // TILE] = 1
         needed = (seq_in_tile @ tiles_of_seq) > 0                                # (Q, KV tiles)
-        order = torch.sort((~needed).int(), dim=-1, stable=True).indices         # listed first
+        # a *full* tile: one sequence's queries, and slots of that sequence all at earlier
+        # positions. The kernel skips the mask there (no owner lookups); it applies it on the
+        # *partial* ones, where some pairs are hidden
+        pad = kv_tiles * TILE - n_slots
+        tile_owner = F.pad(owner, (0, pad), value=-1).view(kv_tiles, TILE)
+        tile_last = F.pad(slot_pos, (0, pad)).view(kv_tiles, TILE).amax(-1)
+        q_tile_seq, q_tile_pos = q_seq.view(q_tiles, TILE), q_pos.view(q_tiles, TILE)
+        one_seq = (q_tile_seq.amin(-1) == q_tile_seq.amax(-1))[:, None] & \
+            (tile_owner.amin(-1) == tile_owner.amax(-1))[None, :]
+        full = one_seq & (q_tile_seq[:, :1] == tile_owner[None, :, 0]) & \
+            (tile_last[None, :] <= q_tile_pos.amin(-1)[:, None])
+        partial = needed & ~full
+
+        def listed_first(tiles):
+            order = torch.sort((~tiles).int(), dim=-1, stable=True).indices
+            return tiles.sum(-1, dtype=torch.int32)[None, None], order.int()[None, None]
+
         self.block_mask = BlockMask.from_kv_blocks(
-            needed.sum(-1, dtype=torch.int32)[None, None], order.int()[None, None],
-            BLOCK_SIZE=TILE, mask_mod=visible, seq_lengths=(n_pad, n_slots))
+            *listed_first(partial), *listed_first(full),
+            BLOCK_SIZE=TILE, mask_mod=visible, seq_lengths=(n_pad, n_slots),
+            compute_q_blocks=False)           # those are for the backward pass
 
     @classmethod
     @torch.inference_mode()          # as the model runs: a change of grad mode would recompile

@@ -80,7 +80,7 @@ if triton is not None:
         _rotate(q_ptr, q_out_ptr, tok, H, c, s, HALF, BLOCK_H)
         _rotate(k_ptr, k_out_ptr, tok, HKV, c, s, HALF, BLOCK_H)
 
-    @triton.jit(do_not_specialize=["n"])
+    @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
         at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = at < n

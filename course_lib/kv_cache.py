@@ -163,6 +163,25 @@ class PagedKVCache:
         out[np.arange(out.shape[1]) < lengths[:, None]] = list(chain.from_iterable(tables))   # row by row
         return torch.from_numpy(out).to(device)
 
+    def packed_layout(self, seqs) -> dict:
+        """For a packed step of ``(seq_id, n_cached, n_new)`` sequences, as int64 arrays: per new
+        token its ``positions``, cache slot (``write``) and sequence index (``q_seq``); per block
+        of the step's sequences the ``blocks``, their sequence (``block_seq``) and index in its
+        table (``block_index``). The same as looping over ``slots``, without a Python loop per token."""
+        cached = np.array([c for _, c, _ in seqs], dtype=np.int64)
+        new = np.array([n for _, _, n in seqs], dtype=np.int64)
+        tables = [self.tables[sid][:self.blocks_needed(c + n)] for sid, c, n in seqs]
+        n_blocks = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        blocks = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(n_blocks.sum()))
+        first_block = np.cumsum(n_blocks) - n_blocks            # where each table starts in blocks
+        q_seq = np.repeat(np.arange(len(seqs)), new)
+        positions = np.arange(int(new.sum())) - np.repeat(np.cumsum(new) - new - cached, new)
+        write = blocks[first_block[q_seq] + positions // self.block_size] * self.block_size \
+            + positions % self.block_size
+        block_seq = np.repeat(np.arange(len(seqs)), n_blocks)
+        return {"positions": positions, "write": write, "q_seq": q_seq, "blocks": blocks,
+                "block_seq": block_seq, "block_index": np.arange(len(blocks)) - first_block[block_seq]}
+
     def slots(self, seq_id, start: int, stop: int) -> list:
         """Physical rows of tokens ``start .. stop - 1`` of a sequence."""
         table, bs = self.tables[seq_id], self.block_size

@@ -119,14 +119,15 @@ def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size):
     allows must fall in a listed tile."""
     from course_lib.attention import TILE, FlexPagedAttention
     shape = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)
-    cache = PagedKVCache(shape, n_blocks=4000 // block_size, block_size=block_size)
+    cache = PagedKVCache(shape, n_blocks=5000 // block_size, block_size=block_size)
     for step in range(40):                        # sequences growing side by side: blocks interleave
         for sid in "abcd":
             cache.grow(sid, 1 + step % 5)
     cache.release("b")
     cache.grow("e", 300)
+    cache.grow("f", 700)                          # a long prompt: tiles of it see whole tiles
     seqs = [("a", cache.lengths["a"] - 1, 1), ("c", cache.lengths["c"] - 1, 1),
-            ("e", 0, 300), ("d", cache.lengths["d"] - 20, 20)]
+            ("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("f", 0, 700)]
     attn = FlexPagedAttention(cache, seqs)
     listed = attn.block_mask.to_dense()[0, 0].bool()                    # (query tiles, slot tiles)
     q = 0
@@ -136,3 +137,30 @@ def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size):
                 assert listed[q // TILE, slot // TILE], (sid, p, slot)
             q += 1
     assert listed.sum() < listed.numel(), "the block mask should skip tiles"
+    # a tile listed as full is run without the mask: each of its pairs must be visible
+    bm = attn.block_mask
+    full = torch.zeros_like(listed)
+    for qt in range(full.shape[0]):
+        full[qt, bm.full_kv_indices[0, 0, qt, :bm.full_kv_num_blocks[0, 0, qt]].long()] = True
+    n_pad, n_slots = bm.seq_lengths
+    ok = torch.zeros(n_pad, full.shape[1] * TILE, dtype=torch.bool)
+    ok[:, :n_slots] = bm.mask_mod(0, 0, torch.arange(n_pad)[:, None], torch.arange(n_slots)[None, :])
+    tiles = ok.view(full.shape[0], TILE, full.shape[1], TILE).all(-1).all(1)   # every pair visible
+    assert not (full & ~tiles).any() and full.any()
+
+
+def test_the_packed_layout_is_the_per_token_loop():
+    shape = LlamaShape(100, 64, 128, 1, 2, 1, 16, 1e4, 1e-5, 0, 4096)
+    cache = PagedKVCache(shape, n_blocks=400, block_size=7)
+    for step in range(30):                        # interleaved blocks
+        for sid in "abc":
+            cache.grow(sid, 1 + step % 4)
+    seqs = [("a", 5, 3), ("b", cache.lengths["b"] - 1, 1), ("c", 0, cache.lengths["c"])]
+    layout = cache.packed_layout(seqs)
+    assert layout["positions"].tolist() == [p for _, c, n in seqs for p in range(c, c + n)]
+    assert layout["write"].tolist() == [w for sid, c, n in seqs for w in cache.slots(sid, c, c + n)]
+    assert layout["q_seq"].tolist() == [i for i, (_, _, n) in enumerate(seqs) for _ in range(n)]
+    tables = [cache.tables[sid][:cache.blocks_needed(c + n)] for sid, c, n in seqs]
+    assert layout["blocks"].tolist() == [b for t in tables for b in t]
+    assert layout["block_index"].tolist() == [j for t in tables for j in range(len(t))]
+    assert layout["block_seq"].tolist() == [i for i, t in enumerate(tables) for _ in t]
