@@ -271,6 +271,7 @@ class PagedEngine(Engine):
         waiting.appendleft(seq)
         self.preemptions += 1
 
+    @torch.inference_mode()     # as FlexAttention was compiled: else each bucket compiles again
     def forward(self, batch, running):
         start = self.now()
         dev = self.model.device
