@@ -1,13 +1,14 @@
 """One whole decode step of the paged engine's fast path, per batch size: the CUDA graph replay
 on the GPU (events), the whole step as the engine sees it (host fill + one copy + replay + the
 tokens back), the same step launched eagerly, kernel by kernel, and the graph replay of the model
-without the fused elementwise kernels (``course_lib.fused``). MBU = (weights + KV bytes the step
+without the fused elementwise kernels and stacked projections (``course_lib.fused``). MBU = (weights + KV bytes the step
 must read) / time / measured copy bandwidth.
 
     python bench/decode_step.py --model llama-1b-dummy --dtype bfloat16 --context 640 --out DIR
 """
 import argparse
 import copy
+import dataclasses
 from dataclasses import asdict
 import shlex
 import statistics
@@ -73,7 +74,9 @@ def main():
     B = max(a.batch)
     model, cache, rows, per_seq = decoding_batch(a.model, B, a.context, a.block_size, a.dtype)
     peaks = measure_peaks("cuda", model.dtype)
-    unfused = DecodeGraphs(copy.copy(model), cache, B, per_seq, graphs=True)
+    plain = copy.copy(model)              # the same weights, unstacked, and the PyTorch elementwise ops
+    plain.layers = [dataclasses.replace(w) for w in model.layers]
+    unfused = DecodeGraphs(plain, cache, B, per_seq, graphs=True)
     model.fused = True
     graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
     eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)

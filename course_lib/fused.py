@@ -56,13 +56,15 @@ if triton is not None:
         tl.store(h_ptr + row + cols, (w * y).to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotate(x_ptr, out_ptr, tok, n_heads, c, s, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rotate(x_ptr, out_ptr, tok, n_heads, stride_tok, c, s, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         """Rotate the pairs (x_i, x_{i + d/2}) of every head of one token by the token's angles."""
         h, i = tl.arange(0, BLOCK_H), tl.arange(0, HALF)
-        at = (tok * n_heads + h[:, None]).to(tl.int64) * (2 * HALF) + i[None, :]   # (heads, d/2)
+        head = h[:, None] * (2 * HALF) + i[None, :]                                # (heads, d/2)
+        src = tok.to(tl.int64) * stride_tok + head            # the input: a row of a wider matmul output
+        at = tok.to(tl.int64) * n_heads * (2 * HALF) + head   # the output: contiguous
         mask = (h < n_heads)[:, None]
-        x1 = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + src + HALF, mask=mask, other=0.0).to(tl.float32)
         dt = out_ptr.dtype.element_ty
         # as PyTorch does it in the model's dtype: x * cos + rotate_half(x) * sin
         o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
@@ -71,24 +73,25 @@ if triton is not None:
         tl.store(out_ptr + at + HALF, o2, mask=mask)
 
     @triton.jit
-    def _rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, H, HKV,
+    def _rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, H, HKV, stride_q, stride_k,
                         HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         tok = tl.program_id(0)                           # one token per program, all its heads
         i = tl.arange(0, HALF)
         c = tl.load(cos_ptr + tok.to(tl.int64) * (2 * HALF) + i).to(tl.float32)[None, :]
         s = tl.load(sin_ptr + tok.to(tl.int64) * (2 * HALF) + i).to(tl.float32)[None, :]
-        _rotate(q_ptr, q_out_ptr, tok, H, c, s, HALF, BLOCK_H)
-        _rotate(k_ptr, k_out_ptr, tok, HKV, c, s, HALF, BLOCK_H)
+        _rotate(q_ptr, q_out_ptr, tok, H, stride_q, c, s, HALF, BLOCK_H)
+        _rotate(k_ptr, k_out_ptr, tok, HKV, stride_k, c, s, HALF, BLOCK_H)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = at < n
-        g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)                   # one token, BLOCK columns per program
+        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = col < n
+        g = tl.load(g_ptr + row * stride_g + col, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + col, mask=mask, other=0.0).to(tl.float32)
         dt = out_ptr.dtype.element_ty
         silu = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        tl.store(out_ptr + at, (silu * u).to(dt), mask=mask)
+        tl.store(out_ptr + row * n + col, (silu * u).to(dt), mask=mask)
 
 
 def _rows(x):
@@ -110,23 +113,29 @@ def add_rms_norm(x, delta, weight, eps):
 
 def rope_qk(q, k, cos, sin):
     """RoPE on the queries ``(..., H, d)`` and keys ``(..., Hkv, d)`` of every token, one program
-    per token. ``cos, sin``: ``(..., d)`` from ``rope_cos_sin``."""
+    per token. ``cos, sin``: ``(..., d)`` from ``rope_cos_sin``. q and k may be column slices of
+    one matmul's output (each head's ``d`` numbers contiguous); the results are contiguous."""
     d = q.shape[-1]
-    q_rows, k_rows = q.reshape(-1, *q.shape[-2:]).contiguous(), k.reshape(-1, *k.shape[-2:]).contiguous()
-    q_out, k_out = torch.empty_like(q_rows), torch.empty_like(k_rows)
+    q_rows = q.reshape(-1, *q.shape[-2:]) if q.dim() != 3 else q
+    k_rows = k.reshape(-1, *k.shape[-2:]) if k.dim() != 3 else k
+    q_rows, k_rows = (x if x.stride(-1) == 1 and x.stride(-2) == d else x.contiguous() for x in (q_rows, k_rows))
+    q_out = torch.empty(q_rows.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k_rows.shape, dtype=k.dtype, device=k.device)
     _rope_qk_kernel[(q_rows.shape[0],)](
         q_rows, k_rows, cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous(),
-        q_out, k_out, q.shape[-2], k.shape[-2], HALF=d // 2,
+        q_out, k_out, q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0), HALF=d // 2,
         BLOCK_H=triton.next_power_of_2(max(q.shape[-2], k.shape[-2])))
     return q_out.view(q.shape), k_out.view(k.shape)
 
 
 def silu_mul(gate, up, block: int = 1024):
-    """``silu(gate) * up``, elementwise."""
-    g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(g)
-    _silu_mul_kernel[(triton.cdiv(g.numel(), block),)](g, u, out, g.numel(), BLOCK=block)
-    return out
+    """``silu(gate) * up``, elementwise. gate and up may be column slices of one matmul's output."""
+    n = gate.shape[-1]
+    g, u = (x.reshape(-1, n) for x in (gate, up))
+    g, u = (x if x.stride(-1) == 1 else x.contiguous() for x in (g, u))
+    out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
+    _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), BLOCK=block)
+    return out.view(gate.shape)
 
 
 def usable(device) -> bool:
@@ -159,12 +168,17 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
         row("add_rms_norm (residual)", n, x_out, x_ref)
         row("add_rms_norm (norm)", n, h, h_ref)
         row("rms_norm", n, add_rms_norm(x, None, w, 1e-5)[1], add_rms_norm_reference(x, None, w, 1e-5)[1])
-        q, k = rnd(n, heads, head_dim), rnd(n, kv_heads, head_dim)
+        if n == 7:        # separate tensors; otherwise slices of one stacked projection, as the model has them
+            q, k = rnd(n, heads, head_dim), rnd(n, kv_heads, head_dim)
+        else:
+            q, k, _ = rnd(n, (heads + 2 * kv_heads) * head_dim).split(
+                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+            q, k = q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim))
         cos, sin = rope_cos_sin(torch.randint(0, 4096, (n,), generator=g).to(device), inv_freq, dtype)
         (qo, ko), (qr, kr) = rope_qk(q, k, cos, sin), rope_qk_reference(q, k, cos, sin)
         row("rope_qk (q)", n, qo, qr)
         row("rope_qk (k)", n, ko, kr)
-        gate, up = rnd(n, 3 * hidden), rnd(n, 3 * hidden)
+        gate, up = (rnd(n, 3 * hidden), rnd(n, 3 * hidden)) if n == 7 else rnd(n, 6 * hidden).chunk(2, dim=-1)
         row("silu_mul", n, silu_mul(gate, up, block=128), silu_mul_reference(gate, up))
     return rows
 

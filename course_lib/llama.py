@@ -55,6 +55,27 @@ class LayerWeights:
     w_gate: torch.Tensor      # (intermediate, hidden)
     w_up: torch.Tensor        # (intermediate, hidden)
     w_down: torch.Tensor      # (hidden, intermediate)
+    wqkv: torch.Tensor | None = None        # wq, wk, wv stacked (``stack``): one matmul instead of three
+    w_gate_up: torch.Tensor | None = None   # w_gate, w_up stacked: one matmul instead of two
+
+    def qkv(self, h):
+        """The query, key and value projections of ``h``: (..., H*d), (..., Hkv*d), (..., Hkv*d)."""
+        if self.wqkv is None:
+            return F.linear(h, self.wq), F.linear(h, self.wk), F.linear(h, self.wv)
+        return F.linear(h, self.wqkv).split([len(self.wq), len(self.wk), len(self.wv)], dim=-1)
+
+    def gate_up(self, h):
+        """SwiGLU's two input projections of ``h``: (..., intermediate) each."""
+        if self.w_gate_up is None:
+            return F.linear(h, self.w_gate), F.linear(h, self.w_up)
+        return F.linear(h, self.w_gate_up).chunk(2, dim=-1)
+
+    def stack(self):
+        """Stack the projections that read the same input (a copy of their weights): fewer,
+        larger matmuls, which small batches run closer to the copy bandwidth (chapter 09)."""
+        if self.wqkv is None:
+            self.wqkv = torch.cat([self.wq, self.wk, self.wv])
+            self.w_gate_up = torch.cat([self.w_gate, self.w_up])
 
 
 def rms_norm(x, weight, eps):
@@ -108,14 +129,27 @@ class Llama:
     """A Llama decoder over weights borrowed (not copied) from a Hugging Face model.
 
     ``fused = True`` runs the elementwise work (residual adds with the norms, RoPE, SwiGLU's
-    gate) through the fused Triton kernels of ``course_lib.fused`` (chapter 09's fast path on
-    CUDA); by default the PyTorch functions above."""
-    fused = False
+    gate) through the fused Triton kernels of ``course_lib.fused``, and stacks the projections
+    that share an input (chapter 09's fast path on CUDA); by default the PyTorch functions above."""
 
     def __init__(self, shape: LlamaShape, embed, layers, final_norm, lm_head):
         self.shape, self.embed, self.layers = shape, embed, layers
         self.final_norm, self.lm_head = final_norm, lm_head
         self.inv_freq = rope_frequencies(shape.head_dim, shape.rope_theta, embed.device)
+        self._fused = False
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    @fused.setter
+    def fused(self, on: bool):
+        self._fused = bool(on)
+        for w in self.layers:
+            if on:
+                w.stack()
+            else:
+                w.wqkv = w.w_gate_up = None
 
     @classmethod
     def from_hf(cls, hf_model) -> "Llama":
@@ -150,13 +184,12 @@ class Llama:
         norms = [w.attn_norm for w in self.layers[1:]] + [self.final_norm]    # the norm after each layer
         x, h = add_norm(x, None, self.layers[0].attn_norm, s.eps)             # h = the norm of x
         for i, w in enumerate(self.layers):
-            q = F.linear(h, w.wq).unflatten(-1, (s.n_heads, s.head_dim))      # (..., H, d)
-            k = F.linear(h, w.wk).unflatten(-1, (s.n_kv_heads, s.head_dim))   # (..., Hkv, d)
-            v = F.linear(h, w.wv).unflatten(-1, (s.n_kv_heads, s.head_dim))
+            q, k, v = (t.unflatten(-1, (n, s.head_dim)) for t, n in                 # (..., heads, d)
+                       zip(w.qkv(h), (s.n_heads, s.n_kv_heads, s.n_kv_heads)))
             q, k = rope(q, k, cos, sin)
             o = attn(i, q, k, v)                                              # (..., H, d)
             x, h = add_norm(x, F.linear(o.flatten(-2), w.wo), w.mlp_norm, s.eps)   # x += attention
-            mlp = F.linear(gate(F.linear(h, w.w_gate), F.linear(h, w.w_up)), w.w_down)  # SwiGLU
+            mlp = F.linear(gate(*w.gate_up(h)), w.w_down)                       # SwiGLU
             x, h = add_norm(x, mlp, norms[i], s.eps)                          # x += MLP
         return h
 

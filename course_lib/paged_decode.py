@@ -140,11 +140,13 @@ def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None,
-                 block_n: int = BLOCK_N):
+                 block_n: int = BLOCK_N, programs: int = PROGRAMS, **launch):
     """The Triton kernel; same arguments and result as ``paged_decode_reference`` (``out``: where
     to write it). The splits are chosen from the batch and the block tables' width (the longest
     a sequence may be), not from the lengths, so that nothing is read back from the GPU and a
-    CUDA graph can hold the call. On the CPU it runs in Triton's interpreter
+    CUDA graph can hold the call. ``block_n``, ``programs`` and Triton's launch settings
+    (``num_warps``, ``num_stages``) are the tuning knobs (``bench/tune_decode_kernel.py``).
+    On the CPU it runs in Triton's interpreter
     (``TRITON_INTERPRET=1`` set before Triton is imported): slow, but the same code, so the tests
     check it without a GPU."""
     if triton is None:
@@ -157,7 +159,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     out = torch.empty_like(q) if out is None else out
     G = heads // kv_heads
     max_tokens = block_tables.shape[1] * block_size
-    S = n_splits(B, kv_heads, max_tokens, block_n)
+    S = n_splits(B, kv_heads, max_tokens, block_n, programs)
     split_tokens = -(-max_tokens // S // block_n) * block_n
     # S and split_tokens are plain arguments, not compile-time constants: a step with another
     # batch or table width must not compile a new kernel (that stalled the first mixed steps)
@@ -168,7 +170,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
         _paged_decode_kernel[(B, kv_heads, 1)](
             q, k_cache, v_cache, block_tables, lengths, out, out, out, d ** -0.5,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-            out.stride(0), out.stride(1), 0, S, split_tokens, **consts)
+            out.stride(0), out.stride(1), 0, S, split_tokens, **consts, **launch)
         return out
     part = torch.empty(B, heads, S, d, dtype=torch.float32, device=q.device)
     m = torch.empty(B, heads, S, dtype=torch.float32, device=q.device)
@@ -176,9 +178,9 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     _paged_decode_kernel[(B, kv_heads, S)](
         q, k_cache, v_cache, block_tables, lengths, part, m, l, d ** -0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), S, split_tokens, **consts)
+        part.stride(0), part.stride(1), part.stride(2), S, split_tokens, **consts, **launch)
     _combine_kernel[(B * heads,)](part, m, l, out, out.stride(0), out.stride(1), S, H=heads, D=d,
-                                  BLOCK_S=triton.next_power_of_2(n_splits(1, kv_heads, 1 << 30, block_n)),
+                                  BLOCK_S=triton.next_power_of_2(n_splits(1, kv_heads, 1 << 30, block_n, programs)),
                                   BLOCK_D=triton.next_power_of_2(d))   # the most splits: one kernel
     return out
 

@@ -29,6 +29,25 @@ def test_the_model_uses_the_references_unless_fused(tiny):
     assert not model.fused and model.elementwise_ops() == REFERENCE_OPS
 
 
+def test_stacked_projections_give_the_same_model(tiny):
+    from course_lib.attention import PagedAttention
+    from course_lib.kv_cache import PagedKVCache
+    model = Llama.from_hf(tiny.model)
+    tokens = torch.arange(3, 30)
+    out = []
+    for stacked in (False, True):
+        if stacked:
+            for w in model.layers:
+                w.stack()
+            assert model.layers[0].wqkv.shape[0] == sum(len(t) for t in (model.layers[0].wq, model.layers[0].wk,
+                                                                            model.layers[0].wv))
+        cache = PagedKVCache(model.shape, 8, 16, model.dtype)
+        cache.grow("a", len(tokens))
+        attn = PagedAttention(cache, [("a", 0, len(tokens))])
+        out.append(model(tokens, attn.positions, attn))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bf16 test runs the real kernels")
 def test_the_fused_kernels_in_the_interpreter():

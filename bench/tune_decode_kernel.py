@@ -1,0 +1,92 @@
+"""Tune the paged decode kernel on a GPU: time one layer's decode attention (CUDA events, median
+after warm-up) for each setting of its knobs (tokens per loop iteration ``block_n``, the number of
+programs the split rule aims for, Triton's ``num_warps`` and ``num_stages``) at several batch
+sizes, as a share of the measured copy bandwidth. Prints the best setting per batch and the
+defaults', and writes JSON.
+
+    python bench/tune_decode_kernel.py --context 640 --batch 1 32 128 256 512 --out DIR
+"""
+import argparse
+import itertools
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from course_lib import models  # noqa: E402
+from course_lib.bench import save_result  # noqa: E402
+from course_lib.kv_cache import PagedKVCache, kv_bytes_per_token  # noqa: E402
+from course_lib.llama import LlamaShape  # noqa: E402
+from course_lib.paged_decode import BLOCK_N, PROGRAMS, paged_decode  # noqa: E402
+from course_lib.roofline import measure_peaks  # noqa: E402
+
+
+def time_ms(fn, repeat=30):
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-1b-dummy")
+    p.add_argument("--context", type=int, default=640)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 128, 256, 512])
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    from transformers import LlamaConfig
+    shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[a.model].config))
+    one = LlamaShape(**{**shape.__dict__, "n_layers": 1})         # one layer: the kernel's unit
+    peaks = measure_peaks("cuda", torch.bfloat16)
+    B, bs = max(a.batch), 16
+    cache = PagedKVCache(one, B * -(-(a.context + 1) // bs), bs, torch.bfloat16, "cuda")
+    for t in cache.k + cache.v:
+        t.normal_()
+    cache.grow_side_by_side(dict.fromkeys(range(B), a.context + 1), chunk=bs)
+    tables = cache.table_tensor(range(B), "cuda")
+    lengths = torch.full((B,), a.context + 1, dtype=torch.int64, device="cuda")
+    q = torch.randn(B, one.n_heads, one.head_dim, dtype=torch.bfloat16, device="cuda")
+    knobs = list(itertools.product((32, 64, 128), (512, 1024, 2048), (2, 4, 8), (1, 2, 3)))
+    default = (BLOCK_N, PROGRAMS, 4, 3)
+    rows = []
+    for b in a.batch:
+        kv = kv_bytes_per_token(one, 2) * b * (a.context + 1)
+        times = {}
+        for block_n, programs, warps, stages in knobs:
+            fn = lambda: paged_decode(q[:b], cache.k[0], cache.v[0], tables[:b], lengths[:b], bs,   # noqa: E731
+                                      block_n=block_n, programs=programs, num_warps=warps, num_stages=stages)
+            try:
+                times[(block_n, programs, warps, stages)] = time_ms(fn)
+            except Exception as e:      # a setting Triton cannot compile (too many registers, ...)
+                print(f"B={b} {block_n, programs, warps, stages}: {type(e).__name__}")
+        best = min(times, key=times.get)
+        for k, ms in times.items():
+            rows.append({"batch": b, "block_n": k[0], "programs": k[1], "num_warps": k[2], "num_stages": k[3],
+                         "ms": ms, "bandwidth_share": kv / (ms / 1e3) / peaks.bandwidth})
+        print(f"B={b:4d}: best {best} {times[best] * 1e3:7.1f} us ({kv / (times[best] / 1e3) / peaks.bandwidth:.0%} of "
+              f"the copy bandwidth); default {default} {times.get(default, float('nan')) * 1e3:7.1f} us "
+              f"({kv / (times.get(default, float('nan')) / 1e3) / peaks.bandwidth:.0%})", flush=True)
+    overall = {k: sum(r["ms"] for r in rows if (r["block_n"], r["programs"], r["num_warps"], r["num_stages"]) == k)
+               for k in knobs}
+    print("best over all batches (sum of times):", min(overall, key=overall.get), "default:", default)
+    if a.out:
+        name = torch.cuda.get_device_name().lower().replace(" ", "-")
+        save_result({"model": a.model, "context": a.context, "device": peaks.__dict__, "rows": rows},
+                    Path(a.out) / f"tune_decode_kernel_{a.model}_{name}.json",
+                    "python bench/tune_decode_kernel.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
