@@ -12,5 +12,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider tests/test_paged_decode.py tests/test_fused.py tests/test_fastpath.py 2>&1 | tail -3
 python3 bench/decode_step.py --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/profile_decode.py --batch 1 128 256 --top 12 --mixed --out "$OUT" 2>&1 | grep -v Warning
+python3 bench/tune_decode_kernel.py --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/smollm2_gpu.py --n 32 --max-new-tokens 64 --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/decode_step.py --model smollm2-135m --batch 1 8 32 128 512 --out "$OUT" 2>&1 | grep -v Warning

@@ -9,7 +9,6 @@ defaults', and writes JSON.
 import argparse
 import itertools
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,20 +22,13 @@ from course_lib.kv_cache import PagedKVCache, kv_bytes_per_token  # noqa: E402
 from course_lib.llama import LlamaShape  # noqa: E402
 from course_lib.paged_decode import BLOCK_N, PROGRAMS, paged_decode  # noqa: E402
 from course_lib.roofline import measure_peaks  # noqa: E402
+from decode_step import events_ms  # noqa: E402
 
 
 def time_ms(fn, repeat=30):
-    for _ in range(3):
+    for _ in range(3):       # compile, warm up
         fn()
-    out = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return events_ms(fn, repeat)
 
 
 def main():
