@@ -69,8 +69,11 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256, 512])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--knobs", default="", help="decode kernel settings, e.g. block_n=32,num_warps=2")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    from course_lib import paged_decode
+    paged_decode.TUNING.update({k: int(v) for k, v in (x.split("=") for x in a.knobs.split(",") if x)})
     B = max(a.batch)
     model, cache, rows, per_seq = decoding_batch(a.model, B, a.context, a.block_size, a.dtype)
     peaks = measure_peaks("cuda", model.dtype)
@@ -105,8 +108,10 @@ def main():
               f"step {step:7.3f} ms MBU {row['mbu_step']:.0%} | eager {eager_step:7.3f} ms "
               f"MBU {row['mbu_eager']:.0%}", flush=True)
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
-    save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "rows": out},
-                Path(a.out) / f"decode_step_{a.model}_{name}.json",
+    knobs = "_" + a.knobs.replace("=", "").replace(",", "_") if a.knobs else ""
+    save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "kernel": paged_decode.TUNING,
+                 "rows": out},
+                Path(a.out) / f"decode_step_{a.model}_{name}{knobs}.json",
                 "python bench/decode_step.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 
 

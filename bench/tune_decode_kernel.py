@@ -1,5 +1,6 @@
-"""Tune the paged decode kernel on a GPU: time one layer's decode attention (CUDA events, median
-after warm-up) for each setting of its knobs (tokens per loop iteration ``block_n``, the number of
+"""Tune the paged decode kernel on a GPU: time a decode step's attention calls (one per layer, back
+to back, as a step makes them; CUDA events, median after warm-up; reported per call) for each
+setting of its knobs (tokens per loop iteration ``block_n``, the number of
 programs the split rule aims for, Triton's ``num_warps`` and ``num_stages``) at several batch
 sizes, as a share of the measured copy bandwidth. Prints the best setting per batch and the
 defaults', and writes JSON.
@@ -57,10 +58,12 @@ def main():
         kv = kv_bytes_per_token(one, 2) * b * (a.context + 1)
         times = {}
         for block_n, programs, warps, stages in knobs:
-            fn = lambda: paged_decode(q[:b], cache.k[0], cache.v[0], tables[:b], lengths[:b], bs,   # noqa: E731
-                                      block_n=block_n, programs=programs, num_warps=warps, num_stages=stages)
+            def fn():
+                for _ in range(shape.n_layers):       # a step's calls, on one layer's cache
+                    paged_decode(q[:b], cache.k[0], cache.v[0], tables[:b], lengths[:b], bs, block_n=block_n,
+                                 programs=programs, num_warps=warps, num_stages=stages)
             try:
-                times[(block_n, programs, warps, stages)] = time_ms(fn)
+                times[(block_n, programs, warps, stages)] = time_ms(fn) / shape.n_layers
             except Exception as e:      # a setting Triton cannot compile (too many registers, ...)
                 print(f"B={b} {block_n, programs, warps, stages}: {type(e).__name__}")
         best = min(times, key=times.get)

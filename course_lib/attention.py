@@ -300,11 +300,11 @@ class KernelPagedAttention(PagedAttention):
         """FlexAttention for every query bucket, and the decode kernel both ways (split, for a few
         decodes, and unsplit, for many), on tables as a mixed step builds them: compiling either
         in a timed step would stall it for a fraction of a second."""
-        from .paged_decode import BLOCK_N, PROGRAMS
+        from .paged_decode import TUNING
         FlexPagedAttention.precompile(cache, max_tokens, shape, dtype)
         device = cache.k[0].device
-        # one sequence of 4 tiles is split in 4; PROGRAMS / kv_heads sequences are not split
-        for batch, tokens in ((1, 4 * BLOCK_N), (-(-PROGRAMS // shape.n_kv_heads), 1)):
+        # one sequence of 4 tiles is split in 4; programs / kv_heads sequences are not split
+        for batch, tokens in ((1, 4 * TUNING["block_n"]), (-(-TUNING["programs"] // shape.n_kv_heads), 1)):
             ids = [("precompile", i) for i in range(batch)]
             if cache.allocator.n_free < batch * cache.blocks_needed(tokens):
                 continue

@@ -130,6 +130,9 @@ def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int
 
 BLOCK_N = 64          # tokens per loop iteration of the kernel
 PROGRAMS = 512        # programs that keep an H100/H200 busy (132 SMs, a few programs each)
+# the settings a call takes when it names none: these, and Triton's launch defaults (4 warps,
+# 3 stages); bench/tune_decode_kernel.py sweeps them, and bench/decode_step.py --knobs tries one
+TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS}
 
 
 def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
@@ -139,19 +142,21 @@ def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
     return max(1, min(-(-programs // (batch * kv_heads)), -(-max_tokens // block_n)))
 
 
-def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None,
-                 block_n: int = BLOCK_N, programs: int = PROGRAMS, **launch):
+def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None, **knobs):
     """The Triton kernel; same arguments and result as ``paged_decode_reference`` (``out``: where
     to write it). The splits are chosen from the batch and the block tables' width (the longest
     a sequence may be), not from the lengths, so that nothing is read back from the GPU and a
-    CUDA graph can hold the call. ``block_n``, ``programs`` and Triton's launch settings
-    (``num_warps``, ``num_stages``) are the tuning knobs (``bench/tune_decode_kernel.py``).
+    CUDA graph can hold the call. ``knobs``: ``block_n``, ``programs`` and Triton's launch
+    settings ``num_warps`` and ``num_stages``; those not given come from ``TUNING``.
     On the CPU it runs in Triton's interpreter
     (``TRITON_INTERPRET=1`` set before Triton is imported): slow, but the same code, so the tests
     check it without a GPU."""
     if triton is None:
         raise RuntimeError("the paged decode kernel needs Triton (it ships with CUDA builds of "
                            "PyTorch); use paged_decode_reference on the CPU")
+    knobs = {**TUNING, **knobs}
+    block_n, programs = knobs.pop("block_n"), knobs.pop("programs")
+    launch = knobs                                  # num_warps, num_stages, if given
     B, heads, d = q.shape
     kv_heads = k_cache.shape[0]
     assert k_cache.stride(-1) == 1 and q.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
