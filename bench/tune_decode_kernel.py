@@ -41,26 +41,26 @@ def main():
     a = p.parse_args()
     from transformers import LlamaConfig
     shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[a.model].config))
-    one = LlamaShape(**{**shape.__dict__, "n_layers": 1})         # one layer: the kernel's unit
     peaks = measure_peaks("cuda", torch.bfloat16)
     B, bs = max(a.batch), 16
-    cache = PagedKVCache(one, B * -(-(a.context + 1) // bs), bs, torch.bfloat16, "cuda")
+    cache = PagedKVCache(shape, B * -(-(a.context + 1) // bs), bs, torch.bfloat16, "cuda")   # every layer:
+    # a step reads each layer's cache once; reading one layer's again would find part of it in L2
     for t in cache.k + cache.v:
         t.normal_()
     cache.grow_side_by_side(dict.fromkeys(range(B), a.context + 1), chunk=bs)
     tables = cache.table_tensor(range(B), "cuda")
     lengths = torch.full((B,), a.context + 1, dtype=torch.int64, device="cuda")
-    q = torch.randn(B, one.n_heads, one.head_dim, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(B, shape.n_heads, shape.head_dim, dtype=torch.bfloat16, device="cuda")
     knobs = list(itertools.product((32, 64, 128), (512, 1024, 2048), (2, 4, 8), (1, 2, 3)))
     default = (BLOCK_N, PROGRAMS, 4, 3)
     rows = []
     for b in a.batch:
-        kv = kv_bytes_per_token(one, 2) * b * (a.context + 1)
+        kv = kv_bytes_per_token(shape, 2) * b * (a.context + 1) / shape.n_layers    # per call
         times = {}
         for block_n, programs, warps, stages in knobs:
             def fn():
-                for _ in range(shape.n_layers):       # a step's calls, on one layer's cache
-                    paged_decode(q[:b], cache.k[0], cache.v[0], tables[:b], lengths[:b], bs, block_n=block_n,
+                for layer in range(shape.n_layers):   # a step's calls, one per layer
+                    paged_decode(q[:b], cache.k[layer], cache.v[layer], tables[:b], lengths[:b], bs, block_n=block_n,
                                  programs=programs, num_warps=warps, num_stages=stages)
             try:
                 times[(block_n, programs, warps, stages)] = time_ms(fn) / shape.n_layers
