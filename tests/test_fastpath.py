@@ -58,6 +58,41 @@ def test_decode_buffers_give_the_reference_tokens(tiny):
         eng.graphs.step([])
 
 
+def test_decode_buffers_rewrite_only_what_changed_and_still_hold_every_table(tiny):
+    """The buffers keep each row's table from step to step and write only new blocks: after
+    growth, a reordered batch, a new sequence in a row, a smaller batch and a preempted (new
+    table) sequence, every row must hold exactly what a fresh fill writes."""
+    from course_lib.kv_cache import PagedKVCache
+    from course_lib.llama import Llama
+    model = Llama.from_hf(tiny.model)
+    cache = PagedKVCache(model.shape, 200, 4, model.dtype)
+    kept = DecodeGraphs(model, cache, 8, 12)
+    for sid in "abcde":
+        cache.grow(sid, 5)
+
+    def rows(ids):
+        return [(7, cache.lengths[s] - 1, cache.tables[s]) for s in ids]
+
+    def valid(g, n):
+        B = g.buckets[-1]
+        buf = g.np[:4 * B].reshape(4, B)[:, :n].copy()
+        tables = g.np[4 * B:].reshape(B, g.max_blocks)
+        return buf, [tables[i, :len(t)].tolist() for i, (_, _, t) in enumerate(g_rows)]
+
+    for ids in ("abc", "abc", "cab", "cabd", "ed", "abcde"):
+        for sid in ids:
+            cache.grow(sid, 3)                    # blocks of 4: some steps add a block
+        if ids == "ed":
+            cache.release("a")                    # preempted: a new table when it comes back
+            cache.grow("a", 9)
+        g_rows = rows(ids)
+        kept._fill(g_rows)
+        fresh = DecodeGraphs(model, cache, 8, 12)
+        fresh._fill(g_rows)
+        got, want = valid(kept, len(ids)), valid(fresh, len(ids))
+        assert (got[0] == want[0]).all() and got[1] == want[1] == [t for _, _, t in g_rows], ids
+
+
 def test_fast_path_schedules_like_the_reference_on_the_fake_model():
     reqs = [Request(f"r{i}", [7] * (3 + i) + [8 + i], max_new_tokens=12) for i in range(6)]
     outs = {}
