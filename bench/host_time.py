@@ -1,4 +1,6 @@
-"""The paged engine's host cost alone: the chapter 09 fastest rung's schedule (anyscale, 512
+"""The paged engine's host cost alone. First, filling the decode buffers (``DecodeGraphs._fill``)
+for batches of 128 to 512 sequences of 640 tokens, in steady state (the same sequences, step after
+step). Then the chapter 09 fastest rung's schedule (anyscale, 512
 requests, batch 512, budget 8192, a cache the size of 16 GiB of llama-1b's KV) run with the test
 suite's fake model, which computes nothing. What remains is Python: scheduling, laying out steps,
 filling the decode buffers, bookkeeping. On the CPU the mixed steps also build FlexAttention's
@@ -13,12 +15,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
 from course_lib.engines.paged import PagedEngine  # noqa: E402
+from course_lib.kv_cache import PagedKVCache  # noqa: E402
 from course_lib.requests import load_workload  # noqa: E402
 from fakes import LOADED, FakeLlama  # noqa: E402
 
 
+def fill_ms(batch: int, context: int = 640, repeat: int = 50) -> float:
+    model = FakeLlama()
+    cache = PagedKVCache(model.shape, batch * (context // 16 + 2), 16, model.dtype)
+    cache.grow_side_by_side(dict.fromkeys(range(batch), context + 1), chunk=16)
+    graphs = DecodeGraphs(model, cache, batch, context // 16 + 2)
+    rows = [(5, context, cache.tables[i]) for i in range(batch)]
+    graphs._fill(rows)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        graphs._fill(rows)
+    return (time.perf_counter() - t) / repeat * 1e3
+
+
 def main():
+    for b in (128, 256, 512):
+        print(f"filling the decode buffers for {b} sequences: {fill_ms(b):.3f} ms")
     reqs = load_workload("anyscale:prompt_len=512,cap=512,mean=128", n=512, vocab_size=64)
     for run in range(2):           # the first warms up
         e = PagedEngine(LOADED, max_batch=512, block_size=16, num_blocks=32768, attention="kernel",
