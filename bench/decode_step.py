@@ -49,16 +49,22 @@ def wall_ms(fn, repeat):
     return statistics.median(out)
 
 
+def decoding_cache(shape, batch: int, context: int, block_size: int = 16, dtype=torch.bfloat16,
+                   device="cuda"):
+    """A paged cache of ``batch`` sequences of ``context`` tokens grown side by side (their
+    blocks scattered, as in serving), each about to decode its next token: ``(cache, rows for
+    DecodeGraphs.step, blocks per sequence)``."""
+    per_seq = -(-(context + 1) // block_size)
+    cache = PagedKVCache(shape, batch * per_seq, block_size, dtype, device)
+    cache.grow_side_by_side(dict.fromkeys(range(batch), context + 1), chunk=block_size)
+    return cache, [(1, context, cache.tables[i]) for i in range(batch)], per_seq
+
+
 def decoding_batch(model_name: str, batch: int, context: int, block_size: int = 16,
                    dtype: str = "bfloat16"):
-    """The model, and a paged cache of ``batch`` sequences of ``context`` tokens grown side by
-    side (their blocks scattered, as in serving), each about to decode its next token:
-    ``(model, cache, rows for DecodeGraphs.step, blocks per sequence)``."""
+    """The model and ``decoding_cache`` for it: ``(model, cache, rows, blocks per sequence)``."""
     model = Llama.from_hf(models.load(model_name, dtype=dtype, device="cuda").model)
-    per_seq = -(-(context + 1) // block_size)
-    cache = PagedKVCache(model.shape, batch * per_seq, block_size, model.dtype, "cuda")
-    cache.grow_side_by_side(dict.fromkeys(range(batch), context + 1), chunk=block_size)
-    return model, cache, [(1, context, cache.tables[i]) for i in range(batch)], per_seq
+    return model, *decoding_cache(model.shape, batch, context, block_size, model.dtype)
 
 
 def main():

@@ -17,17 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
 from course_lib.engines.paged import PagedEngine  # noqa: E402
-from course_lib.kv_cache import PagedKVCache  # noqa: E402
 from course_lib.requests import load_workload  # noqa: E402
+from decode_step import decoding_cache  # noqa: E402
 from fakes import LOADED, FakeLlama  # noqa: E402
 
 
 def fill_ms(batch: int, context: int = 640, repeat: int = 50) -> float:
     model = FakeLlama()
-    cache = PagedKVCache(model.shape, batch * (context // 16 + 2), 16, model.dtype)
-    cache.grow_side_by_side(dict.fromkeys(range(batch), context + 1), chunk=16)
-    graphs = DecodeGraphs(model, cache, batch, context // 16 + 2)
-    rows = [(5, context, cache.tables[i]) for i in range(batch)]
+    cache, rows, per_seq = decoding_cache(model.shape, batch, context, 16, model.dtype, "cpu")
+    graphs = DecodeGraphs(model, cache, batch, per_seq)
     graphs._fill(rows)
     t = time.perf_counter()
     for _ in range(repeat):

@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.kv_cache import PagedKVCache, kv_bytes_per_token  # noqa: E402
+from course_lib.kv_cache import kv_bytes_per_token  # noqa: E402
 from course_lib.llama import LlamaShape  # noqa: E402
-from course_lib.paged_decode import BLOCK_N, PROGRAMS, paged_decode  # noqa: E402
+from course_lib.paged_decode import BLOCK_N, PROGRAMS, TRITON_LAUNCH, paged_decode  # noqa: E402
 from course_lib.roofline import measure_peaks  # noqa: E402
-from decode_step import events_ms  # noqa: E402
+from decode_step import decoding_cache, events_ms  # noqa: E402
 
 
 def time_ms(fn, repeat=30):
@@ -43,16 +43,15 @@ def main():
     shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[a.model].config))
     peaks = measure_peaks("cuda", torch.bfloat16)
     B, bs = max(a.batch), 16
-    cache = PagedKVCache(shape, B * -(-(a.context + 1) // bs), bs, torch.bfloat16, "cuda")   # every layer:
-    # a step reads each layer's cache once; reading one layer's again would find part of it in L2
+    # every layer's cache: a step reads each once; reading one layer's again would find part of it in L2
+    cache, _, _ = decoding_cache(shape, B, a.context, bs)
     for t in cache.k + cache.v:
         t.normal_()
-    cache.grow_side_by_side(dict.fromkeys(range(B), a.context + 1), chunk=bs)
     tables = cache.table_tensor(range(B), "cuda")
     lengths = torch.full((B,), a.context + 1, dtype=torch.int64, device="cuda")
     q = torch.randn(B, shape.n_heads, shape.head_dim, dtype=torch.bfloat16, device="cuda")
     knobs = list(itertools.product((32, 64, 128), (512, 1024, 2048), (2, 4, 8), (1, 2, 3)))
-    default = (BLOCK_N, PROGRAMS, 4, 3)
+    default = (BLOCK_N, PROGRAMS, TRITON_LAUNCH["num_warps"], TRITON_LAUNCH["num_stages"])
     rows = []
     for b in a.batch:
         kv = kv_bytes_per_token(shape, 2) * b * (a.context + 1) / shape.n_layers    # per call

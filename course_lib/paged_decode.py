@@ -22,6 +22,7 @@ enough programs at once to fill the GPU.
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -121,7 +122,6 @@ if triton is not None:
 
 def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None):
     """The kernel where it can run (a CUDA tensor, or Triton's interpreter), else the reference."""
-    import os
     if triton is not None and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size, out)
     ref = paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_size)
@@ -130,8 +130,9 @@ def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int
 
 BLOCK_N = 64          # tokens per loop iteration of the kernel
 PROGRAMS = 512        # programs that keep an H100/H200 busy (132 SMs, a few programs each)
-# the settings a call takes when it names none: these, and Triton's launch defaults (4 warps,
-# 3 stages); bench/tune_decode_kernel.py sweeps them, and bench/decode_step.py --knobs tries one
+TRITON_LAUNCH = {"num_warps": 4, "num_stages": 3}   # Triton's own defaults, which a call keeps
+# the settings a call takes when it names none: these, and TRITON_LAUNCH; bench/tune_decode_kernel.py
+# sweeps them all, and bench/decode_step.py --knobs tries one
 TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS}
 
 

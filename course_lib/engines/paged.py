@@ -12,7 +12,7 @@ front of the queue, to be recomputed later (prompt and answer so far) - never lo
 
 On CUDA (chapter 09) the step is split by kind: decodes go through the course's Triton paged
 decode kernel and prefill chunks through FlexAttention (``attention="kernel"``, the default
-there), a step made only of decodes is replayed as a CUDA graph (``course_lib.cuda_graphs``), and
+there), a step made only of decodes is replayed as a CUDA graph (``course_lib.cuda_graphs``),
 the next token is chosen on the GPU (``course_lib.sampling``), and the layer's elementwise work
 runs in fused Triton kernels (``course_lib.fused``).
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..admission import AdmissionController, StepTimeModel
-from ..attention import PAGED_ATTENTION, FlexPagedAttention
+from ..attention import PAGED_ATTENTION
 from ..cuda_graphs import DecodeGraphs
 from ..kv_cache import PagedKVCache, kv_bytes_per_token
 from ..llama import Llama
