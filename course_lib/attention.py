@@ -169,6 +169,9 @@ class FlexPagedAttention(PagedAttention):
     and the keys are the whole cache, so that the compiled kernel is reused from step to step.
     """
 
+    # the mask's tensors are made in inference mode, as ``precompile`` makes them: made outside
+    # it they fail a guard of the compiled kernel, which then compiles again for every bucket
+    @torch.inference_mode()
     def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None):
         from torch.nn.attention.flex_attention import BlockMask
         self.cache, bs = cache, cache.block_size

@@ -275,7 +275,7 @@ class PagedEngine(Engine):
         waiting.appendleft(seq)
         self.preemptions += 1
 
-    @torch.inference_mode()     # as FlexAttention was compiled: else each bucket compiles again
+    @torch.inference_mode()     # no autograd bookkeeping: nothing here is ever differentiated
     def forward(self, batch, running):
         start = self.now()
         dev = self.model.device
