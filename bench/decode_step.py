@@ -49,6 +49,11 @@ def wall_ms(fn, repeat):
     return statistics.median(out)
 
 
+def parse_knobs(text: str) -> dict:
+    """Settings given as ``"a=1,b=2"``: ``{"a": 1, "b": 2}``."""
+    return {k: int(v) for k, v in (x.split("=") for x in text.split(",") if x)}
+
+
 def decoding_cache(shape, batch: int, context: int, block_size: int = 16, dtype=torch.bfloat16,
                    device="cuda"):
     """A paged cache of ``batch`` sequences of ``context`` tokens grown side by side (their
@@ -79,7 +84,7 @@ def main():
     p.add_argument("--out", required=True)
     a = p.parse_args()
     from course_lib import paged_decode
-    paged_decode.TUNING.update({k: int(v) for k, v in (x.split("=") for x in a.knobs.split(",") if x)})
+    paged_decode.TUNING.update(parse_knobs(a.knobs))
     B = max(a.batch)
     model, cache, rows, per_seq = decoding_batch(a.model, B, a.context, a.block_size, a.dtype)
     peaks = measure_peaks("cuda", model.dtype)

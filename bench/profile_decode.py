@@ -23,7 +23,7 @@ from course_lib.attention import KernelPagedAttention  # noqa: E402
 from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
 from course_lib.kv_cache import PagedKVCache  # noqa: E402
 from course_lib.sampling import sample  # noqa: E402
-from decode_step import decoding_batch  # noqa: E402
+from decode_step import decoding_batch, parse_knobs  # noqa: E402
 
 STEPS = 5
 
@@ -81,7 +81,12 @@ def main():
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=None, help="a folder for the JSON")
     p.add_argument("--mixed", action="store_true", help="also profile a mixed step")
+    p.add_argument("--knobs", default="", help="decode kernel settings, e.g. num_warps=2")
+    p.add_argument("--flex-options", default="", help="FlexAttention kernel_options, e.g. BLOCK_M=64")
     a = p.parse_args()
+    from course_lib import attention, paged_decode
+    paged_decode.TUNING.update(parse_knobs(a.knobs))
+    attention.FLEX_OPTIONS.update(parse_knobs(a.flex_options))
     model, cache, rows, per_seq = decoding_batch(a.model, max(a.batch), a.context)
     batches = []
     for fused, b in [(f, b) for f in (True, False) for b in a.batch]:
@@ -101,10 +106,12 @@ def main():
     mixed = mixed_step(model, top=a.top) if a.mixed else None
     if a.out:
         name = torch.cuda.get_device_name().lower().replace(" ", "-")
+        settings = "".join("_" + x.replace("=", "").replace(",", "_") for x in (a.knobs, a.flex_options) if x)
         save_result({"model": a.model, "dtype": str(model.dtype).removeprefix("torch."),
+                     "kernel": paged_decode.TUNING, "flex_options": attention.FLEX_OPTIONS,
                      "context": a.context, "steps_profiled": STEPS,
                      "device": {"device": torch.cuda.get_device_name()}, "batches": batches, "mixed_step": mixed},
-                    Path(a.out) / f"profile_decode_{a.model}_{name}.json",
+                    Path(a.out) / f"profile_decode_{a.model}_{name}{settings}.json",
                     "python bench/profile_decode.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 
 

@@ -150,6 +150,9 @@ def flex_attention(*args, **kwargs):
 
 
 TILE = 128     # FlexAttention's tile: 128 queries x 128 key slots
+# FlexAttention's own kernel settings (``kernel_options``: BLOCK_M, BLOCK_N, num_warps,
+# num_stages), empty for its defaults; bench/profile_decode.py --flex-options tries others
+FLEX_OPTIONS: dict = {}
 
 
 class FlexPagedAttention(PagedAttention):
@@ -246,7 +249,8 @@ class FlexPagedAttention(PagedAttention):
         K, V = self.store(layer, k, v)
         n_pad = self.block_mask.shape[-2]
         q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
-        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True)
+        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True,
+                           **({"kernel_options": dict(FLEX_OPTIONS)} if FLEX_OPTIONS else {}))
         return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
 
 

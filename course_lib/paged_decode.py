@@ -72,7 +72,9 @@ if triton is not None:
         gd_mask = (g < G)[:, None] & (d < D)[None, :]
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=gd_mask, other=0.0)                                     # (G, D)
-        length = tl.load(lengths_ptr + b)
+        # int32 token arithmetic: the engine's lengths are int64, and 64-bit integer division
+        # and products cost several instructions per token in the loop below
+        length = tl.load(lengths_ptr + b).to(tl.int32)
         start = split * split_tokens
         end = tl.minimum(length, start + split_tokens)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)                         # running max
