@@ -82,11 +82,14 @@ def main():
     p.add_argument("--out", default=None, help="a folder for the JSON")
     p.add_argument("--mixed", action="store_true", help="also profile a mixed step")
     p.add_argument("--knobs", default="", help="decode kernel settings, e.g. num_warps=2")
-    p.add_argument("--flex-options", default="", help="FlexAttention kernel_options, e.g. BLOCK_M=64")
+    p.add_argument("--flex-options", default="",
+                   help="FlexAttention kernel_options, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
     a = p.parse_args()
     from course_lib import attention, paged_decode
     paged_decode.TUNING.update(parse_knobs(a.knobs))
-    attention.FLEX_OPTIONS.update(parse_knobs(a.flex_options))
+    if a.flex_options:
+        attention.FLEX_OPTIONS.clear()         # given: these alone (none: FlexAttention's defaults)
+        attention.FLEX_OPTIONS.update(parse_knobs(a.flex_options.replace("default", "")))
     model, cache, rows, per_seq = decoding_batch(a.model, max(a.batch), a.context)
     batches = []
     for fused, b in [(f, b) for f in (True, False) for b in a.batch]:

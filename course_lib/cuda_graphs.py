@@ -12,7 +12,9 @@ A graph replays fixed kernels on fixed memory, so:
 * the inputs live in one fixed buffer on the device (tokens, positions, cache slots, lengths,
   block tables), refilled from the host with *one* copy per step;
 * the next token is chosen inside the graph (``course_lib.sampling``): ``B`` integers come back,
-  not ``B x vocab`` logits.
+  not ``B x vocab`` logits. They are written to ``last``, a buffer on the device where the next
+  step can read its input tokens (``src``) before the host has seen them: so the host can
+  launch step ``k + 1`` while step ``k`` runs (``PagedEngine(overlap=True)``).
 Attention reads the cache through the block tables with the course's Triton kernel, whose loop
 runs to each sequence's length read from memory, so the same graph serves any context length.
 
@@ -40,32 +42,47 @@ class DecodeGraphs:
     ``max_blocks`` blocks each: captured as CUDA graphs on CUDA, eager elsewhere."""
 
     def __init__(self, model, cache, max_batch: int, max_blocks: int, temperature: float = 0.0,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, last=None):
         self.model, self.cache, self.temperature = model, cache, temperature
         self.device = model.device
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
         self.buckets, self.max_blocks = batch_buckets(max_batch), max_blocks
         B = self.buckets[-1]
-        # one int64 buffer: tokens | positions | slots | lengths | block tables (B x max_blocks)
-        n = 4 * B + B * max_blocks
+        # the tokens of the last step, on the device (the engine's, if it shares one)
+        self.last = torch.zeros(B, dtype=torch.long, device=self.device) if last is None else last
+        # one int64 buffer: tokens | positions | slots | lengths | src | block tables (B x max_blocks)
+        n = 5 * B + B * max_blocks
         self.inputs = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.host = torch.zeros(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self.np = self.host.numpy()
-        self.tokens, self.positions, self.slots, self.lengths = self.inputs[:4 * B].view(4, B)
-        self.tables = self.inputs[4 * B:].view(B, max_blocks)
+        self.tokens, self.positions, self.slots, self.lengths, self.src = self.inputs[:5 * B].view(5, B)
+        self.tables = self.inputs[5 * B:].view(B, max_blocks)
+        # two host buffers, filled in turns: while the GPU has not yet copied one (its step
+        # waits behind the one running), the host fills the other. Each remembers which block
+        # table each of its rows holds, to write only what changed
+        cuda = self.device.type == "cuda"
+        self._hosts = [torch.zeros(n, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._held = [([None] * B, [0] * B) for _ in range(2)]
+        self._copied = [None, None]           # an event after each buffer's last copy
+        self._turn = 0
         self.out, self.graphs = {}, {}
-        self._row_table, self._row_written = [None] * B, [0] * B   # which table each row holds
-        self.out_host = torch.zeros(B, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._fill([])
-        self.inputs.copy_(self.host)
+        self.inputs.copy_(self._hosts[0])
         if self.graphs_on:
             self.capture()
 
+    @property
+    def np(self):
+        """The host buffer the next step is filled into, as a NumPy array."""
+        return self._hosts[self._turn].numpy()
+
     def _forward(self, nb: int):
         attn = DecodeAttention(self.cache, self.slots[:nb], self.tables[:nb], self.lengths[:nb])
-        hidden = self.model.hidden_states(self.tokens[:nb], self.positions[:nb], attn)
+        src = self.src[:nb]          # a token the host does not know yet: read it from ``last``
+        tokens = torch.where(src >= 0, self.last[src.clamp(min=0)], self.tokens[:nb])
+        hidden = self.model.hidden_states(tokens, self.positions[:nb], attn)
         # greedy needs no float32 copy of the logits: the argmax is the same
-        return sample(self.model.logits(hidden, float32=self.temperature > 0), self.temperature)
+        out = sample(self.model.logits(hidden, float32=self.temperature > 0), self.temperature)
+        self.last[:nb].copy_(out)
+        return out
 
     @torch.inference_mode()
     def capture(self):
@@ -86,48 +103,61 @@ class DecodeGraphs:
 
     def _fill(self, rows):
         """Write a step's inputs into the host buffer; the rows past ``len(rows)`` up to the
-        largest bucket are padding: token 0 at position 0, written to the pad block."""
+        largest bucket are padding: token 0 at position 0, written to the pad block.
+        ``rows``: ``(token, position, table, src)``, ``src`` >= 0 for a token to read from
+        ``last`` (then ``token`` is ignored), -1 otherwise."""
         B, bs = self.buckets[-1], self.cache.block_size
         h, n = self.np, len(rows)
-        tokens, positions, slots, lengths = h[:4 * B].reshape(4, B)
-        tables = h[4 * B:].reshape(B, self.max_blocks)
+        tokens, positions, slots, lengths, src = h[:5 * B].reshape(5, B)
+        tables = h[5 * B:].reshape(B, self.max_blocks)
         if n:
             tokens[:n] = np.fromiter((row[0] for row in rows), np.int64, n)
             positions[:n] = np.fromiter((row[1] for row in rows), np.int64, n)
+            src[:n] = np.fromiter((row[3] for row in rows), np.int64, n)
         # A block table only grows while its sequence runs, and a sequence keeps its row from
         # step to step unless the batch changes: write only the blocks a row does not hold yet
         # (rewriting every table, a Python list each, cost more than 0.5 ms a step at batch 512)
-        held, written = self._row_table, self._row_written
-        for i, (_, _, table) in enumerate(rows):
+        held, written = self._held[self._turn]
+        for i, (_, _, table, _) in enumerate(rows):
             have = written[i] if held[i] is table else 0
             if have < len(table):
                 tables[i, have:len(table)] = table[have:]
                 held[i], written[i] = table, len(table)
         slots[:n] = tables[np.arange(n), positions[:n] // bs] * bs + positions[:n] % bs
         lengths[:n] = positions[:n] + 1
-        tokens[n:], positions[n:], lengths[n:] = 0, 0, 1
+        tokens[n:], positions[n:], lengths[n:], src[n:] = 0, 0, 1, -1
         slots[n:] = self.cache.pad_block * bs
         tables[n:, 0] = self.cache.pad_block
         held[n:] = [None] * (B - n)                 # padding rows hold the pad block now
 
     @torch.inference_mode()
-    def step(self, rows) -> list:
-        """One decode step. ``rows``: ``(last token, its position, block table)`` per sequence,
-        the table already holding the position's block. Returns the next token of each."""
+    def launch(self, rows) -> int:
+        """Queue one decode step and return at once (its bucket). ``rows``: ``(last token, its
+        position, block table, src)`` per sequence, the table already holding the position's
+        block, ``src`` as in ``_fill``. The next tokens land in ``last[:len(rows)]``."""
         n = len(rows)
         if not 0 < n <= self.buckets[-1]:
             raise ValueError(f"a decode step takes 1 to {self.buckets[-1]} sequences, got {n}")
-        if max(len(t) for _, _, t in rows) > self.max_blocks:
+        if max(len(row[2]) for row in rows) > self.max_blocks:
             raise ValueError(f"a block table is longer than the {self.max_blocks} blocks captured")
         nb = self.bucket(n)
+        turn = self._turn
+        if self._copied[turn] is not None:    # the GPU has copied this buffer's last contents
+            self._copied[turn].synchronize()
         self._fill(rows)
-        self.inputs.copy_(self.host, non_blocking=True)
+        self.inputs.copy_(self._hosts[turn], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()
+        self._turn ^= 1
         if nb in self.graphs:
             self.graphs[nb].replay()
-            out = self.out[nb]
         else:
-            out = self._forward(nb)
-        self.out_host[:nb].copy_(out, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        return self.out_host[:n].tolist()
+            self._forward(nb)
+        return nb
+
+    def step(self, rows) -> list:
+        """One decode step, waited for. ``rows``: ``(last token, its position, block table)``
+        per sequence. Returns the next token of each."""
+        self.launch([(token, pos, table, -1) for token, pos, table in rows])
+        return self.last[:len(rows)].tolist()

@@ -5,8 +5,8 @@ same loaded model, the same requests and the same device, with the workload's ph
   paged       + paged KV-cache: FlexAttention over blocks of 16, up to ``big_batch`` sequences in
               the KV memory the continuous engine's rows reserve at ``max_batch``
   chunked     + chunked prefill: the same, under a budget of ``budget`` tokens per step
-  graphs      + the Triton decode kernel, fused elementwise kernels, CUDA graphs and sampling on
-              the GPU (chapter 09)
+  graphs      + the Triton decode kernel, fused elementwise kernels, CUDA graphs, sampling on
+              the GPU, and the host scheduling step k+1 while step k runs (chapter 09)
   hf-generate, hf-cb            the peers, at ``max_batch``
 
 Options after a colon override a rung's settings: ``graphs:kv_memory_mib=16384``.
@@ -28,7 +28,7 @@ RUNGS = {   # name -> engine, options ("rows": the rows' KV memory; "big": big_b
     "chunked": ("continuous", {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows",
                                "max_batch": "big", "max_num_batched_tokens": "budget"}),
     "graphs": ("continuous", {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True,
-                              "kv_memory_bytes": "rows", "max_batch": "big",
+                              "overlap": True, "kv_memory_bytes": "rows", "max_batch": "big",
                               "max_num_batched_tokens": "budget"}),
 }
 
@@ -70,7 +70,8 @@ def label(rung: str) -> str:
              "max_num_batched_tokens": lambda v: f"budget {v}",
              "watermark": lambda v: f"{v:.0%} kept free",
              "cuda_graphs": lambda v: "CUDA graphs" if v not in (0, "False") else "eager decode",
-             "fused": lambda v: "fused" if v not in (0, "False") else "unfused elementwise"}
+             "fused": lambda v: "fused" if v not in (0, "False") else "unfused elementwise",
+             "overlap": lambda v: "host overlapped" if v not in (0, "False") else "host waited for"}
     return ", ".join([name] + [words[k](v) if k in words else f"{k}={v}" for k, v in overrides])
 
 

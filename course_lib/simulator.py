@@ -275,7 +275,7 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
     ``StepCost``, or a ``CostBook`` (the model of the path this engine takes)."""
     if isinstance(cost, CostBook):
         cost = cost.for_run(engine, options)
-    for how in ("attention", "cuda_graphs", "fused"):     # nothing is computed
+    for how in ("attention", "cuda_graphs", "fused", "overlap"):     # nothing is computed
         options.pop(how, None)
     if isinstance(options.get("slo"), dict):               # as a stored JSON holds it
         from .admission import SLO

@@ -71,13 +71,13 @@ def test_decode_buffers_rewrite_only_what_changed_and_still_hold_every_table(tin
         cache.grow(sid, 5)
 
     def rows(ids):
-        return [(7, cache.lengths[s] - 1, cache.tables[s]) for s in ids]
+        return [(7, cache.lengths[s] - 1, cache.tables[s], -1) for s in ids]
 
     def valid(g, n):
         B = g.buckets[-1]
-        buf = g.np[:4 * B].reshape(4, B)[:, :n].copy()
-        tables = g.np[4 * B:].reshape(B, g.max_blocks)
-        return buf, [tables[i, :len(t)].tolist() for i, (_, _, t) in enumerate(g_rows)]
+        buf = g.np[:5 * B].reshape(5, B)[:, :n].copy()
+        tables = g.np[5 * B:].reshape(B, g.max_blocks)
+        return buf, [tables[i, :len(t)].tolist() for i, (_, _, t, _) in enumerate(g_rows)]
 
     for ids in ("abc", "abc", "cab", "cabd", "ed", "abcde"):
         for sid in ids:
@@ -90,7 +90,7 @@ def test_decode_buffers_rewrite_only_what_changed_and_still_hold_every_table(tin
         fresh = DecodeGraphs(model, cache, 8, 12)
         fresh._fill(g_rows)
         got, want = valid(kept, len(ids)), valid(fresh, len(ids))
-        assert (got[0] == want[0]).all() and got[1] == want[1] == [t for _, _, t in g_rows], ids
+        assert (got[0] == want[0]).all() and got[1] == want[1] == [t for _, _, t, _ in g_rows], ids
 
 
 def test_fast_path_schedules_like_the_reference_on_the_fake_model():
@@ -103,6 +103,54 @@ def test_fast_path_schedules_like_the_reference_on_the_fake_model():
         outs[attention] = ([r.output_tokens for r in log.requests],
                            [(s.prefill_tokens, s.decode_tokens) for s in log.steps], e.preemptions)
     assert outs["gather"] == outs["kernel"] and outs["kernel"][2] > 0
+
+
+@pytest.mark.parametrize("attention", ["gather", "kernel"])
+def test_overlapped_steps_give_the_answers_of_waited_ones(attention):
+    """With ``overlap`` the host schedules and launches step k+1 before it has read step k's
+    tokens (the next step takes them from the device). The fake model answers each token with
+    the one below it, so a token taken from the wrong place changes the answer. The answers must
+    not change: with EOS learnt a step late, sequences preempted while their token is in flight,
+    chunked prefill, and requests that arrive later."""
+    n_out = [3 + 2 * i for i in range(8)]              # each answer ends in EOS
+    reqs = [Request(f"r{i}", [7] * (3 + 3 * i) + [n + 2], max_new_tokens=n + 1,
+                    arrival_s=0.0 if i < 6 else 0.02) for i, n in enumerate(n_out)]
+    reqs.append(Request("capped", [7, 7, 30], max_new_tokens=5))      # stops on length
+    want = [list(range(n + 1, 1, -1)) for n in n_out] + [[29, 28, 27, 26, 25]]
+    runs = {}
+    for overlap in (False, True):
+        e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=5, block_size=2,
+                        num_blocks=24, max_num_batched_tokens=8, attention=attention, overlap=overlap)
+        order = []
+        for name in ("launch", "complete"):
+            method = getattr(e, name)
+            setattr(e, name, lambda *a, _m=method, _n=name: (order.append(_n[0]), _m(*a))[1])
+        log = e.run(reqs)
+        assert [r.output_tokens for r in log.requests] == want, overlap
+        assert [r.finish_reason for r in log.requests] == ["eos"] * 8 + ["length"]
+        assert e.preemptions > 0 and e.cache.allocator.n_free == 24 and not e.cache.tables
+        assert all(a.end_s <= b.start_s for a, b in zip(log.steps, log.steps[1:]))   # back to back
+        runs[overlap] = "".join(order)
+    assert runs[False] == "lc" * (len(runs[False]) // 2)          # each step waited for
+    # one step ahead: a step is launched while the one before it is still unread
+    ahead, depth = 0, 0
+    for x in runs[True]:
+        depth += 1 if x == "l" else -1
+        assert 0 <= depth <= 2
+        ahead += depth == 2
+    assert ahead > 0.8 * runs[True].count("l")
+
+
+def test_overlap_keeps_the_real_model_s_greedy_answers(tiny):
+    reqs = load_workload("anyscale:prompt_len=32,cap=32,mean=8", n=10, vocab_size=tiny.config.vocab_size)
+    outs = []
+    for overlap in (False, True):
+        e = make_engine("continuous", tiny, max_batch=6, block_size=8, num_blocks=20,
+                        max_num_batched_tokens=48, attention="kernel", overlap=overlap)
+        log = e.run(reqs)
+        outs.append([r.output_tokens for r in log.requests])
+        assert e.preemptions > 0
+    assert outs[0] == outs[1]
 
 
 def test_a_watermark_keeps_room_to_grow_and_preempts_less():
@@ -166,7 +214,7 @@ def test_rungs_are_parsed_with_their_settings():
     assert parse_rung("static", settings) == ("static", "static", 64, {})
     name, engine, batch, opts = parse_rung("graphs:kv_memory_mib=2,max_num_batched_tokens=8192", settings)
     assert (engine, batch) == ("continuous", 512)
-    assert opts == {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True,
+    assert opts == {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True, "overlap": True,
                     "kv_memory_bytes": 2 * 2**20, "max_num_batched_tokens": 8192}
 
 
@@ -210,14 +258,17 @@ def test_chapter_09_pictures_draw_the_stored_results():
 def test_cuda_graphs_say_what_eager_launches_say():
     loaded = models.load("tiny", dtype="float32", device="cuda")
     reqs = [Request(f"r{i}", list(range(5, 9 + 3 * i)), max_new_tokens=6) for i in range(5)]
-    outs = []
-    for graphs, fused in ((False, False), (True, False), (True, True)):
+    ref = make_engine("continuous", loaded, max_batch=5, block_size=4, num_blocks=64, attention="gather")
+    outs = [[r.output_tokens for r in ref.run(reqs).requests]]       # the reference, eager
+    for graphs, fused, overlap in ((False, False, False), (True, False, False), (True, True, False),
+                                   (True, True, True)):
         e = make_engine("continuous", loaded, max_batch=5, block_size=4, num_blocks=64,
-                        attention="kernel", cuda_graphs=graphs, fused=fused)
+                        attention="kernel", cuda_graphs=graphs, fused=fused, overlap=overlap)
         e.prepare(reqs)
         outs.append([r.output_tokens for r in e.run(reqs).requests])
-        assert bool(e.graphs.graphs) == graphs and e.model.fused == fused
-    assert outs[0] == outs[1] == outs[2]      # float32: the fused kernels round as PyTorch does
+        assert bool(e.graphs.graphs) == graphs and e.model.fused == fused and e.overlap == overlap
+    # float32: the fused kernels round as PyTorch does; FlexAttention's tiles are its settings'
+    assert all(o == outs[0] for o in outs[1:])
 
 
 def test_precompiling_the_kernel_path_leaves_the_cache_empty():

@@ -55,6 +55,10 @@ class PagedSeq:
     req: object
     tokens: list = field(default_factory=list)    # prompt + answer so far: what the cache must hold
     cached: int = 0                                # of which in the cache
+    # with ``overlap``, the last token may still be on the GPU: None here, and ``src`` says
+    # where it is in the step's sampled tokens (``PagedEngine.last``)
+    src: int = -1
+    finished: bool = False
 
     @property
     def pending(self) -> int:
@@ -69,7 +73,8 @@ class PagedEngine(Engine):
                  block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
                  kv_memory_bytes: int | None = None, slo=None, step_cost=None, model=None,
                  cuda_graphs: bool | None = None, temperature: float = 0.0,
-                 trace_blocks: bool | None = None, watermark: float = 0.0, fused: bool | None = None):
+                 trace_blocks: bool | None = None, watermark: float = 0.0, fused: bool | None = None,
+                 overlap: bool | None = None):
         super().__init__(loaded, max_batch)
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
@@ -113,6 +118,12 @@ class PagedEngine(Engine):
         if not 0 <= watermark < 1:
             raise ValueError(f"watermark must be a fraction of the blocks in [0, 1), got {watermark}")
         self.watermark = watermark       # blocks kept free for growth when admitting (chapter 09)
+        # schedule and launch the next step while the GPU runs this one (chapter 09)
+        self.overlap = cuda and self.decode_path if overlap is None else overlap
+        # the tokens each step samples stay on the device, where the next step reads them
+        self.last = torch.zeros(max_batch, dtype=torch.long, device=self.model.device)
+        self._to_host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._parity = 0
         # block tables after every step, for the pictures of chapter 07 (memory grows with steps)
         self.trace_blocks = not cuda if trace_blocks is None else trace_blocks
         self.cache = self.graphs = None
@@ -141,7 +152,7 @@ class PagedEngine(Engine):
         width = min(self.cache.blocks_needed(longest), self.cache.allocator.n_blocks)
         if self.decode_path and (self.graphs is None or self.graphs.max_blocks < width):
             self.graphs = DecodeGraphs(self.model, self.cache, self.max_batch, width,
-                                       self.temperature, graphs=self.cuda_graphs)
+                                       self.temperature, graphs=self.cuda_graphs, last=self.last)
 
     def prepare(self, requests):
         """On CUDA, compile FlexAttention for every step size this run may take (and the decode
@@ -176,20 +187,24 @@ class PagedEngine(Engine):
     def loop(self, arrivals: deque):
         waiting, running = deque(), []
         self.admission, self.admitted = None, set()
+        self.in_flight, self._last_end = None, 0.0
         if self.slo is not None:
             self.admission = AdmissionController(self.slo, StepTimeModel(
                 self.work_shape, self.dtype_bytes, prior=self.step_cost))
-        while arrivals or waiting or running:
+        while arrivals or waiting or running or self.in_flight:
             while arrivals and arrivals[0].arrival_s <= self.now():
                 waiting.append(PagedSeq(arrivals[0], list(arrivals.popleft().prompt_tokens)))
             if self.admission:
                 self.shed(waiting, running)
             batch = self.schedule(waiting, running)
+            if not batch and self.in_flight:    # what may run next waits on the step in flight
+                self.complete(running, waiting)
+                continue
             while not batch and len(running) > 1:   # all stuck on a full cache: make room
                 self.preempt(running[-1], running, waiting)
                 batch = self.schedule(waiting, running)
             if batch:
-                self.forward(batch, running)
+                self.forward(batch, running, waiting)
             elif arrivals:
                 self.wait_until(arrivals[0].arrival_s)
             elif waiting or running:
@@ -216,6 +231,8 @@ class PagedEngine(Engine):
                 budget -= 1
         chunks = [s for s in running if s.pending > 1]                     # 2. unfinished prompts
         while waiting and len(running) < self.max_batch:                   #    and newcomers
+            if waiting[0].tokens[-1] is None:      # preempted while its next token was being
+                break                               # computed: it comes back once that is known
             if self.admission and not self.admit(waiting[0], running):
                 break
             if self.watermark and running and not self.room_for(waiting[0]):
@@ -275,43 +292,106 @@ class PagedEngine(Engine):
         waiting.appendleft(seq)
         self.preemptions += 1
 
+    def forward(self, batch, running, waiting):
+        """Launch a step, then take in the tokens of the step before it: with ``overlap``, while
+        this one runs on the GPU (the host's bookkeeping and the next schedule hide behind it);
+        without, this step's own tokens, as soon as they are known."""
+        launched = self.launch(batch, running)
+        if self.in_flight:
+            self.complete(running, waiting)
+        self.in_flight = launched
+        if not self.overlap:
+            self.complete(running, waiting)
+
     @torch.inference_mode()     # no autograd bookkeeping: nothing here is ever differentiated
-    def forward(self, batch, running):
-        start = self.now()
-        dev = self.model.device
+    def launch(self, batch, running) -> dict:
+        """Queue one forward pass on the device and return without waiting for it. The tokens it
+        samples land in ``self.last`` (where the next step's decodes read them) and start their
+        way to the host; each sampled sequence gets a placeholder (None) until ``complete``."""
+        start, dev = self.now(), self.model.device
         if self.graphs is not None and all(s.pending == 1 for s, _ in batch):   # decodes only
-            nxt = self.graphs.step([(s.tokens[s.cached], s.cached, self.cache.tables[s.req.id])
-                                    for s, _ in batch])
-            done, computed = list(range(len(batch))), self.graphs.bucket(len(batch))
+            rows = []
+            for s, _ in batch:
+                token = s.tokens[s.cached]
+                rows.append((0 if token is None else token, s.cached, self.cache.tables[s.req.id],
+                             s.src if token is None else -1))
+            self.graphs.launch(rows)
+            sampled, computed = list(range(len(batch))), self.graphs.bucket(len(batch))
         else:
             attn = self.attention_cls(self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
-            tokens = torch.tensor([t for s, n in batch for t in s.tokens[s.cached:s.cached + n]],
-                                  device=dev)
+            tokens, on_device = [], []            # (place in this step, place in self.last)
+            for s, n in batch:
+                new = s.tokens[s.cached:s.cached + n]
+                if new[-1] is None:               # sampled by the step before, not yet on the host
+                    on_device.append((len(tokens) + n - 1, s.src))
+                    new = new[:-1] + [0]
+                tokens += new
+            tokens = torch.tensor(tokens, device=dev)
+            if on_device:
+                to, src = torch.tensor(on_device, device=dev).T
+                tokens[to] = self.last[src]
             hidden = self.model.hidden_states(tokens, attn.positions, attn)
-            done = [i for i, (s, n) in enumerate(batch) if s.cached + n == len(s.tokens)]
-            last = attn.cu_seqlens[1:][done] - 1 if done else []
-            nxt = sample(self.model.logits(hidden[last]), self.temperature).tolist() if done else []
+            sampled = [i for i, (s, n) in enumerate(batch) if s.cached + n == len(s.tokens)]
+            if sampled:
+                ends = attn.cu_seqlens[1:][sampled] - 1
+                self.last[:len(sampled)] = sample(self.model.logits(hidden[ends]), self.temperature)
             computed = tokens.numel()
-        now = self.now()
+        host = self._to_host[self._parity]       # two buffers: the step before may be unread
+        self._parity ^= 1
+        host[:len(sampled)].copy_(self.last[:len(sampled)], non_blocking=True)
+        event = None
+        if dev.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
         is_decode = [s.pending == 1 and s.cached >= len(s.req.prompt_tokens) for s, _ in batch]
         decode = [b for b, d in zip(batch, is_decode) if d]
         prefill = [b for b, d in zip(batch, is_decode) if not d]         # prompts, and recomputes
-        self.steps.append(Step(
-            start, now, rows=len(batch), slots=computed,
-            prefill_tokens=sum(n for _, n in prefill), decode_tokens=len(decode),
-            attended=sum(n * s.cached + n * (n + 1) // 2 for s, n in batch),
-            kv_read=sum(s.cached for s, _ in batch), logit_rows=len(done),
-            active=[s.req.id for s, _ in batch]))
+        stats = dict(rows=len(batch), slots=computed,
+                     prefill_tokens=sum(n for _, n in prefill), decode_tokens=len(decode),
+                     attended=sum(n * s.cached + n * (n + 1) // 2 for s, n in batch),
+                     kv_read=sum(s.cached for s, _ in batch), logit_rows=len(sampled),
+                     active=[s.req.id for s, _ in batch])
         for s, n in batch:
             s.cached += n
-        for i, token in zip(done, nxt):
+        places = []
+        for j, i in enumerate(sampled):
             seq = batch[i][0]
-            seq.tokens.append(token)
+            places.append(len(seq.tokens))
+            seq.tokens.append(None)
+            seq.src = j
+            if len(seq.tokens) - len(seq.req.prompt_tokens) >= seq.req.max_new_tokens:
+                # its last token: it leaves now, and its blocks serve the next step (which the
+                # GPU runs after this one, so nothing it still writes is overwritten early)
+                self.cache.release(seq.req.id)
+                running.remove(seq)
+        return {"batch": batch, "sampled": sampled, "places": places, "host": host,
+                "event": event, "start": start, "stats": stats}
+
+    def complete(self, running, waiting):
+        """Wait for the step in flight, then emit its tokens and retire the finished sequences."""
+        step, self.in_flight = self.in_flight, None
+        if step["event"] is not None:
+            step["event"].synchronize()
+        now = self.now()
+        tokens = step["host"][:len(step["sampled"])].tolist()
+        # steps run back to back on the device: one starts when it is launched or when the one
+        # before it ends, whichever is later
+        self.steps.append(Step(max(step["start"], self._last_end), now, **step["stats"]))
+        self._last_end = now
+        for i, place, token in zip(step["sampled"], step["places"], tokens):
+            seq = step["batch"][i][0]
+            seq.tokens[place] = token
+            if seq.finished:             # stopped at the token before (an EOS learnt one step late)
+                continue
             self.records[seq.req.id].emit(token, now)
             reason = self.is_done(seq.req, token)
             if reason:
+                seq.finished = True
                 self.cache.release(seq.req.id)
-                running.remove(seq)
+                if seq in running:
+                    running.remove(seq)
+                elif seq in waiting:
+                    waiting.remove(seq)
                 self.finish(seq.req, reason)
         if self.trace_blocks:
             self.block_trace.append({sid: list(t) for sid, t in self.cache.tables.items()})
