@@ -62,6 +62,19 @@ class PaddedAttention:
         return o.transpose(1, 2)
 
 
+def to_device(x, device):
+    """A host list or NumPy array as a tensor on ``device``, without waiting for the device. A
+    plain ``torch.tensor(x, device="cuda")`` copies and then *synchronises* the stream: the host
+    would wait there for every step already queued on the GPU, which is what
+    ``PagedEngine(overlap=True)`` must avoid. So on CUDA the values go through pinned memory
+    (PyTorch's caching host allocator keeps the buffer until the copy is done) and the copy is
+    asynchronous."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def cu_seqlens(lengths) -> list:
     """Where each sequence starts in a packed list of tokens (and where the last one ends):
     ``[0, l0, l0 + l1, ...]``, the index varlen attention kernels take."""
@@ -184,10 +197,10 @@ class FlexPagedAttention(PagedAttention):
         # sequences: the block, its sequence, its index in that sequence's table
         layout = cache.packed_layout(seqs)
         self.n = len(layout["positions"])
-        on = torch.from_numpy(np.concatenate(list(layout.values()))).to(device)   # one copy
+        on = to_device(np.concatenate(list(layout.values())), device)       # one copy
         self.positions, self.write, q_seq, blocks, block_seq, block_index = on.split(
             [len(v) for v in layout.values()])
-        self.cu_seqlens = torch.tensor(cu_seqlens(new for _, _, new in seqs), device=device)
+        self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
         n_slots, n_pad = cache.n_slots, n_pad or bucket(self.n)
         # every slot: which sequence of this step owns it, at which position
         owner = torch.full((n_slots // bs, bs), -1, device=device)
@@ -203,9 +216,8 @@ class FlexPagedAttention(PagedAttention):
 
         # the block mask: query tile -> the key tiles holding its sequences' blocks
         q_tiles, kv_tiles = n_pad // TILE, -(-n_slots // TILE)
-        seq_in_tile = torch.zeros(q_tiles, len(seqs), device=device)            # (Q tiles, seqs)
         first = torch.arange(q_tiles, device=device)[:, None] * TILE
-        seq_in_tile[(first < self.cu_seqlens[1:]) & (first + TILE > self.cu_seqlens[:-1])] = 1
+        seq_in_tile = ((first < self.cu_seqlens[1:]) & (first + TILE > self.cu_seqlens[:-1])).float()
         tiles_of_seq = torch.zeros(len(seqs), kv_tiles, device=device)           # (seqs, KV tiles)
         for end in [*range(0, bs, TILE), bs - 1]:   # a block may straddle tiles
             tiles_of_seq[block_seq, (blocks * bs + end) // TILE] = 1
@@ -275,9 +287,9 @@ class DecodeAttention:
     def of(cls, cache, seqs, device="cpu"):
         """From ``(seq_id, n_cached, 1)`` triples, as the packed attentions take them."""
         slots = [cache.slots(sid, cached, cached + 1)[0] for sid, cached, _ in seqs]
-        return cls(cache, torch.tensor(slots, device=device),
-                   cache.table_tensor([sid for sid, _, _ in seqs], device),
-                   torch.tensor([cached + 1 for _, cached, _ in seqs], device=device))
+        return cls(cache, to_device(slots, device),
+                   to_device(cache.table_tensor([sid for sid, _, _ in seqs]).numpy(), device),
+                   to_device([cached + 1 for _, cached, _ in seqs], device))
 
     def __call__(self, layer, q, k, v):
         from .paged_decode import decode_attention
@@ -298,10 +310,10 @@ class KernelPagedAttention(PagedAttention):
         self.n_decode = d
         self.decode = DecodeAttention.of(cache, seqs[:d], device) if d else None
         self.prefill = FlexPagedAttention(cache, seqs[d:], device) if d < len(seqs) else None
-        self.positions = torch.tensor([c for _, c, _ in seqs[:d]], dtype=torch.long, device=device)
+        self.positions = to_device(np.array([c for _, c, _ in seqs[:d]], dtype=np.int64), device)
         if self.prefill is not None:
             self.positions = torch.cat([self.positions, self.prefill.positions])
-        self.cu_seqlens = torch.tensor(cu_seqlens(new for _, _, new in seqs), device=device)
+        self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
 
     @classmethod
     @torch.inference_mode()

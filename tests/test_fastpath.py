@@ -271,6 +271,32 @@ def test_cuda_graphs_say_what_eager_launches_say():
     assert all(o == outs[0] for o in outs[1:])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_launch_never_waits_for_the_gpu():
+    """With ``overlap``, launching a step must not synchronise with the GPU (a blocking copy, a
+    boolean mask, ``.item()``...): the host would wait there for the step in flight. CUDA's sync
+    debug mode turns any such wait inside ``launch`` into an error."""
+    loaded = models.load("tiny", dtype="float32", device="cuda")
+    reqs = [Request(f"r{i}", list(range(5, 30 + 7 * i)), max_new_tokens=12) for i in range(6)]
+    e = make_engine("continuous", loaded, max_batch=4, block_size=4, num_blocks=48,
+                    max_num_batched_tokens=40, attention="kernel")
+    e.prepare(reqs)
+    e.run(reqs)                                   # compiles what prepare did not
+    launch, kinds = e.launch, set()
+
+    def strict(batch, running):
+        kinds.add("decode" if all(n == 1 for _, n in batch) else "packed")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(batch, running)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    e.launch = strict
+    log = e.run(reqs)
+    assert e.overlap and e.preemptions > 0 and kinds == {"decode", "packed"}
+    assert all(len(r.output_tokens) == 12 for r in log.requests)
+
+
 def test_precompiling_the_kernel_path_leaves_the_cache_empty():
     from course_lib.attention import KernelPagedAttention
     from course_lib.kv_cache import PagedKVCache

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..admission import AdmissionController, StepTimeModel
-from ..attention import PAGED_ATTENTION
+from ..attention import PAGED_ATTENTION, to_device
 from ..cuda_graphs import DecodeGraphs
 from ..kv_cache import PagedKVCache, kv_bytes_per_token
 from ..llama import Llama
@@ -326,14 +326,14 @@ class PagedEngine(Engine):
                     on_device.append((len(tokens) + n - 1, s.src))
                     new = new[:-1] + [0]
                 tokens += new
-            tokens = torch.tensor(tokens, device=dev)
+            tokens = to_device(tokens, dev)
             if on_device:
-                to, src = torch.tensor(on_device, device=dev).T
+                to, src = to_device(on_device, dev).T
                 tokens[to] = self.last[src]
             hidden = self.model.hidden_states(tokens, attn.positions, attn)
             sampled = [i for i, (s, n) in enumerate(batch) if s.cached + n == len(s.tokens)]
             if sampled:
-                ends = attn.cu_seqlens[1:][sampled] - 1
+                ends = attn.cu_seqlens[1:][to_device(sampled, dev)] - 1
                 self.last[:len(sampled)] = sample(self.model.logits(hidden[ends]), self.temperature)
             computed = tokens.numel()
         host = self._to_host[self._parity]       # two buffers: the step before may be unread
