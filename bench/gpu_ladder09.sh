@@ -3,8 +3,8 @@
 # (512 requests, 512-token prompts, outputs capped at 512, EOS ignored). The padded engines and
 # the peers at B=64; the paged rungs up to 512 sequences in the KV memory the padded rows
 # reserve at B=64; then two settings of the fast rung beyond that (a budget of 8192 tokens, and
-# 16 GiB of KV-cache), and the same-memory fast rung admitting only while 5% of the blocks stay
-# free (the watermark against preemption). The JSON holds every run and the workload's physical
+# 16 GiB of KV-cache, with and without the host's overlap), and the same-memory fast rung
+# admitting only while 5% of the blocks stay free (the watermark against preemption). The JSON holds every run and the workload's physical
 # floor on this card.
 # The rungs run most telling first and the JSON is rewritten after each, so a run cut short keeps
 # what it measured; the notebook shows them in the ladder's order.
@@ -19,6 +19,7 @@ python3 bench/ladder.py --model llama-1b-dummy --dtype bfloat16 --device cuda \
   --workload "anyscale:prompt_len=512,cap=512,mean=128" --n "$N" --max-batch 64 --big-batch 512 \
   --budget 2048 --no-tokens \
   --rungs static "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192" \
+          "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0" \
           "graphs:max_num_batched_tokens=8192" graphs "graphs:watermark=0.05" hf-cb paged chunked \
           continuous hf-generate dynamic \
   --out "$OUT/ladder09_anyscale_llama-1b-dummy_gpu.json" 2>&1 | sed 's/.*\r//' 

@@ -1,6 +1,7 @@
 """Chapter 09's fast path on the CPU: sampling, the decode buffers a CUDA graph owns (eager here),
 the engine's kernel path, the physical floor, the named ladder rungs; and on a GPU, graphs
 against eager launches."""
+import importlib.util
 import json
 
 import pytest
@@ -249,7 +250,8 @@ def test_chapter_09_pictures_draw_the_stored_results():
              for m in ("llama-1b-dummy", "smollm2-135m")]
     assert len(plots.decode_step_curve(steps).lines) == 8       # 4 curves per model
     assert plots.run_steps(result["runs"][-3]).get_yscale() == "log"
-    assert widgets.ladder_explorer(result) is not None
+    if importlib.util.find_spec("ipywidgets"):      # CI has it; a bare GPU machine may not
+        assert widgets.ladder_explorer(result) is not None
     import matplotlib.pyplot as plt
     plt.close("all")
 
