@@ -219,8 +219,9 @@ class FlexPagedAttention(PagedAttention):
         first = torch.arange(q_tiles, device=device)[:, None] * TILE
         seq_in_tile = ((first < self.cu_seqlens[1:]) & (first + TILE > self.cu_seqlens[:-1])).float()
         tiles_of_seq = torch.zeros(len(seqs), kv_tiles, device=device)           # (seqs, KV tiles)
+        one = torch.ones((), device=device)          # a host scalar here would be a blocking copy
         for end in [*range(0, bs, TILE), bs - 1]:   # a block may straddle tiles
-            tiles_of_seq[block_seq, (blocks * bs + end) // TILE] = 1
+            tiles_of_seq[block_seq, (blocks * bs + end) // TILE] = one
         needed = (seq_in_tile @ tiles_of_seq) > 0                                # (Q, KV tiles)
         # a *full* tile: one sequence's queries, and slots of that sequence all at earlier
         # positions. The kernel skips the mask there (no owner lookups); it applies it on the
