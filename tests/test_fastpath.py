@@ -294,16 +294,23 @@ def test_a_launch_never_waits_for_the_gpu():
                      for f in traceback.extract_stack() if "course_lib" in f.filename]
             waits.add(stack[-1] if stack else str(message))
 
-    def strict(batch, running):
-        kinds.add("decode" if all(n == 1 for _, n in batch) else "packed")
+    def watched(fn, *args):
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = noted
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                return launch(batch, running)
+                return fn(*args)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+    watched(torch.ones(1, device="cuda").item)      # the watch sees a wait it must see
+    assert len(waits) == 1
+    waits.clear()
+
+    def strict(batch, running):
+        kinds.add("decode" if all(n == 1 for _, n in batch) else "packed")
+        return watched(launch, batch, running)
     e.launch = strict
     log = e.run(reqs)
     assert not waits, "launch waited for the GPU at:\n" + "\n".join(sorted(waits))
