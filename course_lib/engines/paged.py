@@ -231,8 +231,8 @@ class PagedEngine(Engine):
                 budget -= 1
         chunks = [s for s in running if s.pending > 1]                     # 2. unfinished prompts
         while waiting and len(running) < self.max_batch:                   #    and newcomers
-            if waiting[0].tokens[-1] is None:      # preempted while its next token was being
-                break                               # computed: it comes back once that is known
+            if waiting[0].tokens[-1] is None:   # (chapter 09) preempted while its last token was
+                break                            # still on the GPU: it comes back once that is read
             if self.admission and not self.admit(waiting[0], running):
                 break
             if self.watermark and running and not self.room_for(waiting[0]):
