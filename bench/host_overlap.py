@@ -1,0 +1,131 @@
+"""Where the paged engine's host time goes, step by step, in a real run: how long ``launch`` takes
+to queue a step, how long ``complete`` then waits for the GPU, how long it takes to read the tokens
+and retire sequences, and how long the scheduler takes before the next launch. With ``overlap``
+the GPU is busy as long as the host, after each wait, queues the next step before the step in
+flight ends: a step kind whose wait is near zero is host-bound.
+
+    python bench/host_overlap.py --device cuda --out DIR        # chapter 09's fastest rung
+    python bench/host_overlap.py --model tiny --device cpu --n 16 --workload anyscale:prompt_len=64,cap=32,mean=8
+
+The run is the rung's (``--rung``, as in ``bench/ladder.py``), after one warm-up run of the same
+requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else changes.
+"""
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from course_lib import models  # noqa: E402
+from course_lib.bench import save_result  # noqa: E402
+from course_lib.engines import make_engine  # noqa: E402
+from course_lib.kv_cache import kv_bytes_per_token  # noqa: E402
+from course_lib.llama import LlamaShape  # noqa: E402
+from course_lib.ladder import parse_rung  # noqa: E402
+from course_lib.requests import load_workload  # noqa: E402
+
+
+def instrument(engine, trace=None) -> list:
+    """Wrap ``engine.launch`` and ``engine.complete`` with host clocks; returns the list each
+    launch appends its record to (kind, rows, and the four host times in ms). ``trace``:
+    ``(first step, steps, path)`` to also record those steps with torch.profiler (host calls and
+    GPU kernels on one timeline) into a Chrome trace at ``path``."""
+    records, clock = [], time.perf_counter
+    launch, complete = engine.launch, engine.complete
+    state = {"done": None, "profiler": None}   # done: when the last complete returned
+
+    def timed_launch(batch, running):
+        if trace and len(records) == trace[0]:
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.model.device.type == "cuda" else [])
+            state["profiler"] = profile(activities=activities)
+            state["profiler"].start()
+        elif trace and len(records) == trace[0] + trace[1] and state["profiler"]:
+            state["profiler"].stop()
+            state["profiler"].export_chrome_trace(str(trace[2]))
+            state["profiler"] = None
+        t0 = clock()
+        out = launch(batch, running)
+        kind = "decode" if all(n == 1 for _, n in batch) else "packed"
+        records.append({"kind": kind, "rows": len(batch), "launch_ms": (clock() - t0) * 1e3,
+                        "schedule_ms": (t0 - state["done"]) * 1e3 if state["done"] else None})
+        out["record"] = records[-1]
+        return out
+
+    def timed_complete(running, waiting):
+        step = engine.in_flight
+        t0 = clock()
+        if step["event"] is not None:
+            step["event"].synchronize()
+        t1 = clock()
+        complete(running, waiting)
+        state["done"] = clock()
+        step["record"].update(wait_ms=(t1 - t0) * 1e3, retire_ms=(state["done"] - t1) * 1e3)
+
+    engine.launch, engine.complete = timed_launch, timed_complete
+    return records
+
+
+def summary(records: list) -> list:
+    rows = []
+    for kind in ("packed", "decode"):
+        for lo, hi in ((1, 32), (33, 128), (129, 256), (257, 10**6)):
+            sel = [r for r in records if r["kind"] == kind and lo <= r["rows"] <= hi and "wait_ms" in r]
+            if not sel:
+                continue
+            med = lambda k: statistics.median(r[k] for r in sel if r[k] is not None)   # noqa: E731
+            rows.append({"kind": kind, "rows": f"{lo}-{hi if hi < 10**6 else 'max'}", "steps": len(sel),
+                         **{k: med(k) for k in ("schedule_ms", "launch_ms", "wait_ms", "retire_ms")}})
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-1b-dummy")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workload", default="anyscale:prompt_len=512,cap=512,mean=128")
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--rung", default="graphs:kv_memory_mib=16384,max_num_batched_tokens=8192")
+    p.add_argument("--out", default=None)
+    p.add_argument("--trace", type=int, nargs=2, metavar=("FIRST", "STEPS"), default=None,
+                   help="also record these steps with torch.profiler into a Chrome trace in --out")
+    a = p.parse_args()
+    loaded = models.load(a.model, dtype=a.dtype, device=a.device)
+    shape = LlamaShape.from_config(loaded.config)
+    reqs = load_workload(a.workload, tokenizer=loaded.tokenizer, n=a.n, vocab_size=shape.vocab_size)
+    longest = max(len(r.prompt_tokens) + r.max_new_tokens for r in reqs)
+    settings = {"rows": 64 * longest * kv_bytes_per_token(shape, loaded.model.dtype.itemsize),
+                "big": 512, "budget": 2048, "max_batch": 64}
+    _, engine_name, max_batch, options = parse_rung(a.rung, settings)
+    if a.device != "cuda":          # the CPU runs the fast path's buffers eagerly
+        for key in ("cuda_graphs", "fused"):
+            options.pop(key, None)
+    engine = make_engine(engine_name, loaded, max_batch=max_batch, **options)
+    engine.prepare(reqs)
+    engine.run(reqs)                 # warm-up
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+    records = instrument(engine, a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json"))
+    t = time.perf_counter()
+    log = engine.run(reqs)
+    wall = time.perf_counter() - t
+    rows = summary(records)
+    print(f"{a.rung} on {a.device}: {len(log.steps)} steps in {wall:.2f} s (overlap: {engine.overlap})")
+    print(f"{'kind':7s} {'rows':>8s} {'steps':>6s} {'schedule':>9s} {'launch':>8s} {'wait':>8s} {'retire':>8s}  (median ms)")
+    for r in rows:
+        print(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {r['schedule_ms']:9.2f} {r['launch_ms']:8.2f} "
+              f"{r['wait_ms']:8.2f} {r['retire_ms']:8.2f}")
+    if a.out:
+        name = a.device if a.device != "cuda" else __import__("torch").cuda.get_device_name().lower().replace(" ", "-")
+        save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung, "overlap": engine.overlap,
+                     "wall_s": wall, "summary": rows, "steps": records},
+                    Path(a.out) / f"host_overlap_{a.model}_{name}.json",
+                    "python bench/host_overlap.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
