@@ -44,8 +44,13 @@ def instrument(engine, trace=None) -> list:
             state["profiler"] = profile(activities=activities)
             state["profiler"].start()
         elif trace and len(records) == trace[0] + trace[1] and state["profiler"]:
-            state["profiler"].stop()
-            state["profiler"].export_chrome_trace(str(trace[2]))
+            prof = state["profiler"]
+            prof.stop()
+            prof.export_chrome_trace(str(trace[2]))
+            # the host calls that took the most time, over those steps (the trace has them all)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+            Path(str(trace[2]).replace(".json.gz", ".txt")).write_text(table)
+            print(table)
             state["profiler"] = None
         t0 = clock()
         out = launch(batch, running)
@@ -109,7 +114,7 @@ def main():
     engine.run(reqs)                 # warm-up
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-    records = instrument(engine, a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json"))
+    records = instrument(engine, a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"))
     t = time.perf_counter()
     log = engine.run(reqs)
     wall = time.perf_counter() - t
