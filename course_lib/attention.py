@@ -260,8 +260,18 @@ class FlexPagedAttention(PagedAttention):
             cache.release("precompile")
             n *= 2
 
+    @property
+    def slots(self):
+        """The cache slot of each new token (where ``store`` writes)."""
+        return self.write
+
     def __call__(self, layer, q, k, v):
-        K, V = self.store(layer, k, v)
+        self.store(layer, k, v)
+        return self.attend(layer, q)
+
+    def attend(self, layer, q):
+        """Attention of the new tokens' queries over the cache, which already holds their keys."""
+        K, V = self.cache.k[layer], self.cache.v[layer]
         n_pad = self.block_mask.shape[-2]
         q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
         o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True,
@@ -293,10 +303,15 @@ class DecodeAttention:
                    to_device([cached + 1 for _, cached, _ in seqs], device))
 
     def __call__(self, layer, q, k, v):
-        from .paged_decode import decode_attention
         K, V = self.cache.k[layer], self.cache.v[layer]          # (Hkv, slots, d)
         K[:, self.slots], V[:, self.slots] = k.transpose(0, 1), v.transpose(0, 1)
-        return decode_attention(q, K, V, self.tables, self.lengths, self.cache.block_size)
+        return self.attend(layer, q)
+
+    def attend(self, layer, q):
+        """The kernel over the cache, which already holds the new tokens' keys and values."""
+        from .paged_decode import decode_attention
+        return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables, self.lengths,
+                                self.cache.block_size)
 
 
 class KernelPagedAttention(PagedAttention):
@@ -315,6 +330,9 @@ class KernelPagedAttention(PagedAttention):
         if self.prefill is not None:
             self.positions = torch.cat([self.positions, self.prefill.positions])
         self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
+        self.cache = cache
+        parts = [p.slots for p in (self.decode, self.prefill) if p is not None]
+        self.slots = torch.cat(parts) if len(parts) > 1 else parts[0]   # in the packed order
 
     @classmethod
     @torch.inference_mode()
@@ -344,6 +362,15 @@ class KernelPagedAttention(PagedAttention):
             parts.append(self.decode(layer, q[:d], k[:d], v[:d]))
         if self.prefill is not None:
             parts.append(self.prefill(layer, q[d:], k[d:], v[d:]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def attend(self, layer, q):
+        """Both parts over the cache, which already holds the step's keys and values."""
+        d, parts = self.n_decode, []
+        if self.decode is not None:
+            parts.append(self.decode.attend(layer, q[:d]))
+        if self.prefill is not None:
+            parts.append(self.prefill.attend(layer, q[d:]))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

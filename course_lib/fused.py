@@ -13,7 +13,12 @@ and stores the result once:
 
 * ``add_rms_norm(x, delta, w)``: the residual add and the next RMSNorm, one program per token;
 * ``rope_qk(q, k, cos, sin)``: the rotation of every query and key head of a token at once;
+  ``rope_qk_store`` also writes the rotated keys and the values into the paged KV-cache;
 * ``silu_mul(gate, up)``: SwiGLU's product.
+
+In the model's layer loop, when the attention object can attend to what the cache already holds
+(``attend``), ``rope_qk_store`` replaces RoPE and the attention's own cache write: two kernels fewer
+per layer (``Llama.hidden_states``).
 
 Each one rounds where PyTorch's version rounds (to the model's dtype after every operation that
 PyTorch does in that dtype), so the fused model follows the reference closely; the references
@@ -56,12 +61,14 @@ if triton is not None:
         tl.store(h_ptr + row + cols, (w * y).to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotate(x_ptr, out_ptr, tok, n_heads, stride_tok, c, s, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-        """Rotate the pairs (x_i, x_{i + d/2}) of every head of one token by the token's angles."""
+    def _rotate(x_ptr, out_ptr, tok, n_heads, stride_tok, out_row, out_head, c, s,
+                HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Rotate the pairs (x_i, x_{i + d/2}) of every head of one token by the token's angles;
+        head ``h`` of the result goes to ``out_row + h * out_head`` (a contiguous row, or a slot of
+        the KV-cache, whose heads are far apart)."""
         h, i = tl.arange(0, BLOCK_H), tl.arange(0, HALF)
-        head = h[:, None] * (2 * HALF) + i[None, :]                                # (heads, d/2)
-        src = tok.to(tl.int64) * stride_tok + head            # the input: a row of a wider matmul output
-        at = tok.to(tl.int64) * n_heads * (2 * HALF) + head   # the output: contiguous
+        src = tok.to(tl.int64) * stride_tok + h[:, None] * (2 * HALF) + i[None, :]   # (heads, d/2)
+        at = out_row + h[:, None].to(tl.int64) * out_head + i[None, :]
         mask = (h < n_heads)[:, None]
         x1 = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + src + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -73,14 +80,27 @@ if triton is not None:
         tl.store(out_ptr + at + HALF, o2, mask=mask)
 
     @triton.jit
-    def _rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, H, HKV, stride_q, stride_k,
-                        HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slots_ptr,
+                        H, HKV, stride_q, stride_k, stride_v, stride_cache_head,
+                        HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr):
         tok = tl.program_id(0)                           # one token per program, all its heads
         i = tl.arange(0, HALF)
         c = tl.load(cos_ptr + tok.to(tl.int64) * (2 * HALF) + i).to(tl.float32)[None, :]
         s = tl.load(sin_ptr + tok.to(tl.int64) * (2 * HALF) + i).to(tl.float32)[None, :]
-        _rotate(q_ptr, q_out_ptr, tok, H, stride_q, c, s, HALF, BLOCK_H)
-        _rotate(k_ptr, k_out_ptr, tok, HKV, stride_k, c, s, HALF, BLOCK_H)
+        _rotate(q_ptr, q_out_ptr, tok, H, stride_q, tok.to(tl.int64) * H * (2 * HALF), 2 * HALF, c, s,
+                HALF, BLOCK_H)
+        if STORE:        # the rotated key and the value straight into the token's cache slot
+            slot = tl.load(slots_ptr + tok).to(tl.int64)
+            _rotate(k_ptr, k_out_ptr, tok, HKV, stride_k, slot * (2 * HALF), stride_cache_head, c, s,
+                    HALF, BLOCK_H)
+            h, d = tl.arange(0, BLOCK_H), tl.arange(0, 2 * HALF)
+            mask = (h < HKV)[:, None]
+            v = tl.load(v_ptr + tok.to(tl.int64) * stride_v + h[:, None] * (2 * HALF) + d[None, :], mask=mask)
+            tl.store(v_out_ptr + slot * (2 * HALF) + h[:, None].to(tl.int64) * stride_cache_head + d[None, :],
+                     v, mask=mask)
+        else:
+            _rotate(k_ptr, k_out_ptr, tok, HKV, stride_k, tok.to(tl.int64) * HKV * (2 * HALF), 2 * HALF, c, s,
+                    HALF, BLOCK_H)
 
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, BLOCK: tl.constexpr):
@@ -111,21 +131,42 @@ def add_rms_norm(x, delta, weight, eps):
     return (x if delta is None else x_out.view(x.shape)), h.view(x.shape)
 
 
+def _heads(x):
+    """``(tokens, heads, d)`` rows whose heads are contiguous: a view where it can be."""
+    rows = x.reshape(-1, *x.shape[-2:]) if x.dim() != 3 else x
+    return rows if rows.stride(-1) == 1 and rows.stride(-2) == x.shape[-1] else rows.contiguous()
+
+
 def rope_qk(q, k, cos, sin):
     """RoPE on the queries ``(..., H, d)`` and keys ``(..., Hkv, d)`` of every token, one program
     per token. ``cos, sin``: ``(..., d)`` from ``rope_cos_sin``. q and k may be column slices of
     one matmul's output (each head's ``d`` numbers contiguous); the results are contiguous."""
     d = q.shape[-1]
-    q_rows = q.reshape(-1, *q.shape[-2:]) if q.dim() != 3 else q
-    k_rows = k.reshape(-1, *k.shape[-2:]) if k.dim() != 3 else k
-    q_rows, k_rows = (x if x.stride(-1) == 1 and x.stride(-2) == d else x.contiguous() for x in (q_rows, k_rows))
+    q_rows, k_rows = _heads(q), _heads(k)
     q_out = torch.empty(q_rows.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k_rows.shape, dtype=k.dtype, device=k.device)
     _rope_qk_kernel[(q_rows.shape[0],)](
-        q_rows, k_rows, cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous(),
-        q_out, k_out, q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0), HALF=d // 2,
-        BLOCK_H=triton.next_power_of_2(max(q.shape[-2], k.shape[-2])))
+        q_rows, k_rows, k_rows, cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous(),
+        q_out, k_out, k_out, q_out, q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0), 0, 0,
+        HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(q.shape[-2], k.shape[-2])), STORE=False)
     return q_out.view(q.shape), k_out.view(k.shape)
+
+
+def rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """RoPE on q and k as ``rope_qk``, with the cache write fused in: the rotated keys and the
+    values go straight into one layer of a paged cache (``k_cache, v_cache``: ``(Hkv, slots, d)``)
+    at each token's ``slots``, and only the rotated queries come back. Two kernels fewer per layer
+    (the two cache writes), and the keys are not written to memory and read back in between."""
+    d = q.shape[-1]
+    q_rows, k_rows, v_rows = _heads(q), _heads(k), _heads(v)
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and k_cache.stride(-2) == d
+    q_out = torch.empty(q_rows.shape, dtype=q.dtype, device=q.device)
+    _rope_qk_kernel[(q_rows.shape[0],)](
+        q_rows, k_rows, v_rows, cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous(),
+        q_out, k_cache, v_cache, slots, q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0),
+        v_rows.stride(0), k_cache.stride(0),
+        HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(q.shape[-2], k.shape[-2])), STORE=True)
+    return q_out.view(q.shape)
 
 
 def silu_mul(gate, up, block: int = 1024):
@@ -162,15 +203,22 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
         row("add_rms_norm (norm)", n, h, h_ref)
         row("rms_norm", n, add_rms_norm(x, None, w, 1e-5)[1], add_rms_norm_reference(x, None, w, 1e-5)[1])
         if n == 7:        # separate tensors; otherwise slices of one stacked projection, as the model has them
-            q, k = rnd(n, heads, head_dim), rnd(n, kv_heads, head_dim)
+            q, k, v = rnd(n, heads, head_dim), rnd(n, kv_heads, head_dim), rnd(n, kv_heads, head_dim)
         else:
-            q, k, _ = rnd(n, (heads + 2 * kv_heads) * head_dim).split(
-                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-            q, k = q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim))
+            q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in rnd(n, (heads + 2 * kv_heads) * head_dim).split(
+                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
         cos, sin = rope_cos_sin(torch.randint(0, 4096, (n,), generator=g).to(device), inv_freq, dtype)
         (qo, ko), (qr, kr) = rope_qk(q, k, cos, sin), rope_qk_reference(q, k, cos, sin)
         row("rope_qk (q)", n, qo, qr)
         row("rope_qk (k)", n, ko, kr)
+        # the same with the cache write fused in: into scattered slots of a cache layer
+        caches = [rnd(kv_heads, 4 * n + 8, head_dim) for _ in range(2)]
+        slots = torch.randperm(4 * n + 8, generator=g)[:n].to(device)
+        k_ref, v_ref = (c.clone() for c in caches)
+        k_ref[:, slots], v_ref[:, slots] = kr.transpose(0, 1), v.transpose(0, 1)
+        row("rope_qk_store (q)", n, rope_qk_store(q, k, v, cos, sin, *caches, slots), qr)
+        row("rope_qk_store (k cache)", n, caches[0], k_ref)
+        row("rope_qk_store (v cache)", n, caches[1], v_ref)
         gate, up = (rnd(n, 3 * hidden), rnd(n, 3 * hidden)) if n == 7 else rnd(n, 6 * hidden).chunk(2, dim=-1)
         row("silu_mul", n, silu_mul(gate, up, block=128), silu_mul_reference(gate, up))
     return rows

@@ -179,6 +179,9 @@ class Llama:
         """tokens, positions: (...) integers -> final hidden states (..., hidden)."""
         s = self.shape
         add_norm, rope, gate = self.elementwise_ops()
+        # fused, RoPE also writes the keys and values into the cache (for attention objects that
+        # can attend to what is already there: ``attend``), two kernels fewer per layer
+        store = self.fused and getattr(attn, "attend", None) is not None
         x = F.embedding(tokens, self.embed)                                   # (..., hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         norms = [w.attn_norm for w in self.layers[1:]] + [self.final_norm]    # the norm after each layer
@@ -186,8 +189,13 @@ class Llama:
         for i, w in enumerate(self.layers):
             q, k, v = (t.unflatten(-1, (n, s.head_dim)) for t, n in                 # (..., heads, d)
                        zip(w.qkv(h), (s.n_heads, s.n_kv_heads, s.n_kv_heads)))
-            q, k = rope(q, k, cos, sin)
-            o = attn(i, q, k, v)                                              # (..., H, d)
+            if store:
+                from .fused import rope_qk_store
+                q = rope_qk_store(q, k, v, cos, sin, attn.cache.k[i], attn.cache.v[i], attn.slots)
+                o = attn.attend(i, q)
+            else:
+                q, k = rope(q, k, cos, sin)
+                o = attn(i, q, k, v)                                          # (..., H, d)
             x, h = add_norm(x, F.linear(o.flatten(-2), w.wo), w.mlp_norm, s.eps)   # x += attention
             mlp = F.linear(gate(*w.gate_up(h)), w.w_down)                       # SwiGLU
             x, h = add_norm(x, mlp, norms[i], s.eps)                          # x += MLP

@@ -55,10 +55,52 @@ def test_the_fused_kernels_in_the_interpreter():
                        env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert {row["kernel"].split()[0] for row in rows} == {"add_rms_norm", "rms_norm", "rope_qk", "silu_mul"}
+    assert {row["kernel"].split()[0] for row in rows} == {"add_rms_norm", "rms_norm", "rope_qk", "rope_qk_store",
+                                                          "silu_mul"}
     assert {row["tokens"] for row in rows} == {1, 7, 64}
     for row in rows:                 # NaN (an unwritten element can hold it) fails the comparison
         assert row["max_abs_error"] < 1e-5, row
+
+
+FUSED_STEP = """
+import torch
+from course_lib import models
+from course_lib.attention import KernelPagedAttention, PagedAttention
+from course_lib.kv_cache import PagedKVCache
+from course_lib.llama import Llama
+model = Llama.from_hf(models.load("tiny", dtype="float32").model)
+cache = PagedKVCache(model.shape, 40, 4, model.dtype)
+g = torch.Generator().manual_seed(0)
+for sid, n in (("a", 9), ("b", 6)):                      # two prompts, in the cache
+    cache.grow(sid, n)
+    attn = PagedAttention(cache, [(sid, 0, n)])
+    model(torch.randint(3, 900, (n,), generator=g), attn.positions, attn)
+cache.grow("a", 1); cache.grow("b", 1); cache.grow("c", 5)
+seqs = [("a", 9, 1), ("b", 6, 1), ("c", 0, 5)]          # two decodes and a new prompt
+tokens = torch.randint(3, 900, (7,), generator=g)
+out = {}
+for fused in (False, True):
+    model.fused = fused
+    c = PagedKVCache(model.shape, 40, 4, model.dtype)
+    c.k, c.v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+    c.tables, c.lengths = cache.tables, cache.lengths
+    attn = KernelPagedAttention(c, seqs)
+    out[fused] = (model(tokens, attn.positions, attn), c.k, c.v)
+print(max((a - b).abs().max().item() for a, b in zip([out[False][0], *out[False][1], *out[False][2]],
+                                                      [out[True][0], *out[True][1], *out[True][2]])))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the model test runs the real kernels")
+def test_the_fused_model_writes_the_cache_in_rope_as_the_reference_does():
+    """Fused, RoPE writes the keys and values into the cache and attention only reads it: a mixed
+    step (two decodes through the decode kernel, a prompt through FlexAttention) must give the
+    reference's logits and leave the same cache, in Triton's interpreter."""
+    r = subprocess.run([sys.executable, "-c", FUSED_STEP], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert float(r.stdout.split()[-1]) < 1e-5, r.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
