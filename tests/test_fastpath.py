@@ -269,8 +269,14 @@ def test_cuda_graphs_say_what_eager_launches_say():
         e = make_engine("continuous", loaded, max_batch=5, block_size=4, num_blocks=64,
                         attention="kernel", cuda_graphs=graphs, fused=fused, overlap=overlap)
         e.prepare(reqs)
-        outs.append([r.output_tokens for r in e.run(reqs).requests])
+        log = e.run(reqs)
+        outs.append([r.output_tokens for r in log.requests])
         assert bool(e.graphs.graphs) == graphs and e.model.fused == fused and e.overlap == overlap
+        # steps end when the GPU finished them (CUDA events), back to back, before their tokens
+        # reached the host
+        assert all(0 < s.seconds and s.end_s <= t.start_s for s, t in zip(log.steps, log.steps[1:]))
+        first_token = min(t for r in log.requests for t in r.token_times)
+        assert log.steps[0].end_s <= first_token
     # float32: the fused kernels round as PyTorch does; FlexAttention's tiles are its settings'
     assert all(o == outs[0] for o in outs[1:])
 

@@ -188,6 +188,13 @@ class PagedEngine(Engine):
         waiting, running = deque(), []
         self.admission, self.admitted = None, set()
         self.in_flight, self._last_end = None, 0.0
+        self._clock_event = None
+        if self.model.device.type == "cuda":     # the GPU's clock, read against the host's here
+            torch.cuda.synchronize()
+            self._clock_event = torch.cuda.Event(enable_timing=True)
+            self._clock_event.record()
+            self._clock_event.synchronize()
+            self._clock_at = self.now()
         if self.slo is not None:
             self.admission = AdmissionController(self.slo, StepTimeModel(
                 self.work_shape, self.dtype_bytes, prior=self.step_cost))
@@ -340,8 +347,8 @@ class PagedEngine(Engine):
         self._parity ^= 1
         host[:len(sampled)].copy_(self.last[:len(sampled)], non_blocking=True)
         event = None
-        if dev.type == "cuda":
-            event = torch.cuda.Event()
+        if dev.type == "cuda":                    # when the GPU is done with this step
+            event = torch.cuda.Event(enable_timing=True)
             event.record()
         is_decode = [s.pending == 1 and s.cached >= len(s.req.prompt_tokens) for s, _ in batch]
         decode = [b for b, d in zip(batch, is_decode) if d]
@@ -370,14 +377,19 @@ class PagedEngine(Engine):
     def complete(self, running, waiting):
         """Wait for the step in flight, then emit its tokens and retire the finished sequences."""
         step, self.in_flight = self.in_flight, None
+        end = None
         if step["event"] is not None:
             step["event"].synchronize()
+            # the step ended when the GPU finished it, not when the host got round to looking
+            # (with overlap the host may be busy launching the next step at that moment)
+            end = self._clock_at + self._clock_event.elapsed_time(step["event"]) / 1e3
         now = self.now()
+        end = now if end is None else min(end, now)
         tokens = step["host"][:len(step["sampled"])].tolist()
         # steps run back to back on the device: one starts when it is launched or when the one
         # before it ends, whichever is later
-        self.steps.append(Step(max(step["start"], self._last_end), now, **step["stats"]))
-        self._last_end = now
+        self.steps.append(Step(max(step["start"], self._last_end), max(end, step["start"]), **step["stats"]))
+        self._last_end = self.steps[-1].end_s
         for i, place, token in zip(step["sampled"], step["places"], tokens):
             seq = step["batch"][i][0]
             seq.tokens[place] = token
