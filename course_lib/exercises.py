@@ -403,3 +403,31 @@ def check_combine_splits(fn):
         assert torch.allclose(got, want, atol=1e-9), (
             "rescale each split by exp(m[s] - max(m)), then sum o and l over splits and divide")
     _ok("split combine: the same softmax, in pieces")
+
+
+def check_packed_inputs(fn):
+    """``fn(rows, last)`` -> a packed step's input tokens: per sequence ``(new tokens, src)``,
+    the last new token ``None`` when it is still on the device, at ``last[src]``."""
+    from .engines.paged import packed_inputs
+    for seed in range(5):
+        rng = random.Random(seed)
+        last = torch.tensor([rng.randrange(100, 200) for _ in range(8)])
+        rows = []
+        for _ in range(rng.randrange(1, 6)):
+            new = [rng.randrange(3, 99) for _ in range(rng.choice((1, 1, 3, 6)))]
+            src = rng.randrange(8)
+            if len(new) == 1 and rng.random() < 0.6:
+                new[-1] = None                      # a decode whose token is in flight
+            rows.append((new, src))
+        if seed == 0:
+            rows = [([None], 5), ([None], 2), ([7, 8, 9], 0)]
+        before = [list(new) for new, _ in rows]
+        got = fn(rows, last)
+        assert got is not None, "your function returns nothing"
+        assert [list(new) for new, _ in rows] == before, "leave the rows as they are"
+        want = packed_inputs(rows, last)
+        got = torch.as_tensor(got).long()
+        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}: one per new token"
+        assert torch.equal(got, want), (f"rows {rows}: the known tokens in order, and last[src] where a "
+                                        f"token is None")
+    _ok("packed inputs: the tokens still on the device taken from where they are")

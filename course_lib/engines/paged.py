@@ -50,6 +50,23 @@ def chunk_sizes(pending: list, budget) -> list:
     return sizes
 
 
+def packed_inputs(rows, last):
+    """The input tokens of a packed step, as one tensor on ``last``'s device. ``rows``: per
+    sequence, ``(its new tokens, src)``; with overlap the last of them may still be on the device
+    (``None`` on the host: sampled by the step in flight), and then it is ``last[src]``."""
+    flat, to, src = [], [], []
+    for new, j in rows:
+        if new[-1] is None:                  # not yet on the host: a placeholder, filled on the device
+            to.append(len(flat) + len(new) - 1)
+            src.append(j)
+            new = new[:-1] + [0]
+        flat += new
+    tokens = to_device(flat, last.device)
+    if to:
+        tokens[to_device(to, last.device)] = last[to_device(src, last.device)]
+    return tokens
+
+
 @dataclass(eq=False)       # a sequence is itself: `in`, `remove` compare identity, not token lists
 class PagedSeq:
     req: object
@@ -326,17 +343,7 @@ class PagedEngine(Engine):
             sampled, computed = list(range(len(batch))), self.graphs.bucket(len(batch))
         else:
             attn = self.attention_cls(self.cache, [(s.req.id, s.cached, n) for s, n in batch], dev)
-            tokens, on_device = [], []            # (place in this step, place in self.last)
-            for s, n in batch:
-                new = s.tokens[s.cached:s.cached + n]
-                if new[-1] is None:               # sampled by the step before, not yet on the host
-                    on_device.append((len(tokens) + n - 1, s.src))
-                    new = new[:-1] + [0]
-                tokens += new
-            tokens = to_device(tokens, dev)
-            if on_device:
-                to, src = to_device(on_device, dev).T
-                tokens[to] = self.last[src]
+            tokens = packed_inputs([(s.tokens[s.cached:s.cached + n], s.src) for s, n in batch], self.last)
             hidden = self.model.hidden_states(tokens, attn.positions, attn)
             sampled = [i for i, (s, n) in enumerate(batch) if s.cached + n == len(s.tokens)]
             if sampled:
