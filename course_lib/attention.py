@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import to_device
+
 
 def padded_visibility(start, write_at, n_cols):
     """Which cache columns each new token may attend to: a boolean ``(B, T, n_cols)``.
@@ -60,19 +62,6 @@ class PaddedAttention:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=self.visible,
                                            enable_gqa=True)                # (B, H, T, d)
         return o.transpose(1, 2)
-
-
-def to_device(x, device):
-    """A host list or NumPy array as a tensor on ``device``, without waiting for the device. A
-    plain ``torch.tensor(x, device="cuda")`` copies and then *synchronises* the stream: the host
-    would wait there for every step already queued on the GPU, which is what
-    ``PagedEngine(overlap=True)`` must avoid. So on CUDA the values go through pinned memory
-    (PyTorch's caching host allocator keeps the buffer until the copy is done) and the copy is
-    asynchronous."""
-    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def cu_seqlens(lengths) -> list:
@@ -299,7 +288,7 @@ class DecodeAttention:
         """From ``(seq_id, n_cached, 1)`` triples, as the packed attentions take them."""
         slots = [cache.slots(sid, cached, cached + 1)[0] for sid, cached, _ in seqs]
         return cls(cache, to_device(slots, device),
-                   to_device(cache.table_tensor([sid for sid, _, _ in seqs]).numpy(), device),
+                   cache.table_tensor([sid for sid, _, _ in seqs], device),
                    to_device([cached + 1 for _, cached, _ in seqs], device))
 
     def __call__(self, layer, q, k, v):

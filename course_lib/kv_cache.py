@@ -20,6 +20,19 @@ import numpy as np
 import torch
 
 
+def to_device(x, device):
+    """A host list or NumPy array (block tables, slots, a packed layout) as a tensor on
+    ``device``, without waiting for the device. A plain ``torch.tensor(x, device="cuda")`` copies
+    and then *synchronises* the stream: the host would wait there for every step already queued on
+    the GPU, which is what ``PagedEngine(overlap=True)`` must avoid (chapter 09). So on CUDA the
+    values go through pinned memory (PyTorch's caching host allocator keeps the buffer until the
+    copy is done) and the copy is asynchronous."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def kv_bytes_per_token(shape, dtype_bytes: int) -> int:
     """Bytes of KV-cache one token occupies, all layers together (GQA-aware)."""
     return shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * dtype_bytes
@@ -161,7 +174,7 @@ class PagedKVCache:
         lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
         out = np.zeros((len(tables), lengths.max()), dtype=np.int32)
         out[np.arange(out.shape[1]) < lengths[:, None]] = list(chain.from_iterable(tables))   # row by row
-        return torch.from_numpy(out).to(device)
+        return to_device(out, device)
 
     def packed_layout(self, seqs) -> dict:
         """For a packed step of ``(seq_id, n_cached, n_new)`` sequences, as int64 arrays: per new

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..admission import AdmissionController, StepTimeModel
-from ..attention import PAGED_ATTENTION, to_device
+from ..attention import PAGED_ATTENTION
 from ..cuda_graphs import DecodeGraphs
-from ..kv_cache import PagedKVCache, kv_bytes_per_token
+from ..kv_cache import PagedKVCache, kv_bytes_per_token, to_device
 from ..llama import Llama
 from ..metrics import Step
 from ..requests import RequestError
