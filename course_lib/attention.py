@@ -12,6 +12,8 @@ Chapter 09's ``DecodeAttention`` sends decode tokens through the course's Triton
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -320,8 +322,6 @@ class KernelPagedAttention(PagedAttention):
             self.positions = torch.cat([self.positions, self.prefill.positions])
         self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
         self.cache = cache
-        parts = [p.slots for p in (self.decode, self.prefill) if p is not None]
-        self.slots = torch.cat(parts) if len(parts) > 1 else parts[0]   # in the packed order
 
     @classmethod
     @torch.inference_mode()
@@ -351,6 +351,12 @@ class KernelPagedAttention(PagedAttention):
             parts.append(self.decode(layer, q[:d], k[:d], v[:d]))
         if self.prefill is not None:
             parts.append(self.prefill(layer, q[d:], k[d:], v[d:]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    @cached_property
+    def slots(self):
+        """The new tokens' cache slots, in the packed order (only the fused model needs them)."""
+        parts = [p.slots for p in (self.decode, self.prefill) if p is not None]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def attend(self, layer, q):

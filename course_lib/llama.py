@@ -182,6 +182,8 @@ class Llama:
         # fused, RoPE also writes the keys and values into the cache (for attention objects that
         # can attend to what is already there: ``attend``), two kernels fewer per layer
         store = self.fused and getattr(attn, "attend", None) is not None
+        if store:
+            from .fused import rope_qk_store
         x = F.embedding(tokens, self.embed)                                   # (..., hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         norms = [w.attn_norm for w in self.layers[1:]] + [self.final_norm]    # the norm after each layer
@@ -190,7 +192,6 @@ class Llama:
             q, k, v = (t.unflatten(-1, (n, s.head_dim)) for t, n in                 # (..., heads, d)
                        zip(w.qkv(h), (s.n_heads, s.n_kv_heads, s.n_kv_heads)))
             if store:
-                from .fused import rope_qk_store
                 q = rope_qk_store(q, k, v, cos, sin, attn.cache.k[i], attn.cache.v[i], attn.slots)
                 o = attn.attend(i, q)
             else:
