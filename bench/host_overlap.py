@@ -17,14 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
 from course_lib.engines import make_engine  # noqa: E402
-from course_lib.kv_cache import kv_bytes_per_token  # noqa: E402
 from course_lib.llama import LlamaShape  # noqa: E402
-from course_lib.ladder import parse_rung  # noqa: E402
+from course_lib.ladder import parse_rung, rung_settings  # noqa: E402
 from course_lib.requests import load_workload  # noqa: E402
 
 
@@ -102,9 +103,7 @@ def main():
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     shape = LlamaShape.from_config(loaded.config)
     reqs = load_workload(a.workload, tokenizer=loaded.tokenizer, n=a.n, vocab_size=shape.vocab_size)
-    longest = max(len(r.prompt_tokens) + r.max_new_tokens for r in reqs)
-    settings = {"rows": 64 * longest * kv_bytes_per_token(shape, loaded.model.dtype.itemsize),
-                "big": 512, "budget": 2048, "max_batch": 64}
+    settings = rung_settings(reqs, shape, loaded.model.dtype.itemsize, max_batch=64)   # as gpu_ladder09.sh
     _, engine_name, max_batch, options = parse_rung(a.rung, settings)
     if a.device != "cuda":          # the CPU runs the fast path's buffers eagerly
         for key in ("cuda_graphs", "fused"):
@@ -125,7 +124,7 @@ def main():
         print(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {r['schedule_ms']:9.2f} {r['launch_ms']:8.2f} "
               f"{r['wait_ms']:8.2f} {r['retire_ms']:8.2f}")
     if a.out:
-        name = a.device if a.device != "cuda" else __import__("torch").cuda.get_device_name().lower().replace(" ", "-")
+        name = a.device if a.device != "cuda" else torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung, "overlap": engine.overlap,
                      "wall_s": wall, "summary": rows, "steps": records},
                     Path(a.out) / f"host_overlap_{a.model}_{name}.json",

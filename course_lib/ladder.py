@@ -46,6 +46,16 @@ def _split(spec: str):
     return name, [(k, number(v)) for k, v in (item.split("=") for item in over.split(",") if item)]
 
 
+def rung_settings(requests, shape, dtype_bytes: int, max_batch: int, big_batch: int = 512,
+                  budget: int = 2048) -> dict:
+    """What the rungs' named settings stand for on these requests: ``rows``, the KV memory the
+    padded engines' ``max_batch`` rows reserve (each as long as the longest prompt plus the
+    longest answer); ``big``, ``budget`` and ``max_batch`` as given."""
+    longest = max(len(r.prompt_tokens) for r in requests) + max(r.max_new_tokens for r in requests)
+    return {"rows": max_batch * longest * kv_bytes_per_token(shape, dtype_bytes),
+            "big": big_batch, "budget": budget, "max_batch": max_batch}
+
+
 def parse_rung(spec: str, settings: dict):
     """``name[:key=value,...]`` -> (rung name, engine, max_batch, engine options)."""
     name, overrides = _split(spec)
@@ -95,9 +105,7 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
     dtype_bytes = loaded.model.dtype.itemsize
     requests = load_workload(workload, tokenizer=loaded.tokenizer, n=n, vocab_size=shape.vocab_size,
                              max_new_tokens=max_new_tokens)
-    longest = max(len(r.prompt_tokens) for r in requests) + max(r.max_new_tokens for r in requests)
-    settings = {"rows": max_batch * longest * kv_bytes_per_token(shape, dtype_bytes),
-                "big": big_batch, "budget": budget, "max_batch": max_batch}
+    settings = rung_settings(requests, shape, dtype_bytes, max_batch, big_batch, budget)
     peaks = measure_peaks(device, loaded.model.dtype)
     floor = workload_floor(shape, dtype_bytes, [len(r.prompt_tokens) for r in requests],
                            [r.max_new_tokens for r in requests], peaks) \
