@@ -155,9 +155,9 @@ def flex_attention(*args, **kwargs):
 
 TILE = 128     # FlexAttention's tile: 128 queries x 128 key slots
 # FlexAttention's own kernel settings on CUDA (``kernel_options``). Tiles of 64 x 64 instead of
-# its default for head_dim 64 halve the prefill attention of a mixed step (16 prompts of 512
-# tokens: 6.3 -> 2.9 ms on an H200, bench/profile_decode.py --flex-options); the block mask keeps
-# tiles of 128, which the kernel walks in two halves
+# its default for head_dim 64 halve the prefill attention of a mixed step of 16 prompts of 512
+# tokens (bench/results/profile_decode_*: the stored H200 profiles with both, shown in notebook
+# 09); the block mask keeps tiles of 128, which the kernel walks in two halves
 FLEX_OPTIONS: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
