@@ -13,6 +13,7 @@ requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else
 import argparse
 import shlex
 import statistics
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -22,18 +23,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib import models  # noqa: E402
-from course_lib.bench import save_result  # noqa: E402
+from course_lib.bench import gpu_waits, save_result  # noqa: E402
 from course_lib.engines import make_engine  # noqa: E402
 from course_lib.llama import LlamaShape  # noqa: E402
 from course_lib.ladder import parse_rung, rung_settings  # noqa: E402
 from course_lib.requests import load_workload  # noqa: E402
 
 
-def instrument(engine, trace=None) -> list:
+def instrument(engine, trace=None, waits=None) -> list:
     """Wrap ``engine.launch`` and ``engine.complete`` with host clocks; returns the list each
     launch appends its record to (kind, rows, and the four host times in ms). ``trace``:
     ``(first step, steps, path)`` to also record those steps with torch.profiler (host calls and
-    GPU kernels on one timeline) into a Chrome trace at ``path``."""
+    GPU kernels on one timeline) into a Chrome trace at ``path``. ``waits``: a dict that gets,
+    per step kind, a Counter of the places where ``launch`` waited for the GPU (sync debug mode;
+    the launch times are then not the engine's own)."""
     records, clock = [], time.perf_counter
     launch, complete = engine.launch, engine.complete
     state = {"done": None, "profiler": None}   # done: when the last complete returned
@@ -53,9 +56,14 @@ def instrument(engine, trace=None) -> list:
             Path(str(trace[2]).replace(".json.gz", ".txt")).write_text(table)
             print(table)
             state["profiler"] = None
-        t0 = clock()
-        out = launch(batch, running)
         kind = "decode" if all(n == 1 for _, n in batch) else "packed"
+        t0 = clock()
+        if waits is None:
+            out = launch(batch, running)
+        else:
+            with gpu_waits() as seen:
+                out = launch(batch, running)
+            waits.setdefault(kind, Counter()).update(seen)
         records.append({"kind": kind, "rows": len(batch), "launch_ms": (clock() - t0) * 1e3,
                         "schedule_ms": (t0 - state["done"]) * 1e3 if state["done"] else None})
         out["record"] = records[-1]
@@ -82,7 +90,9 @@ def summary(records: list) -> list:
             sel = [r for r in records if r["kind"] == kind and lo <= r["rows"] <= hi and "wait_ms" in r]
             if not sel:
                 continue
-            med = lambda k: statistics.median(r[k] for r in sel if r[k] is not None)   # noqa: E731
+            def med(k):           # the first step has no schedule time (nothing came before it)
+                values = [r[k] for r in sel if r[k] is not None]
+                return statistics.median(values) if values else None
             rows.append({"kind": kind, "rows": f"{lo}-{hi if hi < 10**6 else 'max'}", "steps": len(sel),
                          **{k: med(k) for k in ("schedule_ms", "launch_ms", "wait_ms", "retire_ms")}})
     return rows
@@ -99,6 +109,8 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--trace", type=int, nargs=2, metavar=("FIRST", "STEPS"), default=None,
                    help="also record these steps with torch.profiler into a Chrome trace in --out")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="list where launch waits for the GPU (CUDA's sync debug mode; slows the host)")
     a = p.parse_args()
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     shape = LlamaShape.from_config(loaded.config)
@@ -113,7 +125,8 @@ def main():
     engine.run(reqs)                 # warm-up
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-    records = instrument(engine, a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"))
+    waits = {} if a.sync_debug else None
+    records = instrument(engine, a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"), waits)
     t = time.perf_counter()
     log = engine.run(reqs)
     wall = time.perf_counter() - t
@@ -121,9 +134,14 @@ def main():
     print(f"{a.rung} on {a.device}: {len(log.steps)} steps in {wall:.2f} s (overlap: {engine.overlap})")
     print(f"{'kind':7s} {'rows':>8s} {'steps':>6s} {'schedule':>9s} {'launch':>8s} {'wait':>8s} {'retire':>8s}  (median ms)")
     for r in rows:
-        print(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {r['schedule_ms']:9.2f} {r['launch_ms']:8.2f} "
-              f"{r['wait_ms']:8.2f} {r['retire_ms']:8.2f}")
-    if a.out:
+        ms = " ".join(f"{r[k]:{w}.2f}" if r[k] is not None else " " * (w - 1) + "-"
+                      for k, w in (("schedule_ms", 9), ("launch_ms", 8), ("wait_ms", 8), ("retire_ms", 8)))
+        print(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {ms}")
+    for kind, found in (waits or {}).items():
+        print(f"{kind} launches waited for the GPU at:" if found else f"{kind} launches never waited")
+        for where, n in found.most_common():
+            print(f"  {n:5d}x {where}")
+    if a.out and not a.sync_debug:
         name = a.device if a.device != "cuda" else torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung, "overlap": engine.overlap,
                      "wall_s": wall, "summary": rows, "steps": records},

@@ -157,8 +157,17 @@ TILE = 128     # FlexAttention's tile: 128 queries x 128 key slots
 # FlexAttention's own kernel settings on CUDA (``kernel_options``). Tiles of 64 x 64 instead of
 # its default for head_dim 64 halve the prefill attention of a mixed step of 16 prompts of 512
 # tokens (bench/results/profile_decode_*: the stored H200 profiles with both, shown in notebook
-# 09); the block mask keeps tiles of 128, which the kernel walks in two halves
+# 09). The block mask then lists tiles of that size too (``mask_tile``): a prompt's blocks
+# rarely start on a 128-slot boundary, so at 128 every tile it touches is shared with another
+# sequence and must be masked element by element; at 64 most of them are its own
 FLEX_OPTIONS: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def mask_tile(device) -> int:
+    """The block mask's tile: the kernel's own on CUDA (``FLEX_OPTIONS``), else FlexAttention's 128."""
+    if torch.device(device).type == "cuda" and FLEX_OPTIONS.get("BLOCK_M") == FLEX_OPTIONS.get("BLOCK_N"):
+        return FLEX_OPTIONS["BLOCK_M"]
+    return TILE
 
 
 class FlexPagedAttention(PagedAttention):
@@ -170,10 +179,10 @@ class FlexPagedAttention(PagedAttention):
 
         query i sees slot j  <=>  owner[j] == q_seq[i]  and  slot_pos[j] <= position[i]
 
-    FlexAttention works in tiles of 128 queries x 128 slots and skips a tile that its *block
-    mask* does not list. The block tables say which tiles hold a sequence's blocks, so the block
-    mask is built from them directly (once per step, shared by all layers), and the kernel
-    reads only the tiles where this step's sequences live.
+    FlexAttention works in tiles of 128 queries x 128 slots (64 x 64 on CUDA: ``mask_tile``)
+    and skips a tile that its *block mask* does not list. The block tables say which tiles
+    hold a sequence's blocks, so the block mask is built from them directly (once per step,
+    shared by all layers), and the kernel reads only the tiles where this step's sequences live.
     The queries are padded to a power of two (padding belongs to no sequence and sees nothing)
     and the keys are the whole cache, so that the compiled kernel is reused from step to step.
     """
@@ -192,7 +201,7 @@ class FlexPagedAttention(PagedAttention):
         self.positions, self.write, q_seq, blocks, block_seq, block_index = on.split(
             [len(v) for v in layout.values()])
         self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
-        n_slots, n_pad = cache.n_slots, n_pad or bucket(self.n)
+        n_slots, n_pad, tile = cache.n_slots, n_pad or bucket(self.n), mask_tile(device)
         # every slot: which sequence of this step owns it, at which position
         owner = torch.full((n_slots // bs, bs), -1, device=device)
         owner[blocks] = block_seq[:, None]
@@ -206,21 +215,21 @@ class FlexPagedAttention(PagedAttention):
             return (owner[j] == q_seq[i]) & (slot_pos[j] <= q_pos[i])
 
         # the block mask: query tile -> the key tiles holding its sequences' blocks
-        q_tiles, kv_tiles = n_pad // TILE, -(-n_slots // TILE)
-        first = torch.arange(q_tiles, device=device)[:, None] * TILE
-        seq_in_tile = ((first < self.cu_seqlens[1:]) & (first + TILE > self.cu_seqlens[:-1])).float()
+        q_tiles, kv_tiles = n_pad // tile, -(-n_slots // tile)
+        first = torch.arange(q_tiles, device=device)[:, None] * tile
+        seq_in_tile = ((first < self.cu_seqlens[1:]) & (first + tile > self.cu_seqlens[:-1])).float()
         tiles_of_seq = torch.zeros(len(seqs), kv_tiles, device=device)           # (seqs, KV tiles)
         one = torch.ones((), device=device)          # a host scalar here would be a blocking copy
-        for end in [*range(0, bs, TILE), bs - 1]:   # a block may straddle tiles
-            tiles_of_seq[block_seq, (blocks * bs + end) // TILE] = one
+        for end in [*range(0, bs, tile), bs - 1]:   # a block may straddle tiles
+            tiles_of_seq[block_seq, (blocks * bs + end) // tile] = one
         needed = (seq_in_tile @ tiles_of_seq) > 0                                # (Q, KV tiles)
         # a *full* tile: one sequence's queries, and slots of that sequence all at earlier
         # positions. The kernel skips the mask there (no owner lookups); it applies it on the
         # *partial* ones, where some pairs are hidden
-        pad = kv_tiles * TILE - n_slots
-        tile_owner = F.pad(owner, (0, pad), value=-1).view(kv_tiles, TILE)
-        tile_last = F.pad(slot_pos, (0, pad)).view(kv_tiles, TILE).amax(-1)
-        q_tile_seq, q_tile_pos = q_seq.view(q_tiles, TILE), q_pos.view(q_tiles, TILE)
+        pad = kv_tiles * tile - n_slots
+        tile_owner = F.pad(owner, (0, pad), value=-1).view(kv_tiles, tile)
+        tile_last = F.pad(slot_pos, (0, pad)).view(kv_tiles, tile).amax(-1)
+        q_tile_seq, q_tile_pos = q_seq.view(q_tiles, tile), q_pos.view(q_tiles, tile)
         one_seq = (q_tile_seq.amin(-1) == q_tile_seq.amax(-1))[:, None] & \
             (tile_owner.amin(-1) == tile_owner.amax(-1))[None, :]
         full = one_seq & (q_tile_seq[:, :1] == tile_owner[None, :, 0]) & \
@@ -233,7 +242,7 @@ class FlexPagedAttention(PagedAttention):
 
         self.block_mask = BlockMask.from_kv_blocks(
             *listed_first(partial), *listed_first(full),
-            BLOCK_SIZE=TILE, mask_mod=visible, seq_lengths=(n_pad, n_slots),
+            BLOCK_SIZE=tile, mask_mod=visible, seq_lengths=(n_pad, n_slots),
             compute_q_blocks=False)           # those are for the backward pass
 
     @classmethod

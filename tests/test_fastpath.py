@@ -3,13 +3,13 @@ the engine's kernel path, the physical floor, the named ladder rungs; and on a G
 against eager launches."""
 import importlib.util
 import json
-import traceback
-import warnings
+from collections import Counter
 
 import pytest
 import torch
 
 from course_lib import models, plots, widgets
+from course_lib.bench import gpu_waits
 from course_lib.cuda_graphs import DecodeGraphs, batch_buckets
 from course_lib.engines import make_engine
 from course_lib.ladder import label, ordered, parse_rung, run_ladder, table, time_split
@@ -288,38 +288,24 @@ def test_a_launch_never_waits_for_the_gpu():
     debug mode turns any such wait inside ``launch`` into an error."""
     loaded = models.load("tiny", dtype="float32", device="cuda")
     reqs = [Request(f"r{i}", list(range(5, 30 + 7 * i)), max_new_tokens=12) for i in range(6)]
-    e = make_engine("continuous", loaded, max_batch=4, block_size=4, num_blocks=48,
+    e = make_engine("continuous", loaded, max_batch=4, block_size=4, num_blocks=40        # tight: preemptions,
                     max_num_batched_tokens=40, attention="kernel")
     e.prepare(reqs)
     e.run(reqs)                                   # compiles what prepare did not
-    launch, kinds, waits = e.launch, set(), set()
-
-    def noted(message, *args, **kwargs):         # where in course_lib each wait happened
-        if "called a synchronizing" in str(message):      # not the mode's own notice
-            stack = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.line}"
-                     for f in traceback.extract_stack() if "course_lib" in f.filename]
-            waits.add(stack[-1] if stack else str(message))
-
-    def watched(fn, *args):
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = noted
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return fn(*args)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
-    watched(torch.ones(1, device="cuda").item)      # the watch sees a wait it must see
-    assert len(waits) == 1
-    waits.clear()
+    launch, kinds, waits = e.launch, set(), Counter()
+    with gpu_waits() as seen:                     # the watch sees a wait it must see
+        torch.ones(1, device="cuda").item()
+    assert sum(seen.values()) == 1, seen
 
     def strict(batch, running):
         kinds.add("decode" if all(n == 1 for _, n in batch) else "packed")
-        return watched(launch, batch, running)
+        with gpu_waits() as seen:
+            out = launch(batch, running)
+        waits.update(seen)
+        return out
     e.launch = strict
     log = e.run(reqs)
-    assert not waits, "launch waited for the GPU at:\n" + "\n".join(sorted(waits))
+    assert not waits, "launch waited for the GPU at:\n" + "\n".join(f"{n}x {w}" for w, n in sorted(waits.items()))
     assert e.overlap and e.preemptions > 0 and kinds == {"decode", "packed"}
     assert all(len(r.output_tokens) == 12 for r in log.requests)
 

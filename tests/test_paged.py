@@ -112,12 +112,15 @@ def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size,
         torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("TILE", [128, 64])          # 64: the tile the mask has on CUDA
 @pytest.mark.parametrize("block_size", [7, 16, 200])
-def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size):
+def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size, TILE, monkeypatch):
     """FlexAttention skips the tiles its block mask does not list (the CPU reference does not,
     so the logits tests cannot catch a missing tile): every (query, slot) pair that the rule
     allows must fall in a listed tile."""
-    from course_lib.attention import TILE, FlexPagedAttention
+    from course_lib import attention
+    from course_lib.attention import FlexPagedAttention
+    monkeypatch.setattr(attention, "mask_tile", lambda device: TILE)
     shape = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)
     cache = PagedKVCache(shape, n_blocks=5000 // block_size, block_size=block_size)
     for step in range(40):                        # sequences growing side by side: blocks interleave
@@ -129,6 +132,7 @@ def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size):
     seqs = [("a", cache.lengths["a"] - 1, 1), ("c", cache.lengths["c"] - 1, 1),
             ("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("f", 0, 700)]
     attn = FlexPagedAttention(cache, seqs)
+    assert attn.block_mask.BLOCK_SIZE == (TILE, TILE)
     listed = attn.block_mask.to_dense()[0, 0].bool()                    # (query tiles, slot tiles)
     q = 0
     for sid, cached, new in seqs:
