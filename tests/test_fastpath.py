@@ -288,7 +288,7 @@ def test_a_launch_never_waits_for_the_gpu():
     debug mode turns any such wait inside ``launch`` into an error."""
     loaded = models.load("tiny", dtype="float32", device="cuda")
     reqs = [Request(f"r{i}", list(range(5, 30 + 7 * i)), max_new_tokens=12) for i in range(6)]
-    e = make_engine("continuous", loaded, max_batch=4, block_size=4, num_blocks=40        # tight: preemptions,
+    e = make_engine("continuous", loaded, max_batch=4, block_size=4, num_blocks=40,   # tight: preempts
                     max_num_batched_tokens=40, attention="kernel")
     e.prepare(reqs)
     e.run(reqs)                                   # compiles what prepare did not
