@@ -6,8 +6,10 @@
 # 16 GiB of KV-cache, with and without the host's overlap), and the same-memory fast rung
 # admitting only while 5% of the blocks stay free (the watermark against preemption). The JSON holds every run and the workload's physical
 # floor on this card.
-# The rungs run most telling first and the JSON is rewritten after each, so a run cut short keeps
-# what it measured; the notebook shows them in the ladder's order.
+# The rungs run most telling first (the peer hf-cb before the fast rungs, on a clean card) and the
+# JSON is rewritten after each, so a run cut short keeps what it measured; before each, what the
+# rung before left is given back, and what is still held is recorded (memory_held_at_start_bytes);
+# the notebook shows them in the ladder's order.
 # Everything lands in $OUT; see bench/README.md for .gpucarry and COURSE_COMMIT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -18,8 +20,8 @@ N=${N:-512}
 python3 bench/ladder.py --model llama-1b-dummy --dtype bfloat16 --device cuda \
   --workload "anyscale:prompt_len=512,cap=512,mean=128" --n "$N" --max-batch 64 --big-batch 512 \
   --budget 2048 --no-tokens \
-  --rungs static "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192" \
+  --rungs static hf-cb "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192" \
           "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0" \
-          "graphs:max_num_batched_tokens=8192" graphs "graphs:watermark=0.05" hf-cb paged chunked \
+          "graphs:max_num_batched_tokens=8192" graphs "graphs:watermark=0.05" paged chunked \
           continuous hf-generate dynamic \
   --out "$OUT/ladder09_anyscale_llama-1b-dummy_gpu.json" 2>&1 | sed 's/.*\r//' 

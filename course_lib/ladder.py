@@ -13,7 +13,10 @@ Options after a colon override a rung's settings: ``graphs:kv_memory_mib=16384``
 """
 from __future__ import annotations
 
+import gc
 import traceback
+
+import torch
 
 from .bench import bench, describe
 from .kv_cache import kv_bytes_per_token
@@ -94,6 +97,18 @@ def ordered(runs) -> list:
     return sorted(runs, key=key)
 
 
+def free_device_memory(device) -> int | None:
+    """Give back what the rungs before left on the card (their engines' caches and CUDA graph
+    pools, once collected) and return the bytes tensors still hold: the model's weights, if
+    nothing leaks. Hugging Face's engine sizes its KV-cache from the free memory."""
+    if torch.device(device).type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device)
+
+
 def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int, big_batch: int = 512,
                budget: int = 2048, dtype: str = "bfloat16", device: str = "cuda",
                max_new_tokens: int | None = None, tokens: bool = False, sequential_n: int | None = None,
@@ -119,6 +134,7 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
     for spec in rungs:
         rung, engine, batch, options = parse_rung(spec, settings)
         count = sequential_n if engine == "sequential" and sequential_n else n
+        held = free_device_memory(device)         # each rung starts on a card the last one left
         try:
             r = bench(engine, model, workload, count, batch, dtype, device, tokens=tokens,
                       max_new_tokens=max_new_tokens, loaded=loaded, steps=True,
@@ -128,7 +144,9 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
             runs.append({"rung": rung, "engine": engine, "error": f"{type(e).__name__}: {e}"})
             continue
         r["rung"] = rung
-        echo(f"{rung:>24} | " + describe(r))
+        if held is not None:
+            r["memory_held_at_start_bytes"] = held
+        echo(f"{rung:>24} | " + describe(r) + ("" if held is None else f" | held at start {held / 2**30:.2f} GiB"))
         runs.append(r)
         result.update(device=r["device"], versions=r["versions"])
         if after_each:
