@@ -12,7 +12,6 @@ requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else
 """
 import argparse
 import shlex
-import statistics
 from collections import Counter
 import sys
 import time
@@ -27,6 +26,7 @@ from course_lib.bench import gpu_waits, save_result  # noqa: E402
 from course_lib.engines import make_engine  # noqa: E402
 from course_lib.llama import LlamaShape  # noqa: E402
 from course_lib.ladder import parse_rung, rung_settings  # noqa: E402
+from course_lib.metrics import host_summary, host_table  # noqa: E402
 from course_lib.requests import load_workload  # noqa: E402
 
 
@@ -83,21 +83,6 @@ def instrument(engine, trace=None, waits=None) -> list:
     return records
 
 
-def summary(records: list) -> list:
-    rows = []
-    for kind in ("packed", "decode"):
-        for lo, hi in ((1, 32), (33, 128), (129, 256), (257, 10**6)):
-            sel = [r for r in records if r["kind"] == kind and lo <= r["rows"] <= hi and "wait_ms" in r]
-            if not sel:
-                continue
-            def med(k):           # the first step has no schedule time (nothing came before it)
-                values = [r[k] for r in sel if r[k] is not None]
-                return statistics.median(values) if values else None
-            rows.append({"kind": kind, "rows": f"{lo}-{hi if hi < 10**6 else 'max'}", "steps": len(sel),
-                         **{k: med(k) for k in ("schedule_ms", "launch_ms", "wait_ms", "retire_ms")}})
-    return rows
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-1b-dummy")
@@ -130,13 +115,9 @@ def main():
     t = time.perf_counter()
     log = engine.run(reqs)
     wall = time.perf_counter() - t
-    rows = summary(records)
+    rows = host_summary(records)
     print(f"{a.rung} on {a.device}: {len(log.steps)} steps in {wall:.2f} s (overlap: {engine.overlap})")
-    print(f"{'kind':7s} {'rows':>8s} {'steps':>6s} {'schedule':>9s} {'launch':>8s} {'wait':>8s} {'retire':>8s}  (median ms)")
-    for r in rows:
-        ms = " ".join(f"{r[k]:{w}.2f}" if r[k] is not None else " " * (w - 1) + "-"
-                      for k, w in (("schedule_ms", 9), ("launch_ms", 8), ("wait_ms", 8), ("retire_ms", 8)))
-        print(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {ms}")
+    print(host_table(rows))
     for kind, found in (waits or {}).items():
         print(f"{kind} launches waited for the GPU at:" if found else f"{kind} launches never waited")
         for where, n in found.most_common():

@@ -39,7 +39,9 @@ def versions() -> dict:
     import transformers
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "cuda": torch.version.cuda, "course_lib_commit": commit()}
+            "cuda": torch.version.cuda, "course_lib_commit": commit(),
+            # the machine: two runs of the same code on two hosts with the same card can differ
+            "host": platform.node(), "cpu_count": os.cpu_count()}
 
 
 def commit() -> str | None:

@@ -227,3 +227,31 @@ def step_rows(log: RunLog) -> list:
 def steps_of(result: dict) -> list:
     """The ``Step`` records of a stored run (the ``steps`` rows of a bench JSON)."""
     return [Step(**row) for row in result.get("steps") or []]
+
+
+HOST_TIMES = ("schedule_ms", "launch_ms", "wait_ms", "retire_ms")
+
+
+def host_summary(records: list) -> list:
+    """Median host times per step kind and batch range, from ``bench/host_overlap.py``'s records
+    (one per launch: ``kind``, ``rows`` and the ``HOST_TIMES``; the first step has no schedule time)."""
+    rows = []
+    for kind in ("packed", "decode"):
+        for lo, hi in ((1, 32), (33, 128), (129, 256), (257, None)):
+            sel = [r for r in records if r["kind"] == kind and "wait_ms" in r
+                   and lo <= r["rows"] and (hi is None or r["rows"] <= hi)]
+            if sel:
+                med = {k: [r[k] for r in sel if r[k] is not None] for k in HOST_TIMES}
+                rows.append({"kind": kind, "rows": f"{lo}-{hi or 'max'}", "steps": len(sel),
+                             **{k: float(np.median(v)) if v else None for k, v in med.items()}})
+    return rows
+
+
+def host_table(rows: list) -> str:
+    """``host_summary``'s rows as a text table (median ms)."""
+    lines = [f"{'kind':7s} {'rows':>8s} {'steps':>6s} {'schedule':>9s} {'launch':>8s} {'wait':>8s} {'retire':>8s}  (median ms)"]
+    for r in rows:
+        ms = " ".join(f"{'-' if r[k] is None else f'{r[k]:.2f}':>{w}}" for k, w in zip(HOST_TIMES, (9, 8, 8, 8)))
+        lines.append(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {ms}")
+    return "\n".join(lines)
+

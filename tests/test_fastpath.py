@@ -317,3 +317,17 @@ def test_precompiling_the_kernel_path_leaves_the_cache_empty():
     cache = PagedKVCache(shape, 300, 16, torch.float32, "cpu")
     KernelPagedAttention.precompile(cache, 256, shape, torch.float32)   # on the CPU: the references
     assert cache.allocator.n_free == 300 and not cache.tables
+
+
+def test_host_summary_takes_medians_per_step_kind_and_batch_range():
+    from course_lib.metrics import host_summary, host_table
+    rec = lambda kind, rows, launch, schedule=1.0: {"kind": kind, "rows": rows, "schedule_ms": schedule,   # noqa: E731
+                                                    "launch_ms": launch, "wait_ms": 2.0, "retire_ms": 0.5}
+    records = [rec("packed", 40, 20.0, None), rec("packed", 50, 30.0), rec("packed", 60, 25.0),
+               rec("decode", 300, 1.0), rec("decode", 512, 3.0), {"kind": "decode", "rows": 8, "launch_ms": 9.0,
+                                                                   "schedule_ms": 0.1}]   # never completed
+    rows = host_summary(records)
+    assert [(r["kind"], r["rows"], r["steps"]) for r in rows] == [("packed", "33-128", 3), ("decode", "257-max", 2)]
+    assert rows[0]["launch_ms"] == 25.0 and rows[0]["schedule_ms"] == 1.0 and rows[1]["launch_ms"] == 2.0
+    assert host_summary([rec("packed", 3, 5.0, None)])[0]["schedule_ms"] is None
+    assert "25.00" in host_table(rows) and host_table(host_summary([rec("packed", 3, 5.0, None)])).split()[-4] == "-"
