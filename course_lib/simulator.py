@@ -237,6 +237,10 @@ class SimModel:
 
     def __init__(self, shape: LlamaShape, dtype_bytes: int, cost: StepCost, clock: VirtualClock):
         self.cost_shape, self.dtype_bytes, self.cost, self.clock = shape, dtype_bytes, cost, clock
+        # for engines that launch a step and complete it later (the paged engine): the simulated
+        # GPU queues each step behind the one in flight and the host goes on, as on a real one;
+        # ``gpu_free`` is when the last step queued ends. Other engines wait for every step.
+        self.asynchronous, self.gpu_free = False, 0.0
         self.answer = 0 if shape.eos_token_id != 0 else 1          # never EOS
         self.shape = replace(shape, hidden=1, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=2,
                              vocab_size=2)
@@ -250,7 +254,10 @@ class SimModel:
             rows, kv_read = len(starts), int(positions[starts].sum())
         x = features(self.cost_shape, self.dtype_bytes, rows, tokens.numel(),
                      int((positions + 1).sum()), kv_read, rows)
-        self.clock.sleep(self.cost.predict(x))
+        if self.asynchronous:
+            self.gpu_free = max(self.gpu_free, self.clock()) + self.cost.predict(x)
+        else:
+            self.clock.sleep(self.cost.predict(x))
         return torch.zeros(*tokens.shape, 1)
 
     def logits(self, hidden, float32=True):
@@ -275,7 +282,7 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
     ``StepCost``, or a ``CostBook`` (the model of the path this engine takes)."""
     if isinstance(cost, CostBook):
         cost = cost.for_run(engine, options)
-    for how in ("attention", "cuda_graphs", "fused", "overlap"):     # nothing is computed
+    for how in ("attention", "cuda_graphs", "fused"):     # nothing is computed
         options.pop(how, None)
     if isinstance(options.get("slo"), dict):               # as a stored JSON holds it
         from .admission import SLO
@@ -287,6 +294,14 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
     model = SimModel(shape, dtype_bytes, cost, clock)
     eng = make_engine(engine, loaded, max_batch=max_batch, model=model, **options)
     eng.clock, eng.sleep = clock, clock.sleep
+    if hasattr(eng, "launch"):        # the step ends when the simulated GPU is done with it
+        model.asynchronous, launch = True, eng.launch
+
+        def queued(batch, running):
+            out = launch(batch, running)
+            out["end"] = eng.now() + (model.gpu_free - clock())
+            return out
+        eng.launch = queued
     if hasattr(eng, "attention_cls"):
         eng.attention_cls = PackedPositions
     reqs = [replace(r, ignore_eos=True) for r in requests]

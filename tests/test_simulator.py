@@ -128,3 +128,23 @@ def test_a_kv_memory_budget_counts_the_simulated_models_bytes():
     eng, _ = simulate("continuous", [Request("a", [3] * 4, max_new_tokens=2)], flat_cost(), SHAPE, 2,
                       max_batch=1, block_size=4, kv_memory_bytes=10 * 4 * per_token)
     assert eng.num_blocks == 10
+
+
+def test_the_simulated_gpu_runs_overlapped_steps_back_to_back():
+    """With ``overlap`` the simulated GPU queues each step behind the one in flight: with room
+    for everyone the steps, their times and every token's time are those of the waited-for run
+    (the host costs nothing in a simulation); in a tight cache the decisions are the overlapped
+    engine's own (sequences leave at launch, a preempted one waits for its token in flight)."""
+    reqs = [Request(f"r{i}", [3] * (6 + 5 * i), max_new_tokens=4 + 3 * i) for i in range(8)]
+    cost = flat_cost(0.01, per_row=0.001)
+    runs = {ov: simulate("continuous", reqs, cost, SHAPE, 2, max_batch=4, block_size=4,
+                         max_num_batched_tokens=16, overlap=ov) for ov in (False, True)}
+    (_, waited), (eng, overlapped) = runs[False], runs[True]
+    assert eng.overlap
+    assert [(s.start_s, s.end_s, s.rows) for s in overlapped.steps] == \
+        [(s.start_s, s.end_s, s.rows) for s in waited.steps]
+    assert [r.token_times for r in overlapped.requests] == [r.token_times for r in waited.requests]
+    assert all(a.end_s == pytest.approx(b.start_s) for a, b in zip(overlapped.steps, overlapped.steps[1:]))
+    tight = {ov: simulate("continuous", reqs, cost, SHAPE, 2, max_batch=4, block_size=4, num_blocks=14,
+                          max_num_batched_tokens=16, overlap=ov)[0] for ov in (False, True)}
+    assert tight[False].preemptions > 0 and tight[True].preemptions > 0

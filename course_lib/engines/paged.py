@@ -353,10 +353,12 @@ class PagedEngine(Engine):
         host = self._to_host[self._parity]       # two buffers: the step before may be unread
         self._parity ^= 1
         host[:len(sampled)].copy_(self.last[:len(sampled)], non_blocking=True)
-        event = None
+        event = end = None
         if dev.type == "cuda":                    # when the GPU is done with this step
             event = torch.cuda.Event(enable_timing=True)
             event.record()
+        else:                                     # elsewhere the step ran inside this call
+            end = self.now()
         is_decode = [s.pending == 1 and s.cached >= len(s.req.prompt_tokens) for s, _ in batch]
         decode = [b for b, d in zip(batch, is_decode) if d]
         prefill = [b for b, d in zip(batch, is_decode) if not d]         # prompts, and recomputes
@@ -379,17 +381,19 @@ class PagedEngine(Engine):
                 self.cache.release(seq.req.id)
                 running.remove(seq)
         return {"batch": batch, "sampled": sampled, "places": places, "host": host,
-                "event": event, "start": start, "stats": stats}
+                "event": event, "end": end, "start": start, "stats": stats}
 
     def complete(self, running, waiting):
         """Wait for the step in flight, then emit its tokens and retire the finished sequences."""
         step, self.in_flight = self.in_flight, None
-        end = None
+        end = step["end"]
         if step["event"] is not None:
             step["event"].synchronize()
             # the step ended when the GPU finished it, not when the host got round to looking
             # (with overlap the host may be busy launching the next step at that moment)
             end = self._clock_at + self._clock_event.elapsed_time(step["event"]) / 1e3
+        elif end > self.now():            # a simulated GPU (course_lib.simulator): wait for it
+            self.sleep(end - self.now())
         now = self.now()
         end = now if end is None else min(end, now)
         tokens = step["host"][:len(step["sampled"])].tolist()
