@@ -40,8 +40,20 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "cuda": torch.version.cuda, "course_lib_commit": commit(),
-            # the machine: two runs of the same code on two hosts with the same card can differ
-            "host": platform.node(), "cpu_count": os.cpu_count()}
+            # the machine: two runs of the same code on two hosts with the same card differed by
+            # several percent on every rung (chapter 09), so the host and its CPU are recorded too
+            "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+
+
+def cpu_model() -> str | None:
+    """The host CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def commit() -> str | None:
