@@ -159,7 +159,7 @@ TILE = 128     # FlexAttention's tile: 128 queries x 128 key slots
 # tokens (bench/results/profile_decode_*: the stored H200 profiles with both, shown in notebook
 # 09). The block mask then lists tiles of that size too (``mask_tile``): a prompt's blocks
 # rarely start on a 128-slot boundary, so at 128 every tile it touches is shared with another
-# sequence and must be masked element by element; at 64 most of them are its own
+# sequence and must be masked element by element; at 64 more of them are its own
 FLEX_OPTIONS: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 

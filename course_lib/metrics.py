@@ -254,4 +254,3 @@ def host_table(rows: list) -> str:
         ms = " ".join(f"{'-' if r[k] is None else f'{r[k]:.2f}':>{w}}" for k, w in zip(HOST_TIMES, (9, 8, 8, 8)))
         lines.append(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {ms}")
     return "\n".join(lines)
-
