@@ -81,6 +81,12 @@ def block_diagonal_causal(q_seq, q_pos, k_seq, k_pos):
     return (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
 
 
+def write_cache(cache, layer, slots, k, v):
+    """Write the new tokens' keys and values ``(N, Hkv, d)`` into their ``slots`` of one layer's cache."""
+    K, V = cache.k[layer], cache.v[layer]                    # (Hkv, blocks * block_size, d)
+    K[:, slots], V[:, slots] = k.transpose(0, 1), v.transpose(0, 1)
+
+
 class PagedAttention:
     """Attention for one forward pass over *packed* tokens: the new tokens of several sequences
     concatenated into one list, no padding, with each sequence's keys and values in a paged cache.
@@ -93,34 +99,34 @@ class PagedAttention:
     ``cu_seqlens`` marks where each sequence starts in the packed list, as varlen kernels take it.
     This is the *reference*: it gathers each sequence's keys through its block table into one
     packed list and runs one masked attention over it. ``FlexPagedAttention`` below computes the
-    same thing without the copy.
+    same thing without the copy. Every packed attention is called the same way: write the new
+    keys and values at their ``slots``, then ``attend``; the fused model (chapter 09) writes them
+    itself, from its RoPE kernel, and calls ``attend`` alone.
     """
 
     def __init__(self, cache, seqs, device="cpu"):
         self.cache = cache
-        pos, write, read, q_seq, k_seq, k_pos = [], [], [], [], [], []
+        pos, slots, read, q_seq, k_seq, k_pos = [], [], [], [], [], []
         for i, (sid, cached, new) in enumerate(seqs):
             pos += range(cached, cached + new)
-            write += cache.slots(sid, cached, cached + new)
+            slots += cache.slots(sid, cached, cached + new)
             read += cache.slots(sid, 0, cached + new)
             q_seq += [i] * new
             k_seq += [i] * (cached + new)
             k_pos += range(cached + new)
         t = lambda x: torch.tensor(x, device=device)
-        self.positions, self.write, self.read = t(pos), t(write), t(read)
+        self.positions, self.slots, self.read = t(pos), t(slots), t(read)
         self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
         self.mask = block_diagonal_causal(t(q_seq), self.positions, t(k_seq), t(k_pos))
 
-    def store(self, layer, k, v):
-        """Write the new tokens' keys and values into their cache slots; return the layer's cache."""
-        K, V = self.cache.k[layer], self.cache.v[layer]          # (Hkv, blocks * block_size, d)
-        K[:, self.write], V[:, self.write] = k.transpose(0, 1), v.transpose(0, 1)
-        return K, V
-
     def __call__(self, layer, q, k, v):
         # q: (N, H, d); k, v: (N, Hkv, d)
-        K, V = self.store(layer, k, v)
-        K, V = K[:, self.read], V[:, self.read]                  # (Hkv, M, d): a copy
+        write_cache(self.cache, layer, self.slots, k, v)
+        return self.attend(layer, q)
+
+    def attend(self, layer, q):
+        """Attention of the new tokens' queries over the cache, which already holds their keys."""
+        K, V = self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]   # (Hkv, M, d): a copy
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None],
                                            attn_mask=self.mask[None, None], enable_gqa=True)
         return o[0].transpose(0, 1)                               # (N, H, d)
@@ -198,7 +204,7 @@ class FlexPagedAttention(PagedAttention):
         layout = cache.packed_layout(seqs)
         self.n = len(layout["positions"])
         on = to_device(np.concatenate(list(layout.values())), device)       # one copy
-        self.positions, self.write, q_seq, blocks, block_seq, block_index = on.split(
+        self.positions, self.slots, q_seq, blocks, block_seq, block_index = on.split(
             [len(v) for v in layout.values()])
         self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
         n_slots, n_pad, tile = cache.n_slots, n_pad or bucket(self.n), mask_tile(device)
@@ -260,15 +266,6 @@ class FlexPagedAttention(PagedAttention):
             cache.release("precompile")
             n *= 2
 
-    @property
-    def slots(self):
-        """The cache slot of each new token (where ``store`` writes)."""
-        return self.write
-
-    def __call__(self, layer, q, k, v):
-        self.store(layer, k, v)
-        return self.attend(layer, q)
-
     def attend(self, layer, q):
         """Attention of the new tokens' queries over the cache, which already holds their keys."""
         K, V = self.cache.k[layer], self.cache.v[layer]
@@ -303,8 +300,7 @@ class DecodeAttention:
                    to_device([cached + 1 for _, cached, _ in seqs], device))
 
     def __call__(self, layer, q, k, v):
-        K, V = self.cache.k[layer], self.cache.v[layer]          # (Hkv, slots, d)
-        K[:, self.slots], V[:, self.slots] = k.transpose(0, 1), v.transpose(0, 1)
+        write_cache(self.cache, layer, self.slots, k, v)
         return self.attend(layer, q)
 
     def attend(self, layer, q):
@@ -354,17 +350,9 @@ class KernelPagedAttention(PagedAttention):
             for i in ids:
                 cache.release(i)
 
-    def __call__(self, layer, q, k, v):
-        d, parts = self.n_decode, []
-        if self.decode is not None:
-            parts.append(self.decode(layer, q[:d], k[:d], v[:d]))
-        if self.prefill is not None:
-            parts.append(self.prefill(layer, q[d:], k[d:], v[d:]))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
     @cached_property
     def slots(self):
-        """The new tokens' cache slots, in the packed order (only the fused model needs them)."""
+        """The new tokens' cache slots, in the packed order (one concatenation a step)."""
         parts = [p.slots for p in (self.decode, self.prefill) if p is not None]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 

@@ -26,7 +26,7 @@ def test_the_reference_is_the_packed_paged_attention_of_a_decode_step():
     # already in the cache, so write it back unchanged
     seqs = [(b, n - 1, 1) for b, n in enumerate(lengths.tolist())]
     attn = PagedAttention(cache, seqs)
-    slots = attn.write
+    slots = attn.slots
     k_new, v_new = cache.k[0][:, slots].transpose(0, 1), cache.v[0][:, slots].transpose(0, 1)
     torch.testing.assert_close(attn(0, q, k_new, v_new), ref, rtol=1e-5, atol=1e-5)
     # and through chapter 09's decode attention (the reference on the CPU), which also writes
