@@ -12,9 +12,9 @@ requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else
 """
 import argparse
 import shlex
-from collections import Counter
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
