@@ -62,8 +62,9 @@ def packed_inputs(rows, last):
             new = new[:-1] + [0]
         flat += new
     tokens = to_device(flat, last.device)
-    if to:
-        tokens[to_device(to, last.device)] = last[to_device(src, last.device)]
+    if to:                                   # one copy for both index lists
+        at = to_device(to + src, last.device)
+        tokens[at[:len(to)]] = last[at[len(to):]]
     return tokens
 
 
