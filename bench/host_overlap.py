@@ -11,6 +11,9 @@ The run is the rung's (``--rung``, as in ``bench/ladder.py``), after one warm-up
 requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else changes.
 """
 import argparse
+import cProfile
+import io
+import pstats
 import shlex
 import sys
 import time
@@ -30,13 +33,14 @@ from course_lib.metrics import host_summary, host_table  # noqa: E402
 from course_lib.requests import load_workload  # noqa: E402
 
 
-def instrument(engine, trace=None, waits=None) -> list:
+def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
     """Wrap ``engine.launch`` and ``engine.complete`` with host clocks; returns the list each
     launch appends its record to (kind, rows, and the four host times in ms). ``trace``:
     ``(first step, steps, path)`` to also record those steps with torch.profiler (host calls and
     GPU kernels on one timeline) into a Chrome trace at ``path``. ``waits``: a dict that gets,
     per step kind, a Counter of the places where ``launch`` waited for the GPU (sync debug mode;
-    the launch times are then not the engine's own)."""
+    the launch times are then not the engine's own). ``pyprofile``: a ``cProfile.Profile`` that
+    records the Python calls of every packed (prefill or mixed) launch."""
     records, clock = [], time.perf_counter
     launch, complete = engine.launch, engine.complete
     state = {"done": None, "profiler": None}   # done: when the last complete returned
@@ -52,13 +56,17 @@ def instrument(engine, trace=None, waits=None) -> list:
             prof.stop()
             prof.export_chrome_trace(str(trace[2]))
             # the host calls that took the most time, over those steps (the trace has them all)
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-            Path(str(trace[2]).replace(".json.gz", ".txt")).write_text(table)
-            print(table)
+            # and the kernels that took the most GPU time
+            tables = [prof.key_averages().table(sort_by=key, row_limit=20)
+                      for key in ("self_cpu_time_total", "self_device_time_total")]
+            Path(str(trace[2]).replace(".json.gz", ".txt")).write_text("\n\n".join(tables))
+            print("\n\n".join(tables))
             state["profiler"] = None
         kind = "decode" if all(n == 1 for _, n in batch) else "packed"
         t0 = clock()
-        if waits is None:
+        if pyprofile is not None and kind == "packed":
+            out = pyprofile.runcall(launch, batch, running)
+        elif waits is None:
             out = launch(batch, running)
         else:
             with gpu_waits() as seen:
@@ -96,6 +104,8 @@ def main():
                    help="also record these steps with torch.profiler into a Chrome trace in --out")
     p.add_argument("--sync-debug", action="store_true",
                    help="list where launch waits for the GPU (CUDA's sync debug mode; slows the host)")
+    p.add_argument("--pyprofile", action="store_true",
+                   help="profile the Python calls of packed launches (cProfile; slows them) into --out")
     a = p.parse_args()
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     shape = LlamaShape.from_config(loaded.config)
@@ -111,7 +121,9 @@ def main():
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
     waits = {} if a.sync_debug else None
-    records = instrument(engine, a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"), waits)
+    pyprofile = cProfile.Profile() if a.pyprofile else None
+    records = instrument(engine, a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"),
+                         waits, pyprofile)
     t = time.perf_counter()
     log = engine.run(reqs)
     wall = time.perf_counter() - t
@@ -122,7 +134,15 @@ def main():
         print(f"{kind} launches waited for the GPU at:" if found else f"{kind} launches never waited")
         for where, n in found.most_common():
             print(f"  {n:5d}x {where}")
-    if a.out and not a.sync_debug:
+    if pyprofile is not None:
+        text = io.StringIO()
+        stats = pstats.Stats(pyprofile, stream=text).strip_dirs()
+        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(25)
+        print(text.getvalue())
+        if a.out:
+            (Path(a.out) / "host_overlap_pyprofile.txt").write_text(text.getvalue())
+    if a.out and not (a.sync_debug or a.pyprofile):
         name = a.device if a.device != "cuda" else torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung, "overlap": engine.overlap,
                      "wall_s": wall, "summary": rows, "steps": records},
