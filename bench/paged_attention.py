@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib.attention import PAGED_ATTENTION  # noqa: E402
+from course_lib.attention import PAGED_ATTENTION, write_cache  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
 from course_lib.kv_cache import PagedKVCache  # noqa: E402
 from course_lib.llama import LlamaShape  # noqa: E402
@@ -93,7 +93,7 @@ def case(name, cached, new, block_size, dtype, device, repeat, peak_bw):
     if all(n == 1 for n in new) and kernel_available(device):      # a decode step: the Triton kernel
         from course_lib.paged_decode import paged_decode
         attn = PAGED_ATTENTION["gather"](cache, seqs, device)
-        attn.store(0, k, v)                                        # the new K, V in place, as the others
+        write_cache(cache, 0, attn.slots, k, v)                    # the new K, V in place, as the others
         tables = cache.table_tensor(range(len(seqs)), device)
         lengths = torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32, device=device)
         run = lambda: paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size)

@@ -4,10 +4,13 @@ the kernels with the most GPU time, printed and written as JSON.
 
     python bench/profile_decode.py --model llama-1b-dummy --batch 1 256 --context 640 --out DIR
 
-``--mixed`` also profiles one mixed step of the fast path, as the ladder's fastest rung runs them
-(16 prompts of 512 tokens prefilled next to 256 decodes, budget 8192), host work included.
+``--mixed`` also profiles mixed steps of the fast path, as the ladder's fastest rung runs them
+(16 prompts of 512 tokens prefilled next to 256 decodes, budget 8192), host work included: with
+each prefill attention (``--prefill``: a packed copy of the keys, or the cache read in place), on
+a fresh cache and on one whose blocks are scattered as after a while of serving.
 """
 import argparse
+import random
 import shlex
 import sys
 import time
@@ -19,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.attention import KernelPagedAttention  # noqa: E402
+from course_lib.attention import FlexPagedAttention, GatheredFlexAttention, KernelPagedAttention  # noqa: E402
 from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
 from course_lib.kv_cache import PagedKVCache  # noqa: E402
 from course_lib.sampling import sample  # noqa: E402
@@ -35,12 +38,22 @@ def top_kernels(prof, top):
             [[e.key, e.self_device_time_total / 1e3] for e in events[:top]])
 
 
-def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=12):
+PREFILL = {"in-place": FlexPagedAttention, "gathered": GatheredFlexAttention}
+
+
+def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=12,
+               prefill="gathered", scattered=False):
     """Profile a mixed step: ``n_decode`` decodes at ``context`` tokens and ``n_prompts`` whole
-    prompts, through KernelPagedAttention and the fused model, as PagedEngine.forward runs it."""
+    prompts, through KernelPagedAttention and the fused model, as PagedEngine.forward runs it.
+    ``prefill``: the prompts' attention, reading the cache in place or a packed copy of it.
+    ``scattered``: blocks handed out in a shuffled order, as in a cache that has served for a
+    while (else a fresh cache, where each prompt's blocks lie side by side)."""
     bs = 16
     cache = PagedKVCache(model.shape, n_decode * -(-(context + 1) // bs) + n_prompts * -(-prompt // bs),
                          bs, model.dtype, "cuda")
+    if scattered:
+        random.Random(0).shuffle(cache.allocator.free_list)
+    KernelPagedAttention.prefill_cls = PREFILL[prefill]
     cache.grow_side_by_side(dict.fromkeys(range(n_decode), context + 1), chunk=bs)
     for j in range(n_prompts):
         cache.grow(("p", j), prompt)
@@ -65,11 +78,12 @@ def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=1
             step()
     total, top = top_kernels(prof, top)
     walls.sort()
-    print(f"--- mixed step: {n_prompts} x {prompt} prefill + {n_decode} decodes: wall {walls[len(walls) // 2]:.1f} ms, "
-          f"GPU {total / STEPS:.1f} ms")
+    print(f"--- mixed step: {n_prompts} x {prompt} prefill ({prefill}, {'scattered' if scattered else 'fresh'} "
+          f"blocks) + {n_decode} decodes: wall {walls[len(walls) // 2]:.1f} ms, GPU {total / STEPS:.1f} ms")
     for name, ms in top:
         print(f"{ms / STEPS:8.3f} ms  {name[:90]}")
     return {"prefill_tokens": n_prompts * prompt, "decodes": n_decode, "context": context,
+            "prefill": prefill, "scattered": scattered,
             "wall_ms_median": walls[len(walls) // 2], "cuda_total_ms": total, "top": top}
 
 
@@ -80,12 +94,17 @@ def main():
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", default=None, help="a folder for the JSON")
-    p.add_argument("--mixed", action="store_true", help="also profile a mixed step")
+    p.add_argument("--mixed", action="store_true", help="also profile mixed steps")
+    p.add_argument("--prefill", nargs="+", default=["gathered", "in-place"], choices=list(PREFILL),
+                   help="the mixed step's prefill attentions to profile (the first is the engine's)")
     p.add_argument("--knobs", default="", help="decode kernel settings, e.g. num_warps=2")
     p.add_argument("--flex-options", default="",
                    help="FlexAttention kernel_options, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
+    p.add_argument("--gathered-options", default="",
+                   help="kernel_options of the gathered prefill, e.g. BLOCK_M=64,BLOCK_N=64")
     a = p.parse_args()
     from course_lib import attention, paged_decode
+    GatheredFlexAttention.kernel_options = parse_knobs(a.gathered_options)
     paged_decode.TUNING.update(parse_knobs(a.knobs))
     if a.flex_options:
         attention.FLEX_OPTIONS.clear()         # given: these alone (none: FlexAttention's defaults)
@@ -106,14 +125,18 @@ def main():
             print(f"{ms / STEPS:8.3f} ms  {kernel[:90]}")
         batches.append({"batch": b, "fused": fused, "cuda_total_ms": total, "top": top})
     model.fused = True
-    mixed = mixed_step(model, top=a.top) if a.mixed else None
+    # mixed steps: each prefill attention, on a fresh cache and on one whose blocks are scattered
+    mixed = [mixed_step(model, top=a.top, prefill=pre, scattered=sc)
+             for pre in a.prefill for sc in (True, False)] if a.mixed else []
     if a.out:
         name = torch.cuda.get_device_name().lower().replace(" ", "-")
-        settings = "".join("_" + x.replace("=", "").replace(",", "_") for x in (a.knobs, a.flex_options) if x)
+        settings = "".join("_" + x.replace("=", "").replace(",", "_") for x in (a.knobs, a.flex_options, a.gathered_options) if x)
         save_result({"model": a.model, "dtype": str(model.dtype).removeprefix("torch."),
                      "kernel": paged_decode.TUNING, "flex_options": attention.FLEX_OPTIONS,
+                     "gathered_options": GatheredFlexAttention.kernel_options,
                      "context": a.context, "steps_profiled": STEPS,
-                     "device": {"device": torch.cuda.get_device_name()}, "batches": batches, "mixed_step": mixed},
+                     "device": {"device": torch.cuda.get_device_name()}, "batches": batches,
+                     "mixed_step": mixed[0] if mixed else None, "mixed_steps": mixed},
                     Path(a.out) / f"profile_decode_{a.model}_{name}{settings}.json",
                     "python bench/profile_decode.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 

@@ -276,6 +276,113 @@ class FlexPagedAttention(PagedAttention):
         return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
 
 
+class GatheredFlexAttention(PagedAttention):
+    """Packed, paged attention for prefill chunks: first *copy* the keys and values of the step's
+    sequences out of the cache into one packed list (as the reference does), then FlexAttention
+    over that list with a block-diagonal causal mask (the fast path's prefill, chapter 09).
+
+    Reading in place (``FlexPagedAttention``) pays when a sequence's blocks lie side by side. In
+    a cache that has served for a while they do not: blocks are handed out from a free list that
+    finished sequences returned in any order, so a 512-token prompt's 32 blocks of 16 land in up
+    to 32 different tiles, each shared with other sequences, each read whole and masked element
+    by element. The copy costs one read of the step's keys per layer; after it each sequence's
+    keys are contiguous, and almost every tile is *full* (no mask to apply).
+
+    In the packed list, sequence ``s``'s keys are ``k_start[s] ...`` in position order, so query
+    ``i`` (position ``p`` of sequence ``s``) sees exactly the keys ``lo[i] <= j <= hi[i]`` with
+    ``lo = k_start[s]`` and ``hi = k_start[s] + p``. Both grow with ``i``, so a tile of queries
+    sees one run of key tiles, and the block mask is a few comparisons per tile, made on the
+    host. Queries and keys are padded to powers of two (``bucket``) so that the compiled kernel
+    is reused; padding queries see nothing (``lo > hi``), padding keys are seen by nobody.
+    """
+
+    tile = TILE               # the block mask's tiles: keys are contiguous, no need for smaller
+    kernel_options: dict = {}      # FlexAttention's own tile sizes for its kernel
+
+    @torch.inference_mode()        # as FlexPagedAttention: the mask's tensors must not fail a guard
+    def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None, m_pad: int | None = None):
+        self.cache, bs, T = cache, cache.block_size, self.tile
+        layout = cache.packed_layout(seqs)
+        cached = np.array([c for _, c, _ in seqs], dtype=np.int64)
+        total = cached + np.array([n for _, _, n in seqs], dtype=np.int64)
+        self.n, m = len(layout["positions"]), int(total.sum())
+        n_pad = n_pad or bucket(self.n, T)
+        m_pad = m_pad or bucket(max(m, self.n), T)
+        # every key of every sequence, in order: its slot in the cache (padding reads slot 0)
+        k_start = np.cumsum(total) - total
+        k_seq = np.repeat(np.arange(len(seqs)), total)
+        k_pos = np.arange(m) - k_start[k_seq]
+        first_block = np.flatnonzero(layout["block_index"] == 0)
+        read = np.zeros(m_pad, dtype=np.int64)
+        read[:m] = layout["blocks"][first_block[k_seq] + k_pos // bs] * bs + k_pos % bs
+        # the keys each query sees: lo .. hi (padding: 1 .. 0, none)
+        lo, hi = np.ones(n_pad, dtype=np.int64), np.zeros(n_pad, dtype=np.int64)
+        lo[:self.n] = k_start[layout["q_seq"]]
+        hi[:self.n] = lo[:self.n] + layout["positions"]
+        partial, full = self.tiles(lo[:self.n], hi[:self.n], n_pad // T, m_pad // T, T)
+        parts = [layout["positions"], layout["write"], read, lo, hi, *partial, *full]
+        on = to_device(np.concatenate([x.ravel() for x in parts]), device)          # one copy
+        self.positions, self.slots, self.read, self.lo, self.hi, *mask = on.split([x.size for x in parts])
+        self.cu_seqlens = to_device(cu_seqlens(n for _, _, n in seqs), device)
+        mask = [x.int().view(1, 1, *y.shape) for x, y in zip(mask, partial + full)]
+        lo_, hi_ = self.lo, self.hi
+
+        def visible(b, h, i, j):
+            return (j >= lo_[i]) & (j <= hi_[i])
+
+        from torch.nn.attention.flex_attention import BlockMask
+        self.block_mask = BlockMask.from_kv_blocks(*mask, BLOCK_SIZE=T, mask_mod=visible,
+                                                   seq_lengths=(n_pad, m_pad), compute_q_blocks=False)
+
+    @staticmethod
+    def tiles(lo, hi, q_tiles: int, kv_tiles: int, T: int = TILE):
+        """The block mask on the host: for each tile of queries, the key tiles it must read with
+        the mask applied (*partial*) and those every one of its queries sees whole (*full*), each
+        as ``(count per query tile, indices with the listed ones first)``. ``lo``, ``hi``: the
+        first and last key each real query sees, both non-decreasing."""
+        n = len(lo)
+        first = np.arange(q_tiles) * T                          # first query of each tile
+        last = np.minimum(first + T, n) - 1                     # its last real query
+        real = first < n
+        first, last = np.minimum(first, n - 1), np.maximum(last, 0)
+        cols = np.arange(kv_tiles)[None, :]
+        # a key tile is needed if some query of the tile sees some key of it
+        needed = real[:, None] & (cols >= (lo[first] // T)[:, None]) & (cols <= (hi[last] // T)[:, None])
+        # full: all the tile's queries are real and each sees every key of the key tile
+        whole = (real & (first + T <= n))[:, None]
+        full = whole & (cols * T >= lo[last][:, None]) & ((cols + 1) * T - 1 <= hi[first][:, None])
+        partial = needed & ~full
+
+        def listed_first(t):
+            return t.sum(-1), np.argsort(~t, axis=-1, kind="stable")
+        return listed_first(partial), listed_first(full)
+
+    @classmethod
+    @torch.inference_mode()
+    def precompile(cls, cache, max_tokens: int, shape, dtype):
+        """Compile the kernel for every query bucket a run may need, with keys as many as the
+        queries (whole prompts) and twice as many (chunks after earlier ones), before the clock."""
+        device, n = cache.k[0].device, cls.tile
+        while n <= bucket(max_tokens) and cache.can_grow("precompile", 2 * n):
+            cache.grow("precompile", 2 * n)
+            q = torch.zeros(n, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+            for seqs in ([("precompile", 0, n)], [("precompile", n, n)]):
+                attn = cls(cache, seqs, device)
+                for layer in range(len(cache.k)):
+                    attn.attend(layer, q)
+            cache.release("precompile")
+            n *= 2
+
+    def attend(self, layer, q):
+        """Copy the step's keys and values out of the cache, then attend over them."""
+        K, V = self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]   # (Hkv, m_pad, d)
+        n_pad = self.block_mask.shape[-2]
+        q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
+        options = {"kernel_options": dict(self.kernel_options)} if q.is_cuda and self.kernel_options else {}
+        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True, **options)
+        return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
+
+
 class DecodeAttention:
     """One new token per sequence (a decode step, chapter 09): store each token's key and value
     in its slot, then the course's Triton kernel reads every sequence's keys and values in place
@@ -313,15 +420,18 @@ class DecodeAttention:
 class KernelPagedAttention(PagedAttention):
     """A packed step the fast way: its decodes (sequences with one new token, which the
     scheduler puts first) through the paged decode kernel, its prefill chunks through
-    FlexAttention. FlexAttention alone is slow for decodes: they share 128-query tiles, and
-    each tile reads the keys of all its sequences for every query in it."""
+    FlexAttention over a packed copy of their keys (``prefill_cls``). FlexAttention alone is slow
+    for decodes: they share 128-query tiles, and each tile reads the keys of all its sequences
+    for every query in it."""
+
+    prefill_cls = GatheredFlexAttention      # FlexPagedAttention reads the cache in place instead
 
     def __init__(self, cache, seqs, device="cpu"):
         seqs = list(seqs)
         d = next((i for i, (_, _, new) in enumerate(seqs) if new != 1), len(seqs))
         self.n_decode = d
         self.decode = DecodeAttention.of(cache, seqs[:d], device) if d else None
-        self.prefill = FlexPagedAttention(cache, seqs[d:], device) if d < len(seqs) else None
+        self.prefill = self.prefill_cls(cache, seqs[d:], device) if d < len(seqs) else None
         self.positions = to_device(np.array([c for _, c, _ in seqs[:d]], dtype=np.int64), device)
         if self.prefill is not None:
             self.positions = torch.cat([self.positions, self.prefill.positions])
@@ -335,7 +445,7 @@ class KernelPagedAttention(PagedAttention):
         decodes, and unsplit, for many), on tables as a mixed step builds them: compiling either
         in a timed step would stall it for a fraction of a second."""
         from .paged_decode import TUNING
-        FlexPagedAttention.precompile(cache, max_tokens, shape, dtype)
+        cls.prefill_cls.precompile(cache, max_tokens, shape, dtype)
         device = cache.k[0].device
         # one sequence of 4 tiles is split in 4; programs / kv_heads sequences are not split
         for batch, tokens in ((1, 4 * TUNING["block_n"]), (-(-TUNING["programs"] // shape.n_kv_heads), 1)):
@@ -366,4 +476,5 @@ class KernelPagedAttention(PagedAttention):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-PAGED_ATTENTION = {"gather": PagedAttention, "flex": FlexPagedAttention, "kernel": KernelPagedAttention}
+PAGED_ATTENTION = {"gather": PagedAttention, "flex": FlexPagedAttention,
+                   "gathered-flex": GatheredFlexAttention, "kernel": KernelPagedAttention}

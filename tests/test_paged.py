@@ -87,7 +87,8 @@ def test_block_diagonal_causal_mask():
 
 
 @pytest.mark.parametrize("block_size,attention", [(1, "gather"), (7, "gather"), (16, "gather"),
-                                                  (7, "flex"), (16, "flex")])
+                                                  (7, "flex"), (16, "flex"),
+                                                  (7, "gathered-flex"), (16, "gathered-flex")])
 def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size, attention):
     PagedAttention = PAGED_ATTENTION[attention]
     reqs = chat_workload(smollm.tokenizer, n=3)
@@ -151,6 +152,55 @@ def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size, TILE, monk
     ok[:, :n_slots] = bm.mask_mod(0, 0, torch.arange(n_pad)[:, None], torch.arange(n_slots)[None, :])
     tiles = ok.view(full.shape[0], TILE, full.shape[1], TILE).all(-1).all(1)   # every pair visible
     assert not (full & ~tiles).any() and full.any()
+
+
+@pytest.mark.parametrize("block_size", [7, 16])
+def test_the_gathered_flex_mask_lists_every_visible_pair_and_full_tiles_are_whole(block_size):
+    """GatheredFlexAttention's block mask, made on the host from each query's first and last
+    visible key: every (query, key) pair of the block-diagonal causal rule lies in a listed tile,
+    a tile listed as full has every pair visible, padding sees nothing, and tiles are skipped.
+    Then its output equals the gather reference's, blocks scattered over the cache."""
+    from course_lib.attention import GatheredFlexAttention, PagedAttention, TILE
+    shape = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)
+    cache = PagedKVCache(shape, n_blocks=6000 // block_size, block_size=block_size)
+    for step in range(40):                        # sequences growing side by side: blocks interleave
+        for sid in "abcd":
+            cache.grow(sid, 1 + step % 5)
+    cache.release("b")
+    cache.grow("e", 300)
+    cache.grow("f", 700)
+    seqs = [("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("a", cache.lengths["a"] - 1, 1), ("f", 0, 700)]
+    attn = GatheredFlexAttention(cache, seqs)
+    bm = attn.block_mask
+    n_pad, m_pad = bm.seq_lengths
+    assert (n_pad, m_pad) == (1024, 2048) and attn.n == 1021
+    # the rule, over the packed keys (each sequence's keys in order, one sequence after another)
+    q_seq = torch.tensor([i for i, (_, c, n) in enumerate(seqs) for _ in range(n)])
+    q_pos = torch.tensor([p for _, c, n in seqs for p in range(c, c + n)])
+    k_seq = torch.tensor([i for i, (_, c, n) in enumerate(seqs) for _ in range(c + n)])
+    k_pos = torch.tensor([p for _, c, n in seqs for p in range(c + n)])
+    rule = torch.zeros(n_pad, m_pad, dtype=torch.bool)
+    rule[:len(q_seq), :len(k_seq)] = block_diagonal_causal(q_seq, q_pos, k_seq, k_pos)
+    mod = bm.mask_mod(0, 0, torch.arange(n_pad)[:, None], torch.arange(m_pad)[None, :])
+    assert torch.equal(mod, rule)                 # padding queries see nothing, padding keys nobody
+    listed = bm.to_dense()[0, 0].bool()
+    tiles_seen = rule.view(n_pad // TILE, TILE, m_pad // TILE, TILE).any(-1).any(1)
+    assert not (tiles_seen & ~listed).any() and listed.sum() < listed.numel()
+    full = torch.zeros_like(listed)
+    for qt in range(full.shape[0]):
+        full[qt, bm.full_kv_indices[0, 0, qt, :bm.full_kv_num_blocks[0, 0, qt]].long()] = True
+    whole = rule.view(n_pad // TILE, TILE, m_pad // TILE, TILE).all(-1).all(1)
+    assert not (full & ~whole).any() and full.any()
+    # the keys it copies are each sequence's, in order
+    assert attn.read[:len(k_seq)].tolist() == [s for sid, c, n in seqs for s in cache.slots(sid, 0, c + n)]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(attn.n, shape.n_heads, shape.head_dim, generator=g)
+    k, v = (torch.randn(attn.n, shape.n_kv_heads, shape.head_dim, generator=g) for _ in range(2))
+    for layer in range(shape.n_layers):
+        cache.k[layer].normal_(generator=g)
+        cache.v[layer].normal_(generator=g)
+    ref = PagedAttention(cache, seqs)(0, q, k, v)
+    torch.testing.assert_close(attn(0, q, k, v), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_the_packed_layout_is_the_per_token_loop():

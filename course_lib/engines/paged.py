@@ -175,7 +175,7 @@ class PagedEngine(Engine):
     def prepare(self, requests):
         """On CUDA, compile FlexAttention for every step size this run may take (and the decode
         kernel, for mixed steps), and capture the decode graphs."""
-        if self.attention in ("flex", "kernel") and self.model.device.type == "cuda" and requests:
+        if self.attention in ("flex", "gathered-flex", "kernel") and self.model.device.type == "cuda" and requests:
             most = self.budget or sum(sorted(len(r.prompt_tokens) + r.max_new_tokens
                                              for r in requests)[-self.max_batch:])
             self.setup(requests)
