@@ -101,10 +101,11 @@ def main():
     p.add_argument("--flex-options", default="",
                    help="FlexAttention kernel_options, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
     p.add_argument("--gathered-options", default="",
-                   help="kernel_options of the gathered prefill, e.g. BLOCK_M=64,BLOCK_N=64")
+                   help="kernel_options of the gathered prefill, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
     a = p.parse_args()
     from course_lib import attention, paged_decode
-    GatheredFlexAttention.kernel_options = parse_knobs(a.gathered_options)
+    if a.gathered_options:      # given: these alone ('default': FlexAttention's own)
+        GatheredFlexAttention.kernel_options = parse_knobs(a.gathered_options.replace("default", ""))
     paged_decode.TUNING.update(parse_knobs(a.knobs))
     if a.flex_options:
         attention.FLEX_OPTIONS.clear()         # given: these alone (none: FlexAttention's defaults)
