@@ -42,7 +42,26 @@ def versions() -> dict:
             "cuda": torch.version.cuda, "course_lib_commit": commit(),
             # the machine: two runs of the same code on two hosts with the same card differed by
             # several percent on every rung (chapter 09), so the host and its CPU are recorded too
-            "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+            "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            # and which card: the same model of card ran the same GPU-bound steps up to 18% apart
+            "gpu": gpu_identity()}
+
+
+def gpu_identity() -> dict | None:
+    """The physical card (NVML): its UUID, power limit and top clocks; None without one."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        uuid = pynvml.nvmlDeviceGetUUID(h)
+        return {"uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+                "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1e3,
+                "sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "memory_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)}
+    except Exception as e:            # no NVML (or no permission): say so rather than guess
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def cpu_model() -> str | None:
