@@ -433,3 +433,48 @@ def check_packed_inputs(fn):
         assert torch.equal(got, want), (f"rows {rows}: the known tokens in order, and last[src] where a "
                                         f"token is None")
     _ok("packed inputs: the tokens still on the device taken from where they are")
+
+
+def check_tiles_to_read(fn):
+    """``fn(lo, hi, T, n_kv_tiles)`` -> a boolean ``(query tiles, key tiles)`` array: which tiles of
+    a packed copy some query sees, where query ``i`` sees keys ``lo[i] .. hi[i]`` (chapter 09's
+    ``GatheredFlexAttention``). Checked against every (query, key) pair of the rule, and against
+    the block mask the engine lists (its partial tiles plus its full ones)."""
+    import numpy as np
+    from .attention import GatheredFlexAttention
+    for seed in range(6):
+        rng = random.Random(seed)
+        T = rng.choice((2, 4, 8))
+        # sequences one after another in the copy: some whole prompts, some chunks after earlier ones
+        seqs = [(rng.choice((0, 0, rng.randrange(1, 20))), rng.randrange(1, 25)) for _ in range(rng.randrange(1, 6))]
+        if seed == 0:
+            seqs, T = [(0, 3), (2, 2)], 2
+        total = [c + n for c, n in seqs]
+        k_start = np.cumsum(total) - total
+        lo = np.concatenate([np.full(n, s) for s, (c, n) in zip(k_start, seqs)])
+        hi = np.concatenate([s + np.arange(c, c + n) for s, (c, n) in zip(k_start, seqs)])
+        n_kv_tiles = -(-sum(total) // T) + (rng.randrange(2) if seed else 0)   # sometimes a padding tile
+        got = fn(lo.copy(), hi.copy(), T, n_kv_tiles)
+        assert got is not None, "your function returns nothing"
+        got = np.asarray(got).astype(bool)
+        q_tiles = -(-len(lo) // T)
+        assert got.shape == (q_tiles, n_kv_tiles), f"shape {got.shape}, expected {(q_tiles, n_kv_tiles)}"
+        keys = np.arange(n_kv_tiles * T)
+        pairs = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])   # (queries, keys)
+        pairs = np.pad(pairs, ((0, q_tiles * T - len(lo)), (0, 0)))
+        want = pairs.reshape(q_tiles, T, n_kv_tiles, T).any(axis=(1, 3))
+        if seed == 0:       # written out: queries 0, 1, 2 see keys 0-0, 0-1, 0-2; then a chunk after
+            # 2 cached tokens: queries 3, 4 see keys 3-5, 3-6
+            assert want.astype(int).tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
+        missing, extra = want & ~got, got & ~want
+        assert not missing.any(), (f"T={T}, sequences {seqs}: query tile {np.argwhere(missing)[0][0]} sees "
+                                   f"key tile {np.argwhere(missing)[0][1]} and you skip it")
+        assert not extra.any(), (f"T={T}, sequences {seqs}: you list key tile {np.argwhere(extra)[0][1]} "
+                                 f"for query tile {np.argwhere(extra)[0][0]}, whose queries see none of it")
+        (n_part, part), (n_full, full) = GatheredFlexAttention.tiles(lo, hi, q_tiles, n_kv_tiles, T)
+        listed = np.zeros_like(want)
+        for q in range(q_tiles):
+            listed[q, part[q, :n_part[q]]] = True
+            listed[q, full[q, :n_full[q]]] = True
+        assert (listed == want).all(), "the engine's block mask and the rule disagree"
+    _ok("tiles to read: each query tile reads one run of key tiles, from its first query's lo to its last one's hi")
