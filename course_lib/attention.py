@@ -7,8 +7,9 @@ contiguous cache in which row ``r`` holds its tokens in columns ``start[r] ...``
 
 ``PagedAttention`` (chapters 05-07) takes *packed* tokens and a paged cache: the reference gathers
 K/V through the block tables; ``FlexPagedAttention`` reads them in place with FlexAttention.
-Chapter 09's ``DecodeAttention`` sends decode tokens through the course's Triton kernel, and
-``KernelPagedAttention`` (the fast path on CUDA) splits a step between the two.
+Chapter 09's ``DecodeAttention`` sends decode tokens through the course's Triton kernel,
+``GatheredFlexAttention`` runs prompt chunks through FlexAttention over a packed copy of their keys,
+and ``KernelPagedAttention`` (the fast path on CUDA) splits a step between those two.
 """
 from __future__ import annotations
 

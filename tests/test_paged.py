@@ -113,6 +113,30 @@ def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size,
         torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-3)
 
 
+WIDE = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)     # 4 query heads, 2 KV heads
+
+
+def scattered_cache(block_size):
+    """A paged cache whose sequences grew side by side (their blocks interleave), then lost one
+    (``b``) and took two prompts (``e``, 300 tokens, and ``f``, 700: tiles of it see whole tiles)."""
+    cache = PagedKVCache(WIDE, n_blocks=6000 // block_size, block_size=block_size)
+    for step in range(40):
+        for sid in "abcd":
+            cache.grow(sid, 1 + step % 5)
+    cache.release("b")
+    cache.grow("e", 300)
+    cache.grow("f", 700)
+    return cache
+
+
+def listed_full(bm):
+    """The tiles a block mask lists as *full* (run without the mask), as a dense boolean."""
+    full = torch.zeros(bm.full_kv_num_blocks.shape[-1], bm.full_kv_indices.shape[-1], dtype=torch.bool)
+    for qt in range(full.shape[0]):
+        full[qt, bm.full_kv_indices[0, 0, qt, :bm.full_kv_num_blocks[0, 0, qt]].long()] = True
+    return full
+
+
 @pytest.mark.parametrize("TILE", [128, 64])          # 64: the tile the mask has on CUDA
 @pytest.mark.parametrize("block_size", [7, 16, 200])
 def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size, TILE, monkeypatch):
@@ -122,14 +146,7 @@ def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size, TILE, monk
     from course_lib import attention
     from course_lib.attention import FlexPagedAttention
     monkeypatch.setattr(attention, "mask_tile", lambda device: TILE)
-    shape = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)
-    cache = PagedKVCache(shape, n_blocks=5000 // block_size, block_size=block_size)
-    for step in range(40):                        # sequences growing side by side: blocks interleave
-        for sid in "abcd":
-            cache.grow(sid, 1 + step % 5)
-    cache.release("b")
-    cache.grow("e", 300)
-    cache.grow("f", 700)                          # a long prompt: tiles of it see whole tiles
+    cache = scattered_cache(block_size)
     seqs = [("a", cache.lengths["a"] - 1, 1), ("c", cache.lengths["c"] - 1, 1),
             ("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("f", 0, 700)]
     attn = FlexPagedAttention(cache, seqs)
@@ -144,9 +161,7 @@ def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size, TILE, monk
     assert listed.sum() < listed.numel(), "the block mask should skip tiles"
     # a tile listed as full is run without the mask: each of its pairs must be visible
     bm = attn.block_mask
-    full = torch.zeros_like(listed)
-    for qt in range(full.shape[0]):
-        full[qt, bm.full_kv_indices[0, 0, qt, :bm.full_kv_num_blocks[0, 0, qt]].long()] = True
+    full = listed_full(bm)
     n_pad, n_slots = bm.seq_lengths
     ok = torch.zeros(n_pad, full.shape[1] * TILE, dtype=torch.bool)
     ok[:, :n_slots] = bm.mask_mod(0, 0, torch.arange(n_pad)[:, None], torch.arange(n_slots)[None, :])
@@ -161,14 +176,7 @@ def test_the_gathered_flex_mask_lists_every_visible_pair_and_full_tiles_are_whol
     a tile listed as full has every pair visible, padding sees nothing, and tiles are skipped.
     Then its output equals the gather reference's, blocks scattered over the cache."""
     from course_lib.attention import GatheredFlexAttention, PagedAttention, TILE
-    shape = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)
-    cache = PagedKVCache(shape, n_blocks=6000 // block_size, block_size=block_size)
-    for step in range(40):                        # sequences growing side by side: blocks interleave
-        for sid in "abcd":
-            cache.grow(sid, 1 + step % 5)
-    cache.release("b")
-    cache.grow("e", 300)
-    cache.grow("f", 700)
+    cache, shape = scattered_cache(block_size), WIDE
     seqs = [("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("a", cache.lengths["a"] - 1, 1), ("f", 0, 700)]
     attn = GatheredFlexAttention(cache, seqs)
     bm = attn.block_mask
@@ -186,9 +194,7 @@ def test_the_gathered_flex_mask_lists_every_visible_pair_and_full_tiles_are_whol
     listed = bm.to_dense()[0, 0].bool()
     tiles_seen = rule.view(n_pad // TILE, TILE, m_pad // TILE, TILE).any(-1).any(1)
     assert not (tiles_seen & ~listed).any() and listed.sum() < listed.numel()
-    full = torch.zeros_like(listed)
-    for qt in range(full.shape[0]):
-        full[qt, bm.full_kv_indices[0, 0, qt, :bm.full_kv_num_blocks[0, 0, qt]].long()] = True
+    full = listed_full(bm)
     whole = rule.view(n_pad // TILE, TILE, m_pad // TILE, TILE).all(-1).all(1)
     assert not (full & ~whole).any() and full.any()
     # the keys it copies are each sequence's, in order
