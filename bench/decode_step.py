@@ -81,10 +81,15 @@ def main():
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--knobs", default="", help="decode kernel settings, e.g. block_n=32,num_warps=2")
+    p.add_argument("--blas", default=None, choices=["cublas", "cublaslt"],
+                   help="the BLAS library PyTorch's matmuls call (torch.backends.cuda.preferred_blas_library): "
+                        "each has its own heuristic for the thin matmuls of a decode step")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     from course_lib import paged_decode
     paged_decode.TUNING.update(parse_knobs(a.knobs))
+    if a.blas:                    # before any matmul runs, so that every graph captures that library's kernels
+        torch.backends.cuda.preferred_blas_library(a.blas)
     B = max(a.batch)
     model, cache, rows, per_seq = decoding_batch(a.model, B, a.context, a.block_size, a.dtype)
     peaks = measure_peaks("cuda", model.dtype)
@@ -120,8 +125,9 @@ def main():
               f"MBU {row['mbu_eager']:.0%}", flush=True)
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
     knobs = "_" + a.knobs.replace("=", "").replace(",", "_") if a.knobs else ""
+    knobs += f"_{a.blas}" if a.blas else ""
     save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "kernel": paged_decode.TUNING,
-                 "rows": out},
+                 "blas": str(torch.backends.cuda.preferred_blas_library()), "rows": out},
                 Path(a.out) / f"decode_step_{a.model}_{name}{knobs}.json",
                 "python bench/decode_step.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 
