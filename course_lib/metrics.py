@@ -254,3 +254,21 @@ def host_table(rows: list) -> str:
         ms = " ".join(f"{'-' if r[k] is None else f'{r[k]:.2f}':>{w}}" for k, w in zip(HOST_TIMES, (9, 8, 8, 8)))
         lines.append(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {ms}")
     return "\n".join(lines)
+
+
+def prefill_rows(profiles: list) -> list:
+    """The prompt attention of the mixed steps in stored profiles (``bench/profile_decode.py
+    --mixed``), one row per profiled step: how the prompts attend (``in-place`` or a packed copy),
+    on which blocks, with which FlexAttention tiles, and GPU ms per step of FlexAttention, of the
+    copy (PyTorch's gather kernel) and of the whole step."""
+    rows = []
+    for res in profiles:
+        n = res["steps_profiled"]
+        for m in res["mixed_steps"]:
+            ms = lambda name: sum(t for kernel, t in m["top"] if name in kernel) / n   # noqa: E731
+            tiles = res["flex_options"] if m["prefill"] == "in-place" else res.get("gathered_options")
+            rows.append({"prefill": m["prefill"], "blocks": "scattered" if m["scattered"] else "fresh",
+                         "tiles": f"{tiles['BLOCK_M']} x {tiles['BLOCK_N']}" if tiles else "FlexAttention's own",
+                         "flex_ms": ms("flex_attention"), "copy_ms": ms("index_elementwise"),
+                         "step_ms": m["cuda_total_ms"] / n, "commit": res["versions"]["course_lib_commit"]})
+    return rows

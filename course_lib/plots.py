@@ -408,3 +408,20 @@ def run_steps(run, ax=None):
     twin.plot([s.start_s for s in steps], [s.rows for s in steps], color="#7f7f7f", lw=0.8)
     twin.set_ylabel("sequences in the step", color="#7f7f7f")
     return ax
+
+
+def prefill_attention(rows, ax=None):
+    """The prompts' attention in a mixed step (``metrics.prefill_rows``): FlexAttention and the
+    copy before it, GPU ms per step, for each way of reading the keys and each kind of blocks."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
+    y = np.arange(len(rows))
+    flex, copy = [r["flex_ms"] for r in rows], [r["copy_ms"] for r in rows]
+    ax.barh(y, flex, color="#1f4e79", label="FlexAttention")
+    ax.barh(y, copy, left=flex, color="#f4b183", label="the copy out of the cache")
+    ax.set_yticks(y, [f"{'packed copy' if r['prefill'] == 'gathered' else 'in place'}, {r['blocks']} blocks, "
+                      f"tiles {r['tiles']}" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("GPU ms per mixed step (16 prompts of 512 tokens, 16 layers)")
+    ax.legend(fontsize=8)
+    return ax

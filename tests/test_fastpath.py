@@ -253,6 +253,13 @@ def test_chapter_09_pictures_draw_the_stored_results():
              for m in ("llama-1b-dummy", "smollm2-135m")]
     assert len(plots.decode_step_curve(steps).lines) == 8       # 4 curves per model
     assert plots.run_steps(result["runs"][-3]).get_yscale() == "log"
+    from course_lib.metrics import prefill_rows
+    rows = prefill_rows([json.loads((RESULTS / f"profile_decode_llama-1b-dummy_nvidia-h200_gathered_{t}.json").read_text())
+                         for t in ("default_tiles", "BLOCK_M64_BLOCK_N64")])
+    assert {(r["prefill"], r["blocks"]) for r in rows} == {(p, b) for p in ("gathered", "in-place")
+                                                           for b in ("fresh", "scattered")}
+    assert all((r["copy_ms"] > 0) == (r["prefill"] == "gathered") and 0 < r["flex_ms"] < r["step_ms"] for r in rows)
+    assert len(plots.prefill_attention(rows).patches) == 2 * len(rows)
     if importlib.util.find_spec("ipywidgets"):      # CI has it; a bare GPU machine may not
         assert widgets.ladder_explorer(result) is not None
     import matplotlib.pyplot as plt
