@@ -119,7 +119,9 @@ def save_result(result: dict, path, command: str) -> Path:
     result = {**result, "versions": result.get("versions") or versions(), "command": command}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    part = path.with_name(path.name + ".part")     # whole or not at all, for a reader copying it meanwhile
+    part.write_text(json.dumps(result, indent=1))
+    part.replace(path)
     return path
 
 
