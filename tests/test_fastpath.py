@@ -352,3 +352,28 @@ def test_host_summary_takes_medians_per_step_kind_and_batch_range():
     assert rows[0]["launch_ms"] == 25.0 and rows[0]["schedule_ms"] == 1.0 and rows[1]["launch_ms"] == 2.0
     assert host_summary([rec("packed", 3, 5.0, None)])[0]["schedule_ms"] is None
     assert "25.00" in host_table(rows) and host_table(host_summary([rec("packed", 3, 5.0, None)])).split()[-4] == "-"
+
+
+@pytest.mark.parametrize("budget", [2048, 8192])
+def test_every_prompt_step_of_the_fast_rung_has_a_precompiled_shape(budget, monkeypatch):
+    """The packed-copy prefill's kernel is compiled per (queries, keys) bucket before a run's clock
+    starts (``GatheredFlexAttention.precompile``); a step of another shape would compile inside
+    the timed run and stall it for seconds. On chapter 09's workload, at the ladder's budgets, every
+    prompt step must have a precompiled shape, chunks after earlier chunks included."""
+    from course_lib.attention import GatheredFlexAttention
+    from course_lib.engines.paged import PagedEngine
+    shapes, init = [], GatheredFlexAttention.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        shapes.append(tuple(self.block_mask.seq_lengths))
+    monkeypatch.setattr(GatheredFlexAttention, "__init__", spy)
+    monkeypatch.setattr(GatheredFlexAttention, "attend", lambda self, layer, q: q)   # shapes only
+    engine = PagedEngine(LOADED, max_batch=96, block_size=16, num_blocks=8192, attention="kernel",
+                         max_num_batched_tokens=budget, model=FakeLlama(), trace_blocks=False)
+    GatheredFlexAttention.precompile(engine.new_cache([]), budget, FakeLlama.shape, torch.float32)
+    compiled, shapes[:] = set(shapes), []
+    assert {n for n, _ in compiled} == {128 << i for i in range((budget // 128).bit_length())}
+    engine.run(load_workload("anyscale:prompt_len=512,cap=512,mean=128", n=96, vocab_size=64))
+    assert shapes and set(shapes) <= compiled, sorted(set(shapes) - compiled)
+    assert any(m > n for n, m in shapes)          # some chunks did come after earlier ones
