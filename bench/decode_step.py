@@ -84,6 +84,9 @@ def main():
     p.add_argument("--blas", default=None, choices=["cublas", "cublaslt"],
                    help="the BLAS library PyTorch's matmuls call (torch.backends.cuda.preferred_blas_library): "
                         "each has its own heuristic for the thin matmuls of a decode step")
+    p.add_argument("--split-from", type=int, default=None,
+                   help="also time graphs that run buckets of this size and up as two halves on two "
+                        "streams (DecodeGraphs(split_from=...)), next to the whole-batch graphs")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     from course_lib import paged_decode
@@ -99,6 +102,7 @@ def main():
     model.fused = True
     graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
     eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)
+    split = DecodeGraphs(model, cache, B, per_seq, graphs=True, split_from=a.split_from) if a.split_from else None
     dtype_bytes = model.dtype.itemsize
     out = []
     for b in a.batch:
@@ -118,6 +122,11 @@ def main():
                "mbu_unfused": w.bytes / (gpu_unfused / 1e3) / peaks.bandwidth,
                "mbu_step": w.bytes / (step / 1e3) / peaks.bandwidth,
                "mbu_eager": w.bytes / (eager_step / 1e3) / peaks.bandwidth}
+        if split is not None and nb >= a.split_from:
+            split.step(rows[:b])
+            row["split_gpu_ms"] = events_ms(split.graphs[nb].replay, a.repeat)
+            row["mbu_split"] = w.bytes / (row["split_gpu_ms"] / 1e3) / peaks.bandwidth
+            print(f"B={b:4d} two halves on two streams: replay {row['split_gpu_ms']:7.3f} ms MBU {row['mbu_split']:.0%}")
         out.append(row)
         print(f"B={b:4d} (graph {nb:4d}) | replay {gpu:7.3f} ms MBU {row['mbu_gpu']:.0%} | "
               f"unfused {gpu_unfused:7.3f} ms MBU {row['mbu_unfused']:.0%} | "
@@ -126,8 +135,10 @@ def main():
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
     knobs = "_" + a.knobs.replace("=", "").replace(",", "_") if a.knobs else ""
     knobs += f"_{a.blas}" if a.blas else ""
+    knobs += f"_split{a.split_from}" if a.split_from else ""
     save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "kernel": paged_decode.TUNING,
-                 "blas": str(torch.backends.cuda.preferred_blas_library()), "rows": out},
+                 "blas": str(torch.backends.cuda.preferred_blas_library()), "split_from": a.split_from,
+                 "rows": out},
                 Path(a.out) / f"decode_step_{a.model}_{name}{knobs}.json",
                 "python bench/decode_step.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 

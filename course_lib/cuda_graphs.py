@@ -20,6 +20,11 @@ runs to each sequence's length read from memory, so the same graph serves any co
 
 Without CUDA (or with ``graphs=False``) the same buffers run eagerly: what the tests check on the
 CPU.
+
+``split_from`` (an experiment, off by default): from that bucket up, a step runs as two halves of
+the batch on two CUDA streams inside the graph, so that one half's attention (memory-bound) can
+run next to the other half's matmuls (compute-bound at a few hundred rows) instead of after them.
+The price is that each half reads the layers' weights. Elsewhere the halves run one after the other.
 """
 from __future__ import annotations
 
@@ -42,9 +47,11 @@ class DecodeGraphs:
     ``max_blocks`` blocks each: captured as CUDA graphs on CUDA, eager elsewhere."""
 
     def __init__(self, model, cache, max_batch: int, max_blocks: int, temperature: float = 0.0,
-                 graphs: bool | None = None, last=None):
+                 graphs: bool | None = None, last=None, split_from: int | None = None):
         self.model, self.cache, self.temperature = model, cache, temperature
         self.device = model.device
+        self.split_from = split_from
+        self._side = torch.cuda.Stream() if split_from and self.device.type == "cuda" else None
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
         self.buckets, self.max_blocks = batch_buckets(max_batch), max_blocks
         B = self.buckets[-1]
@@ -74,11 +81,30 @@ class DecodeGraphs:
         """The host buffer the next step is filled into, as a NumPy array."""
         return self._hosts[self._turn].numpy()
 
+    def _rows(self, tokens, a: int, b: int):
+        """The final hidden states of batch rows ``a .. b - 1``."""
+        attn = DecodeAttention(self.cache, self.slots[a:b], self.tables[a:b], self.lengths[a:b])
+        return self.model.hidden_states(tokens[a:b], self.positions[a:b], attn)
+
+    def _hidden(self, tokens, nb: int):
+        if not self.split_from or nb < self.split_from:
+            return self._rows(tokens, 0, nb)
+        h = nb // 2
+        if self._side is None:                            # no streams: one half, then the other
+            return torch.cat([self._rows(tokens, 0, h), self._rows(tokens, h, nb)])
+        main = torch.cuda.current_stream()
+        self._side.wait_stream(main)                      # the side stream starts after the inputs
+        first = self._rows(tokens, 0, h)
+        with torch.cuda.stream(self._side):
+            second = self._rows(tokens, h, nb)
+        main.wait_stream(self._side)                      # and rejoins before the logits
+        second.record_stream(main)
+        return torch.cat([first, second])
+
     def _forward(self, nb: int):
-        attn = DecodeAttention(self.cache, self.slots[:nb], self.tables[:nb], self.lengths[:nb])
         src = self.src[:nb]          # a token the host does not know yet: read it from ``last``
         tokens = torch.where(src >= 0, self.last[src.clamp(min=0)], self.tokens[:nb])
-        hidden = self.model.hidden_states(tokens, self.positions[:nb], attn)
+        hidden = self._hidden(tokens, nb)
         # greedy needs no float32 copy of the logits: the argmax is the same
         out = sample(self.model.logits(hidden, float32=self.temperature > 0), self.temperature)
         self.last[:nb].copy_(out)

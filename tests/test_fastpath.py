@@ -377,3 +377,27 @@ def test_every_prompt_step_of_the_fast_rung_has_a_precompiled_shape(budget, monk
     engine.run(load_workload("anyscale:prompt_len=512,cap=512,mean=128", n=96, vocab_size=64))
     assert shapes and set(shapes) <= compiled, sorted(set(shapes) - compiled)
     assert any(m > n for n, m in shapes)          # some chunks did come after earlier ones
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_decode_step_split_in_two_halves_gives_the_whole_step_s_tokens(device):
+    """``split_from``: from that bucket up a decode step runs as two halves of the batch (on two
+    streams inside the CUDA graph; one after the other on the CPU). The rows do not interact, so
+    each sequence must get the token the whole step gives it, and the cache the same keys."""
+    from course_lib.kv_cache import PagedKVCache
+    from course_lib.llama import Llama
+    model = Llama.from_hf(models.load("tiny", dtype="float32", device=device).model)
+    got = {}
+    for split in (None, 4):
+        cache = PagedKVCache(model.shape, 200, 4, model.dtype, device)
+        g = torch.Generator().manual_seed(0)
+        for t in cache.k + cache.v:
+            t.copy_(torch.randn(t.shape, generator=g))
+        cache.grow_side_by_side({i: 5 + 3 * i for i in range(7)})
+        graphs = DecodeGraphs(model, cache, 8, 12, split_from=split)
+        assert bool(graphs.graphs) == (device == "cuda")
+        rows = [(11 + i, cache.lengths[i] - 1, cache.tables[i]) for i in range(7)]
+        got[split] = (graphs.step(rows), graphs.step(rows[:3]), [k.clone() for k in cache.k])
+    assert got[4][:2] == got[None][:2] and len(set(got[4][0])) > 1
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got[4][2], got[None][2]))
