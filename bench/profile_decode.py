@@ -53,15 +53,16 @@ def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=1
                          bs, model.dtype, "cuda")
     if scattered:
         random.Random(0).shuffle(cache.allocator.free_list)
-    KernelPagedAttention.prefill_cls = PREFILL[prefill]
+    # the fast path's packed attention with this prefill (a subclass: the engine's stays as it is)
+    Attention = type("Attention", (KernelPagedAttention,), {"prefill_cls": PREFILL[prefill]})
     cache.grow_side_by_side(dict.fromkeys(range(n_decode), context + 1), chunk=bs)
     for j in range(n_prompts):
         cache.grow(("p", j), prompt)
     seqs = [(i, context, 1) for i in range(n_decode)] + [(("p", j), 0, prompt) for j in range(n_prompts)]
-    KernelPagedAttention.precompile(cache, n_decode + n_prompts * prompt, model.shape, model.dtype)
+    Attention.precompile(cache, n_decode + n_prompts * prompt, model.shape, model.dtype)
 
     def step():
-        attn = KernelPagedAttention(cache, seqs, "cuda")
+        attn = Attention(cache, seqs, "cuda")
         tokens = torch.ones(n_decode + n_prompts * prompt, dtype=torch.long, device="cuda")
         hidden = model.hidden_states(tokens, attn.positions, attn)
         return sample(model.logits(hidden[attn.cu_seqlens[1:] - 1])).tolist()

@@ -252,32 +252,41 @@ class FlexPagedAttention(PagedAttention):
             BLOCK_SIZE=tile, mask_mod=visible, seq_lengths=(n_pad, n_slots),
             compute_q_blocks=False)           # those are for the backward pass
 
+    kernel_options = FLEX_OPTIONS   # FlexAttention's own settings on CUDA (the module's dict)
+    # the compiled kernel's shapes: queries in a bucket, and keys that the queries alone fix (here
+    # the whole cache): one sequence of ``n`` new tokens after ``(m - 1) n`` cached, per ``m``
+    key_multiples = (1,)
+
     @classmethod
     @torch.inference_mode()          # as the model runs: a change of grad mode would recompile
     def precompile(cls, cache, max_tokens: int, shape, dtype):
         """Compile the kernel for every query bucket a run may need, before its clock starts."""
-        n = TILE
-        while n <= bucket(max_tokens) and cache.can_grow("precompile", n):
-            cache.grow("precompile", n)
-            q = torch.zeros(n, shape.n_heads, shape.head_dim, dtype=dtype, device=cache.k[0].device)
-            k = torch.zeros(n, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=cache.k[0].device)
-            attn = cls(cache, [("precompile", 0, n)], cache.k[0].device)
-            for layer in range(len(cache.k)):
-                attn(layer, q, k, k)
+        device, n, most = cache.k[0].device, TILE, max(cls.key_multiples)
+        while n <= bucket(max_tokens) and cache.can_grow("precompile", most * n):
+            cache.grow("precompile", most * n)
+            q = torch.zeros(n, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+            for m in cls.key_multiples:
+                attn = cls(cache, [("precompile", (m - 1) * n, n)], device)
+                for layer in range(len(cache.k)):
+                    attn.attend(layer, q)
             cache.release("precompile")
             n *= 2
 
+    def keys(self, layer):
+        """The keys and values FlexAttention reads, ``(Hkv, slots, d)``: the whole cache, in place."""
+        return self.cache.k[layer], self.cache.v[layer]
+
     def attend(self, layer, q):
         """Attention of the new tokens' queries over the cache, which already holds their keys."""
-        K, V = self.cache.k[layer], self.cache.v[layer]
+        K, V = self.keys(layer)
         n_pad = self.block_mask.shape[-2]
         q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
-        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True,
-                           **({"kernel_options": dict(FLEX_OPTIONS)} if q.is_cuda and FLEX_OPTIONS else {}))
+        options = {"kernel_options": dict(self.kernel_options)} if q.is_cuda and self.kernel_options else {}
+        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True, **options)
         return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
 
 
-class GatheredFlexAttention(PagedAttention):
+class GatheredFlexAttention(FlexPagedAttention):
     """Packed, paged attention for prefill chunks: first *copy* the keys and values of the step's
     sequences out of the cache into one packed list (as the reference does), then FlexAttention
     over that list with a block-diagonal causal mask (the fast path's prefill, chapter 09).
@@ -303,6 +312,9 @@ class GatheredFlexAttention(PagedAttention):
     # its defaults, and reading in place 11.2 ms on scattered blocks, 2.8 ms on fresh ones
     # (bench/results/profile_decode_*_gathered_*: the stored profiles, shown in notebook 09)
     kernel_options: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
+    # the keys are the step's own: as many as the queries (whole prompts), or more (a chunk after
+    # earlier ones); keys up to twice the query bucket are compiled before the clock starts
+    key_multiples = (1, 2)
 
     @torch.inference_mode()        # as FlexPagedAttention: the mask's tensors must not fail a guard
     def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None, m_pad: int | None = None):
@@ -362,30 +374,9 @@ class GatheredFlexAttention(PagedAttention):
             return t.sum(-1), np.argsort(~t, axis=-1, kind="stable")
         return listed_first(partial), listed_first(full)
 
-    @classmethod
-    @torch.inference_mode()
-    def precompile(cls, cache, max_tokens: int, shape, dtype):
-        """Compile the kernel for every query bucket a run may need, with keys as many as the
-        queries (whole prompts) and twice as many (chunks after earlier ones), before the clock."""
-        device, n = cache.k[0].device, cls.tile
-        while n <= bucket(max_tokens) and cache.can_grow("precompile", 2 * n):
-            cache.grow("precompile", 2 * n)
-            q = torch.zeros(n, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
-            for seqs in ([("precompile", 0, n)], [("precompile", n, n)]):
-                attn = cls(cache, seqs, device)
-                for layer in range(len(cache.k)):
-                    attn.attend(layer, q)
-            cache.release("precompile")
-            n *= 2
-
-    def attend(self, layer, q):
-        """Copy the step's keys and values out of the cache, then attend over them."""
-        K, V = self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]   # (Hkv, m_pad, d)
-        n_pad = self.block_mask.shape[-2]
-        q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
-        options = {"kernel_options": dict(self.kernel_options)} if q.is_cuda and self.kernel_options else {}
-        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True, **options)
-        return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
+    def keys(self, layer):
+        """The step's keys and values, copied out of the cache into one packed list ``(Hkv, m_pad, d)``."""
+        return self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]
 
 
 class DecodeAttention:
