@@ -256,6 +256,12 @@ def host_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def kernel_ms(top, steps: int, *names) -> float:
+    """GPU ms per step of the kernels whose name holds one of ``names``, in a profile's
+    ``top`` list of ``[kernel, ms over all the steps profiled]`` (``bench/profile_decode.py``)."""
+    return sum(ms for kernel, ms in top if any(x in kernel for x in names)) / steps
+
+
 def prefill_rows(profiles: list) -> list:
     """The prompt attention of the mixed steps in stored profiles (``bench/profile_decode.py
     --mixed``), one row per profiled step: how the prompts attend (``in-place`` or a packed copy),
@@ -265,10 +271,10 @@ def prefill_rows(profiles: list) -> list:
     for res in profiles:
         n = res["steps_profiled"]
         for m in res["mixed_steps"]:
-            ms = lambda name: sum(t for kernel, t in m["top"] if name in kernel) / n   # noqa: E731
             tiles = res["flex_options"] if m["prefill"] == "in-place" else res.get("gathered_options")
             rows.append({"prefill": m["prefill"], "blocks": "scattered" if m["scattered"] else "fresh",
                          "tiles": f"{tiles['BLOCK_M']} x {tiles['BLOCK_N']}" if tiles else "FlexAttention's own",
-                         "flex_ms": ms("flex_attention"), "copy_ms": ms("index_elementwise"),
+                         "flex_ms": kernel_ms(m["top"], n, "flex_attention"),
+                         "copy_ms": kernel_ms(m["top"], n, "index_elementwise"),
                          "step_ms": m["cuda_total_ms"] / n, "commit": res["versions"]["course_lib_commit"]})
     return rows
