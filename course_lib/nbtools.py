@@ -1,6 +1,7 @@
 """Small helpers the notebooks share: show library code, find stored GPU results."""
 from __future__ import annotations
 
+import gzip
 import inspect
 import json
 from pathlib import Path
@@ -19,6 +20,15 @@ def show_source(obj):
 
 def has_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def load_result(name: str) -> dict:
+    """A stored result from ``bench/results/`` by its JSON file name; earlier runs kept for
+    comparison are stored gzipped (``name + ".gz"``), which this reads the same way."""
+    path = RESULTS / name
+    if path.exists():
+        return json.loads(path.read_text())
+    return json.loads(gzip.decompress((RESULTS / f"{name}.gz").read_bytes()))
 
 
 def stored_results(prefix: str) -> list:
