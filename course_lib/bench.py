@@ -190,6 +190,8 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     metrics["nvml_gpu_util"] = nvml_mean
     if hasattr(runner, "preemptions"):
         metrics["preemptions"] = runner.preemptions
+    if hasattr(runner, "warmup_failures"):            # hf-cb: warm-ups HF gave up on (out of memory)
+        metrics["warmup_failures"] = runner.warmup_failures
     out = {
         "engine": engine, "model": model, "workload": workload, "n": len(requests),
         "max_batch": max_batch, "max_new_tokens": max_new_tokens, "arrival_rate": arrival_rate,

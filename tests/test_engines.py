@@ -43,6 +43,44 @@ def test_hf_generate_batches_agree_with_sequential(tiny):
         assert x.output_tokens == y.output_tokens
 
 
+def test_hf_cb_passes_its_memory_share_and_agrees_with_sequential(tiny, monkeypatch):
+    from transformers.generation import configuration_utils
+    seen = {}
+
+    class Spy(configuration_utils.ContinuousBatchingConfig):
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(configuration_utils, "ContinuousBatchingConfig", Spy)
+    requests = reqs(4)
+    a = make_engine("sequential", tiny).run(requests)
+    b = make_engine("hf-cb", tiny, max_batch=2, max_memory_percent=0.5).run(requests)
+    assert seen["max_memory_percent"] == 0.5 and seen["max_requests_per_batch"] == 2
+    assert [r.output_tokens for r in a.requests] == [r.output_tokens for r in b.requests]
+    seen.clear()
+    make_engine("hf-cb", tiny, max_batch=2).run(requests[:1])
+    assert "max_memory_percent" not in seen              # HF's own default unless asked
+
+
+def test_hf_cb_counts_the_warmups_hf_gives_up_on(tiny, monkeypatch):
+    import logging
+
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+    real = ContinuousBatchingManager.warmup
+
+    def warmup(self):                  # as HF's model runner does when a warm-up runs out of memory
+        logging.getLogger("ContinuousBatchingLogger").warning("Failed to warm up: CUDA out of memory.")
+        real(self)
+
+    engine = make_engine("hf-cb", tiny, max_batch=2)
+    engine.run(reqs(1))
+    assert engine.warmup_failures == 0
+    monkeypatch.setattr(ContinuousBatchingManager, "warmup", warmup)
+    engine.run(reqs(1))
+    assert engine.warmup_failures == 1
+
+
 def test_bad_requests_are_refused_and_the_others_served(tiny):
     good = reqs(2)
     bad = [Request("empty", [], 4), Request("zero", [5, 6], 0),

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 
 import torch
@@ -18,6 +19,17 @@ from transformers.generation.streamers import BaseStreamer
 from ..metrics import Step
 from ..runner import left_pad
 from .base import Engine
+
+
+class _WarmupFailures(logging.Handler):
+    """Counts the warm-ups Hugging Face's engine gives up on (it logs them and serves on)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += "Failed to warm up" in record.getMessage()
 
 
 class _StepClock(BaseStreamer):
@@ -94,8 +106,12 @@ class HFContinuousEngine(Engine):
     step_source = "timestamps"
 
     def __init__(self, loaded, max_batch: int = 1, use_cuda_graph: bool | None = None,
-                 num_blocks: int | None = None, max_batch_tokens: int | None = None):
+                 num_blocks: int | None = None, max_batch_tokens: int | None = None,
+                 max_memory_percent: float | None = None):
         super().__init__(loaded, max_batch)
+        # HF sizes its KV-cache from the free memory (``max_memory_percent`` of it, its default when
+        # None); on an H200 its CUDA-graph warm-up then runs out of memory and it serves without.
+        self.max_memory_percent = max_memory_percent
         cuda = self.hf.device.type == "cuda"
         self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
         # On the CPU the default would reserve 60% of RAM for the KV-cache: size it instead.
@@ -106,10 +122,11 @@ class HFContinuousEngine(Engine):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                eos_token_id=eos, pad_token_id=self.eos)
+        memory = {} if self.max_memory_percent is None else {"max_memory_percent": self.max_memory_percent}
         cb = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch,
                                       use_cuda_graph=self.use_cuda_graph,
                                       num_blocks=self.num_blocks,
-                                      max_batch_tokens=self.max_batch_tokens)
+                                      max_batch_tokens=self.max_batch_tokens, **memory)
         return self.hf.init_continuous_batching(generation_config=gen,
                                                 continuous_batching_config=cb)
 
@@ -122,7 +139,13 @@ class HFContinuousEngine(Engine):
         extra = (lambda req: {"eos_token_id": -1 if req.ignore_eos else self.eos}) \
             if per_request_eos else (lambda req: {})
         if hasattr(manager, "warmup") and not getattr(manager, "warmed_up", True):
-            manager.warmup()            # capture CUDA graphs before the clock starts, as HF does
+            failures, hf_log = _WarmupFailures(), logging.getLogger("ContinuousBatchingLogger")
+            hf_log.addHandler(failures)
+            try:
+                manager.warmup()        # capture CUDA graphs before the clock starts, as HF does
+            finally:
+                hf_log.removeHandler(failures)
+            self.warmup_failures = failures.count     # in the run's metrics (bench.run)
         manager.start()
         self._t0 = time.perf_counter()   # the clock starts once HF's manager is up (as HF's own
         # timestamps, it reads time.perf_counter())
