@@ -23,7 +23,14 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 # it runs in the background (setsid) and this call waits up to $WAIT seconds; if it is not done,
 # `bash bench/gpu_ladder09.sh --collect` in the next call (the machine still held) waits for the
 # rest. Each call copies the JSON (rewritten whole after every rung) to $OUT.
-RUN=/tmp/ladder09 WAIT=${WAIT:-570} NAME=ladder09_anyscale_llama-1b-dummy_gpu.json
+# RUNGS="static hf-cb ..." runs only those rungs (a shorter check, say the peers against the fast
+# rung), and TAG=name writes ladder09-name_..._gpu.json (give --collect the same TAG).
+RUN=/tmp/ladder09 WAIT=${WAIT:-570} NAME=ladder09${TAG:+-$TAG}_anyscale_llama-1b-dummy_gpu.json
+ALL="static hf-cb hf-cb:max_batch=512 hf-cb:max_memory_percent=0.5 hf-cb:max_batch=512,max_memory_percent=0.5
+     graphs:kv_memory_mib=16384,max_num_batched_tokens=16384 graphs:kv_memory_mib=16384,max_num_batched_tokens=8192
+     graphs:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0 graphs:max_num_batched_tokens=8192 graphs
+     graphs:watermark=0.05 paged chunked continuous hf-generate dynamic"
+read -r -a RUNG_LIST <<< "$(echo ${RUNGS:-$ALL})"
 PY=${PY:-python3}
 if [ "${1:-}" != "--collect" ]; then
   export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 COURSE_COMMIT=${COURSE_COMMIT:-unknown}
@@ -34,12 +41,7 @@ if [ "${1:-}" != "--collect" ]; then
   setsid nohup $PY bench/ladder.py --model llama-1b-dummy --dtype bfloat16 --device cuda \
     --workload "anyscale:prompt_len=512,cap=512,mean=128" --n "$N" --max-batch 64 --big-batch 512 \
     --budget 2048 --no-tokens \
-    --rungs static hf-cb "hf-cb:max_batch=512" "hf-cb:max_memory_percent=0.5" \
-            "hf-cb:max_batch=512,max_memory_percent=0.5" "graphs:kv_memory_mib=16384,max_num_batched_tokens=16384" \
-            "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192" \
-            "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0" \
-            "graphs:max_num_batched_tokens=8192" graphs "graphs:watermark=0.05" paged chunked \
-            continuous hf-generate dynamic \
+    --rungs "${RUNG_LIST[@]}" \
     --out "$RUN/$NAME" > "$RUN/log" 2>&1 < /dev/null &
   echo $! > "$RUN/pid"
 fi

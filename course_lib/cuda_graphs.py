@@ -75,6 +75,8 @@ class DecodeGraphs:
         self.inputs.copy_(self._hosts[0])
         if self.graphs_on:
             self.capture()
+        elif self.device.type == "cuda":
+            self.warm()
 
     @property
     def np(self):
@@ -109,6 +111,15 @@ class DecodeGraphs:
         out = sample(self.model.logits(hidden, float32=self.temperature > 0), self.temperature)
         self.last[:nb].copy_(out)
         return out
+
+    @torch.inference_mode()
+    def warm(self):
+        """Eager launches on CUDA: run every bucket once now, so that Triton compiles each kernel's
+        variants here and not inside a timed run's first steps (``capture`` does the same before
+        it records)."""
+        for nb in reversed(self.buckets):
+            self._forward(nb)
+        torch.cuda.synchronize()
 
     @torch.inference_mode()
     def capture(self):

@@ -146,7 +146,9 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
         r["rung"] = rung
         if held is not None:
             r["memory_held_at_start_bytes"] = held
-        echo(f"{rung:>24} | " + describe(r) + ("" if held is None else f" | held at start {held / 2**30:.2f} GiB"))
+        failed = (r.get("metrics") or {}).get("warmup_failures")       # hf-cb: warm-ups HF skipped
+        echo(f"{rung:>24} | " + describe(r) + ("" if held is None else f" | held at start {held / 2**30:.2f} GiB")
+             + (f" | HF warm-ups failed: {failed}" if failed else ""))
         runs.append(r)
         result.update(device=r["device"], versions=r["versions"])
         if after_each:

@@ -320,6 +320,35 @@ def test_cuda_graphs_say_what_eager_launches_say():
     assert all(o == outs[0] for o in outs[1:])
 
 
+def compiled_triton_kernels() -> int:
+    """How many variants of the course's Triton kernels are compiled (Triton 3: per device, the
+    first item of ``device_caches`` maps each specialisation to its compiled kernel)."""
+    import triton
+
+    from course_lib import fused, paged_decode
+    kernels = [v for m in (fused, paged_decode) for v in vars(m).values()
+               if isinstance(v, triton.runtime.JITFunction)]
+    assert kernels, "no Triton kernels found"
+    return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_prepared_run_compiles_no_triton_kernel(graphs):
+    """A compile inside a timed run (about a second each) would be counted as serving time: the
+    eager engine's throughput on SmolLM2 once fell four-fold that way. ``prepare`` must leave
+    nothing to compile, with graphs or without."""
+    loaded = models.load("tiny", dtype="float32", device="cuda")
+    reqs = [Request(f"r{i}", list(range(5, 9 + 5 * i)), max_new_tokens=9) for i in range(7)]
+    e = make_engine("continuous", loaded, max_batch=6, block_size=4, num_blocks=80, attention="kernel",
+                    cuda_graphs=graphs, fused=True, max_num_batched_tokens=24)
+    e.prepare(reqs)
+    before = compiled_triton_kernels()
+    assert before > 0
+    e.run(reqs)
+    assert compiled_triton_kernels() == before
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_launch_never_waits_for_the_gpu():
     """With ``overlap``, launching a step must not synchronise with the GPU (a blocking copy, a
