@@ -35,6 +35,20 @@ RUNGS = {   # name -> engine, options ("rows": the rows' KV memory; "big": big_b
                               "max_num_batched_tokens": "budget"}),
 }
 
+# Chapter 09's complete run on a GPU (bench/gpu_ladder09.sh; notebook 09 with full_ladder), most
+# telling first: the peer on a clean card, the fast rungs, then the rest. hf-cb runs at the padded
+# engines' batch and at the fast rungs', each also with its KV-cache at half the free memory (room
+# for its CUDA-graph warm-up). SHORT_09 is the notebook's live default, on fewer requests.
+LADDER_09 = ["static", "hf-cb", "hf-cb:max_batch=512", "hf-cb:max_memory_percent=0.5",
+             "hf-cb:max_batch=512,max_memory_percent=0.5",
+             "graphs:kv_memory_mib=16384,max_num_batched_tokens=16384",
+             "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192",
+             "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0",
+             "graphs:max_num_batched_tokens=8192", "graphs", "graphs:watermark=0.05", "paged", "chunked",
+             "continuous", "hf-generate", "dynamic"]
+SHORT_09 = [r for r in LADDER_09 if "max_memory_percent" not in r and r not in (
+    "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0", "graphs:max_num_batched_tokens=8192")]
+
 
 def _split(spec: str):
     """``name[:key=value,...]`` -> (name, [(key, value), ...]), values as numbers where they are."""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+ROOT = Path(__file__).resolve().parent.parent       # the repository
+RESULTS = ROOT / "bench" / "results"
 
 
 def show_source(obj):

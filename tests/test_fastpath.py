@@ -249,6 +249,21 @@ def test_load_result_reads_gzipped_earlier_runs(tmp_path, monkeypatch):
         nbtools.load_result("b.json")
 
 
+def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
+    from course_lib.engines import ENGINES
+    from course_lib.ladder import LADDER_09, SHORT_09, parse_rung
+    from course_lib.nbtools import ROOT, load_result
+    settings = {"rows": 2**31, "big": 512, "budget": 2048, "max_batch": 64}
+    for spec in LADDER_09:
+        name, engine, max_batch, options = parse_rung(spec, settings)
+        assert engine in ENGINES and max_batch in (64, 512), spec
+    assert LADDER_09[:2] == ["static", "hf-cb"] and set(SHORT_09) < set(LADDER_09)
+    assert len(set(LADDER_09)) == len(LADDER_09)
+    stored = {r["rung"] for r in load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")["runs"]}
+    assert stored <= set(LADDER_09)                 # the list reproduces the stored run
+    assert "LADDER_09" in (ROOT / "bench" / "gpu_ladder09.sh").read_text()
+
+
 def test_chapter_09_pictures_draw_the_stored_results():
     result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
     assert not any("error" in r for r in result["runs"])          # complete, in one run
