@@ -170,24 +170,34 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
     return result
 
 
+def fastest_peer(result, peer: str = "hf-cb") -> tuple:
+    """``(rung, tokens/s)`` of the fastest run of ``peer`` in a ladder result, whatever its
+    settings (``hf-cb``, ``hf-cb:max_batch=512``, ...): the ratio to quote is to that one."""
+    runs = [r for r in result["runs"] if "error" not in r and r["rung"].partition(":")[0] == peer]
+    best = max(runs, key=lambda r: r["metrics"]["output_tokens_per_s"])
+    return best["rung"], best["metrics"]["output_tokens_per_s"]
+
+
 def table(result) -> list:
     """One row per rung: throughput, its ratio to the static rung, to each peer and to the floor,
     MBU, MFU, NVML utilisation, TTFT/TPOT p50 and the big decode steps' MBU."""
     runs = {r["rung"]: r for r in ordered(result["runs"]) if "error" not in r}
     tput = {k: r["metrics"]["output_tokens_per_s"] for k, r in runs.items()}
     floor = (result.get("floor") or {}).get("output_tokens_per_s")
+    fastest_cb = fastest_peer(result)[1] if "hf-cb" in tput else None
     rows = []
     for name, r in runs.items():
         m = r["metrics"]
         rows.append({"rung": name, "label": label(name), "max_batch": r["max_batch"], "tokens_per_s": tput[name],
                      "x_static": tput[name] / tput["static"] if "static" in tput else None,
                      "x_hf_cb": tput[name] / tput["hf-cb"] if "hf-cb" in tput else None,
+                     "x_fastest_hf_cb": tput[name] / fastest_cb if fastest_cb else None,
                      "x_hf_generate": tput[name] / tput["hf-generate"] if "hf-generate" in tput else None,
                      "of_floor": tput[name] / floor if floor else None,
                      "mbu": m["mbu"], "mfu": m["mfu"], "nvml": m["nvml_gpu_util"],
                      "ttft_p50_s": m["ttft_s"]["p50"], "tpot_p50_s": m["tpot_s"]["p50"],
                      "decode_b128_mbu": (m.get("decode_b128") or {}).get("mbu"),
-                     "preemptions": m.get("preemptions")})
+                     "preemptions": m.get("preemptions"), "warmup_failures": m.get("warmup_failures")})
     return rows
 
 

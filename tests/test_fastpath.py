@@ -264,6 +264,24 @@ def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
     assert "LADDER_09" in (ROOT / "bench" / "gpu_ladder09.sh").read_text()
 
 
+def test_the_ratio_to_quote_is_to_the_fastest_hf_cb():
+    from course_lib.ladder import fastest_peer, table
+    from course_lib.nbtools import load_result
+
+    def run(rung, tps, **extra):
+        m = {"output_tokens_per_s": tps, "mbu": 0, "mfu": 0, "nvml_gpu_util": None,
+             "ttft_s": {"p50": 1}, "tpot_s": {"p50": 1}, **extra}
+        return {"rung": rung, "engine": rung.partition(":")[0], "max_batch": 64, "metrics": m}
+    result = {"runs": [run("static", 10), run("hf-cb", 20), run("hf-cb:max_memory_percent=0.5", 50, warmup_failures=0),
+                       run("graphs", 1000), {"rung": "hf-cb:max_batch=512", "engine": "hf-cb", "error": "OOM"}]}
+    assert fastest_peer(result) == ("hf-cb:max_memory_percent=0.5", 50)       # not the first, not the failed one
+    rows = {r["rung"]: r for r in table(result)}
+    assert rows["graphs"]["x_hf_cb"] == 50 and rows["graphs"]["x_fastest_hf_cb"] == 20
+    assert rows["hf-cb:max_memory_percent=0.5"]["warmup_failures"] == 0 and rows["hf-cb"]["warmup_failures"] is None
+    stored = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
+    assert fastest_peer(stored)[0] == "hf-cb"          # at 512 requests per batch it was slower
+
+
 def test_chapter_09_pictures_draw_the_stored_results():
     result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
     assert not any("error" in r for r in result["runs"])          # complete, in one run
