@@ -114,9 +114,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def warm(self):
-        """Eager launches on CUDA: run every bucket once now, so that Triton compiles each kernel's
-        variants here and not inside a timed run's first steps (``capture`` does the same before
-        it records)."""
+        """Run every bucket once, eagerly, so that Triton compiles each kernel's variants now and
+        not inside a timed run's first steps (nor inside a graph being captured)."""
         for nb in reversed(self.buckets):
             self._forward(nb)
         torch.cuda.synchronize()
@@ -124,10 +123,9 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self):
         """Record one graph per bucket, the largest first, all in one memory pool."""
+        self.warm()                                # compiles the kernels, outside the graphs
         pool = None
         for nb in reversed(self.buckets):
-            self._forward(nb)                      # compiles the kernels, outside the graph
-            torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
                 self.out[nb] = self._forward(nb)
