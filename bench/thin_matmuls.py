@@ -52,7 +52,7 @@ def linear_for(kind: str):
 
 
 def time_projection(linear, x, weights, repeat: int) -> tuple:
-    """``(ms per call, max relative error against F.linear)``: ``linear(x, w)`` for every
+    """``(ms per call, max relative error against F.linear, captured)``: ``linear(x, w)`` for every
     layer's ``w``, captured in one CUDA graph (or, if the call cannot be captured, launched
     one after the other: then the host's launch time is in the figure too)."""
     ref = F.linear(x, weights[0])
