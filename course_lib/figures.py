@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from . import models, plots, roofline  # noqa: E402
 from .llama import Llama  # noqa: E402
-from .nbtools import stored_results  # noqa: E402
+from .nbtools import load_result, stored_results  # noqa: E402
 
 VIS = Path(__file__).resolve().parent.parent / "vis"
 
@@ -76,9 +76,7 @@ def chapter04(out: Path, model_name: str = "smollm2-135m", n: int = 16, max_batc
 def chapter09(out: Path) -> list:
     """The ladder against the card's physical floor, and utilisation per rung: drawn from the
     stored GPU run (this figure needs a GPU run to change; ``bash bench/gpu_ladder09.sh``)."""
-    import json
-    from .nbtools import RESULTS
-    result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
+    result = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
     fig, axes = plt.subplots(2, 1, figsize=(10, 8))
     plots.ladder_vs_floor(result, ax=axes[0])
     plots.utilisation_by_rung(result, ax=axes[1])
