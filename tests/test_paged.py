@@ -1,5 +1,7 @@
 """The paged KV-cache: the block allocator (property-based), block tables, and packed attention
 through the block tables, against Hugging Face's logits."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -44,6 +46,35 @@ def test_no_block_is_owned_twice_and_none_leaks(n_blocks, block_size, ops):
     for seq in list(cache.tables):
         cache.release(seq)
     assert cache.allocator.n_free == n_blocks and not owned(cache)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_blocks=st.integers(1, 30), block_size=st.integers(1, 8),
+       prompts=st.lists(st.integers(1, 20), min_size=1, max_size=6), steps=st.integers(1, 30))
+def test_a_decode_step_grows_every_sequence_as_one_by_one_or_none(n_blocks, block_size, prompts, steps):
+    """``grow_each`` (the scheduler's one check for a whole decode step) gives the same tables
+    as growing the sequences one by one, in the same order; when the free blocks cannot serve
+    every sequence it changes nothing."""
+    each, one_by_one = (PagedKVCache(SHAPE, n_blocks, block_size) for _ in range(2))
+    ids = [s for s, n in enumerate(prompts) if each.can_grow(s, n) and each.grow(s, n) is None]
+    for s in ids:
+        one_by_one.grow(s, prompts[s])
+    for _ in range(steps):
+        state = ({k: list(v) for k, v in each.tables.items()}, dict(each.lengths), each.allocator.n_free)
+        trial = copy.deepcopy(one_by_one)
+        try:                                   # would one by one serve them all?
+            for s in ids:
+                trial.grow(s, 1)
+            room = True
+        except OutOfBlocks:
+            room = False
+        assert each.grow_each(ids) is room
+        if not room:
+            assert ({k: list(v) for k, v in each.tables.items()}, dict(each.lengths),
+                    each.allocator.n_free) == state
+            break
+        one_by_one = trial
+        assert each.tables == one_by_one.tables and each.lengths == one_by_one.lengths
 
 
 def test_shared_blocks_are_freed_by_their_last_owner():

@@ -238,8 +238,16 @@ class PagedEngine(Engine):
     def schedule(self, waiting: deque, running: list) -> list:
         """Pick this step's ``(sequence, n_tokens)`` pairs: decodes first, then prefill chunks."""
         budget = self.budget or float("inf")
-        batch = []
-        for seq in [s for s in running if s.pending == 1]:                 # 1. decodes
+        decodes = [s for s in running if s.pending == 1]                   # 1. decodes
+        if len(decodes) > budget:
+            decodes = decodes[:int(budget)]
+        if self.cache.grow_each([s.req.id for s in decodes]):    # the usual case: room for all
+            batch = [(s, 1) for s in decodes]
+            budget -= len(batch)
+            decodes = []
+        else:
+            batch = []
+        for seq in decodes:                   # else one by one, preempting the newest for room
             if budget < 1:
                 break
             while not self.cache.can_grow(seq.req.id, 1):
@@ -273,12 +281,14 @@ class PagedEngine(Engine):
             batch.append((seq, n))
         # newcomers that got nothing this step wait in the queue, in order (sets of ids: at
         # batch 512 a scan of the batch per newcomer costs milliseconds a step)
-        in_batch = {id(s) for s, _ in batch}
-        unserved = [s for s in running if s.cached == 0 and id(s) not in in_batch]
-        if unserved:
-            gone = {id(s) for s in unserved}
-            running[:] = [s for s in running if id(s) not in gone]
-            waiting.extendleft(reversed(unserved))
+        newcomers = [s for s in chunks if s.cached == 0]
+        if newcomers:
+            in_batch = {id(s) for s, _ in batch}
+            unserved = [s for s in newcomers if id(s) not in in_batch]
+            if unserved:
+                gone = {id(s) for s in unserved}
+                running[:] = [s for s in running if id(s) not in gone]
+                waiting.extendleft(reversed(unserved))
         return batch
 
     def room_for(self, seq) -> bool:
@@ -360,16 +370,19 @@ class PagedEngine(Engine):
             event.record()
         else:                                     # elsewhere the step ran inside this call
             end = self.now()
-        is_decode = [s.pending == 1 and s.cached >= len(s.req.prompt_tokens) for s, _ in batch]
-        decode = [b for b, d in zip(batch, is_decode) if d]
-        prefill = [b for b, d in zip(batch, is_decode) if not d]         # prompts, and recomputes
-        stats = dict(rows=len(batch), slots=computed,
-                     prefill_tokens=sum(n for _, n in prefill), decode_tokens=len(decode),
-                     attended=sum(n * s.cached + n * (n + 1) // 2 for s, n in batch),
-                     kv_read=sum(s.cached for s, _ in batch), logit_rows=len(sampled),
-                     active=[s.req.id for s, _ in batch])
+        # the step's work, for the metrics (one pass: at batch 512 every pass costs the host)
+        prefill_tokens = decode_tokens = attended = kv_read = 0
         for s, n in batch:
+            if n == 1 and len(s.tokens) - s.cached == 1 and s.cached >= len(s.req.prompt_tokens):
+                decode_tokens += 1
+            else:                                                        # prompts, and recomputes
+                prefill_tokens += n
+            attended += n * s.cached + n * (n + 1) // 2
+            kv_read += s.cached
             s.cached += n
+        stats = dict(rows=len(batch), slots=computed, prefill_tokens=prefill_tokens,
+                     decode_tokens=decode_tokens, attended=attended, kv_read=kv_read,
+                     logit_rows=len(sampled), active=[s.req.id for s, _ in batch])
         places = []
         for j, i in enumerate(sampled):
             seq = batch[i][0]
