@@ -443,18 +443,16 @@ class KernelPagedAttention(PagedAttention):
         from .paged_decode import TUNING
         cls.prefill_cls.precompile(cache, max_tokens, shape, dtype)
         device = cache.k[0].device
-        # one sequence of 4 tiles is split in 4; programs / kv_heads sequences are not split
-        for batch, tokens in ((1, 4 * TUNING["block_n"]), (-(-TUNING["programs"] // shape.n_kv_heads), 1)):
-            ids = [("precompile", i) for i in range(batch)]
-            if cache.allocator.n_free < batch * cache.blocks_needed(tokens):
+        # a sequence of 4 tiles is split in 4; a sequence within one tile is not split, as many
+        # sequences are not, whatever their length (one block: even a small cache has room)
+        for tokens in (4 * TUNING["block_n"], 1):
+            if cache.allocator.n_free < cache.blocks_needed(tokens):
                 continue
-            for i in ids:
-                cache.grow(i, tokens)
-            q = torch.zeros(batch, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
-            k = torch.zeros(batch, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=device)
-            DecodeAttention.of(cache, [(i, tokens - 1, 1) for i in ids], device)(0, q, k, k)
-            for i in ids:
-                cache.release(i)
+            cache.grow("precompile", tokens)
+            q = torch.zeros(1, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+            k = torch.zeros(1, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=device)
+            DecodeAttention.of(cache, [("precompile", tokens - 1, 1)], device)(0, q, k, k)
+            cache.release("precompile")
 
     @cached_property
     def slots(self):
