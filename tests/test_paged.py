@@ -255,3 +255,23 @@ def test_the_packed_layout_is_the_per_token_loop():
     assert layout["blocks"].tolist() == [b for t in tables for b in t]
     assert layout["block_index"].tolist() == [j for t in tables for j in range(len(t))]
     assert layout["block_seq"].tolist() == [i for i, t in enumerate(tables) for _ in t]
+
+
+def test_the_host_time_bench_times_only_steps_where_every_sequence_decodes():
+    """``bench/host_time.py`` (the host's cost alone, chapter 09) runs the engine's own code with
+    the fake model and the decode step taken out, and leaves the decode graphs' class as it was."""
+    import importlib.util
+    from pathlib import Path
+
+    from course_lib.cuda_graphs import DecodeGraphs
+    path = Path(__file__).resolve().parent.parent / "bench" / "host_time.py"
+    spec = importlib.util.spec_from_file_location("host_time", path)
+    host_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_time)
+    forward = DecodeGraphs._forward
+    row = host_time.round_ms(batch=12, new_tokens=30, repeats=1)
+    assert DecodeGraphs._forward is forward
+    assert row["batch"] == 12 and 20 <= row["steps"] <= 30            # the shortest answer: 30 tokens
+    assert all(row[k] > 0 for k in ("schedule", "launch", "complete"))
+    assert row["round"] == pytest.approx(row["schedule"] + row["launch"] + row["complete"])
+    assert host_time.fill_ms(8, context=40, repeat=2) > 0
