@@ -254,23 +254,36 @@ class FlexPagedAttention(PagedAttention):
 
     kernel_options = FLEX_OPTIONS   # FlexAttention's own settings on CUDA (the module's dict)
     # the compiled kernel's shapes: queries in a bucket, and keys that the queries alone fix (here
-    # the whole cache): one sequence of ``n`` new tokens after ``(m - 1) n`` cached, per ``m``
+    # the whole cache): per query bucket ``n``, keys of ``m`` times ``n`` for each ``m`` here
     key_multiples = (1,)
+
+    @staticmethod
+    def padding(n: int, m: int) -> dict:
+        """The constructor's settings that give a step ``n`` query slots (and ``m * n`` keys)."""
+        return {"n_pad": n}
 
     @classmethod
     @torch.inference_mode()          # as the model runs: a change of grad mode would recompile
     def precompile(cls, cache, max_tokens: int, shape, dtype):
-        """Compile the kernel for every query bucket a run may need, before its clock starts."""
-        device, n, most = cache.k[0].device, TILE, max(cls.key_multiples)
-        while n <= bucket(max_tokens) and cache.can_grow("precompile", most * n):
-            cache.grow("precompile", most * n)
-            q = torch.zeros(n, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+        """Compile the kernel for every shape a run's steps may take, before its clock starts:
+        each query bucket up to the most tokens a step holds (``max_tokens``, and never more than
+        the cache), with each of ``key_multiples``. Only the shapes matter: one token of one
+        sequence stands in for a bucket's queries, padding makes up the rest, so a cache too
+        small for the bucket's real tokens compiles it all the same."""
+        device, capacity = cache.k[0].device, cache.allocator.n_blocks * cache.block_size
+        if not cache.can_grow("precompile", 1):
+            return
+        cache.grow("precompile", 1)
+        q = torch.zeros(1, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+        n = TILE
+        while n <= bucket(min(max_tokens, capacity)):
             for m in cls.key_multiples:
-                attn = cls(cache, [("precompile", (m - 1) * n, n)], device)
-                for layer in range(len(cache.k)):
-                    attn.attend(layer, q)
-            cache.release("precompile")
+                if m * n <= bucket(capacity):          # no step has more keys than the cache
+                    attn = cls(cache, [("precompile", 0, 1)], device, **cls.padding(n, m))
+                    for layer in range(len(cache.k)):
+                        attn.attend(layer, q)
             n *= 2
+        cache.release("precompile")
 
     def keys(self, layer):
         """The keys and values FlexAttention reads, ``(Hkv, slots, d)``: the whole cache, in place."""
@@ -315,6 +328,10 @@ class GatheredFlexAttention(FlexPagedAttention):
     # the keys are the step's own: as many as the queries (whole prompts), or more (a chunk after
     # earlier ones); keys up to twice the query bucket are compiled before the clock starts
     key_multiples = (1, 2)
+
+    @staticmethod
+    def padding(n: int, m: int) -> dict:
+        return {"n_pad": n, "m_pad": m * n}
 
     @torch.inference_mode()        # as FlexPagedAttention: the mask's tensors must not fail a guard
     def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None, m_pad: int | None = None):

@@ -462,6 +462,33 @@ def test_every_prompt_step_of_the_fast_rung_has_a_precompiled_shape(budget, monk
     assert any(m > n for n, m in shapes)          # some chunks did come after earlier ones
 
 
+def test_a_cache_too_small_for_a_bucket_s_tokens_still_has_its_shapes_precompiled(monkeypatch):
+    """SmolLM2's eager run at 32 sequences (notebook 09) spent 1.3 s in its first step, the 32
+    prompts together (1,231 tokens: the 2048 bucket), where the same step took 24 ms right after.
+    Its cache, sized for those requests, could not hold a bucket's tokens twice over, and
+    precompiling used to stop there. Shapes need no real tokens: every step must find its own."""
+    from course_lib.attention import GatheredFlexAttention
+    from course_lib.engines.paged import PagedEngine
+    shapes, init = [], GatheredFlexAttention.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        shapes.append(tuple(self.block_mask.seq_lengths))
+    monkeypatch.setattr(GatheredFlexAttention, "__init__", spy)
+    monkeypatch.setattr(GatheredFlexAttention, "attend", lambda self, layer, q: q)   # shapes only
+    reqs = [Request(f"r{i}", [7] * 37 + [12], max_new_tokens=64) for i in range(32)]
+    engine = PagedEngine(LOADED, max_batch=32, block_size=16, attention="kernel", model=FakeLlama(),
+                         trace_blocks=False)
+    cache = engine.new_cache(reqs)                 # room for these requests and no more
+    assert cache.allocator.n_blocks * 16 < 2 * 2048
+    GatheredFlexAttention.precompile(cache, sum(len(r.prompt_tokens) + 64 for r in reqs),
+                                     FakeLlama.shape, torch.float32)
+    assert cache.allocator.n_free == cache.allocator.n_blocks and not cache.tables
+    compiled, shapes[:] = set(shapes), []
+    engine.run(reqs)
+    assert (2048, 2048) in shapes and set(shapes) <= compiled, sorted(set(shapes) - compiled)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_a_decode_step_split_in_two_halves_gives_the_whole_step_s_tokens(device):
