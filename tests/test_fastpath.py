@@ -437,21 +437,29 @@ def test_host_summary_takes_medians_per_step_kind_and_batch_range():
     assert "25.00" in host_table(rows) and host_table(host_summary([rec("packed", 3, 5.0, None)])).split()[-4] == "-"
 
 
+@pytest.fixture
+def shapes(monkeypatch):
+    """The (queries, keys) shapes of every packed-copy prompt attention built from here on; the
+    attention itself returns its queries (only the shapes are under test)."""
+    from course_lib.attention import GatheredFlexAttention
+    seen, init = [], GatheredFlexAttention.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append(tuple(self.block_mask.seq_lengths))
+    monkeypatch.setattr(GatheredFlexAttention, "__init__", spy)
+    monkeypatch.setattr(GatheredFlexAttention, "attend", lambda self, layer, q: q)
+    return seen
+
+
 @pytest.mark.parametrize("budget", [2048, 8192])
-def test_every_prompt_step_of_the_fast_rung_has_a_precompiled_shape(budget, monkeypatch):
+def test_every_prompt_step_of_the_fast_rung_has_a_precompiled_shape(budget, shapes):
     """The packed-copy prefill's kernel is compiled per (queries, keys) bucket before a run's clock
     starts (``GatheredFlexAttention.precompile``); a step of another shape would compile inside
     the timed run and stall it for seconds. On chapter 09's workload, at the ladder's budgets, every
     prompt step must have a precompiled shape, chunks after earlier chunks included."""
     from course_lib.attention import GatheredFlexAttention
     from course_lib.engines.paged import PagedEngine
-    shapes, init = [], GatheredFlexAttention.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        shapes.append(tuple(self.block_mask.seq_lengths))
-    monkeypatch.setattr(GatheredFlexAttention, "__init__", spy)
-    monkeypatch.setattr(GatheredFlexAttention, "attend", lambda self, layer, q: q)   # shapes only
     engine = PagedEngine(LOADED, max_batch=96, block_size=16, num_blocks=8192, attention="kernel",
                          max_num_batched_tokens=budget, model=FakeLlama(), trace_blocks=False)
     GatheredFlexAttention.precompile(engine.new_cache([]), budget, FakeLlama.shape, torch.float32)
@@ -462,20 +470,13 @@ def test_every_prompt_step_of_the_fast_rung_has_a_precompiled_shape(budget, monk
     assert any(m > n for n, m in shapes)          # some chunks did come after earlier ones
 
 
-def test_a_cache_too_small_for_a_bucket_s_tokens_still_has_its_shapes_precompiled(monkeypatch):
+def test_a_cache_too_small_for_a_bucket_s_tokens_still_has_its_shapes_precompiled(shapes):
     """SmolLM2's eager run at 32 sequences (notebook 09) spent 1.3 s in its first step, the 32
     prompts together (1,231 tokens: the 2048 bucket), where the same step took 24 ms right after.
     Its cache, sized for those requests, could not hold a bucket's tokens twice over, and
     precompiling used to stop there. Shapes need no real tokens: every step must find its own."""
     from course_lib.attention import GatheredFlexAttention
     from course_lib.engines.paged import PagedEngine
-    shapes, init = [], GatheredFlexAttention.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        shapes.append(tuple(self.block_mask.seq_lengths))
-    monkeypatch.setattr(GatheredFlexAttention, "__init__", spy)
-    monkeypatch.setattr(GatheredFlexAttention, "attend", lambda self, layer, q: q)   # shapes only
     reqs = [Request(f"r{i}", [7] * 37 + [12], max_new_tokens=64) for i in range(32)]
     engine = PagedEngine(LOADED, max_batch=32, block_size=16, attention="kernel", model=FakeLlama(),
                          trace_blocks=False)
