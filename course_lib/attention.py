@@ -463,7 +463,7 @@ class KernelPagedAttention(PagedAttention):
         # a sequence of 4 tiles is split in 4; a sequence within one tile is not split, as many
         # sequences are not, whatever their length (one block: even a small cache has room)
         for tokens in (4 * TUNING["block_n"], 1):
-            if cache.allocator.n_free < cache.blocks_needed(tokens):
+            if not cache.can_grow("precompile", tokens):
                 continue
             cache.grow("precompile", tokens)
             q = torch.zeros(1, shape.n_heads, shape.head_dim, dtype=dtype, device=device)

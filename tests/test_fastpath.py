@@ -370,9 +370,10 @@ def compiled_triton_kernels() -> set:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_prepared_run_compiles_no_triton_kernel(graphs):
-    """A compile inside a timed run would be counted as serving time (the likely cause of the
-    stored SmolLM2 eager rows at 45f79d4: their first steps took seconds). ``prepare`` must leave
-    nothing to compile, with graphs or without."""
+    """A compile inside a timed run would be counted as serving time (a step of a fraction of a
+    second). ``prepare`` must leave nothing of the course's Triton kernels to compile, with graphs
+    or without (the first GPU run of this test found the unsplit decode kernel compiling in a
+    mixed step: a small cache had skipped precompiling it)."""
     loaded = models.load("tiny", dtype="float32", device="cuda")
     reqs = [Request(f"r{i}", list(range(5, 9 + 5 * i)), max_new_tokens=9) for i in range(7)]
     e = make_engine("continuous", loaded, max_batch=6, block_size=4, num_blocks=80, attention="kernel",

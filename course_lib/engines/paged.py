@@ -373,7 +373,7 @@ class PagedEngine(Engine):
         # the step's work, for the metrics (one pass: at batch 512 every pass costs the host)
         prefill_tokens = decode_tokens = attended = kv_read = 0
         for s, n in batch:
-            if n == 1 and len(s.tokens) - s.cached == 1 and s.cached >= len(s.req.prompt_tokens):
+            if s.pending == 1 and s.cached >= len(s.req.prompt_tokens):
                 decode_tokens += 1
             else:                                                        # prompts, and recomputes
                 prefill_tokens += n
