@@ -85,6 +85,12 @@ def main():
     peaks = measure_peaks("cuda", model.dtype)
     item = model.dtype.itemsize
     rows = []
+    card = torch.cuda.get_device_name().lower().replace(" ", "-")
+
+    def save():        # after every kind: a run cut short (Inductor's autotuning is slow) keeps the rest
+        save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "rows": rows},
+                    Path(a.out) / f"thin_matmuls_{a.model}_{card}.json",
+                    "python bench/thin_matmuls.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
     for kind in a.kinds:
         torch.backends.cuda.preferred_blas_library("cublaslt" if kind == "cublaslt" else "cublas")
         linear = linear_for(kind)
@@ -104,16 +110,13 @@ def main():
                 print(f"{kind:9s} B={b:4d} {name:8s} ({n:5d} x {k:5d}): {ms * 1e3:7.1f} us per call, "
                       f"{row['bandwidth_share']:4.0%} of the copy bandwidth"
                       f"{'' if captured else ' (not captured: host time included)'}", flush=True)
+        save()
     torch.backends.cuda.preferred_blas_library("cublas")
     print("\nper layer, all four projections (us):")
     for b in a.batch:
         print(f"B={b:4d}: " + ", ".join(
             f"{kind} {sum(r['ms'] for r in rows if r['kind'] == kind and r['batch'] == b) * 1e3:6.1f}"
             for kind in a.kinds))
-    name = torch.cuda.get_device_name().lower().replace(" ", "-")
-    save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "rows": rows},
-                Path(a.out) / f"thin_matmuls_{a.model}_{name}.json",
-                "python bench/thin_matmuls.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 
 
 if __name__ == "__main__":
