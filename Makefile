@@ -4,7 +4,7 @@
 #   make lab          open JupyterLab on notebooks/
 #   make test         unit tests, every notebook through nbval, assignments freshness check
 #   make assignments  regenerate the student copies in assignments/
-#   make figures      regenerate the course figures (python -m course_lib.figures)
+#   make figures      regenerate the course figures (python -m course_lib.lab.figures)
 #   make clean        remove caches (keeps .venv);  make distclean  also removes .venv
 #
 # Every recipe runs under bash with -e -u -o pipefail, so a failing command
@@ -81,7 +81,7 @@ assignments: venv
 	python tools/make_assignments.py
 
 figures: venv
-	python -m course_lib.figures
+	python -m course_lib.lab.figures
 
 clean:
 	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \

@@ -12,9 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib import models, roofline  # noqa: E402
+from course_lib.model import models
+from course_lib.measure import roofline  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.llama import Llama  # noqa: E402
+from course_lib.model.llama import Llama  # noqa: E402
 
 
 def main():

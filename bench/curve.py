@@ -3,7 +3,7 @@ same requests at every (arrival rate, max batch), one after the other in one pro
 
     python bench/curve.py --rates 1 2 4 8 --batches 2 8 32 --out bench/results/cpu/curve_smollm2-135m_cpu.json
 
-Each row is ``course_lib.tradeoffs.point`` of one run (throughput, TTFT/TPOT/end-to-end p50 and
+Each row is ``course_lib.measure.tradeoffs.point`` of one run (throughput, TTFT/TPOT/end-to-end p50 and
 p99); notebook 08 draws them over its simulated curves.
 """
 import argparse
@@ -15,12 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib import models  # noqa: E402
+from course_lib.model import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
 from course_lib.engines import make_engine  # noqa: E402
 from course_lib.requests import chat_workload, poisson_arrivals  # noqa: E402
-from course_lib.roofline import measure_peaks  # noqa: E402
-from course_lib.tradeoffs import point  # noqa: E402
+from course_lib.measure.roofline import measure_peaks  # noqa: E402
+from course_lib.measure.tradeoffs import point  # noqa: E402
 
 
 def main():

@@ -1,7 +1,7 @@
 """One whole decode step of the paged engine's fast path, per batch size: the CUDA graph replay
 on the GPU (events), the whole step as the engine sees it (host fill + one copy + replay + the
 tokens back), the same step launched eagerly, kernel by kernel, and the graph replay of the model
-without the fused elementwise kernels and stacked projections (``course_lib.fused``). MBU = (weights + KV bytes the step
+without the fused elementwise kernels and stacked projections (``course_lib.kernels.fused``). MBU = (weights + KV bytes the step
 must read) / time / measured copy bandwidth.
 
     python bench/decode_step.py --model llama-1b-dummy --dtype bfloat16 --context 640 --out DIR
@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib import models  # noqa: E402
+from course_lib.model import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
-from course_lib.kv_cache import PagedKVCache  # noqa: E402
-from course_lib.llama import Llama  # noqa: E402
-from course_lib.roofline import measure_peaks, step_work  # noqa: E402
+from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
+from course_lib.model.kv_cache import PagedKVCache  # noqa: E402
+from course_lib.model.llama import Llama  # noqa: E402
+from course_lib.measure.roofline import measure_peaks, step_work  # noqa: E402
 
 
 def events_ms(fn, repeat):
@@ -89,7 +89,7 @@ def main():
                         "streams (DecodeGraphs(split_from=...)), next to the whole-batch graphs")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    from course_lib import paged_decode
+    from course_lib.kernels import paged_decode
     paged_decode.TUNING.update(parse_knobs(a.knobs))
     if a.blas:                    # before any matmul runs, so that every graph captures that library's kernels
         torch.backends.cuda.preferred_blas_library(a.blas)

@@ -16,7 +16,7 @@
 # JSON is rewritten after each, so a run cut short keeps what it measured; before each, what the
 # rung before left is given back, and what is still held is recorded (memory_held_at_start_bytes);
 # the notebook shows them in the ladder's order.
-# The rungs are course_lib.ladder.LADDER_09 (notebook 09 runs the same list with full_ladder).
+# The rungs are course_lib.measure.ladder.LADDER_09 (notebook 09 runs the same list with full_ladder).
 # Everything lands in $OUT; see bench/README.md for .gpucarry and COURSE_COMMIT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -28,7 +28,7 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 # rung), and TAG=name writes ladder09-name_..._gpu.json (give --collect the same TAG).
 RUN=/tmp/ladder09 WAIT=${WAIT:-570} NAME=ladder09${TAG:+-$TAG}_anyscale_llama-1b-dummy_gpu.json
 PY=${PY:-python3}
-ALL=$(PYTHONPATH=$PWD $PY -c "from course_lib.ladder import LADDER_09; print(*LADDER_09)")  # the library's list
+ALL=$(PYTHONPATH=$PWD $PY -c "from course_lib.measure.ladder import LADDER_09; print(*LADDER_09)")  # the library's list
 read -r -a RUNG_LIST <<< "${RUNGS:-$ALL}"
 if [ "${1:-}" != "--collect" ]; then
   export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 COURSE_COMMIT=${COURSE_COMMIT:-unknown}

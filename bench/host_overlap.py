@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib import models  # noqa: E402
+from course_lib.model import models  # noqa: E402
 from course_lib.bench import gpu_waits, save_result  # noqa: E402
 from course_lib.engines import make_engine  # noqa: E402
-from course_lib.llama import LlamaShape  # noqa: E402
-from course_lib.ladder import parse_rung, rung_settings  # noqa: E402
-from course_lib.metrics import host_summary, host_table  # noqa: E402
+from course_lib.model.llama import LlamaShape  # noqa: E402
+from course_lib.measure.ladder import parse_rung, rung_settings  # noqa: E402
+from course_lib.measure.metrics import host_summary, host_table  # noqa: E402
 from course_lib.requests import load_workload  # noqa: E402
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
+from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
 from course_lib.engines.paged import PagedEngine  # noqa: E402
 from course_lib.requests import Request, load_workload  # noqa: E402
 from decode_step import decoding_cache  # noqa: E402

@@ -6,7 +6,7 @@
 ``runs`` holds the bench CLI's JSON for each rung (``python -m course_lib.bench``), all measured
 with the same loaded model, the same requests and the same device, one after the other; each
 run also names its ``rung``. A rung is an engine or one of chapter 09's named steps
-(``course_lib.ladder``: paged, chunked, graphs; options after a colon override its settings, e.g.
+(``course_lib.measure.ladder``: paged, chunked, graphs; options after a colon override its settings, e.g.
 ``graphs:kv_memory_mib=16384``). The JSON also holds the workload's physical floor on this device.
 """
 import argparse
@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib import models  # noqa: E402
+from course_lib.model import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.ladder import run_ladder  # noqa: E402
+from course_lib.measure.ladder import run_ladder  # noqa: E402
 
 DEFAULT = ["sequential", "static", "dynamic", "continuous", "hf-generate", "hf-cb"]
 

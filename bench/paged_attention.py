@@ -1,5 +1,5 @@
 """Packed, paged attention alone, one layer: the gather reference against FlexAttention reading the
-blocks in place, and, for decode steps, the course's Triton kernel (``course_lib/paged_decode.py``). Same cache, same fragmented block tables, same queries; the outputs are compared
+blocks in place, and, for decode steps, the course's Triton kernel (``course_lib/kernels/paged_decode.py``). Same cache, same fragmented block tables, same queries; the outputs are compared
 and each variant is timed (median of events after warm-up on CUDA, of wall time on the CPU).
 
     python bench/paged_attention.py --device cuda --dtype bfloat16 --out bench/results
@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib.attention import PAGED_ATTENTION, write_cache  # noqa: E402
+from course_lib.model.attention import PAGED_ATTENTION, write_cache  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.kv_cache import PagedKVCache  # noqa: E402
-from course_lib.llama import LlamaShape  # noqa: E402
-from course_lib.roofline import measure_peaks  # noqa: E402
+from course_lib.model.kv_cache import PagedKVCache  # noqa: E402
+from course_lib.model.llama import LlamaShape  # noqa: E402
+from course_lib.measure.roofline import measure_peaks  # noqa: E402
 
 SHAPE = LlamaShape(vocab_size=128256, hidden=2048, intermediate=8192, n_layers=1, n_heads=32,
                    n_kv_heads=8, head_dim=64, rope_theta=5e5, eps=1e-5, eos_token_id=0,
@@ -91,7 +91,7 @@ def case(name, cached, new, block_size, dtype, device, repeat, peak_bw):
         row[f"{variant}_setup_s"] = timed(lambda: cls(cache, seqs, device), device, max(3, repeat // 4))
         row[f"{variant}_bandwidth_share"] = kv_bytes / row[f"{variant}_s"] / peak_bw
     if all(n == 1 for n in new) and kernel_available(device):      # a decode step: the Triton kernel
-        from course_lib.paged_decode import paged_decode
+        from course_lib.kernels.paged_decode import paged_decode
         attn = PAGED_ATTENTION["gather"](cache, seqs, device)
         write_cache(cache, 0, attn.slots, k, v)                    # the new K, V in place, as the others
         tables = cache.table_tensor(range(len(seqs)), device)

@@ -22,10 +22,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.attention import FlexPagedAttention, GatheredFlexAttention, KernelPagedAttention  # noqa: E402
-from course_lib.cuda_graphs import DecodeGraphs  # noqa: E402
-from course_lib.kv_cache import PagedKVCache  # noqa: E402
-from course_lib.sampling import sample  # noqa: E402
+from course_lib.model.attention import FlexPagedAttention, GatheredFlexAttention, KernelPagedAttention  # noqa: E402
+from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
+from course_lib.model.kv_cache import PagedKVCache  # noqa: E402
+from course_lib.model.sampling import sample  # noqa: E402
 from decode_step import decoding_batch, parse_knobs  # noqa: E402
 
 STEPS = 5
@@ -104,7 +104,8 @@ def main():
     p.add_argument("--gathered-options", default="",
                    help="kernel_options of the gathered prefill, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
     a = p.parse_args()
-    from course_lib import attention, paged_decode
+    from course_lib.model import attention
+    from course_lib.kernels import paged_decode
     if a.gathered_options:      # given: these alone ('default': FlexAttention's own)
         GatheredFlexAttention.kernel_options = parse_knobs(a.gathered_options.replace("default", ""))
     paged_decode.TUNING.update(parse_knobs(a.knobs))

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.simulator import CostBook, runs_in, validate  # noqa: E402
+from course_lib.measure.simulator import CostBook, runs_in, validate  # noqa: E402
 
 
 def main():

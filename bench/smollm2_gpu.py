@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib import models  # noqa: E402
+from course_lib.model import models  # noqa: E402
 from course_lib.bench import bench, describe, save_result  # noqa: E402
 from course_lib.requests import chat_workload  # noqa: E402
 

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decode_step import events_ms  # noqa: E402  (bench/, next to this script)
 
-from course_lib import models  # noqa: E402
+from course_lib.model import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.llama import Llama  # noqa: E402
-from course_lib.roofline import measure_peaks  # noqa: E402
+from course_lib.model.llama import Llama  # noqa: E402
+from course_lib.measure.roofline import measure_peaks  # noqa: E402
 
 PROJECTIONS = {                      # name -> the stacked weight of each layer (Llama.fused = True)
     "qkv": lambda w: w.wqkv,

@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib import models  # noqa: E402
+from course_lib.model import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.kv_cache import kv_bytes_per_token  # noqa: E402
-from course_lib.llama import LlamaShape  # noqa: E402
-from course_lib.paged_decode import BLOCK_N, PROGRAMS, TRITON_LAUNCH, paged_decode  # noqa: E402
-from course_lib.roofline import measure_peaks  # noqa: E402
+from course_lib.model.kv_cache import kv_bytes_per_token  # noqa: E402
+from course_lib.model.llama import LlamaShape  # noqa: E402
+from course_lib.kernels.paged_decode import BLOCK_N, PROGRAMS, TRITON_LAUNCH, paged_decode  # noqa: E402
+from course_lib.measure.roofline import measure_peaks  # noqa: E402
 from decode_step import decoding_cache, events_ms  # noqa: E402
 
 

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from . import models
-from .admission import SLO
-from .engines import ENGINES, make_engine
-from .llama import LlamaShape
-from .metrics import request_rows, step_rows, summarize
-from .requests import load_workload, poisson_arrivals
-from .roofline import NvmlSampler, measure_peaks
+from course_lib.model import models
+from course_lib.engines.admission import SLO
+from course_lib.engines import ENGINES, make_engine
+from course_lib.model.llama import LlamaShape
+from course_lib.measure.metrics import request_rows, step_rows, summarize
+from course_lib.requests import load_workload, poisson_arrivals
+from course_lib.measure.roofline import NvmlSampler, measure_peaks
 
 
 def versions() -> dict:
@@ -177,8 +177,8 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
             if runner.num_blocks is not None:
                 options["num_blocks"] = runner.num_blocks
     else:
-        from .roofline import Peaks
-        from .simulator import CostBook, StepCost, simulate as run_simulated
+        from course_lib.measure.roofline import Peaks
+        from course_lib.measure.simulator import CostBook, StepCost, simulate as run_simulated
         cost = simulate if isinstance(simulate, (StepCost, CostBook)) else CostBook.load(simulate)
         if isinstance(cost, CostBook):
             cost = cost.for_run(engine, engine_options)
@@ -275,7 +275,7 @@ def main(argv=None):
     p.add_argument("--arrival-rate", type=float, default=None,
                    help="requests arrive as a Poisson process of this many per second (default: all at once)")
     p.add_argument("--simulate", default=None, metavar="COST_JSON",
-                   help="simulate the run with a fitted step-cost model (python -m course_lib.simulator fit)")
+                   help="simulate the run with a fitted step-cost model (python -m course_lib.measure.simulator fit)")
     p.add_argument("--ttft-slo", type=float, default=None, help="TTFT target in seconds (goodput)")
     p.add_argument("--tpot-slo", type=float, default=None, help="TPOT target in seconds (goodput)")
     p.add_argument("--admission", action="store_true",

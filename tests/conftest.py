@@ -1,8 +1,8 @@
 """Shared fixtures: the real model and the tiny random one, loaded once per test session."""
 import pytest
 
-from course_lib import models
-from course_lib.llama import Llama
+from course_lib.model import models
+from course_lib.model.llama import Llama
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig
 
-from course_lib.llama import LlamaShape
+from course_lib.model.llama import LlamaShape
 from course_lib.requests import Request
 
 EOS = 2

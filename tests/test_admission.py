@@ -5,10 +5,10 @@ import json
 import pytest
 
 from course_lib import bench
-from course_lib.admission import SLO, AdmissionController, StepTimeModel
-from course_lib.metrics import RequestRecord, RunLog, Step, goodput, queue_depth, summarize
+from course_lib.engines.admission import SLO, AdmissionController, StepTimeModel
+from course_lib.measure.metrics import RequestRecord, RunLog, Step, goodput, queue_depth, summarize
 from course_lib.requests import Request, poisson_arrivals
-from course_lib.simulator import CostBook, simulate
+from course_lib.measure.simulator import CostBook, simulate
 from test_simulator import SHAPE, flat_cost
 
 COST = flat_cost(0.01, per_row=0.002)          # a step: 10 ms + 2 ms per sequence in it
@@ -106,8 +106,8 @@ def test_bench_admission_needs_an_slo_and_reports_goodput(tmp_path):
 def test_the_curve_saturates_and_the_plots_draw():
     import matplotlib
     matplotlib.use("Agg")
-    from course_lib import plots
-    from course_lib.tradeoffs import simulated, sweep
+    from course_lib.lab import plots
+    from course_lib.measure.tradeoffs import simulated, sweep
     reqs = [Request(f"r{i}", [3] * 20, max_new_tokens=16) for i in range(40)]
     run = simulated(CostBook({"paged-gather": COST}), SHAPE, 2, reqs, block_size=16)
     rows = sweep(run, [5, 20, 80, 320], [2, 16])

@@ -2,7 +2,7 @@
 import pytest
 
 from course_lib.engines import make_engine
-from course_lib.kv_cache import kv_bytes_per_token
+from course_lib.model.kv_cache import kv_bytes_per_token
 from course_lib.requests import Request
 from fakes import LOADED, FakeLlama, req
 
@@ -84,7 +84,7 @@ def test_blocks_follow_the_tokens():
 
 def test_paging_wastes_less_memory_than_full_rows():
     from course_lib.engines import ContinuousEngine
-    from course_lib.metrics import summarize
+    from course_lib.measure.metrics import summarize
     from fakes import make_engine as make_padded
     rs = [Request(f"r{i}", [7] * 5 + [3 + 4 * i], max_new_tokens=60) for i in range(6)]
     rows = summarize(make_padded(ContinuousEngine, 3).run(rs))
@@ -94,7 +94,7 @@ def test_paging_wastes_less_memory_than_full_rows():
 
 
 def test_inter_token_gaps_are_measured():
-    from course_lib.metrics import summarize
+    from course_lib.measure.metrics import summarize
     log = engine(max_batch=2, block_size=4).run([req("a", 4), req("b", 3)])
     m = summarize(log)
     gaps = [g for r in log.requests for g in r.gaps_s]
@@ -104,7 +104,7 @@ def test_inter_token_gaps_are_measured():
 def test_step_plots_and_budget_explorer(monkeypatch):
     import matplotlib
     matplotlib.use("Agg")
-    from course_lib import plots, widgets
+    from course_lib.lab import plots, widgets
     log = engine(max_batch=2, block_size=4, max_num_batched_tokens=4).run([req("a", 4, prompt_len=9)])
     ax = plots.step_composition(log)
     assert len(ax.patches) == 2 * len(log.steps)
@@ -127,7 +127,7 @@ def test_interference_workload_sends_long_prompts_mid_stream(smollm):
 def test_block_map_shows_every_owner():
     import matplotlib
     matplotlib.use("Agg")
-    from course_lib import plots
+    from course_lib.lab import plots
     e = engine(max_batch=2, block_size=2, num_blocks=8)
     e.run([Request("a", [7, 7, 6], max_new_tokens=6), Request("b", [7, 7, 7, 5], max_new_tokens=6)])
     assert len(e.block_trace) == len(e.steps) and e.block_trace[-1] == {}

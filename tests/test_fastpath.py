@@ -9,17 +9,18 @@ from collections import Counter
 import pytest
 import torch
 
-from course_lib import models, plots, widgets
+from course_lib.model import models
+from course_lib.lab import plots, widgets
 from course_lib.bench import gpu_waits
-from course_lib.cuda_graphs import DecodeGraphs, batch_buckets
+from course_lib.kernels.cuda_graphs import DecodeGraphs, batch_buckets
 from course_lib.engines import make_engine
-from course_lib.ladder import label, ordered, parse_rung, run_ladder, table, time_split
-from course_lib.llama import LlamaShape
-from course_lib.metrics import RunLog, Step, summarize
-from course_lib.nbtools import RESULTS
+from course_lib.measure.ladder import label, ordered, parse_rung, run_ladder, table, time_split
+from course_lib.model.llama import LlamaShape
+from course_lib.measure.metrics import RunLog, Step, summarize
+from course_lib.lab.nbtools import RESULTS
 from course_lib.requests import Request, load_workload
-from course_lib.roofline import Peaks, step_work, workload_floor
-from course_lib.sampling import sample
+from course_lib.measure.roofline import Peaks, step_work, workload_floor
+from course_lib.model.sampling import sample
 from fakes import LOADED, FakeLlama
 
 
@@ -66,8 +67,8 @@ def test_decode_buffers_rewrite_only_what_changed_and_still_hold_every_table(tin
     """The buffers keep each row's table from step to step and write only new blocks: after
     growth, a reordered batch, a new sequence in a row, a smaller batch and a preempted (new
     table) sequence, every row must hold exactly what a fresh fill writes."""
-    from course_lib.kv_cache import PagedKVCache
-    from course_lib.llama import Llama
+    from course_lib.model.kv_cache import PagedKVCache
+    from course_lib.model.llama import Llama
     model = Llama.from_hf(tiny.model)
     cache = PagedKVCache(model.shape, 200, 4, model.dtype)
     kept = DecodeGraphs(model, cache, 8, 12)
@@ -236,7 +237,7 @@ def test_a_ladder_run_names_its_rungs_keeps_going_and_has_a_floor(tiny):
 
 
 def test_load_result_reads_gzipped_earlier_runs(tmp_path, monkeypatch):
-    from course_lib import nbtools
+    from course_lib.lab import nbtools
     for commit in ("6d68f09", "60263e9", "c5c0509", "b9a376f", "be142bd"):   # notebook 09's earlier runs
         earlier = nbtools.load_result(f"ladder09-{commit}_anyscale_llama-1b-dummy_nvidia-h200.json")
         assert earlier["versions"]["course_lib_commit"] == commit and earlier["runs"]
@@ -256,8 +257,8 @@ def test_load_result_reads_gzipped_earlier_runs(tmp_path, monkeypatch):
 
 def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
     from course_lib.engines import ENGINES
-    from course_lib.ladder import LADDER_09, SHORT_09, parse_rung
-    from course_lib.nbtools import ROOT, load_result
+    from course_lib.measure.ladder import LADDER_09, SHORT_09, parse_rung
+    from course_lib.lab.nbtools import ROOT, load_result
     settings = {"rows": 2**31, "big": 512, "budget": 2048, "max_batch": 64}
     for spec in LADDER_09:
         name, engine, max_batch, options = parse_rung(spec, settings)
@@ -270,8 +271,8 @@ def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
 
 
 def test_the_ratio_to_quote_is_to_the_fastest_hf_cb():
-    from course_lib.ladder import fastest_peer, table
-    from course_lib.nbtools import load_result
+    from course_lib.measure.ladder import fastest_peer, table
+    from course_lib.lab.nbtools import load_result
 
     def run(rung, tps, **extra):
         m = {"output_tokens_per_s": tps, "mbu": 0, "mfu": 0, "nvml_gpu_util": None,
@@ -309,7 +310,7 @@ def test_chapter_09_pictures_draw_the_stored_results():
              for m in ("llama-1b-dummy", "smollm2-135m")]
     assert len(plots.decode_step_curve(steps).lines) == 8       # 4 curves per model
     assert plots.run_steps(result["runs"][-3]).get_yscale() == "log"
-    from course_lib.metrics import prefill_rows
+    from course_lib.measure.metrics import prefill_rows
     rows = prefill_rows([json.loads((RESULTS / f"profile_decode_llama-1b-dummy_nvidia-h200_gathered_{t}.json").read_text())
                          for t in ("default_tiles", "BLOCK_M64_BLOCK_N64")])
     assert {(r["prefill"], r["blocks"]) for r in rows} == {(p, b) for p in ("gathered", "in-place")
@@ -326,7 +327,7 @@ def test_the_simulator_replays_the_gpu_runs_scheduling_decisions():
     """All requests arrive at once, so the scheduler's decisions do not depend on step times: the
     simulator, running the same overlapped engine on a virtual clock, must preempt exactly as the
     GPU run did, in as many steps."""
-    from course_lib.simulator import StepCost, replay
+    from course_lib.measure.simulator import StepCost, replay
     result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
     run = next(r for r in result["runs"] if r["rung"] == "graphs")      # 2 GiB: it thrashes
     assert run["engine_options"]["overlap"] and run["metrics"]["preemptions"] > 100
@@ -364,7 +365,7 @@ def compiled_triton_kernels() -> set:
     to its compiled kernel)."""
     import triton
 
-    from course_lib import fused, paged_decode
+    from course_lib.kernels import fused, paged_decode
     kernels = [v for m in (fused, paged_decode) for v in vars(m).values()
                if isinstance(v, triton.runtime.JITFunction)]
     assert kernels, "no Triton kernels found"
@@ -421,16 +422,16 @@ def test_a_launch_never_waits_for_the_gpu():
 
 
 def test_precompiling_the_kernel_path_leaves_the_cache_empty():
-    from course_lib.attention import KernelPagedAttention
-    from course_lib.kv_cache import PagedKVCache
-    from course_lib.paged_decode import SELFCHECK_SHAPE as shape
+    from course_lib.model.attention import KernelPagedAttention
+    from course_lib.model.kv_cache import PagedKVCache
+    from course_lib.kernels.paged_decode import SELFCHECK_SHAPE as shape
     cache = PagedKVCache(shape, 300, 16, torch.float32, "cpu")
     KernelPagedAttention.precompile(cache, 256, shape, torch.float32)   # on the CPU: the references
     assert cache.allocator.n_free == 300 and not cache.tables
 
 
 def test_host_summary_takes_medians_per_step_kind_and_batch_range():
-    from course_lib.metrics import host_summary, host_table
+    from course_lib.measure.metrics import host_summary, host_table
     rec = lambda kind, rows, launch, schedule=1.0: {"kind": kind, "rows": rows, "schedule_ms": schedule,   # noqa: E731
                                                     "launch_ms": launch, "wait_ms": 2.0, "retire_ms": 0.5}
     records = [rec("packed", 40, 20.0, None), rec("packed", 50, 30.0), rec("packed", 60, 25.0),
@@ -447,7 +448,7 @@ def test_host_summary_takes_medians_per_step_kind_and_batch_range():
 def shapes(monkeypatch):
     """The (queries, keys) shapes of every packed-copy prompt attention built from here on; the
     attention itself returns its queries (only the shapes are under test)."""
-    from course_lib.attention import GatheredFlexAttention
+    from course_lib.model.attention import GatheredFlexAttention
     seen, init = [], GatheredFlexAttention.__init__
 
     def spy(self, *args, **kwargs):
@@ -464,7 +465,7 @@ def test_every_prompt_step_of_the_fast_rung_has_a_precompiled_shape(budget, shap
     starts (``GatheredFlexAttention.precompile``); a step of another shape would compile inside
     the timed run and stall it for seconds. On chapter 09's workload, at the ladder's budgets, every
     prompt step must have a precompiled shape, chunks after earlier chunks included."""
-    from course_lib.attention import GatheredFlexAttention
+    from course_lib.model.attention import GatheredFlexAttention
     from course_lib.engines.paged import PagedEngine
     engine = PagedEngine(LOADED, max_batch=96, block_size=16, num_blocks=8192, attention="kernel",
                          max_num_batched_tokens=budget, model=FakeLlama(), trace_blocks=False)
@@ -481,7 +482,7 @@ def test_a_cache_too_small_for_a_bucket_s_tokens_still_has_its_shapes_precompile
     prompts together (1,231 tokens: the 2048 bucket), where the same step took 24 ms right after.
     Its cache, sized for those requests, could not hold a bucket's tokens twice over, and
     precompiling used to stop there. Shapes need no real tokens: every step must find its own."""
-    from course_lib.attention import GatheredFlexAttention
+    from course_lib.model.attention import GatheredFlexAttention
     from course_lib.engines.paged import PagedEngine
     reqs = [Request(f"r{i}", [7] * 37 + [12], max_new_tokens=64) for i in range(32)]
     engine = PagedEngine(LOADED, max_batch=32, block_size=16, attention="kernel", model=FakeLlama(),
@@ -502,8 +503,8 @@ def test_a_decode_step_split_in_two_halves_gives_the_whole_step_s_tokens(device)
     """``split_from``: from that bucket up a decode step runs as two halves of the batch (on two
     streams inside the CUDA graph; one after the other on the CPU). The rows do not interact, so
     each sequence must get the token the whole step gives it, and the cache the same keys."""
-    from course_lib.kv_cache import PagedKVCache
-    from course_lib.llama import Llama
+    from course_lib.model.kv_cache import PagedKVCache
+    from course_lib.model.llama import Llama
     model = Llama.from_hf(models.load("tiny", dtype="float32", device=device).model)
     got = {}
     for split in (None, 4):

@@ -1,5 +1,5 @@
 """`make figures` regenerates vis/ from runs: the same code on the tiny model, into a temp folder."""
-from course_lib import figures
+from course_lib.lab import figures
 
 
 def test_figures_are_drawn_from_runs(tmp_path):

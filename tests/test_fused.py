@@ -1,5 +1,5 @@
-"""The fused elementwise kernels of chapter 09 (``course_lib.fused``) against the PyTorch
-references of ``course_lib.llama``: in Triton's interpreter on the CPU (in a subprocess, because
+"""The fused elementwise kernels of chapter 09 (``course_lib.kernels.fused``) against the PyTorch
+references of ``course_lib.model.llama``: in Triton's interpreter on the CPU (in a subprocess, because
 the interpreter must be chosen before Triton is imported), and on a GPU in bf16, kernel by kernel
 and as a whole model."""
 import importlib.util
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from course_lib import models
-from course_lib.llama import REFERENCE_OPS, Llama, add_rms_norm, rms_norm
+from course_lib.model import models
+from course_lib.model.llama import REFERENCE_OPS, Llama, add_rms_norm, rms_norm
 
 
 def test_the_reference_of_add_rms_norm_is_the_residual_add_then_the_norm():
@@ -30,8 +30,8 @@ def test_the_model_uses_the_references_unless_fused(tiny):
 
 
 def test_stacked_projections_give_the_same_model(tiny):
-    from course_lib.attention import PagedAttention
-    from course_lib.kv_cache import PagedKVCache
+    from course_lib.model.attention import PagedAttention
+    from course_lib.model.kv_cache import PagedKVCache
     model = Llama.from_hf(tiny.model)
     tokens = torch.arange(3, 30)
     out = []
@@ -51,7 +51,7 @@ def test_stacked_projections_give_the_same_model(tiny):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bf16 test runs the real kernels")
 def test_the_fused_kernels_in_the_interpreter():
-    r = subprocess.run([sys.executable, "-m", "course_lib.fused"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "course_lib.kernels.fused"], capture_output=True, text=True,
                        env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
@@ -64,10 +64,10 @@ def test_the_fused_kernels_in_the_interpreter():
 
 FUSED_STEP = """
 import torch
-from course_lib import models
-from course_lib.attention import KernelPagedAttention, PagedAttention
-from course_lib.kv_cache import PagedKVCache
-from course_lib.llama import Llama
+from course_lib.model import models
+from course_lib.model.attention import KernelPagedAttention, PagedAttention
+from course_lib.model.kv_cache import PagedKVCache
+from course_lib.model.llama import Llama
 model = Llama.from_hf(models.load("tiny", dtype="float32").model)
 cache = PagedKVCache(model.shape, 40, 4, model.dtype)
 g = torch.Generator().manual_seed(0)
@@ -105,7 +105,7 @@ def test_the_fused_model_writes_the_cache_in_rope_as_the_reference_does():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_fused_kernels_on_the_gpu_in_bf16():
-    from course_lib.fused import selfcheck
+    from course_lib.kernels.fused import selfcheck
     rows = selfcheck(device="cuda", dtype=torch.bfloat16, tokens=(1, 7, 300), hidden=2048, heads=32,
                      kv_heads=8, head_dim=64)
     for row in rows:
@@ -117,8 +117,8 @@ def test_the_fused_model_gives_the_references_logits_on_the_gpu():
     loaded = models.load("tiny", dtype="bfloat16", device="cuda")
     model = Llama.from_hf(loaded.model)
     tokens = torch.arange(3, 40, device="cuda")
-    from course_lib.attention import PagedAttention
-    from course_lib.kv_cache import PagedKVCache
+    from course_lib.model.attention import PagedAttention
+    from course_lib.model.kv_cache import PagedKVCache
     out = []
     for fused in (False, True):
         model.fused = fused

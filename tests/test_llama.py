@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from course_lib.attention import PaddedAttention
-from course_lib.kv_cache import ContiguousKVCache
+from course_lib.model.attention import PaddedAttention
+from course_lib.model.kv_cache import ContiguousKVCache
 from course_lib.requests import chat_workload
 
 
@@ -42,7 +42,7 @@ def test_padding_never_produces_nan(smollm_ours):
 
 
 def test_rope_rejects_scaled_configs(smollm):
-    from course_lib.llama import LlamaShape
+    from course_lib.model.llama import LlamaShape
     cfg = smollm.model.config.__class__(**{**smollm.model.config.to_dict(), "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})

@@ -5,9 +5,10 @@ import torch
 
 matplotlib.use("Agg")
 
-from course_lib import plots, roofline  # noqa: E402
-from course_lib.llama import Llama  # noqa: E402
-from course_lib.nbtools import stored_results  # noqa: E402
+from course_lib.lab import plots
+from course_lib.measure import roofline  # noqa: E402
+from course_lib.model.llama import Llama  # noqa: E402
+from course_lib.lab.nbtools import stored_results  # noqa: E402
 
 PEAKS = roofline.Peaks("test device", "float32", bandwidth=1e10, flops=1e11, method="made up")
 
@@ -66,7 +67,7 @@ def test_plots_draw_every_point(tiny_model):
 
 
 def test_batch_size_explorer_runs_nothing_until_clicked(tiny_model, monkeypatch):
-    from course_lib import widgets
+    from course_lib.lab import widgets
     calls = []
     monkeypatch.setattr(roofline, "time_step", lambda *a, **k: calls.append(a) or 0.01)
     widgets.batch_size_explorer(tiny_model, PEAKS, context=8)

@@ -4,7 +4,7 @@ import importlib.metadata
 import pytest
 import torch
 
-from course_lib import models
+from course_lib.model import models
 
 
 def test_unknown_model_names_the_presets():

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from course_lib.attention import PAGED_ATTENTION, block_diagonal_causal
-from course_lib.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
-from course_lib.llama import LlamaShape
+from course_lib.model.attention import PAGED_ATTENTION, block_diagonal_causal
+from course_lib.model.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
+from course_lib.model.llama import LlamaShape
 from course_lib.requests import chat_workload
 from fakes import FakeLlama
 
@@ -174,8 +174,8 @@ def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size, TILE, monk
     """FlexAttention skips the tiles its block mask does not list (the CPU reference does not,
     so the logits tests cannot catch a missing tile): every (query, slot) pair that the rule
     allows must fall in a listed tile."""
-    from course_lib import attention
-    from course_lib.attention import FlexPagedAttention
+    from course_lib.model import attention
+    from course_lib.model.attention import FlexPagedAttention
     monkeypatch.setattr(attention, "mask_tile", lambda device: TILE)
     cache = scattered_cache(block_size)
     seqs = [("a", cache.lengths["a"] - 1, 1), ("c", cache.lengths["c"] - 1, 1),
@@ -206,7 +206,7 @@ def test_the_gathered_flex_mask_lists_every_visible_pair_and_full_tiles_are_whol
     visible key: every (query, key) pair of the block-diagonal causal rule lies in a listed tile,
     a tile listed as full has every pair visible, padding sees nothing, and tiles are skipped.
     Then its output equals the gather reference's, blocks scattered over the cache."""
-    from course_lib.attention import GatheredFlexAttention, PagedAttention, TILE
+    from course_lib.model.attention import GatheredFlexAttention, PagedAttention, TILE
     cache, shape = scattered_cache(block_size), WIDE
     seqs = [("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("a", cache.lengths["a"] - 1, 1), ("f", 0, 700)]
     attn = GatheredFlexAttention(cache, seqs)
@@ -263,7 +263,7 @@ def test_the_host_time_bench_times_only_steps_where_every_sequence_decodes():
     import importlib.util
     from pathlib import Path
 
-    from course_lib.cuda_graphs import DecodeGraphs
+    from course_lib.kernels.cuda_graphs import DecodeGraphs
     path = Path(__file__).resolve().parent.parent / "bench" / "host_time.py"
     spec = importlib.util.spec_from_file_location("host_time", path)
     host_time = importlib.util.module_from_spec(spec)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from course_lib import roofline
+from course_lib.measure import roofline
 
 
 def test_peaks_are_measured_once_then_cached(tmp_path, monkeypatch):

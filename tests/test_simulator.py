@@ -11,10 +11,10 @@ from transformers import LlamaConfig
 
 from course_lib import bench
 from course_lib.engines import make_engine
-from course_lib.llama import LlamaShape
-from course_lib.metrics import summarize
+from course_lib.model.llama import LlamaShape
+from course_lib.measure.metrics import summarize
 from course_lib.requests import Request, chat_workload, poisson_arrivals
-from course_lib.simulator import (FEATURES, CostBook, StepCost, features, nonnegative_fit, path_of,
+from course_lib.measure.simulator import (FEATURES, CostBook, StepCost, features, nonnegative_fit, path_of,
                                   simulate)
 
 SHAPE = LlamaShape.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -108,8 +108,8 @@ def test_bad_arrival_rates_are_named():
 def test_a_model_fitted_to_real_runs_predicts_another(smollm):
     """Calibrate on runs at batch 2 and 8 (all at once), predict a run at batch 4 with requests
     arriving over time (real model, this machine)."""
-    from course_lib.roofline import measure_peaks
-    from course_lib.simulator import compare, with_lengths
+    from course_lib.measure.roofline import measure_peaks
+    from course_lib.measure.simulator import compare, with_lengths
     reqs = chat_workload(smollm.tokenizer, n=12, max_new_tokens=12)
     shape, peaks = LlamaShape.from_config(smollm.config), measure_peaks("cpu", torch.float32)
     logs = {b: make_engine("continuous", smollm, max_batch=b).run(reqs) for b in (2, 8)}

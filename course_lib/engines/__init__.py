@@ -1,10 +1,10 @@
 """The engines of the course, by the name the bench CLI knows them by."""
-from .continuous import ContinuousEngine
-from .dynamic import DynamicEngine
-from .hf import HFContinuousEngine, HFGenerateEngine
-from .paged import PagedEngine
-from .sequential import SequentialEngine
-from .static import StaticEngine
+from course_lib.engines.continuous import ContinuousEngine
+from course_lib.engines.dynamic import DynamicEngine
+from course_lib.engines.hf import HFContinuousEngine, HFGenerateEngine
+from course_lib.engines.paged import PagedEngine
+from course_lib.engines.sequential import SequentialEngine
+from course_lib.engines.static import StaticEngine
 
 ENGINES = {
     "sequential": SequentialEngine,

@@ -10,8 +10,8 @@ import time
 
 from tqdm.auto import tqdm
 
-from ..metrics import RequestRecord, RunLog
-from ..requests import RequestError, validate
+from course_lib.measure.metrics import RequestRecord, RunLog
+from course_lib.requests import RequestError, validate
 
 
 class Engine:

@@ -16,9 +16,9 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from ..metrics import Step
-from ..runner import left_pad
-from .base import Engine
+from course_lib.measure.metrics import Step
+from course_lib.engines.runner import left_pad
+from course_lib.engines.base import Engine
 
 
 class _WarmupFailures(logging.Handler):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..llama import Llama
-from ..metrics import Step
-from ..runner import PaddedRunner, Row
-from .base import Engine
+from course_lib.model.llama import Llama
+from course_lib.measure.metrics import Step
+from course_lib.engines.runner import PaddedRunner, Row
+from course_lib.engines.base import Engine
 
 
 @dataclass

@@ -12,14 +12,14 @@ front of the queue, to be recomputed later (prompt and answer so far) - never lo
 
 On CUDA (chapter 09) the step is split by kind: decodes go through the course's Triton paged
 decode kernel and prefill chunks through FlexAttention (``attention="kernel"``, the default
-there), a step made only of decodes is replayed as a CUDA graph (``course_lib.cuda_graphs``),
-the next token is chosen on the GPU (``course_lib.sampling``), and the layer's elementwise work
-runs in fused Triton kernels (``course_lib.fused``).
+there), a step made only of decodes is replayed as a CUDA graph (``course_lib.kernels.cuda_graphs``),
+the next token is chosen on the GPU (``course_lib.model.sampling``), and the layer's elementwise work
+runs in fused Triton kernels (``course_lib.kernels.fused``).
 
 With an ``slo`` (chapter 08), an admission controller stands at the door: a newcomer joins only
 if one more sequence keeps decode steps within the TPOT target, and a waiting request that can no
 longer get its first token within the TTFT target is refused, with the reason
-(``course_lib.admission``).
+(``course_lib.engines.admission``).
 """
 from __future__ import annotations
 
@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..admission import AdmissionController, StepTimeModel
-from ..attention import PAGED_ATTENTION
-from ..cuda_graphs import DecodeGraphs
-from ..kv_cache import PagedKVCache, kv_bytes_per_token, to_device
-from ..llama import Llama
-from ..metrics import Step
-from ..requests import RequestError
-from ..sampling import sample
-from .base import Engine
+from course_lib.engines.admission import AdmissionController, StepTimeModel
+from course_lib.model.attention import PAGED_ATTENTION
+from course_lib.kernels.cuda_graphs import DecodeGraphs
+from course_lib.model.kv_cache import PagedKVCache, kv_bytes_per_token, to_device
+from course_lib.model.llama import Llama
+from course_lib.measure.metrics import Step
+from course_lib.requests import RequestError
+from course_lib.model.sampling import sample
+from course_lib.engines.base import Engine
 
 
 def chunk_sizes(pending: list, budget) -> list:
@@ -124,7 +124,7 @@ class PagedEngine(Engine):
         # decode-only steps through fixed buffers (graphs on CUDA, eager elsewhere)
         self.decode_path = attention == "kernel"
         self.cuda_graphs = cuda and self.decode_path if cuda_graphs is None else cuda_graphs
-        # the layer's elementwise work through fused Triton kernels (course_lib.fused)
+        # the layer's elementwise work through fused Triton kernels (course_lib.kernels.fused)
         self.fused = cuda and self.decode_path if fused is None else fused
         if self.fused and not cuda:
             raise ValueError("fused needs a CUDA device (the kernels are Triton)")
@@ -406,7 +406,7 @@ class PagedEngine(Engine):
             # the step ended when the GPU finished it, not when the host got round to looking
             # (with overlap the host may be busy launching the next step at that moment)
             end = self._clock_at + self._clock_event.elapsed_time(step["event"]) / 1e3
-        elif end > self.now():            # a simulated GPU (course_lib.simulator): wait for it
+        elif end > self.now():            # a simulated GPU (course_lib.measure.simulator): wait for it
             self.sleep(end - self.now())
         now = self.now()
         end = now if end is None else min(end, now)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import PaddedAttention
-from ..kv_cache import ContiguousKVCache
-from ..llama import Llama
-from ..metrics import Step
-from .base import Engine
+from course_lib.model.attention import PaddedAttention
+from course_lib.model.kv_cache import ContiguousKVCache
+from course_lib.model.llama import Llama
+from course_lib.measure.metrics import Step
+from course_lib.engines.base import Engine
 
 
 class SequentialEngine(Engine):

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import PaddedAttention
-from .kv_cache import ContiguousKVCache
+from course_lib.model.attention import PaddedAttention
+from course_lib.model.kv_cache import ContiguousKVCache
 
 
 @dataclass

@@ -290,7 +290,7 @@ def throughput_latency(rows, ax=None, latency="tpot_p50", measured=None, title=N
 
 def queue_depth(logs: dict, ax=None):
     """Requests waiting for their first step, over time, for each run."""
-    from .metrics import queue_depth as depth
+    from course_lib.measure.metrics import queue_depth as depth
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3))
     for label, log in logs.items():
@@ -324,17 +324,17 @@ def goodput_vs_load(rows, ax=None, title=None):
 
 # ---------------------------------------------------------------- chapter 09
 def _runs(result):
-    from .ladder import ordered
+    from course_lib.measure.ladder import ordered
     return [r for r in ordered(result["runs"]) if "error" not in r]
 
 
 def _rung_names(result):
-    from .ladder import label
+    from course_lib.measure.ladder import label
     return [label(r["rung"]) for r in _runs(result)]
 
 
 def ladder_vs_floor(result, ax=None):
-    """The ladder's bars (``ladder``) for every rung of a ladder result (``course_lib.ladder``),
+    """The ladder's bars (``ladder``) for every rung of a ladder result (``course_lib.measure.ladder``),
     on a log scale, with the workload's physical floor on the same card as a line."""
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 4.5))
@@ -391,7 +391,7 @@ def decode_step_curve(results, ax=None):
 def run_steps(run, ax=None):
     """The steps of one stored run (a bench JSON with ``steps``): each step's duration at the time
     it started, coloured by kind, with its batch size on a second axis."""
-    from .metrics import steps_of
+    from course_lib.measure.metrics import steps_of
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3.5))
     steps = steps_of(run)

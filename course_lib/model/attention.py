@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import to_device
+from course_lib.model.kv_cache import to_device
 
 
 def padded_visibility(start, write_at, n_cols):
@@ -399,13 +399,13 @@ class GatheredFlexAttention(FlexPagedAttention):
 class DecodeAttention:
     """One new token per sequence (a decode step, chapter 09): store each token's key and value
     in its slot, then the course's Triton kernel reads every sequence's keys and values in place
-    through its block table (``course_lib.paged_decode``; the reference where Triton cannot run).
+    through its block table (``course_lib.kernels.paged_decode``; the reference where Triton cannot run).
 
     slots:   ``(B,)`` cache slot of each new token
     tables:  ``(B, max_blocks)`` block tables, padded past each sequence's blocks
     lengths: ``(B,)`` tokens of each sequence in the cache, the new one included
     All three are tensors on the model's device, so a CUDA graph can keep them as its inputs and
-    only their contents change from step to step (``course_lib.cuda_graphs``).
+    only their contents change from step to step (``course_lib.kernels.cuda_graphs``).
     """
 
     def __init__(self, cache, slots, tables, lengths):
@@ -425,7 +425,7 @@ class DecodeAttention:
 
     def attend(self, layer, q):
         """The kernel over the cache, which already holds the new tokens' keys and values."""
-        from .paged_decode import decode_attention
+        from course_lib.kernels.paged_decode import decode_attention
         return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables, self.lengths,
                                 self.cache.block_size)
 
@@ -457,7 +457,7 @@ class KernelPagedAttention(PagedAttention):
         """FlexAttention for every query bucket, and the decode kernel both ways (split, for a few
         decodes, and unsplit, for many), on tables as a mixed step builds them: compiling either
         in a timed step would stall it for a fraction of a second."""
-        from .paged_decode import TUNING
+        from course_lib.kernels.paged_decode import TUNING
         cls.prefill_cls.precompile(cache, max_tokens, shape, dtype)
         device = cache.k[0].device
         # a sequence of 4 tiles is split in 4; a sequence within one tile is not split, as many

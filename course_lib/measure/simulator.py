@@ -39,10 +39,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .attention import cu_seqlens
-from .llama import LlamaShape
-from .requests import Request
-from .roofline import step_work, weight_bytes
+from course_lib.model.attention import cu_seqlens
+from course_lib.model.llama import LlamaShape
+from course_lib.requests import Request
+from course_lib.measure.roofline import step_work, weight_bytes
 
 FEATURES = ("overhead", "per_row", "per_byte", "per_flop", "per_pair")
 
@@ -152,7 +152,7 @@ class StepCost:
 def path_of(engine: str, options: dict | None) -> str:
     """Which implementation a run takes: ``padded`` (sequential, static, dynamic, continuous
     with rows) or ``paged-<attention>``."""
-    from .engines import PAGED_OPTIONS
+    from course_lib.engines import PAGED_OPTIONS
     options = options or {}
     if engine == "continuous" and any(options.get(k) is not None for k in PAGED_OPTIONS):
         return f"paged-{options.get('attention') or 'gather'}"
@@ -198,7 +198,7 @@ class CostBook:
 
 
 def run_name(result: dict) -> str:
-    from .bench import run_label
+    from course_lib.bench import run_label
     return f"{run_label(result)}, {result['workload']}, n={result['n']}"
 
 
@@ -285,9 +285,9 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
     for how in ("attention", "cuda_graphs", "fused"):     # nothing is computed
         options.pop(how, None)
     if isinstance(options.get("slo"), dict):               # as a stored JSON holds it
-        from .admission import SLO
+        from course_lib.engines.admission import SLO
         options["slo"] = SLO(**options["slo"])
-    from .engines import make_engine
+    from course_lib.engines import make_engine
     clock = VirtualClock()
     config = SimpleNamespace(eos_token_id=shape.eos_token_id, max_position_embeddings=shape.max_context)
     loaded = SimpleNamespace(model=SimpleNamespace(config=config))
@@ -349,7 +349,7 @@ def replay(cost, result: dict, **changes):
 def validate(cost, result: dict) -> dict:
     """Simulate a stored run (``replay``) and compare: the relative error of throughput, TTFT
     p50, TPOT p50 and the end-to-end p50."""
-    from .metrics import summarize
+    from course_lib.measure.metrics import summarize
     _, log = replay(cost, result)
     return {"run": run_name(result), **compare(result["metrics"], summarize(log))}
 
@@ -366,7 +366,7 @@ def shape_of(result: dict) -> LlamaShape:
     """The shape of a stored run's model preset."""
     from transformers import LlamaConfig
 
-    from .models import PRESETS
+    from course_lib.model.models import PRESETS
     return LlamaShape.from_config(LlamaConfig(**PRESETS[result["model"]].config))
 
 
@@ -375,10 +375,10 @@ def dtype_bytes_of(result: dict) -> int:
 
 
 def main(argv=None):
-    """python -m course_lib.simulator fit --out COST.json RESULT.json ...
-    python -m course_lib.simulator validate --cost COST.json RESULT.json ..."""
+    """python -m course_lib.measure.simulator fit --out COST.json RESULT.json ...
+    python -m course_lib.measure.simulator validate --cost COST.json RESULT.json ..."""
     import argparse
-    p = argparse.ArgumentParser(prog="python -m course_lib.simulator", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m course_lib.measure.simulator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit a step-cost model to the steps of stored runs")

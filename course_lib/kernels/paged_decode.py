@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .llama import LlamaShape
+from course_lib.model.llama import LlamaShape
 
 try:                                   # Triton ships with CUDA builds of PyTorch
     import triton
@@ -196,7 +196,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
 def random_decode_step(shape, B=5, block_size=16, device="cpu", dtype=torch.float32, seed=0):
     """A paged cache of random keys and values whose ``B`` sequences grew side by side (so their
     blocks interleave), and a random query per sequence: ``(cache, q, tables, lengths)``."""
-    from .kv_cache import PagedKVCache
+    from course_lib.model.kv_cache import PagedKVCache
     g = torch.Generator().manual_seed(seed)
     cache = PagedKVCache(shape, 10 * B, block_size, dtype, device)
     for t in cache.k + cache.v:
@@ -232,6 +232,6 @@ def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16))
     return rows
 
 
-if __name__ == "__main__":       # python -m course_lib.paged_decode (TRITON_INTERPRET=1 on a CPU)
+if __name__ == "__main__":       # python -m course_lib.kernels.paged_decode (TRITON_INTERPRET=1 on a CPU)
     for row in selfcheck():
         print(json.dumps(row))

@@ -9,9 +9,9 @@ import random
 import torch
 from transformers import LlamaConfig
 
-from . import models
-from .kv_cache import kv_bytes_per_token
-from .llama import LlamaShape, rms_norm
+from course_lib.model import models
+from course_lib.model.kv_cache import kv_bytes_per_token
+from course_lib.model.llama import LlamaShape, rms_norm
 
 
 def _ok(msg):
@@ -81,7 +81,7 @@ def check_crossover_batch(fn):
 
 # ---------------------------------------------------------------- chapter 02
 def check_left_pad(fn):
-    from .runner import left_pad
+    from course_lib.engines.runner import left_pad
     for rows in [[[5, 6, 7], [8]], [[1], [2, 3], [4, 5, 6, 7]], [[9, 9]]]:
         got = fn(rows, 0)
         want = left_pad(rows, 0)
@@ -94,7 +94,7 @@ def check_left_pad(fn):
 
 
 def check_prefill_mask(fn):
-    from .attention import padded_visibility
+    from course_lib.model.attention import padded_visibility
     for start in [[0], [2, 0], [3, 1, 0]]:
         start = torch.tensor(start)
         T = int(start.max()) + 3
@@ -106,7 +106,7 @@ def check_prefill_mask(fn):
 
 # ---------------------------------------------------------------- chapter 03
 def check_fits(fn):
-    from .engines.dynamic import fits
+    from course_lib.engines.dynamic import fits
     rng = random.Random()
     cases = [(10, 5, 10, 20), (11, 5, 10, 20), (3, 18, 10, 28), (3, 19, 10, 28)]
     cases += [tuple(rng.randint(1, 40) for _ in range(4)) for _ in range(50)]
@@ -120,8 +120,8 @@ def check_fits(fn):
 def check_admit(fn):
     from collections import deque
 
-    from .engines.continuous import admit
-    from .requests import Request
+    from course_lib.engines.continuous import admit
+    from course_lib.requests import Request
     rng = random.Random()
     for _ in range(30):
         reqs = [Request(f"r{i}", [5], 1, arrival_s=t)
@@ -138,7 +138,7 @@ def check_admit(fn):
 
 
 def check_slot_utilisation(fn):
-    from .metrics import Step
+    from course_lib.measure.metrics import Step
     rng = random.Random()
     for _ in range(20):
         steps = []
@@ -156,7 +156,7 @@ def check_slot_utilisation(fn):
 
 
 def check_ttft_tpot(fn):
-    from .metrics import RequestRecord
+    from course_lib.measure.metrics import RequestRecord
     rng = random.Random()
     for _ in range(20):
         rec = RequestRecord("r", arrival_s=rng.uniform(0, 1), prompt_len=5)
@@ -178,7 +178,7 @@ def check_ttft_tpot(fn):
 
 # ---------------------------------------------------------------- chapter 05
 def check_chunk_sizes(fn):
-    from .engines.paged import chunk_sizes
+    from course_lib.engines.paged import chunk_sizes
     rng = random.Random()
     cases = [([100, 30], 64), ([10, 20, 30], 64), ([5], 64), ([], 8), ([64, 1], 64)]
     cases += [([rng.randint(1, 300) for _ in range(rng.randint(0, 5))], rng.randint(1, 256))
@@ -205,7 +205,7 @@ def check_steps_to_prefill(fn):
 
 # ---------------------------------------------------------------- chapter 06
 def check_cu_seqlens(fn):
-    from .attention import cu_seqlens
+    from course_lib.model.attention import cu_seqlens
     rng = random.Random()
     for lengths in [[3, 5, 2], [7], []] + [[rng.randint(1, 50) for _ in range(rng.randint(1, 8))]
                                            for _ in range(20)]:
@@ -216,7 +216,7 @@ def check_cu_seqlens(fn):
 
 
 def check_packed_mask(fn):
-    from .attention import block_diagonal_causal, cu_seqlens
+    from course_lib.model.attention import block_diagonal_causal, cu_seqlens
     rng = random.Random()
     for lengths in [[3, 2], [1, 1, 1], [4]] + [[rng.randint(1, 6) for _ in range(rng.randint(1, 4))]
                                                for _ in range(10)]:
@@ -243,7 +243,7 @@ def check_block_slot(fn):
 
 
 def check_allocator(cls):
-    from .kv_cache import BlockAllocator, OutOfBlocks
+    from course_lib.model.kv_cache import BlockAllocator, OutOfBlocks
     rng = random.Random()
     for _ in range(20):
         n = rng.randint(1, 8)
@@ -291,8 +291,8 @@ def check_percentile_latency(fn):
 def check_goodput(fn):
     """``fn(records, ttft_slo, tpot_slo)``: requests served within both targets per second, from
     the first arrival to the last finish of a served request."""
-    from .admission import SLO
-    from .metrics import RequestRecord, RunLog, goodput
+    from course_lib.engines.admission import SLO
+    from course_lib.measure.metrics import RequestRecord, RunLog, goodput
     rng = random.Random()
     for _ in range(20):
         recs = []
@@ -321,7 +321,7 @@ def check_admission_rule(fn):
     """``fn(waited_s, first_token_s, decode_step_s, ttft_slo, tpot_slo)`` -> "admit", "queue" or
     "refuse": refuse what cannot meet the TTFT target even if admitted now; queue what would make
     decode steps slower than the TPOT target; admit the rest."""
-    from .admission import SLO, AdmissionController
+    from course_lib.engines.admission import SLO, AdmissionController
 
     class Fixed:
         def __init__(self, first, step):
@@ -349,8 +349,8 @@ def check_tile_slots(fn):
     """``fn(table, start, block_n, block_size, end)`` -> ``(slots, valid)``: the cache slots of
     tokens ``start .. start + block_n - 1`` of a sequence (one iteration of the decode kernel)
     and which of them are real (``< end``); masked-off entries may hold anything."""
-    from .kv_cache import PagedKVCache
-    from .llama import LlamaShape
+    from course_lib.model.kv_cache import PagedKVCache
+    from course_lib.model.llama import LlamaShape
     rng = random.Random()
     shape = LlamaShape(10, 4, 8, 1, 2, 1, 2, 1e4, 1e-5, 0, 4096)
     for block_size in (1, 7, 16):
@@ -408,7 +408,7 @@ def check_combine_splits(fn):
 def check_packed_inputs(fn):
     """``fn(rows, last)`` -> a packed step's input tokens: per sequence ``(new tokens, src)``,
     the last new token ``None`` when it is still on the device, at ``last[src]``."""
-    from .engines.paged import packed_inputs
+    from course_lib.engines.paged import packed_inputs
     for seed in range(5):
         rng = random.Random(seed)
         last = torch.tensor([rng.randrange(100, 200) for _ in range(8)])
@@ -441,7 +441,7 @@ def check_tiles_to_read(fn):
     ``GatheredFlexAttention``). Checked against every (query, key) pair of the rule, and against
     the block mask the engine lists (its partial tiles plus its full ones)."""
     import numpy as np
-    from .attention import GatheredFlexAttention
+    from course_lib.model.attention import GatheredFlexAttention
     for seed in range(6):
         rng = random.Random(seed)
         T = rng.choice((2, 4, 8))

@@ -12,17 +12,17 @@ waiting request, one of three things:
   now (it has waited too long, or its prompt alone takes too long to prefill). Refusing early is
   what keeps the others on time: served late is as useless as not served, and costs capacity.
 
-Its predictions come from the step-cost model of ``course_lib.simulator``, fitted online to the
+Its predictions come from the step-cost model of ``course_lib.measure.simulator``, fitted online to the
 steps this engine has run so far (and, until there are enough of them, from a given model).
 *Goodput* is what the controller tries to maximise: requests served within both targets, per
-second (``course_lib.metrics.goodput``).
+second (``course_lib.measure.metrics.goodput``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from .simulator import StepCost, features
+from course_lib.measure.simulator import StepCost, features
 
 ONLINE = SimpleNamespace(device="online", bandwidth=float("inf"), flops=float("inf"))
 

@@ -11,7 +11,7 @@ A graph replays fixed kernels on fixed memory, so:
   are padding that writes to the cache's pad block and is never read;
 * the inputs live in one fixed buffer on the device (tokens, positions, cache slots, lengths,
   block tables), refilled from the host with *one* copy per step;
-* the next token is chosen inside the graph (``course_lib.sampling``): ``B`` integers come back,
+* the next token is chosen inside the graph (``course_lib.model.sampling``): ``B`` integers come back,
   not ``B x vocab`` logits. They are written to ``last``, a buffer on the device where the next
   step can read its input tokens (``src``) before the host has seen them: so the host can
   launch step ``k + 1`` while step ``k`` runs (``PagedEngine(overlap=True)``).
@@ -31,8 +31,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attention import DecodeAttention
-from .sampling import sample
+from course_lib.model.attention import DecodeAttention
+from course_lib.model.sampling import sample
 
 
 def batch_buckets(max_batch: int) -> list:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .metrics import summarize
-from .requests import poisson_arrivals
+from course_lib.measure.metrics import summarize
+from course_lib.requests import poisson_arrivals
 
 
 def point(log, rate, max_batch, slo=None, **extra) -> dict:
@@ -33,7 +33,7 @@ def simulated(book, shape, dtype_bytes: int, requests: list, engine: str = "cont
     """A cached function ``run(rate, max_batch, slo=None) -> RunLog`` that simulates ``engine``
     on ``requests`` arriving as a Poisson process (``rate=None``: all at once). With an ``slo``
     the engine admits, queues and refuses to meet it."""
-    from .simulator import simulate
+    from course_lib.measure.simulator import simulate
 
     @lru_cache(maxsize=None)
     def run(rate, max_batch, slo=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent       # the repository
+ROOT = Path(__file__).resolve().parents[2]       # the repository
 RESULTS = ROOT / "bench" / "results"
 
 

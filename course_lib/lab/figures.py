@@ -1,4 +1,4 @@
-"""Regenerate the course figures in ``vis/`` from runs: ``python -m course_lib.figures``.
+"""Regenerate the course figures in ``vis/`` from runs: ``python -m course_lib.lab.figures``.
 
 Each figure is drawn from a measurement made now on this machine, next to the stored GPU results
 in ``bench/results/`` (labelled with the card they came from).
@@ -13,11 +13,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import models, plots, roofline  # noqa: E402
-from .llama import Llama  # noqa: E402
-from .nbtools import load_result, stored_results  # noqa: E402
+from course_lib.model import models
+from course_lib.lab import plots
+from course_lib.measure import roofline  # noqa: E402
+from course_lib.model.llama import Llama  # noqa: E402
+from course_lib.lab.nbtools import load_result, stored_results  # noqa: E402
 
-VIS = Path(__file__).resolve().parent.parent / "vis"
+VIS = Path(__file__).resolve().parents[2] / "vis"
 
 
 def chapter01(out: Path, model_name: str = "smollm2-135m", repeat: int = 5) -> list:
@@ -51,9 +53,9 @@ def chapter01(out: Path, model_name: str = "smollm2-135m", repeat: int = 5) -> l
 def chapter04(out: Path, model_name: str = "smollm2-135m", n: int = 16, max_batch: int = 4,
               max_new_tokens: int = 64) -> list:
     """The seed's figure, from a real run: static vs continuous batching of the same requests."""
-    from .engines import make_engine
-    from .metrics import summarize
-    from .requests import chat_workload
+    from course_lib.engines import make_engine
+    from course_lib.measure.metrics import summarize
+    from course_lib.requests import chat_workload
     loaded = models.load(model_name)
     requests = chat_workload(loaded.tokenizer, n=n, max_new_tokens=max_new_tokens)
     logs = {e: make_engine(e, loaded, max_batch=max_batch).run(requests)

@@ -7,7 +7,7 @@ SwiGLU MLP. Shapes are written as comments; ``...`` is "any leading dimensions":
 Everything except attention works token by token, so the model does not care how a batch is laid
 out. Attention is the one place where tokens meet, and it is *passed in*: an object with
 ``attn(layer, q, k, v) -> out`` that owns the KV-cache and knows the batch layout (padded now;
-packed and paged in later chapters). See ``course_lib.attention``.
+packed and paged in later chapters). See ``course_lib.model.attention``.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def rms_norm(x, weight, eps):
 
 def add_rms_norm(x, delta, weight, eps):
     """The residual add and the next norm: ``x + delta`` and its RMSNorm (``delta=None``: the
-    norm alone). Two jobs side by side, so that the fast path can fuse them (``course_lib.fused``)."""
+    norm alone). Two jobs side by side, so that the fast path can fuse them (``course_lib.kernels.fused``)."""
     if delta is not None:
         x = x + delta
     return x, rms_norm(x, weight, eps)
@@ -129,7 +129,7 @@ class Llama:
     """A Llama decoder over weights borrowed (not copied) from a Hugging Face model.
 
     ``fused = True`` runs the elementwise work (residual adds with the norms, RoPE, SwiGLU's
-    gate) through the fused Triton kernels of ``course_lib.fused``, and stacks the projections
+    gate) through the fused Triton kernels of ``course_lib.kernels.fused``, and stacks the projections
     that share an input (chapter 09's fast path on CUDA); by default the PyTorch functions above."""
 
     def __init__(self, shape: LlamaShape, embed, layers, final_norm, lm_head):
@@ -183,7 +183,7 @@ class Llama:
         # can attend to what is already there: ``attend``), two kernels fewer per layer
         store = self.fused and getattr(attn, "attend", None) is not None
         if store:
-            from .fused import rope_qk_store
+            from course_lib.kernels.fused import rope_qk_store
         x = F.embedding(tokens, self.embed)                                   # (..., hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         norms = [w.attn_norm for w in self.layers[1:]] + [self.final_norm]    # the norm after each layer
@@ -205,7 +205,7 @@ class Llama:
     def elementwise_ops(self):
         """``(add_rms_norm, rope_qk, silu_mul)``: the fused kernels, or the PyTorch references."""
         if self.fused:
-            from . import fused
+            from course_lib.kernels import fused
             return fused.add_rms_norm, fused.rope_qk, fused.silu_mul
         return REFERENCE_OPS
 

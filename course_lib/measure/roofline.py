@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .kv_cache import kv_bytes_per_token
-from .models import cache_dir
+from course_lib.model.kv_cache import kv_bytes_per_token
+from course_lib.model.models import cache_dir
 
 
 # ---------------------------------------------------------------- peaks, measured on this device
@@ -236,8 +236,8 @@ def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int 
     every kernel is launched from Python. ``graph=True`` (CUDA only) records the step once as a
     CUDA graph and times its replays: what the GPU itself needs, without the launch overhead.
     """
-    from .attention import PaddedAttention
-    from .kv_cache import ContiguousKVCache
+    from course_lib.model.attention import PaddedAttention
+    from course_lib.model.kv_cache import ContiguousKVCache
     dev = model.device
     cache = ContiguousKVCache(model.shape, batch, context + new_tokens, model.dtype, dev)
     cache.k.normal_(), cache.v.normal_()          # random, never zeros: zeros can run faster

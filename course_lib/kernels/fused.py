@@ -22,8 +22,8 @@ per layer (``Llama.hidden_states``).
 
 Each one rounds where PyTorch's version rounds (to the model's dtype after every operation that
 PyTorch does in that dtype), so the fused model follows the reference closely; the references
-are the functions of ``course_lib.llama``. On the CPU the model uses those references; the
-kernels are checked against them in Triton's interpreter (``python -m course_lib.fused`` with
+are the functions of ``course_lib.model.llama``. On the CPU the model uses those references; the
+kernels are checked against them in Triton's interpreter (``python -m course_lib.kernels.fused`` with
 ``TRITON_INTERPRET=1``) and on a GPU in bf16.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ import json
 
 import torch
 
-from .llama import add_rms_norm as add_rms_norm_reference
-from .llama import rope_cos_sin, rope_frequencies, rope_qk as rope_qk_reference, silu_mul as silu_mul_reference
+from course_lib.model.llama import add_rms_norm as add_rms_norm_reference
+from course_lib.model.llama import rope_cos_sin, rope_frequencies, rope_qk as rope_qk_reference, silu_mul as silu_mul_reference
 
 try:                                   # Triton ships with CUDA builds of PyTorch
     import triton
@@ -224,6 +224,6 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
     return rows
 
 
-if __name__ == "__main__":       # python -m course_lib.fused (TRITON_INTERPRET=1 on a CPU)
+if __name__ == "__main__":       # python -m course_lib.kernels.fused (TRITON_INTERPRET=1 on a CPU)
     for r in selfcheck():
         print(json.dumps(r))

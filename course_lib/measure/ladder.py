@@ -18,12 +18,12 @@ import traceback
 
 import torch
 
-from .bench import bench, describe
-from .kv_cache import kv_bytes_per_token
-from .llama import LlamaShape
-from .metrics import steps_of
-from .requests import load_workload
-from .roofline import measure_peaks, workload_floor
+from course_lib.bench import bench, describe
+from course_lib.model.kv_cache import kv_bytes_per_token
+from course_lib.model.llama import LlamaShape
+from course_lib.measure.metrics import steps_of
+from course_lib.requests import load_workload
+from course_lib.measure.roofline import measure_peaks, workload_floor
 
 RUNGS = {   # name -> engine, options ("rows": the rows' KV memory; "big": big_batch; "budget")
     "paged": ("continuous", {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows",

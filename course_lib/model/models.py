@@ -11,7 +11,7 @@ Three presets:
 * ``tiny`` -- a very small random Llama for unit tests that must run in milliseconds.
 
 ``load("smollm2-135m")`` returns a :class:`Loaded` with the Hugging Face model, its tokenizer and
-the preset; ``course_lib.llama.Llama.from_hf`` turns the HF model into the course's own forward.
+the preset; ``course_lib.model.llama.Llama.from_hf`` turns the HF model into the course's own forward.
 """
 from __future__ import annotations
 

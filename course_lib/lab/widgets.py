@@ -6,7 +6,8 @@ from functools import lru_cache
 
 import matplotlib.pyplot as plt
 
-from . import plots, roofline
+from course_lib.lab import plots
+from course_lib.measure import roofline
 
 
 def _pick(show, options, description: str, **more):
@@ -50,8 +51,8 @@ def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4,
     """Pick a batch size: run the engines on the same requests (each run once, then cached) and
     draw their timelines with their throughput and slot utilisation."""
 
-    from .engines import make_engine
-    from .metrics import summarize
+    from course_lib.engines import make_engine
+    from course_lib.measure.metrics import summarize
 
     @lru_cache(maxsize=None)
     def run(engine, max_batch):
@@ -76,8 +77,8 @@ def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), bloc
     """Pick a token budget (max_num_batched_tokens): run the chunked engine (once per budget,
     then cached) and see its steps and its worst decode stall."""
 
-    from .engines import make_engine
-    from .metrics import summarize
+    from course_lib.engines import make_engine
+    from course_lib.measure.metrics import summarize
 
     @lru_cache(maxsize=None)
     def run(budget):
@@ -100,8 +101,8 @@ def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int =
     """Pick a block size: run the paged engine (once per size, then cached) and see how much of
     the memory it reserves holds no token, and how many blocks it manages."""
 
-    from .engines import make_engine
-    from .metrics import summarize
+    from course_lib.engines import make_engine
+    from course_lib.measure.metrics import summarize
 
     @lru_cache(maxsize=None)
     def run(block_size):
@@ -123,8 +124,8 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
     """Pick an arrival rate, a max batch and a TTFT target. ``run(rate, max_batch[, slo])`` is a
     cached simulated run (``tradeoffs.simulated``): the point on the trade-off curve, and the
     queue over time with and without admission control."""
-    from .admission import SLO
-    from .tradeoffs import point, sweep
+    from course_lib.engines.admission import SLO
+    from course_lib.measure.tradeoffs import point, sweep
 
     def show(rate, max_batch, ttft_slo):
         slo = SLO(ttft_s=ttft_slo)
@@ -148,7 +149,7 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
 
 
 def ladder_explorer(result):
-    """Pick a rung of a ladder result (``course_lib.ladder``) and see its steps over time."""
+    """Pick a rung of a ladder result (``course_lib.measure.ladder``) and see its steps over time."""
     runs = {r["rung"]: r for r in result["runs"] if "error" not in r and r.get("steps")}
 
     def show(rung):
