@@ -23,6 +23,6 @@ case $part in
      fi
      export PYTHONPATH=/tmp/site:/tmp/smol/site:$PWD:$PWD/tests
      [ -d .gpucarry/cache ] && export COURSE_CACHE=$PWD/.gpucarry/cache
-     python3 -c "from course_lib import models; m = models.load('smollm2-135m'); print('SmolLM2 loads:', m.config.num_hidden_layers, 'layers')" ;;
+     python3 -c "from course_lib.model import models; m = models.load('smollm2-135m'); print('SmolLM2 loads:', m.config.num_hidden_layers, 'layers')" ;;
   *) echo "part 1, 2 or 3" >&2; exit 2 ;;
 esac

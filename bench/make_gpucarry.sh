@@ -20,8 +20,8 @@ for f in "$tmp"/*.whl; do
   esac
 done
 rm -rf "$tmp"
-.venv/bin/python -c "from course_lib import models; models.load_tokenizer()"
-cache=$(.venv/bin/python -c "from course_lib import models; print(models.cache_dir())")
+.venv/bin/python -c "from course_lib.model import models; models.load_tokenizer()"
+cache=$(.venv/bin/python -c "from course_lib.model import models; print(models.cache_dir())")
 cp "$cache"/smollm2-135m/{tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpucarry/cache/smollm2-135m/
 du -sh .gpucarry
 
