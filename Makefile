@@ -5,6 +5,7 @@
 #   make test         unit tests, every notebook through nbval, assignments freshness check
 #   make assignments  regenerate the student copies in assignments/
 #   make figures      regenerate the course figures (python -m course_lib.lab.figures)
+#   make grade SUBMISSIONS=DIR  grade a class: DIR/<student>/*.ipynb -> DIR/grades.csv
 #   make clean        remove caches (keeps .venv);  make distclean  also removes .venv
 #
 # Every recipe runs under bash with -e -u -o pipefail, so a failing command
@@ -42,7 +43,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
 NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: venv lab test assignments figures clean distclean help
+.PHONY: venv lab test assignments figures grade clean distclean help
 
 venv: $(STAMP)
 
@@ -83,6 +84,11 @@ assignments: venv
 figures: venv
 	python -m course_lib.lab.figures
 
+# Each cell may run GRADE_CELL_TIMEOUT seconds (default 300); see tools/grade.py.
+grade: venv
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=DIR (one folder per student)"; exit 2; }
+	python tools/grade.py "$(SUBMISSIONS)"
+
 clean:
 	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
 	  \( -name __pycache__ -o -name .pytest_cache -o -name .ipynb_checkpoints \
@@ -94,4 +100,4 @@ distclean: clean
 	rm -rf $(VENV)
 
 help:
-	@sed -n '3,9s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
