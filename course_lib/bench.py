@@ -344,6 +344,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     a = parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()     # stderr holds the run's own progress, and errors alone
     slo = None if a.ttft_slo is None and a.tpot_slo is None else SLO(a.ttft_slo, a.tpot_slo)
     try:
         result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device,
