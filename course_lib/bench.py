@@ -8,8 +8,8 @@
 The engines are those of ``course_lib.engines.REGISTRY`` (sequential, static, dynamic,
 continuous, chunked, paged, fast, hf-generate, hf-cb, vllm); the JSON layout stays the same:
 ``engine`` (the registry's name of what ran), ``engine_options`` (the options given and the
-settings the engine resolved), ``model``, ``device`` (name and measured peaks), ``versions``, ``metrics``
-(throughput, TTFT/TPOT percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
+settings the engine resolved), ``model``, ``device`` (name and measured peaks), ``versions``,
+``metrics`` (throughput, TTFT/TPOT percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
 ``requests`` (one row per request).
 """
 from __future__ import annotations
