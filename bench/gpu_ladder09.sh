@@ -38,7 +38,7 @@ if [ "${1:-}" != "--collect" ]; then
   rm -rf "$RUN" && mkdir -p "$RUN"
   setsid nohup $PY bench/ladder.py --model llama-1b-dummy --dtype bfloat16 --device cuda \
     --workload "anyscale:prompt_len=512,cap=512,mean=128" --n "$N" --max-batch 64 --big-batch 512 \
-    --budget 2048 --no-tokens \
+    --max-num-batched-tokens 2048 --no-tokens \
     --rungs "${RUNG_LIST[@]}" \
     --out "$RUN/$NAME" > "$RUN/log" 2>&1 < /dev/null &
   echo $! > "$RUN/pid"

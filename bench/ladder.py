@@ -5,9 +5,9 @@
 
 ``runs`` holds the bench CLI's JSON for each rung (``python -m course_lib.bench``), all measured
 with the same loaded model, the same requests and the same device, one after the other; each
-run also names its ``rung``. A rung is an engine or one of chapter 09's named steps
-(``course_lib.measure.ladder``: paged, chunked, graphs; options after a colon override its settings, e.g.
-``graphs:kv_memory_mib=16384``). The JSON also holds the workload's physical floor on this device.
+run also names its ``rung``. A rung is an engine, chunked, paged and fast with chapter 09's settings
+(``course_lib.measure.ladder``); options after a colon override its settings, e.g.
+``fast:kv_memory_mib=16384``. The JSON also holds the workload's physical floor on this device.
 """
 import argparse
 import shlex
@@ -31,7 +31,8 @@ def main():
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--big-batch", type=int, default=512, help="the paged rungs' largest batch")
-    p.add_argument("--budget", type=int, default=2048, help="the chunked rungs' tokens per step")
+    p.add_argument("--max-num-batched-tokens", "--budget", dest="max_num_batched_tokens", type=int,
+                   default=2048, help="the chunked and fast rungs' tokens per step")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
@@ -44,7 +45,7 @@ def main():
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     result = run_ladder(loaded, a.model, a.workload, a.engines, a.n, a.max_batch, a.big_batch,
-                        a.budget, a.dtype, a.device, a.max_new_tokens, a.tokens, a.sequential_n,
+                        a.max_num_batched_tokens, a.dtype, a.device, a.max_new_tokens, a.tokens, a.sequential_n,
                         after_each=lambda partial: save_result(partial, a.out, command))
     save_result(result, a.out, command)
     print("wrote", a.out, flush=True)

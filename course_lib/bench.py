@@ -2,10 +2,14 @@
 
     python -m course_lib.bench --engine continuous --model smollm2-135m --workload chat \\
         --n 32 --max-batch 16 --json out.json
+    python -m course_lib.bench --engine fast --model llama-1b-dummy --dtype bfloat16 \\
+        --workload anyscale --max-batch 512 --kv-memory-mib 16384 --json fast.json
 
-Every chapter adds its engine to ``course_lib.engines.ENGINES``; the JSON layout stays the same:
-``engine``, ``model``, ``device`` (name and measured peaks), ``versions``, ``metrics``
-(throughput, TTFT/TPOT percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
+The engines are those of ``course_lib.engines.REGISTRY`` (sequential, static, dynamic,
+continuous, chunked, paged, fast, hf-generate, hf-cb, vllm); the JSON layout stays the same:
+``engine`` (the registry's name of what ran), ``engine_options`` (the options given and the
+settings the engine resolved), ``model``, ``device`` (name and measured peaks), ``versions``,
+``metrics`` (throughput, TTFT/TPOT percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
 ``requests`` (one row per request).
 """
 from __future__ import annotations
@@ -28,10 +32,11 @@ import torch
 
 from course_lib.model import models
 from course_lib.engines.admission import SLO
-from course_lib.engines import ENGINES, make_engine
+from course_lib.engines import REGISTRY, EngineOptionError, engine_settings, make_engine, resolve
+from course_lib.engines.vllm import EngineUnavailable
 from course_lib.model.llama import LlamaShape
 from course_lib.measure.metrics import request_rows, step_rows, summarize
-from course_lib.requests import load_workload, poisson_arrivals
+from course_lib.requests import RequestError, WorkloadError, load_workload, poisson_arrivals
 from course_lib.measure.roofline import NvmlSampler, measure_peaks
 
 
@@ -143,12 +148,24 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     """
     if admission:
         if slo is None:
-            raise ValueError("admission control needs an SLO (a TTFT or a TPOT target)")
+            raise EngineOptionError("admission control needs an SLO (a TTFT or a TPOT target)")
         engine_options = {**(engine_options or {}), "slo": slo}
     if arrival_rate is not None and not arrival_rate > 0:
-        raise ValueError(f"arrival rate must be > 0 requests/s, got {arrival_rate}")
+        raise WorkloadError(f"arrival rate must be > 0 requests/s, got {arrival_rate}")
+    if model not in models.PRESETS:
+        raise models.ModelError(f"unknown model {model!r}; the presets are: "
+                                f"{', '.join(models.PRESETS)}")
+    engine_options = {k: v for k, v in (engine_options or {}).items() if v is not None}
+    _, spec, _ = resolve(engine, {"max_batch": max_batch, **engine_options})  # before any loading
+    own_process = getattr(spec.cls, "own_process", False)      # vllm: nothing of ours on the GPU
+    if own_process:
+        from course_lib.engines.vllm import check_available
+        check_available()
+        if simulate is not None:
+            raise EngineOptionError(f"engine {engine!r} cannot be simulated")
     if simulate is None:
-        loaded = loaded or models.load(model, dtype=dtype, device=device)
+        loaded = loaded or models.load(model, dtype=dtype,
+                                       device="cpu" if own_process else device)
         dtype_t, tokenizer = loaded.model.dtype, loaded.tokenizer
         shape = LlamaShape.from_config(loaded.config)
     else:                       # nothing runs: the preset's shape is all the cost model needs
@@ -164,18 +181,17 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     options = json_options(engine_options)
     if simulate is None:
         peaks = measure_peaks(device, dtype_t)
-        runner = make_engine(engine, loaded, max_batch=max_batch, **(engine_options or {}))
-        if warmup:   # first calls pay for kernel loading, allocator growth, library set-up: not timed
+        runner = make_engine(engine, loaded, max_batch=max_batch, **engine_options)
+        if own_process and torch.cuda.is_available():
+            torch.cuda.empty_cache()          # the card to the engine's process, bar our context
+        if warmup and not own_process:   # first calls pay for kernel loading, allocator growth, library set-up: not timed
             runner.prepare(requests)
             runner.run([replace(r, id=f"warmup-{r.id}", arrival_s=0.0,
                                 max_new_tokens=min(4, r.max_new_tokens)) for r in requests[:2]])
         with NvmlSampler(torch.device(device).index or 0) as nvml:
             log = runner.run(requests, progress=progress)
         device_type, nvml_mean, step_source = torch.device(device).type, nvml.mean, log.step_source
-        if hasattr(runner, "attention"):          # the paged engine's settings, as resolved
-            options["attention"] = runner.attention
-            if runner.num_blocks is not None:
-                options["num_blocks"] = runner.num_blocks
+        options.update(engine_settings(runner))      # the settings as the engine resolved them
     else:
         from course_lib.measure.roofline import Peaks
         from course_lib.measure.simulator import CostBook, StepCost, simulate as run_simulated
@@ -183,7 +199,7 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         if isinstance(cost, CostBook):
             cost = cost.for_run(engine, engine_options)
         runner, log = run_simulated(engine, requests, cost, shape, dtype_bytes, max_batch,
-                                    **(engine_options or {}))
+                                    **engine_options)
         peaks = Peaks(cost.device, dtype, cost.bandwidth, cost.flops, "simulated")
         device_type, nvml_mean, step_source = "simulated", None, "simulated"
     metrics = summarize(log, shape, dtype_bytes, peaks, slo=slo)
@@ -193,7 +209,7 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     if hasattr(runner, "warmup_failures"):            # hf-cb: warm-ups HF gave up on (out of memory)
         metrics["warmup_failures"] = runner.warmup_failures
     out = {
-        "engine": engine, "model": model, "workload": workload, "n": len(requests),
+        "engine": runner.name, "model": model, "workload": workload, "n": len(requests),
         "max_batch": max_batch, "max_new_tokens": max_new_tokens, "arrival_rate": arrival_rate,
         "engine_options": options,
         "dtype": str(dtype_t).removeprefix("torch."),
@@ -217,18 +233,29 @@ def json_options(options: dict | None) -> dict:
 
 
 def run_label(result: dict) -> str:
-    """A short name for a run from its engine and options, e.g. ``continuous, blocks of 16,
-    flex, budget 2048, B=256``."""
+    """A short name for a run from its recorded engine and options, e.g. ``paged, flex, blocks
+    of 16, 2048 blocks, B=256`` or ``fast, kernel, budget 16384, 16 GiB KV, B=512``."""
     o = result.get("engine_options") or {}
     parts = [result["engine"]]
-    if result["engine"] == "continuous":
-        parts.append(f"blocks of {o['block_size']}" if o.get("block_size") else "rows")
-        if o.get("attention") or o.get("block_size"):
-            parts.append(o.get("attention") or "gather")
-        if o.get("max_num_batched_tokens"):
-            parts.append(f"budget {o['max_num_batched_tokens']}")
-        if o.get("num_blocks"):
-            parts.append(f"{o['num_blocks']} blocks")
+    if o.get("attention"):
+        parts.append(o["attention"])
+    if o.get("block_size"):
+        parts.append(f"blocks of {o['block_size']}")
+    if o.get("max_num_batched_tokens"):
+        parts.append(f"budget {o['max_num_batched_tokens']}")
+    if o.get("kv_memory_bytes"):
+        parts.append(f"{o['kv_memory_bytes'] / 2**30:g} GiB KV")
+    elif o.get("num_blocks"):
+        parts.append(f"{o['num_blocks']} blocks")
+    for key in ("cuda_graphs", "fused", "overlap"):      # said only where they differ by engine
+        if key in o and result["engine"] in ("chunked", "paged", "fast"):
+            default = result["engine"] == "fast" and result.get("device", {}).get("type") == "cuda"
+            if bool(o[key]) != default:
+                parts.append(f"{key}={'on' if o[key] else 'off'}")
+    if o.get("watermark"):
+        parts.append(f"{o['watermark']:.0%} kept free")
+    if o.get("slo"):
+        parts.append("admission")
     parts.append(f"B={result['max_batch']}")
     return ", ".join(parts)
 
@@ -248,54 +275,95 @@ def describe(result: dict) -> str:
             f"slots {pct(m['slot_utilisation'])} | MBU {pct(m['mbu'])} | MFU {pct(m['mfu'])}")
 
 
-def main(argv=None):
+def engine_options_of(a) -> dict:
+    """The engine options the CLI's flags give (None: the engine's default)."""
+    return {"max_num_batched_tokens": a.max_num_batched_tokens, "block_size": a.block_size,
+            "num_blocks": a.num_blocks, "attention": a.attention,
+            "kv_memory_bytes": None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20),
+            "cuda_graphs": a.cuda_graphs, "fused": a.fused, "overlap": a.overlap,
+            "watermark": a.watermark}
+
+
+# what a user can get wrong: one line on stderr and exit status 2, no traceback
+USER_ERRORS = (WorkloadError, RequestError, EngineOptionError, EngineUnavailable,
+               models.ModelError)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m course_lib.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", required=True, choices=sorted(ENGINES))
-    p.add_argument("--model", default="smollm2-135m", choices=sorted(models.PRESETS))
+    p.add_argument("--engine", required=True, metavar="ENGINE",
+                   help="one of: " + ", ".join(REGISTRY))
+    p.add_argument("--model", default="smollm2-135m", metavar="MODEL",
+                   help="one of: " + ", ".join(models.PRESETS) + " (default smollm2-135m)")
     p.add_argument("--workload", default="chat",
                    help="chat, anyscale, anyscale:prompt_len=64,cap=128,mean=64, or a .jsonl file")
     p.add_argument("--n", type=int, default=None, help="number of requests")
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most sequences at once (vllm: max_num_seqs)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="for the chat workload (default 128)")
+                   help="for the chat workload (default 128); an upper limit for the others")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="continuous engine: token budget per step (chunked prefill)")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="continuous engine: paged KV-cache with blocks of this many tokens")
-    p.add_argument("--num-blocks", type=int, default=None,
-                   help="continuous engine: paged KV-cache of this many blocks (preempts when full)")
-    p.add_argument("--kv-memory-mib", type=float, default=None,
-                   help="continuous engine: paged KV-cache of as many blocks as fit in this many MiB")
-    p.add_argument("--attention", default=None, choices=["gather", "flex"],
-                   help="paged engine: gather K/V (the reference; CPU default) or FlexAttention "
-                        "reading the blocks in place (CUDA default)")
+    g = p.add_argument_group("chunked, paged and fast engines (default: the engine's own)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per step (chunked prefill); also vllm's")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV-cache block (default 16)")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="a KV-cache of this many blocks (preempts when full)")
+    g.add_argument("--kv-memory-mib", type=float, default=None,
+                   help="a KV-cache of as many blocks as fit in this many MiB")
+    g.add_argument("--attention", default=None, choices=["gather", "flex", "kernel"],
+                   help="gather K/V (the reference), FlexAttention reading the blocks in place, or "
+                        "the Triton decode kernel (fast)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay decode steps as CUDA graphs (needs CUDA and attention kernel)")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused Triton elementwise kernels (needs CUDA)")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule step k+1 while step k runs on the GPU")
+    g.add_argument("--watermark", type=float, default=None, metavar="F",
+                   help="fraction of the KV blocks kept free when admitting")
+    g.add_argument("--admission", action="store_true",
+                   help="admit, queue or refuse requests to meet the SLO (paged engine)")
     p.add_argument("--arrival-rate", type=float, default=None,
-                   help="requests arrive as a Poisson process of this many per second (default: all at once)")
+                   help="requests arrive as a Poisson process of this many per second "
+                        "(default: all at once)")
     p.add_argument("--simulate", default=None, metavar="COST_JSON",
-                   help="simulate the run with a fitted step-cost model (python -m course_lib.measure.simulator fit)")
+                   help="simulate the run with a fitted step-cost model "
+                        "(python -m course_lib.measure.simulator fit)")
     p.add_argument("--ttft-slo", type=float, default=None, help="TTFT target in seconds (goodput)")
     p.add_argument("--tpot-slo", type=float, default=None, help="TPOT target in seconds (goodput)")
-    p.add_argument("--admission", action="store_true",
-                   help="continuous engine: admit, queue or refuse requests to meet the SLO")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", action="store_true", help="store each request's output tokens")
     p.add_argument("--steps", action="store_true", help="store the step log")
     p.add_argument("--json", required=True, help="where to write the result")
-    a = p.parse_args(argv)
-    paged = {"max_num_batched_tokens": a.max_num_batched_tokens, "block_size": a.block_size,
-             "num_blocks": a.num_blocks, "attention": a.attention,
-             "kv_memory_bytes": None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20)}
-    result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device, a.tokens,
-                   a.max_new_tokens, a.seed, progress=True, steps=a.steps,
-                   engine_options={k: v for k, v in paged.items() if v is not None},
-                   arrival_rate=a.arrival_rate, simulate=a.simulate, admission=a.admission,
-                   slo=None if a.ttft_slo is None and a.tpot_slo is None else SLO(a.ttft_slo, a.tpot_slo))
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()     # stderr holds the run's own progress, and errors alone
+    slo = None if a.ttft_slo is None and a.tpot_slo is None else SLO(a.ttft_slo, a.tpot_slo)
+    try:
+        result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device,
+                       a.tokens, a.max_new_tokens, a.seed, progress=True, steps=a.steps,
+                       engine_options=engine_options_of(a), arrival_rate=a.arrival_rate,
+                       simulate=a.simulate, admission=a.admission, slo=slo)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
     save_result(result, a.json, "python -m course_lib.bench " + " ".join(
         shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)))
     print(describe(result))
+
+
+def one_line(e: Exception) -> str:
+    """An error's message on one line (the first line: the rest is detail)."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
 
 
 if __name__ == "__main__":

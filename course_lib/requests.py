@@ -61,8 +61,9 @@ class RequestError(ValueError):
     """A request cannot be served (e.g. it does not fit the model's context)."""
 
 
-def validate(req: Request, max_context: int) -> None:
-    """Check that ``req`` can be served by a model with ``max_context`` positions.
+def validate(req: Request, max_context: int, vocab_size: int | None = None) -> None:
+    """Check that ``req`` can be served by a model with ``max_context`` positions (and, given
+    ``vocab_size``, that every prompt token id is one of its ``vocab_size`` ids).
 
     Raises :class:`RequestError` naming the request and the problem; returns
     None when the request is fine.
@@ -70,6 +71,10 @@ def validate(req: Request, max_context: int) -> None:
     where = f"request {req.id!r}"
     if len(req.prompt_tokens) == 0:
         raise RequestError(f"{where}: empty prompt (no prompt tokens)")
+    if vocab_size is not None:
+        bad = check_token_ids(req.prompt_tokens, vocab_size)
+        if bad:
+            raise RequestError(f"{where}: {bad}")
     if req.max_new_tokens < 1:
         raise RequestError(f"{where}: max_new_tokens must be >= 1, got {req.max_new_tokens}")
     total = len(req.prompt_tokens) + req.max_new_tokens
@@ -80,6 +85,16 @@ def validate(req: Request, max_context: int) -> None:
         )
     if req.arrival_s < 0:
         raise RequestError(f"{where}: arrival_s must be >= 0, got {req.arrival_s}")
+
+
+def check_token_ids(tokens, vocab_size: int) -> str | None:
+    """What is wrong with ``tokens`` as ids of a vocabulary of ``vocab_size`` (None: nothing):
+    an id the model has no embedding for would fail deep inside the forward pass."""
+    for i, t in enumerate(tokens):
+        if not 0 <= t < vocab_size:
+            return (f"prompt token id {t} (position {i}) is outside the model's vocabulary "
+                    f"of {vocab_size} ids (0 to {vocab_size - 1})")
+    return None
 
 
 def encode_chat(tokenizer, message: str) -> list[int]:
@@ -115,7 +130,7 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _parse_line(obj, tokenizer) -> Request:
+def _parse_line(obj, tokenizer, vocab_size: int | None = None) -> Request:
     """Turn one decoded JSON line into a Request; raises ValueError with the problem."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -146,6 +161,8 @@ def _parse_line(obj, tokenizer) -> Request:
         prompt = obj["prompt"]
         if not isinstance(prompt, str):
             raise ValueError(f"'prompt' must be a string, got {prompt!r}")
+        if not prompt.strip():
+            raise ValueError("'prompt' is empty")
         if tokenizer is None:
             raise ValueError("'prompt' is text, so a tokenizer is needed to encode it")
         tokens = encode_chat(tokenizer, prompt)
@@ -155,6 +172,10 @@ def _parse_line(obj, tokenizer) -> Request:
             raise ValueError("'prompt_tokens' must be a list of non-negative integers")
         if not tokens:
             raise ValueError("'prompt_tokens' is empty")
+        if vocab_size is not None:
+            bad = check_token_ids(tokens, vocab_size)
+            if bad:
+                raise ValueError(bad)
 
     arrival = obj.get("arrival_s", 0.0)
     if not _is_number(arrival) or not math.isfinite(arrival) or arrival < 0:
@@ -174,7 +195,7 @@ def _parse_line(obj, tokenizer) -> Request:
     )
 
 
-def load_jsonl(path, tokenizer=None) -> list[Request]:
+def load_jsonl(path, tokenizer=None, vocab_size: int | None = None) -> list[Request]:
     """Read requests from a JSON-lines file, one request per line.
 
     Each line is an object with the keys
@@ -187,22 +208,28 @@ def load_jsonl(path, tokenizer=None) -> list[Request]:
       from one line to the next),
     * ``ignore_eos`` (true/false, optional, default false).
 
-    Blank lines are skipped.  Any problem raises :class:`WorkloadError` with a
-    message starting ``"<path>:<line>: "``.
+    Given ``vocab_size``, every prompt token id must be below it (text prompts are encoded
+    by the model's own tokenizer).  Blank lines are skipped.  Any problem raises
+    :class:`WorkloadError` with a message starting ``"<path>:<line>: "``.
     """
     requests: list[Request] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}: "
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise WorkloadError(where + "not UTF-8 text: a .jsonl file holds one JSON "
+                                    "object per line") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}: "
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise WorkloadError(where + f"invalid JSON: {e.msg} (column {e.colno})") from None
             try:
-                req = _parse_line(obj, tokenizer)
+                req = _parse_line(obj, tokenizer, vocab_size)
             except ValueError as e:
                 raise WorkloadError(where + str(e)) from None
             if req.id in seen:
@@ -435,8 +462,12 @@ def load_workload(
     if spec.endswith(".jsonl"):
         if not Path(spec).is_file():
             raise WorkloadError(f"workload file {spec!r} not found")
-        requests = load_jsonl(spec, tokenizer)
+        requests = load_jsonl(spec, tokenizer, vocab_size)
         return limited(requests if n is None else requests[:n])
+
+    if Path(spec).is_file():
+        raise WorkloadError(f"workload file {spec!r} is not a .jsonl file (one JSON object per "
+                            f"line, named *.jsonl)")
 
     raise WorkloadError(f"unknown workload {spec!r}; valid forms: {_SPEC_FORMS}")
 

@@ -90,7 +90,7 @@ def test_goodput_and_queue_depth_from_records():
 
 def test_bench_admission_needs_an_slo_and_reports_goodput(tmp_path):
     cost = tmp_path / "cost.json"
-    CostBook({"paged-gather": COST}).save(cost)
+    CostBook({"gather": COST}).save(cost)
     with pytest.raises(ValueError, match="needs an SLO"):
         bench.bench("continuous", admission=True, simulate=str(cost))
     out = tmp_path / "r.json"
@@ -109,7 +109,7 @@ def test_the_curve_saturates_and_the_plots_draw():
     from course_lib.lab import plots
     from course_lib.measure.tradeoffs import simulated, sweep
     reqs = [Request(f"r{i}", [3] * 20, max_new_tokens=16) for i in range(40)]
-    run = simulated(CostBook({"paged-gather": COST}), SHAPE, 2, reqs, block_size=16)
+    run = simulated(CostBook({"gather": COST}), SHAPE, 2, reqs, block_size=16)
     rows = sweep(run, [5, 20, 80, 320], [2, 16])
     by = {(r["max_batch"], r["rate"]): r for r in rows}
     assert by[16, 20]["tokens_per_s"] > by[16, 5]["tokens_per_s"]          # more load, more output

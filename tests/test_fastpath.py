@@ -168,7 +168,8 @@ def test_a_watermark_keeps_room_to_grow_and_preempts_less():
         runs[wm] = (e.preemptions, [r.output_tokens for r in log.requests], max(s.rows for s in log.steps))
     assert runs[0.0][0] > 0 and runs[0.25][0] < runs[0.0][0]       # fewer prompts recomputed
     assert runs[0.0][1] == runs[0.25][1]                            # the same answers
-    assert parse_rung("graphs:watermark=0.05", {"rows": 1, "big": 8, "budget": 64, "max_batch": 4})[3][
+    assert parse_rung("fast:watermark=0.05", {"rows": 1, "big": 8, "max_num_batched_tokens": 64,
+                                             "max_batch": 4})[3][
         "watermark"] == 0.05
 
 
@@ -215,25 +216,31 @@ def test_big_decode_steps_are_summarised_apart():
 
 
 def test_rungs_are_parsed_with_their_settings():
-    settings = {"rows": 1000, "big": 512, "budget": 2048, "max_batch": 64}
+    settings = {"rows": 1000, "big": 512, "max_num_batched_tokens": 2048, "max_batch": 64}
     assert parse_rung("static", settings) == ("static", "static", 64, {})
-    name, engine, batch, opts = parse_rung("graphs:kv_memory_mib=2,max_num_batched_tokens=8192", settings)
-    assert (engine, batch) == ("continuous", 512)
+    name, engine, batch, opts = parse_rung("fast:kv_memory_mib=2,max_num_batched_tokens=8192", settings)
+    assert (engine, batch) == ("fast", 512)
     assert opts == {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True, "overlap": True,
-                    "kv_memory_bytes": 2 * 2**20, "max_num_batched_tokens": 8192}
+                    "watermark": 0.0, "kv_memory_bytes": 2 * 2**20, "max_num_batched_tokens": 8192}
+    _, engine, batch, opts = parse_rung("chunked", settings)       # the rung's budget, said
+    assert (engine, batch, opts["max_num_batched_tokens"], opts["kv_memory_bytes"]) == (
+        "chunked", 512, 2048, 1000)
+    _, engine, _, opts = parse_rung("paged", settings)           # whole prompts: no budget
+    assert engine == "paged" and opts["max_num_batched_tokens"] is None
 
 
 def test_a_ladder_run_names_its_rungs_keeps_going_and_has_a_floor(tiny):
-    r = run_ladder(tiny, "tiny", "anyscale:prompt_len=16,cap=8,mean=4", ["static", "graphs",
-                   "graphs:cuda_graphs=0,fused=0"], n=6, max_batch=2, big_batch=4, budget=32, dtype="float32",
+    r = run_ladder(tiny, "tiny", "anyscale:prompt_len=16,cap=8,mean=4", ["static", "fast",
+                   "fast:cuda_graphs=0,fused=0"], n=6, max_batch=2, big_batch=4, max_num_batched_tokens=32,
+                   dtype="float32",
                    device="cpu", progress=False, echo=lambda *a: None)
-    assert [x["rung"] for x in r["runs"]] == ["static", "graphs", "graphs:cuda_graphs=0,fused=0"]
+    assert [x["rung"] for x in r["runs"]] == ["static", "fast", "fast:cuda_graphs=0,fused=0"]
     assert "cuda_graphs needs a CUDA device" in r["runs"][1]["error"]     # recorded, not fatal
-    assert r["runs"][2]["engine_options"]["attention"] == "kernel"
+    assert r["runs"][2]["engine_options"]["attention"] == "kernel" and r["runs"][2]["engine"] == "fast"
     assert r["floor"]["output_tokens"] == sum(q["n_output_tokens"] for q in r["runs"][0]["requests"])
     rows = table(r)
-    assert [x["rung"] for x in rows] == ["static", "graphs:cuda_graphs=0,fused=0"] and rows[0]["x_static"] == 1
-    assert label(rows[1]["rung"]) == "graphs, eager decode, unfused elementwise"
+    assert [x["rung"] for x in rows] == ["static", "fast:cuda_graphs=0,fused=0"] and rows[0]["x_static"] == 1
+    assert label(rows[1]["rung"]) == "fast, eager decode, unfused elementwise"
 
 
 def test_load_result_reads_gzipped_earlier_runs(tmp_path, monkeypatch):
@@ -245,7 +252,7 @@ def test_load_result_reads_gzipped_earlier_runs(tmp_path, monkeypatch):
         peers = nbtools.load_result(f"ladder09-peers-{commit}_anyscale_llama-1b-dummy_nvidia-h200.json")
         assert peers["versions"]["course_lib_commit"] == commit and peers["versions"]["gpu"]["uuid"]
         assert {"hf-cb", "hf-cb:max_memory_percent=0.5",
-                "graphs:kv_memory_mib=16384,max_num_batched_tokens=16384"} <= {r["rung"] for r in peers["runs"]}
+                "fast:kv_memory_mib=16384,max_num_batched_tokens=16384"} <= {r["rung"] for r in peers["runs"]}
     monkeypatch.setattr(nbtools, "RESULTS", tmp_path)
     (tmp_path / "a.json.gz").write_bytes(gzip.compress(b'{"x": 1}'))
     assert nbtools.load_result("a.json") == {"x": 1}
@@ -259,7 +266,7 @@ def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
     from course_lib.engines import ENGINES
     from course_lib.measure.ladder import LADDER_09, SHORT_09, parse_rung
     from course_lib.lab.nbtools import ROOT, load_result
-    settings = {"rows": 2**31, "big": 512, "budget": 2048, "max_batch": 64}
+    settings = {"rows": 2**31, "big": 512, "max_num_batched_tokens": 2048, "max_batch": 64}
     for spec in LADDER_09:
         name, engine, max_batch, options = parse_rung(spec, settings)
         assert engine in ENGINES and max_batch in (64, 512), spec
@@ -279,10 +286,10 @@ def test_the_ratio_to_quote_is_to_the_fastest_hf_cb():
              "ttft_s": {"p50": 1}, "tpot_s": {"p50": 1}, **extra}
         return {"rung": rung, "engine": rung.partition(":")[0], "max_batch": 64, "metrics": m}
     result = {"runs": [run("static", 10), run("hf-cb", 20), run("hf-cb:max_memory_percent=0.5", 50, warmup_failures=0),
-                       run("graphs", 1000), {"rung": "hf-cb:max_batch=512", "engine": "hf-cb", "error": "OOM"}]}
+                       run("fast", 1000), {"rung": "hf-cb:max_batch=512", "engine": "hf-cb", "error": "OOM"}]}
     assert fastest_peer(result) == ("hf-cb:max_memory_percent=0.5", 50)       # not the first, not the failed one
     rows = {r["rung"]: r for r in table(result)}
-    assert rows["graphs"]["x_hf_cb"] == 50 and rows["graphs"]["x_fastest_hf_cb"] == 20
+    assert rows["fast"]["x_hf_cb"] == 50 and rows["fast"]["x_fastest_hf_cb"] == 20
     assert rows["hf-cb:max_memory_percent=0.5"]["warmup_failures"] == 0 and rows["hf-cb"]["warmup_failures"] is None
     stored = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
     assert fastest_peer(stored)[0] == "hf-cb"          # at 512 requests per batch it was slower
@@ -296,8 +303,8 @@ def test_chapter_09_pictures_draw_the_stored_results():
     peers = [n for n in names if n.startswith("hf-")]               # last; hf-cb once or twice
     assert names[-len(peers):] == peers and peers[0] == "hf-generate" and "hf-cb" in peers
     assert all(p == "hf-generate" or p.startswith("hf-cb") for p in peers)
-    assert "graphs:watermark=0.05" in names
-    fast = next(r for r in result["runs"] if r["rung"] == "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192")
+    assert "fast:watermark=0.05" in names
+    fast = next(r for r in result["runs"] if r["rung"] == "fast:kv_memory_mib=16384,max_num_batched_tokens=8192")
     split = time_split(fast)
     assert sum(split[k] for k in ("prefill", "mixed", "decode", "between")) == pytest.approx(
         fast["metrics"]["makespan_s"], rel=0.05)
@@ -305,7 +312,7 @@ def test_chapter_09_pictures_draw_the_stored_results():
     assert ax.get_yscale() == "log" and len(ax.patches) == len(result["runs"])
     assert [line.get_ydata()[0] for line in ax.lines] == [result["floor"]["output_tokens_per_s"]]
     assert len(plots.utilisation_by_rung(result).patches) == 3 * len(result["runs"])
-    assert label("graphs:kv_memory_mib=16384,max_num_batched_tokens=8192") == "graphs, 16 GiB KV, budget 8192"
+    assert label("fast:kv_memory_mib=16384,max_num_batched_tokens=8192") == "fast, 16 GiB KV, budget 8192"
     steps = [json.loads((RESULTS / f"decode_step_{m}_nvidia-h200.json").read_text())
              for m in ("llama-1b-dummy", "smollm2-135m")]
     assert len(plots.decode_step_curve(steps).lines) == 8       # 4 curves per model
@@ -329,7 +336,7 @@ def test_the_simulator_replays_the_gpu_runs_scheduling_decisions():
     GPU run did, in as many steps."""
     from course_lib.measure.simulator import StepCost, replay
     result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
-    run = next(r for r in result["runs"] if r["rung"] == "graphs")      # 2 GiB: it thrashes
+    run = next(r for r in result["runs"] if r["rung"] == "fast")      # 2 GiB: it thrashes
     assert run["engine_options"]["overlap"] and run["metrics"]["preemptions"] > 100
     eng, log = replay(StepCost.floor("any", 1e12, 1e15), run)
     assert eng.preemptions == run["metrics"]["preemptions"] and len(log.steps) == len(run["steps"])

@@ -52,6 +52,8 @@ def test_a_simulated_step_takes_the_predicted_time():
 @pytest.mark.parametrize("engine,options", [
     ("static", {}), ("dynamic", {}), ("continuous", {}),
     ("continuous", {"block_size": 4, "num_blocks": 6, "max_num_batched_tokens": 8}),
+    ("paged", {"block_size": 4, "num_blocks": 6, "max_num_batched_tokens": 8}),
+    ("fast", {"block_size": 4, "num_blocks": 6, "max_num_batched_tokens": 8}),
 ])
 def test_simulated_runs_serve_every_request_with_its_length(engine, options):
     reqs = [Request(f"r{i}", [3] * (2 + i % 5), max_new_tokens=1 + (7 * i) % 9) for i in range(20)]
@@ -69,10 +71,14 @@ def test_simulated_runs_serve_every_request_with_its_length(engine, options):
 
 def test_the_book_names_a_path_it_has_no_model_for():
     assert path_of("static", {}) == "padded"
-    assert path_of("continuous", {"block_size": 16}) == "paged-gather"
-    assert path_of("continuous", {"block_size": 16, "attention": "flex"}) == "paged-flex"
+    assert path_of("continuous", {"block_size": 16}) == "gather"
+    assert path_of("continuous", {"block_size": 16, "attention": "flex"}) == "flex"
+    # the engines by name take their own attention, where the options do not say
+    assert path_of("chunked", {}) == "gather" and path_of("fast", {}) == "kernel"
+    assert path_of("paged", {}) == "gather" and path_of("paged", {}, cuda=True) == "flex"
+    assert path_of("paged", {"attention": "gather"}, cuda=True) == "gather"
     book = CostBook({"padded": flat_cost()})
-    with pytest.raises(ValueError, match="paged-gather"):
+    with pytest.raises(ValueError, match="no cost model for the 'gather' path"):
         book.for_run("continuous", {"block_size": 16})
 
 
@@ -88,7 +94,7 @@ def test_transfer_keeps_the_efficiencies():
 
 def test_bench_simulate_writes_the_same_json_marked_simulated(tmp_path):
     cost = tmp_path / "cost.json"
-    CostBook({"padded": flat_cost(0.02), "paged-gather": flat_cost(0.01)}).save(cost)
+    CostBook({"padded": flat_cost(0.02), "gather": flat_cost(0.01)}).save(cost)
     out = tmp_path / "sim.json"
     bench.main(["--engine", "continuous", "--model", "llama-1b-dummy", "--dtype", "bfloat16",
                 "--workload", "anyscale:prompt_len=32,cap=16,mean=8", "--n", "12", "--max-batch", "4",

@@ -1,36 +1,170 @@
-"""The engines of the course, by the name the bench CLI knows them by."""
+"""The engines of the course, by name: one registry for the bench CLI, the ladder, the simulator
+and the notebooks.
+
+  sequential, static, dynamic, continuous
+            the padded engines of chapters 02-04 (``max_batch`` rows of one KV-cache).
+  chunked   chapter 05: packed steps under a token budget over a paged KV-cache with room for
+            every request (no preemption). Defaults: ``max_num_batched_tokens=2048`` (the
+            ladder's budget: prompts are cut into chunks, decodes are never held back long),
+            ``block_size=16``, attention ``gather`` (the reference), no CUDA graphs, fused
+            kernels or overlap.
+  paged     chapter 07: + a bounded paged KV-cache (``num_blocks``, or ``kv_memory_bytes``: as
+            many blocks as fit), and preemption when it is full. Defaults: no token budget (whole
+            prompts per step: the chapter is about the cache, not the budget), ``block_size=16``,
+            attention ``flex`` on CUDA (reads the blocks in place) and ``gather`` elsewhere; without
+            ``num_blocks`` or ``kv_memory_bytes`` the cache has room for every request.
+  fast      chapter 09: + the Triton decode kernel (attention ``kernel``; its eager reference off
+            CUDA), decode steps replayed as CUDA graphs, fused elementwise kernels, the host
+            scheduling the next step while the GPU runs this one (``overlap``) and 5% of the
+            blocks kept free when admitting (``watermark``): each of the last four on where CUDA
+            is present, off elsewhere. ``max_num_batched_tokens=16384``, the fastest budget
+            chapter 09 measured (mixed steps of 8192 tokens left the GPU waiting on the host).
+  hf-generate, hf-cb
+            the Hugging Face peers (``generate`` on static batches; its continuous batching).
+  vllm      vLLM's offline ``LLM.generate`` in a process of its own (CUDA and vLLM only).
+
+chunked, paged and fast are one class, ``PagedEngine``, with different defaults; any of its
+options may be given to any of the three. An option given as None takes the engine's default.
+
+Compatibility: ``continuous`` given any option of the paged engine (``max_num_batched_tokens``,
+``block_size``, ``num_blocks``, ...) builds ``PagedEngine`` exactly as before (its own defaults),
+named by what it is: ``fast`` if its attention resolves to ``kernel``, else ``paged`` with a
+bounded cache, an attention choice or an SLO, else ``chunked``. The engine's ``name`` records it.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
 from course_lib.engines.continuous import ContinuousEngine
 from course_lib.engines.dynamic import DynamicEngine
 from course_lib.engines.hf import HFContinuousEngine, HFGenerateEngine
 from course_lib.engines.paged import PagedEngine
 from course_lib.engines.sequential import SequentialEngine
 from course_lib.engines.static import StaticEngine
-
-ENGINES = {
-    "sequential": SequentialEngine,
-    "static": StaticEngine,
-    "dynamic": DynamicEngine,
-    "continuous": ContinuousEngine,
-    "hf-generate": HFGenerateEngine,
-    "hf-cb": HFContinuousEngine,
-}
+from course_lib.engines.vllm import VllmEngine
 
 
-PAGED_OPTIONS = ("max_num_batched_tokens", "block_size", "num_blocks", "attention", "kv_memory_bytes",
-                 "slo", "step_cost", "cuda_graphs", "temperature", "trace_blocks", "watermark", "fused")
+class EngineOptionError(ValueError):
+    """An unknown engine, an option it does not take, or an option value it refuses."""
+
+
+def _cuda_on(value_on, value_off):
+    """A default that depends on whether the engine's model is on a CUDA device."""
+    return lambda cuda: value_on if cuda else value_off
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A registered engine: its class, its chapter and its default options (a value, or a
+    function of ``cuda``: whether the model is on a CUDA device)."""
+    name: str
+    cls: type
+    chapter: str
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def options(self) -> tuple:
+        """The options it takes: its constructor's keywords, ``max_batch`` included."""
+        params = inspect.signature(self.cls.__init__).parameters
+        return tuple(p for p in params if p not in ("self", "loaded"))
+
+    def resolved_defaults(self, cuda: bool) -> dict:
+        return {k: v(cuda) if callable(v) else v for k, v in self.defaults.items()}
+
+
+REGISTRY = {s.name: s for s in (
+    EngineSpec("sequential", SequentialEngine, "02"),
+    EngineSpec("static", StaticEngine, "02"),
+    EngineSpec("dynamic", DynamicEngine, "03"),
+    EngineSpec("continuous", ContinuousEngine, "04"),
+    EngineSpec("chunked", PagedEngine, "05",
+               {"max_num_batched_tokens": 2048, "block_size": 16, "attention": "gather",
+                "cuda_graphs": False, "fused": False, "overlap": False, "watermark": 0.0}),
+    EngineSpec("paged", PagedEngine, "07",
+               {"block_size": 16, "attention": _cuda_on("flex", "gather"),
+                "cuda_graphs": False, "fused": False, "overlap": False, "watermark": 0.0}),
+    EngineSpec("fast", PagedEngine, "09",
+               {"max_num_batched_tokens": 16384, "block_size": 16, "attention": "kernel",
+                "cuda_graphs": _cuda_on(True, False), "fused": _cuda_on(True, False),
+                "overlap": _cuda_on(True, False), "watermark": _cuda_on(0.05, 0.0)}),
+    EngineSpec("hf-generate", HFGenerateEngine, "01"),
+    EngineSpec("hf-cb", HFContinuousEngine, "01"),
+    EngineSpec("vllm", VllmEngine, "09"),
+)}
+
+ENGINES = {name: spec.cls for name, spec in REGISTRY.items()}
+
+# the options of the paged engine that the padded continuous engine lacks: given to
+# ``continuous``, they select the paged engine (see the module's docstring)
+PAGED_OPTIONS = tuple(o for o in REGISTRY["chunked"].options
+                      if o not in REGISTRY["continuous"].options)
+
+
+def on_cuda(loaded, model=None) -> bool:
+    """Whether an engine built on ``loaded`` (or on ``model`` in its place) runs on CUDA."""
+    device = getattr(model, "device", None)
+    if device is None:
+        device = getattr(getattr(loaded, "model", None), "device", None)
+    return getattr(device, "type", str(device)) == "cuda"
+
+
+def legacy_name(options: dict, attention: str | None = None) -> str:
+    """The engine that ``continuous`` with paged ``options`` is: ``fast`` when its attention
+    (``attention``, as resolved) is the kernel, ``paged`` with a bounded cache, an attention choice
+    or an SLO, ``chunked`` otherwise."""
+    attention = attention or options.get("attention")
+    if attention == "kernel":
+        return "fast"
+    if any(options.get(k) is not None for k in ("num_blocks", "kv_memory_bytes", "attention",
+                                                  "slo")):
+        return "paged"
+    return "chunked"
+
+
+def resolve(name: str, options: dict) -> tuple:
+    """``(engine name, spec, options)`` for ``make_engine``: unknown names and options refused
+    with a ValueError that names them; None-valued options dropped (the engine's default)."""
+    if name not in REGISTRY:
+        raise EngineOptionError(f"unknown engine {name!r}; the engines are: {', '.join(REGISTRY)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    spec = REGISTRY[name]
+    if name == "continuous" and any(k in PAGED_OPTIONS for k in given):
+        spec = REGISTRY["chunked"]              # the paged engine, with its own defaults
+    unknown = [k for k in given if k not in spec.options]
+    if unknown:
+        raise EngineOptionError(f"engine {name!r} does not take {', '.join(map(repr, unknown))}; "
+                         f"it takes: {', '.join(spec.options)}")
+    return spec.name, spec, given
 
 
 def make_engine(name: str, loaded, **options):
-    """An engine by name. ``continuous`` with any of ``max_num_batched_tokens``, ``block_size``,
-    ``num_blocks``, ``kv_memory_bytes``, ``attention``, ``slo``, ``cuda_graphs``, ``temperature``,
-    ``trace_blocks``, ``watermark`` or ``fused`` is the packed, chunked, paged engine of chapters 05-09."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; the engines are: {', '.join(ENGINES)}")
-    paged = {k: options.pop(k) for k in PAGED_OPTIONS if options.get(k) is not None}
-    for k in PAGED_OPTIONS:
-        options.pop(k, None)
-    if paged:
-        if name != "continuous":
-            raise ValueError(f"{', '.join(paged)} only apply to the continuous engine")
-        return PagedEngine(loaded, **options, **paged)
-    return ENGINES[name](loaded, **options)
+    """An engine by name (see the module's docstring for the names and their defaults), built on
+    ``loaded``. ``options`` are the engine's constructor keywords; one it does not take, or a value
+    it refuses, raises ``EngineOptionError`` (a ValueError) naming it.
+    The engine's ``name`` is the registry's name of what was built."""
+    _, spec, given = resolve(name, options)
+    legacy = name == "continuous" and spec.cls is PagedEngine   # compatibility: as it was built
+    defaults = {} if legacy else spec.resolved_defaults(on_cuda(loaded, given.get("model")))
+    try:
+        engine = spec.cls(loaded, **{**defaults, **given})
+    except EngineOptionError:
+        raise
+    except ValueError as e:                       # the engine refused a value: say which engine
+        raise EngineOptionError(f"engine {spec.name!r}: {e}") from e
+    engine.name = legacy_name(given, engine.attention) if legacy else spec.name
+    return engine
+
+
+def engine_settings(engine) -> dict:
+    """The settings an engine resolved, as a result records them (the paged engine's budget,
+    blocks, attention and chapter 09 switches; the vllm engine's own record; else nothing)."""
+    if isinstance(engine, PagedEngine):
+        out = {"max_num_batched_tokens": engine.budget, "block_size": engine.block_size,
+               "attention": engine.attention, "cuda_graphs": bool(engine.cuda_graphs),
+               "fused": bool(engine.fused), "overlap": bool(engine.overlap),
+               "watermark": engine.watermark}
+        if engine.num_blocks is not None:
+            out["num_blocks"] = engine.num_blocks
+        return out
+    return dict(getattr(engine, "settings", None) or {})

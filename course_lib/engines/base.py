@@ -53,7 +53,7 @@ class Engine:
             rec = RequestRecord(req.id, req.arrival_s, len(req.prompt_tokens))
             self.records[req.id] = rec
             try:
-                validate(req, self.max_context)
+                validate(req, self.max_context, getattr(self.hf.config, "vocab_size", None))
                 good.append(req)
             except RequestError as e:
                 rec.finish_reason, rec.error = "refused", str(e)

@@ -1,15 +1,18 @@
 """Chapter 09's ladder: named rungs, each an engine with settings, run one after the other on the
 same loaded model, the same requests and the same device, with the workload's physical floor.
 
+A rung's name is the engine it runs (``course_lib.engines.REGISTRY``), with the settings below:
+
   static, dynamic, continuous   the padded engines of chapters 02-04, at ``max_batch``
   paged       + paged KV-cache: FlexAttention over blocks of 16, up to ``big_batch`` sequences in
               the KV memory the continuous engine's rows reserve at ``max_batch``
-  chunked     + chunked prefill: the same, under a budget of ``budget`` tokens per step
-  graphs      + the Triton decode kernel, fused elementwise kernels, CUDA graphs, sampling on
+  chunked     + chunked prefill: the same, under a budget of ``max_num_batched_tokens`` tokens
+              per step
+  fast        + the Triton decode kernel, fused elementwise kernels, CUDA graphs, sampling on
               the GPU, and the host scheduling step k+1 while step k runs (chapter 09)
-  hf-generate, hf-cb            the peers, at ``max_batch``
+  hf-generate, hf-cb, vllm      the peers, at ``max_batch``
 
-Options after a colon override a rung's settings: ``graphs:kv_memory_mib=16384``.
+Options after a colon override a rung's settings: ``fast:kv_memory_mib=16384``.
 """
 from __future__ import annotations
 
@@ -25,29 +28,33 @@ from course_lib.measure.metrics import steps_of
 from course_lib.requests import load_workload
 from course_lib.measure.roofline import measure_peaks, workload_floor
 
-RUNGS = {   # name -> engine, options ("rows": the rows' KV memory; "big": big_batch; "budget")
-    "paged": ("continuous", {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows",
-                             "max_batch": "big"}),
-    "chunked": ("continuous", {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows",
-                               "max_batch": "big", "max_num_batched_tokens": "budget"}),
-    "graphs": ("continuous", {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True,
-                              "overlap": True, "kv_memory_bytes": "rows", "max_batch": "big",
-                              "max_num_batched_tokens": "budget"}),
+RUNGS = {   # engine -> its options on the ladder ("rows": the rows' KV memory; "big": big_batch;
+            # "max_num_batched_tokens": the ladder's budget). Every option is said, so that a
+            # rung stays what it measured whatever the engine's defaults.
+    "paged": {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows", "max_batch": "big",
+              "max_num_batched_tokens": None, "cuda_graphs": False, "fused": False,
+              "overlap": False, "watermark": 0.0},
+    "chunked": {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows",
+                "max_batch": "big", "max_num_batched_tokens": "max_num_batched_tokens",
+                "cuda_graphs": False, "fused": False, "overlap": False, "watermark": 0.0},
+    "fast": {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True,
+             "overlap": True, "watermark": 0.0, "kv_memory_bytes": "rows", "max_batch": "big",
+             "max_num_batched_tokens": "max_num_batched_tokens"},
 }
-
 # Chapter 09's complete run on a GPU (bench/gpu_ladder09.sh; notebook 09 with full_ladder), most
 # telling first: the peer on a clean card, the fast rungs, then the rest. hf-cb runs at the padded
 # engines' batch and at the fast rungs', each also with its KV-cache at half the free memory (room
 # for its CUDA-graph warm-up). SHORT_09 is the notebook's live default, on fewer requests.
 LADDER_09 = ["static", "hf-cb", "hf-cb:max_batch=512", "hf-cb:max_memory_percent=0.5",
              "hf-cb:max_batch=512,max_memory_percent=0.5",
-             "graphs:kv_memory_mib=16384,max_num_batched_tokens=16384",
-             "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192",
-             "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0",
-             "graphs:max_num_batched_tokens=8192", "graphs", "graphs:watermark=0.05", "paged", "chunked",
+             "fast:kv_memory_mib=16384,max_num_batched_tokens=16384",
+             "fast:kv_memory_mib=16384,max_num_batched_tokens=8192",
+             "fast:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0",
+             "fast:max_num_batched_tokens=8192", "fast", "fast:watermark=0.05", "paged", "chunked",
              "continuous", "hf-generate", "dynamic"]
 SHORT_09 = [r for r in LADDER_09 if "max_memory_percent" not in r and r not in (
-    "graphs:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0", "graphs:max_num_batched_tokens=8192")]
+    "fast:kv_memory_mib=16384,max_num_batched_tokens=8192,overlap=0",
+    "fast:max_num_batched_tokens=8192")]
 
 
 def _split(spec: str):
@@ -64,19 +71,21 @@ def _split(spec: str):
 
 
 def rung_settings(requests, shape, dtype_bytes: int, max_batch: int, big_batch: int = 512,
-                  budget: int = 2048) -> dict:
+                  max_num_batched_tokens: int = 2048) -> dict:
     """What the rungs' named settings stand for on these requests: ``rows``, the KV memory the
     padded engines' ``max_batch`` rows reserve (each as long as the longest prompt plus the
-    longest answer); ``big``, ``budget`` and ``max_batch`` as given."""
+    longest answer); ``big``, ``max_num_batched_tokens`` and ``max_batch`` as given."""
     longest = max(len(r.prompt_tokens) for r in requests) + max(r.max_new_tokens for r in requests)
     return {"rows": max_batch * longest * kv_bytes_per_token(shape, dtype_bytes),
-            "big": big_batch, "budget": budget, "max_batch": max_batch}
+            "big": big_batch, "max_num_batched_tokens": max_num_batched_tokens,
+            "max_batch": max_batch}
 
 
 def parse_rung(spec: str, settings: dict):
-    """``name[:key=value,...]`` -> (rung name, engine, max_batch, engine options)."""
+    """``name[:key=value,...]`` -> (rung name, engine, max_batch, engine options). The engine is
+    the rung's name."""
     name, overrides = _split(spec)
-    engine, options = RUNGS.get(name, (name, {}))
+    engine, options = name, RUNGS.get(name, {})
     options = {k: settings.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
     for key, value in overrides:
         if key == "kv_memory_mib":
@@ -86,12 +95,13 @@ def parse_rung(spec: str, settings: dict):
     return spec, engine, int(max_batch), options
 
 
-ORDER = ["sequential", "static", "dynamic", "continuous", "paged", "chunked", "graphs", "hf-generate", "hf-cb"]
+ORDER = ["sequential", "static", "dynamic", "continuous", "paged", "chunked", "fast", "hf-generate",
+         "hf-cb", "vllm"]
 
 
 def label(rung: str) -> str:
-    """A short name for a rung spec: ``graphs:kv_memory_mib=16384,max_num_batched_tokens=8192``
-    -> ``graphs, 16 GiB KV, budget 8192``."""
+    """A short name for a rung spec: ``fast:kv_memory_mib=16384,max_num_batched_tokens=8192``
+    -> ``fast, 16 GiB KV, budget 8192``."""
     name, overrides = _split(rung)
     words = {"kv_memory_mib": lambda v: f"{v / 1024:g} GiB KV",
              "max_num_batched_tokens": lambda v: f"budget {v}",
@@ -124,7 +134,7 @@ def free_device_memory(device) -> int | None:
 
 
 def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int, big_batch: int = 512,
-               budget: int = 2048, dtype: str = "bfloat16", device: str = "cuda",
+               max_num_batched_tokens: int = 2048, dtype: str = "bfloat16", device: str = "cuda",
                max_new_tokens: int | None = None, tokens: bool = False, sequential_n: int | None = None,
                progress: bool = True, echo=print, after_each=None) -> dict:
     """Run every rung; return one JSON object: settings, the floor and ``runs`` (the bench JSON of
@@ -134,7 +144,8 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
     dtype_bytes = loaded.model.dtype.itemsize
     requests = load_workload(workload, tokenizer=loaded.tokenizer, n=n, vocab_size=shape.vocab_size,
                              max_new_tokens=max_new_tokens)
-    settings = rung_settings(requests, shape, dtype_bytes, max_batch, big_batch, budget)
+    settings = rung_settings(requests, shape, dtype_bytes, max_batch, big_batch,
+                             max_num_batched_tokens)
     peaks = measure_peaks(device, loaded.model.dtype)
     floor = workload_floor(shape, dtype_bytes, [len(r.prompt_tokens) for r in requests],
                            [r.max_new_tokens for r in requests], peaks) \
@@ -142,7 +153,8 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
     if floor:
         echo(f"{'physical floor':>24} | {floor['seconds']:.2f} s, {floor['output_tokens_per_s']:.0f} tok/s")
     result = {"model": model, "workload": workload, "n": n, "max_batch": max_batch,
-              "big_batch": big_batch, "budget": budget, "kv_memory_rows_bytes": settings["rows"],
+              "big_batch": big_batch, "max_num_batched_tokens": max_num_batched_tokens,
+              "kv_memory_rows_bytes": settings["rows"],
               "dtype": dtype, "floor": floor, "runs": []}
     runs = result["runs"]
     for spec in rungs:

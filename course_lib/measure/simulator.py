@@ -21,9 +21,10 @@ peaks they are efficiencies, which is what carries over to another device (``Ste
 
 Each implementation has its own costs (the padded engines build dense masks; the paged engine's
 gather reference lists every cached token; FlexAttention does neither), so a ``CostBook`` holds
-one ``StepCost`` per *path*: ``padded``, ``paged-gather``, ``paged-flex``.
+one ``StepCost`` per *path*, named by the attention backend the run took: ``padded``, ``gather``,
+``flex``, ``kernel``.
 
-The simulator runs the real engines (static, dynamic, continuous, paged) unchanged. Only the
+The simulator runs the real engines (static, dynamic, continuous, chunked, paged, fast) unchanged. Only the
 model is replaced: ``SimModel`` computes nothing, moves the engine's clock on by the predicted
 time of the step it is handed, and answers a token that is never EOS, so each request produces
 exactly ``max_new_tokens`` tokens (the lengths of the workload being replayed).
@@ -149,14 +150,23 @@ class StepCost:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def path_of(engine: str, options: dict | None) -> str:
-    """Which implementation a run takes: ``padded`` (sequential, static, dynamic, continuous
-    with rows) or ``paged-<attention>``."""
-    from course_lib.engines import PAGED_OPTIONS
-    options = options or {}
-    if engine == "continuous" and any(options.get(k) is not None for k in PAGED_OPTIONS):
-        return f"paged-{options.get('attention') or 'gather'}"
-    return "padded"
+PATHS = ("padded", "gather", "flex", "kernel")
+
+
+def path_of(engine: str, options: dict | None, cuda: bool = False) -> str:
+    """Which implementation a run takes, by its attention backend: ``padded`` (sequential,
+    static, dynamic, continuous with rows), else the paged engine's attention as recorded, or
+    the engine's default (on CUDA if ``cuda``) where none is."""
+    from course_lib.engines import PagedEngine, REGISTRY, resolve
+    options = {k: v for k, v in (options or {}).items() if k not in ("model",)}
+    _, spec, given = resolve(engine, options)
+    if spec.cls is not PagedEngine:
+        return "padded"
+    if given.get("attention"):
+        return given["attention"]
+    if engine == "continuous":              # stored runs of the paged engine by its old name
+        return "gather"
+    return REGISTRY[engine].resolved_defaults(cuda)["attention"]
 
 
 @dataclass
@@ -164,8 +174,14 @@ class CostBook:
     """One fitted ``StepCost`` per implementation path, all from one device."""
     paths: dict
 
+    @property
+    def cuda(self) -> bool:
+        """Whether its costs were measured on (or moved to) a GPU: a CPU is named with its
+        threads (``roofline.device_name``)."""
+        return not any(c.device.endswith("threads)") for c in self.paths.values())
+
     def for_run(self, engine: str, options: dict | None) -> StepCost:
-        path = path_of(engine, options)
+        path = path_of(engine, options, self.cuda)
         if path not in self.paths:
             raise ValueError(f"no cost model for the {path!r} path (have: {', '.join(self.paths)}); "
                              f"fit one to runs that took it")
@@ -175,14 +191,15 @@ class CostBook:
     def fit(cls, runs: list) -> "CostBook":
         groups = {}
         for r in runs:
-            groups.setdefault(path_of(r["engine"], r.get("engine_options")), []).append(r)
+            cuda = (r.get("device") or {}).get("type") == "cuda"
+            groups.setdefault(path_of(r["engine"], r.get("engine_options"), cuda), []).append(r)
         return cls({path: StepCost.fit(rs, shape_of(rs[0]), dtype_bytes_of(rs[0]))
                     for path, rs in groups.items()})
 
     @classmethod
     def floor(cls, device: str, bandwidth: float, flops: float) -> "CostBook":
         c = StepCost.floor(device, bandwidth, flops)
-        return cls({"padded": c, "paged-gather": c, "paged-flex": c})
+        return cls({path: c for path in PATHS})
 
     def on(self, device: str, bandwidth: float, flops: float) -> "CostBook":
         return CostBook({k: c.on(device, bandwidth, flops) for k, c in self.paths.items()})
@@ -280,14 +297,14 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
     """Run an engine of the course on ``requests`` with simulated steps; returns the engine and
     its ``RunLog``. Each request produces exactly ``max_new_tokens`` tokens. ``cost``: a
     ``StepCost``, or a ``CostBook`` (the model of the path this engine takes)."""
+    from course_lib.engines import PagedEngine, make_engine, resolve
     if isinstance(cost, CostBook):
         cost = cost.for_run(engine, options)
-    for how in ("attention", "cuda_graphs", "fused"):     # nothing is computed
-        options.pop(how, None)
+    if resolve(engine, options)[1].cls is PagedEngine:    # nothing is computed: no kernels
+        options.update(attention="gather", cuda_graphs=False, fused=False)
     if isinstance(options.get("slo"), dict):               # as a stored JSON holds it
         from course_lib.engines.admission import SLO
         options["slo"] = SLO(**options["slo"])
-    from course_lib.engines import make_engine
     clock = VirtualClock()
     config = SimpleNamespace(eos_token_id=shape.eos_token_id, max_position_embeddings=shape.max_context)
     loaded = SimpleNamespace(model=SimpleNamespace(config=config))
