@@ -3,11 +3,14 @@ with one line on stderr (``error: <file>:<line>: ...`` for a request file) and e
 never a traceback; make_engine refuses options an engine does not take, by name."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,6 +37,20 @@ BAD = {   # file content -> (line, words the message must hold)
 
 
 def cli(*args, cwd=ROOT):
+    """The CLI in this process (a fresh interpreter per case costs seconds of imports): its exit
+    status and what it printed. An exception that escapes main() fails the test, as a traceback
+    would fail the user; one test below runs the real command to show that too."""
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            bench.main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return SimpleNamespace(returncode=code, stderr=err.getvalue())
+
+
+def cli_process(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "course_lib.bench", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
@@ -70,6 +87,14 @@ def test_a_bad_request_file_is_one_line_naming_file_and_line(case, tmp_path):
 def test_bad_arguments_are_one_line(args, words, tmp_path):
     msg = one_error_line(cli(*args, "--json", str(tmp_path / "out.json")))
     assert words in msg, msg
+
+
+def test_the_command_itself_prints_one_line_and_no_traceback(tmp_path):
+    path = tmp_path / "neg.jsonl"
+    path.write_text(BAD["neg"][0])
+    msg = one_error_line(cli_process("--engine", "static", "--workload", str(path),
+                                     "--json", str(tmp_path / "out.json")))
+    assert msg.startswith(f"error: {path}:2: ")
 
 
 def test_a_binary_file_is_not_jsonl(tmp_path):
