@@ -7,8 +7,8 @@ flight ends: a step kind whose wait is near zero is host-bound.
     python -m bench host_overlap --device cuda --out DIR        # chapter 09's fastest rung
     python -m bench host_overlap --model tiny --device cpu --n 16 --workload anyscale:prompt_len=64,cap=32,mean=8
 
-The run is the rung's (``--rung``, as in ``bench/ladder.py``), after one warm-up run of the same
-requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else changes.
+The run is the rung's (``--rung``, as in ``python -m bench run_ladder``), after one warm-up run
+of the same requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else changes.
 """
 import argparse
 import cProfile

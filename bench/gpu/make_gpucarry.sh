@@ -20,13 +20,13 @@ for f in "$tmp"/*.whl; do
   esac
 done
 rm -rf "$tmp"
-.venv/bin/python -c "from course_lib import models; models.load_tokenizer()"
-cache=$(.venv/bin/python -c "from course_lib import models; print(models.cache_dir())")
+.venv/bin/python -c "from course_lib.model import models; models.load_tokenizer()"
+cache=$(.venv/bin/python -c "from course_lib.model import models; print(models.cache_dir())")
 cp "$cache"/smollm2-135m/{tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpucarry/cache/smollm2-135m/
 du -sh .gpucarry
 
 # SmolLM2's GGUF, for GPU runs that need the real model, in three parts of at most 31 MB that
-# travel in three calls (bench/gpu_smollm2_parts.sh): .gpucarry_p1 holds the first part, the
+# travel in three calls (bench/gpu/gpu_smollm2_parts.sh): .gpucarry_p1 holds the first part, the
 # package's other files and the gguf wheel; .gpucarry_p2 and .gpucarry_p3 one part each.
 if [ ! -s .gpucarry_p3/sp.02 ]; then
   for d in .gpucarry_p1 .gpucarry_p2 .gpucarry_p3; do
