@@ -5,6 +5,7 @@
 #   make test         unit tests, every notebook through nbval, assignments freshness check
 #   make assignments  regenerate the student copies in assignments/
 #   make figures      regenerate the course figures (python -m course_lib.lab.figures)
+#   make bench        list the experiments;  make bench-<experiment> ARGS='...'  runs one
 #   make clean        remove caches (keeps .venv);  make distclean  also removes .venv
 #
 # Every recipe runs under bash with -e -u -o pipefail, so a failing command
@@ -42,7 +43,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
 NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: venv lab test assignments figures clean distclean help
+.PHONY: venv lab test assignments figures bench clean distclean help
 
 venv: $(STAMP)
 
@@ -82,6 +83,13 @@ assignments: venv
 
 figures: venv
 	python -m course_lib.lab.figures
+
+# python -m bench <experiment> [args]: the measurements of bench/ (bench/README.md)
+bench: venv
+	python -m bench
+
+bench-%: venv
+	python -m bench $* $(ARGS)
 
 clean:
 	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
