@@ -6,6 +6,7 @@
 #   make assignments  regenerate the student copies in assignments/
 #   make figures      regenerate the course figures (python -m course_lib.lab.figures)
 #   make grade SUBMISSIONS=DIR  grade a class: DIR/<student>/*.ipynb -> DIR/grades.csv
+#   make bench        list the experiments;  make bench-<experiment> ARGS='...'  runs one
 #   make clean        remove caches (keeps .venv);  make distclean  also removes .venv
 #
 # Every recipe runs under bash with -e -u -o pipefail, so a failing command
@@ -43,7 +44,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
 NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: venv lab test assignments figures grade clean distclean help
+.PHONY: venv lab test assignments figures grade bench clean distclean help
 
 venv: $(STAMP)
 
@@ -89,6 +90,13 @@ grade: venv
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=DIR (one folder per student)"; exit 2; }
 	python tools/grade.py "$(SUBMISSIONS)"
 
+# python -m bench <experiment> [args]: the measurements of bench/ (bench/README.md)
+bench: venv
+	python -m bench
+
+bench-%: venv
+	python -m bench $* $(ARGS)
+
 clean:
 	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
 	  \( -name __pycache__ -o -name .pytest_cache -o -name .ipynb_checkpoints \
@@ -100,4 +108,4 @@ distclean: clean
 	rm -rf $(VENV)
 
 help:
-	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,11s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))

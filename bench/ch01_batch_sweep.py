@@ -1,24 +1,23 @@
 """Chapter 01's measurement on any device: measured peaks, then one decode step timed at each
 batch size (and one prefill step), stored as JSON for the notebook to show.
 
-    python bench/ch01_batch_sweep.py --model llama-1b-dummy --dtype bfloat16 --device cuda \\
+    python -m bench ch01_batch_sweep --model llama-1b-dummy --dtype bfloat16 --device cuda \\
         --batch 1 2 4 8 16 32 64 128 256 512 --context 512 --out bench/results
 """
 import argparse
 import re
-import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from bench import command
 from course_lib.model import models
-from course_lib.measure import roofline  # noqa: E402
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.model.llama import Llama  # noqa: E402
+from course_lib.measure import roofline
+from course_lib.bench import save_result
+from course_lib.model.llama import Llama
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32")
@@ -28,7 +27,7 @@ def main():
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", default="bench/results")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     model = Llama.from_hf(loaded.model)
     peaks = roofline.measure_peaks(a.device, model.dtype, refresh=True)
@@ -39,7 +38,7 @@ def main():
     slug = re.sub(r"[^a-z0-9]+", "-", peaks.device.lower()).strip("-")
     path = Path(a.out) / f"ch01_batch_sweep_{a.model}_{slug}.json"
     save_result({"model": a.model, "dtype": a.dtype, "device": vars(peaks), "rows": rows},
-                path, "python " + " ".join(shlex.quote(x) for x in sys.argv))
+                path, command("ch01_batch_sweep", argv))
     print(f"{peaks.device}: {peaks.bandwidth / 1e9:.0f} GB/s, {peaks.flops / 1e12:.1f} TFLOP/s")
     print(f"{'mode':>6} {'kind':>8} {'B':>5} {'step ms':>9} {'tok/s':>10} {'MBU':>6} {'MFU':>6}")
     for r in rows:

@@ -1,29 +1,27 @@
 """The throughput-latency curve from real runs: the continuous engine (paged, blocks of 16) on the
 same requests at every (arrival rate, max batch), one after the other in one process.
 
-    python bench/curve.py --rates 1 2 4 8 --batches 2 8 32 --out bench/results/cpu/curve_smollm2-135m_cpu.json
+    python -m bench curve --rates 1 2 4 8 --batches 2 8 32 --out bench/results/cpu/curve_smollm2-135m_cpu.json
 
 Each row is ``course_lib.measure.tradeoffs.point`` of one run (throughput, TTFT/TPOT/end-to-end p50 and
 p99); notebook 08 draws them over its simulated curves.
 """
 import argparse
-import shlex
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import command
+from course_lib.model import models
+from course_lib.bench import save_result
+from course_lib.engines import make_engine
+from course_lib.requests import chat_workload, poisson_arrivals
+from course_lib.measure.roofline import measure_peaks
+from course_lib.measure.tradeoffs import point
 
-from course_lib.model import models  # noqa: E402
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.engines import make_engine  # noqa: E402
-from course_lib.requests import chat_workload, poisson_arrivals  # noqa: E402
-from course_lib.measure.roofline import measure_peaks  # noqa: E402
-from course_lib.measure.tradeoffs import point  # noqa: E402
 
-
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
@@ -34,7 +32,7 @@ def main():
     p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--batches", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     peaks = measure_peaks(a.device, loaded.model.dtype)
     requests = chat_workload(loaded.tokenizer, n=a.n, max_new_tokens=a.max_new_tokens)
@@ -51,7 +49,7 @@ def main():
     save_result({"model": a.model, "dtype": a.dtype, "device": vars(peaks), "n": a.n,
                  "max_new_tokens": a.max_new_tokens, "block_size": a.block_size,
                  "torch_threads": torch.get_num_threads(), "rows": rows}, a.out,
-                "python bench/curve.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                command("curve", argv))
     print("wrote", a.out)
 
 

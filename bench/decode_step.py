@@ -4,13 +4,12 @@ tokens back), the same step launched eagerly, kernel by kernel, and the graph re
 without the fused elementwise kernels and stacked projections (``course_lib.kernels.fused``). MBU = (weights + KV bytes the step
 must read) / time / measured copy bandwidth.
 
-    python bench/decode_step.py --model llama-1b-dummy --dtype bfloat16 --context 640 --out DIR
+    python -m bench decode_step --model llama-1b-dummy --dtype bfloat16 --context 640 --out DIR
 """
 import argparse
 import copy
 import dataclasses
 from dataclasses import asdict
-import shlex
 import statistics
 import sys
 import time
@@ -18,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from course_lib.model import models  # noqa: E402
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
-from course_lib.model.kv_cache import PagedKVCache  # noqa: E402
-from course_lib.model.llama import Llama  # noqa: E402
-from course_lib.measure.roofline import measure_peaks, step_work  # noqa: E402
+from bench import command
+from course_lib.model import models
+from course_lib.bench import save_result
+from course_lib.kernels.cuda_graphs import DecodeGraphs
+from course_lib.model.kv_cache import PagedKVCache
+from course_lib.model.llama import Llama
+from course_lib.measure.roofline import measure_peaks, step_work
 
 
 def events_ms(fn, repeat):
@@ -72,7 +70,8 @@ def decoding_batch(model_name: str, batch: int, context: int, block_size: int = 
     return model, *decoding_cache(model.shape, batch, context, block_size, model.dtype)
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-1b-dummy")
     p.add_argument("--dtype", default="bfloat16")
@@ -88,7 +87,7 @@ def main():
                    help="also time graphs that run buckets of this size and up as two halves on two "
                         "streams (DecodeGraphs(split_from=...)), next to the whole-batch graphs")
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from course_lib.kernels import paged_decode
     paged_decode.TUNING.update(parse_knobs(a.knobs))
     if a.blas:                    # before any matmul runs, so that every graph captures that library's kernels
@@ -140,7 +139,7 @@ def main():
                  "blas": str(torch.backends.cuda.preferred_blas_library()), "split_from": a.split_from,
                  "rows": out},
                 Path(a.out) / f"decode_step_{a.model}_{name}{knobs}.json",
-                "python bench/decode_step.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                command("decode_step", argv))
 
 
 if __name__ == "__main__":

@@ -4,17 +4,16 @@ and retire sequences, and how long the scheduler takes before the next launch. W
 the GPU is busy as long as the host, after each wait, queues the next step before the step in
 flight ends: a step kind whose wait is near zero is host-bound.
 
-    python bench/host_overlap.py --device cuda --out DIR        # chapter 09's fastest rung
-    python bench/host_overlap.py --model tiny --device cpu --n 16 --workload anyscale:prompt_len=64,cap=32,mean=8
+    python -m bench host_overlap --device cuda --out DIR        # chapter 09's fastest rung
+    python -m bench host_overlap --model tiny --device cpu --n 16 --workload anyscale:prompt_len=64,cap=32,mean=8
 
-The run is the rung's (``--rung``, as in ``bench/ladder.py``), after one warm-up run of the same
-requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else changes.
+The run is the rung's (``--rung``, as in ``python -m bench run_ladder``), after one warm-up run
+of the same requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else changes.
 """
 import argparse
 import cProfile
 import io
 import pstats
-import shlex
 import sys
 import time
 from collections import Counter
@@ -22,15 +21,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from course_lib.model import models  # noqa: E402
-from course_lib.bench import gpu_waits, save_result  # noqa: E402
-from course_lib.engines import make_engine  # noqa: E402
-from course_lib.model.llama import LlamaShape  # noqa: E402
-from course_lib.measure.ladder import parse_rung, rung_settings  # noqa: E402
-from course_lib.measure.metrics import host_summary, host_table  # noqa: E402
-from course_lib.requests import load_workload  # noqa: E402
+from bench import command
+from course_lib.model import models
+from course_lib.bench import gpu_waits, save_result
+from course_lib.engines import make_engine
+from course_lib.model.llama import LlamaShape
+from course_lib.measure.ladder import parse_rung, rung_settings
+from course_lib.measure.metrics import host_summary, host_table
+from course_lib.requests import load_workload
 
 
 def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
@@ -91,7 +89,8 @@ def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
     return records
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-1b-dummy")
     p.add_argument("--dtype", default="bfloat16")
@@ -106,7 +105,7 @@ def main():
                    help="list where launch waits for the GPU (CUDA's sync debug mode; slows the host)")
     p.add_argument("--pyprofile", action="store_true",
                    help="profile the Python calls of packed launches (cProfile; slows them) into --out")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     shape = LlamaShape.from_config(loaded.config)
     reqs = load_workload(a.workload, tokenizer=loaded.tokenizer, n=a.n, vocab_size=shape.vocab_size)
@@ -147,7 +146,7 @@ def main():
         save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung, "overlap": engine.overlap,
                      "wall_s": wall, "summary": rows, "steps": records},
                     Path(a.out) / f"host_overlap_{a.model}_{name}.json",
-                    "python bench/host_overlap.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                    command("host_overlap", argv))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ computes nothing): what remains is the Python a server runs around every step.
    FlexAttention's masks with CPU tensor ops (on a GPU those are launches), so read the decode
    and between-step times.
 
-    python bench/host_time.py --out DIR
-    COURSE_ROOT=/path/to/another/checkout python bench/host_time.py     # another commit's code
+    python -m bench host_time --out DIR
+    COURSE_ROOT=/path/to/another/checkout python -m bench host_time     # another commit's code
 """
 import argparse
 import os
@@ -27,17 +27,15 @@ import time
 from pathlib import Path
 from unittest import mock
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, os.environ.get("COURSE_ROOT", str(HERE.parent)))
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
+if os.environ.get("COURSE_ROOT"):      # another checkout's library (and test fakes), this script
+    sys.path.insert(0, os.environ["COURSE_ROOT"])
 
+from bench.decode_step import decoding_cache  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
 from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
 from course_lib.engines.paged import PagedEngine  # noqa: E402
 from course_lib.requests import Request, load_workload  # noqa: E402
-from decode_step import decoding_cache  # noqa: E402
-from fakes import LOADED, FakeLlama  # noqa: E402
+from tests.fakes import LOADED, FakeLlama  # noqa: E402
 
 
 def fill_ms(batch: int, context: int = 640, repeat: int = 50) -> float:

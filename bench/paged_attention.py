@@ -2,7 +2,7 @@
 blocks in place, and, for decode steps, the course's Triton kernel (``course_lib/kernels/paged_decode.py``). Same cache, same fragmented block tables, same queries; the outputs are compared
 and each variant is timed (median of events after warm-up on CUDA, of wall time on the CPU).
 
-    python bench/paged_attention.py --device cuda --dtype bfloat16 --out bench/results
+    python -m bench paged_attention --device cuda --dtype bfloat16 --out bench/results
 
 Cases (llama-1b-dummy's attention shape: 32 query heads, 8 KV heads, head_dim 64):
   decode-B: B sequences with ``context`` tokens cached, one new token each;
@@ -11,7 +11,6 @@ Cases (llama-1b-dummy's attention shape: 32 query heads, 8 KV heads, head_dim 64
 """
 import argparse
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -19,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from course_lib.model.attention import PAGED_ATTENTION, write_cache  # noqa: E402
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.model.kv_cache import PagedKVCache  # noqa: E402
-from course_lib.model.llama import LlamaShape  # noqa: E402
-from course_lib.measure.roofline import measure_peaks  # noqa: E402
+from bench import command
+from course_lib.model.attention import PAGED_ATTENTION, write_cache
+from course_lib.bench import save_result
+from course_lib.model.kv_cache import PagedKVCache
+from course_lib.model.llama import LlamaShape
+from course_lib.measure.roofline import measure_peaks
 
 SHAPE = LlamaShape(vocab_size=128256, hidden=2048, intermediate=8192, n_layers=1, n_heads=32,
                    n_kv_heads=8, head_dim=64, rope_theta=5e5, eps=1e-5, eos_token_id=0,
@@ -110,7 +108,8 @@ def case(name, cached, new, block_size, dtype, device, repeat, peak_bw):
     return row
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
@@ -119,7 +118,7 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", default="bench/results")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     peaks = measure_peaks(a.device, dtype)
     bs, C = a.block_size, a.context
@@ -139,7 +138,7 @@ def main():
     slug = re.sub(r"[^a-z0-9]+", "-", peaks.device.lower()).strip("-")
     path = Path(a.out) / f"paged_attention_{slug}.json"
     save_result({"dtype": a.dtype, "device": vars(peaks), "shape": vars(SHAPE), "rows": rows}, path,
-                "python bench/paged_attention.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                command("paged_attention", argv))
     print("wrote", path)
 
 

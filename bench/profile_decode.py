@@ -2,7 +2,7 @@
 (the same kernels a CUDA graph replays), with the fused elementwise kernels and without them,
 the kernels with the most GPU time, printed and written as JSON.
 
-    python bench/profile_decode.py --model llama-1b-dummy --batch 1 256 --context 640 --out DIR
+    python -m bench profile_decode --model llama-1b-dummy --batch 1 256 --context 640 --out DIR
 
 ``--mixed`` also profiles mixed steps of the fast path, as the ladder's fastest rung runs them
 (16 prompts of 512 tokens prefilled next to 256 decodes, budget 8192), host work included: with
@@ -11,7 +11,6 @@ a fresh cache and on one whose blocks are scattered as after a while of serving.
 """
 import argparse
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,14 +18,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.model.attention import FlexPagedAttention, GatheredFlexAttention, KernelPagedAttention  # noqa: E402
-from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
-from course_lib.model.kv_cache import PagedKVCache  # noqa: E402
-from course_lib.model.sampling import sample  # noqa: E402
-from decode_step import decoding_batch, parse_knobs  # noqa: E402
+from bench import command
+from bench.decode_step import decoding_batch, parse_knobs
+from course_lib.bench import save_result
+from course_lib.model.attention import FlexPagedAttention, GatheredFlexAttention, KernelPagedAttention
+from course_lib.kernels.cuda_graphs import DecodeGraphs
+from course_lib.model.kv_cache import PagedKVCache
+from course_lib.model.sampling import sample
 
 STEPS = 5
 
@@ -88,7 +86,8 @@ def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=1
             "wall_ms_median": walls[len(walls) // 2], "cuda_total_ms": total, "top": top}
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-1b-dummy")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 128])
@@ -103,7 +102,7 @@ def main():
                    help="FlexAttention kernel_options, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
     p.add_argument("--gathered-options", default="",
                    help="kernel_options of the gathered prefill, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from course_lib.model import attention
     from course_lib.kernels import paged_decode
     if a.gathered_options:      # given: these alone ('default': FlexAttention's own)
@@ -141,7 +140,7 @@ def main():
                      "device": {"device": torch.cuda.get_device_name()}, "batches": batches,
                      "mixed_step": mixed[0] if mixed else None, "mixed_steps": mixed},
                     Path(a.out) / f"profile_decode_{a.model}_{name}{settings}.json",
-                    "python bench/profile_decode.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                    command("profile_decode", argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Fit the step-cost model to some stored runs of one device and predict the others.
 
-    python bench/simulator_validation.py --fit R1.json R2.json --predict R3.json R4.json \\
+    python -m bench simulator_validation --fit R1.json R2.json --predict R3.json R4.json \\
         --out bench/results/simulator_<device>.json
 
 Writes the fitted ``CostBook`` (one model per implementation path) and, for every run, the
@@ -9,23 +9,22 @@ runs in ``--fit`` are marked as such (their errors are in-sample).
 """
 import argparse
 import json
-import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import command
+from course_lib.bench import save_result
+from course_lib.measure.simulator import CostBook, runs_in, validate
 
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.measure.simulator import CostBook, runs_in, validate  # noqa: E402
 
-
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--fit", nargs="+", required=True)
     p.add_argument("--predict", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     load = lambda paths: [r for x in paths for r in runs_in(json.loads(Path(x).read_text()))]
     fit, held_out = load(a.fit), load(a.predict)
     book = CostBook.fit(fit)
@@ -37,7 +36,7 @@ def main():
             if isinstance(v, dict) and v.get("error") is not None))
     save_result({"device": fit[0]["device"], "cost_book": {k: asdict(c) for k, c in book.paths.items()},
                  "fit_files": a.fit, "predict_files": a.predict, "rows": rows}, a.out,
-                "python bench/simulator_validation.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                command("simulator_validation", argv))
     print("wrote", a.out)
 
 

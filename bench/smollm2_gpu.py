@@ -2,20 +2,18 @@
 ``generate`` (each prompt alone, greedy, the same dtype) on the chat workload, and what CUDA graphs
 buy a small, launch-bound model (the same engine with and without them, at small and large batch).
 
-    python bench/smollm2_gpu.py --n 32 --max-new-tokens 64 --out DIR
+    python -m bench smollm2_gpu --n 32 --max-new-tokens 64 --out DIR
 """
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from course_lib.model import models  # noqa: E402
-from course_lib.bench import bench, describe, save_result  # noqa: E402
-from course_lib.requests import chat_workload  # noqa: E402
+from bench import command
+from course_lib.model import models
+from course_lib.bench import bench, describe, save_result
+from course_lib.requests import chat_workload
 
 
 def agreement(ours: list, theirs: list) -> dict:
@@ -27,13 +25,14 @@ def agreement(ours: list, theirs: list) -> dict:
             "tokens_before_first_difference": prefix, "tokens": sum(map(len, theirs))}
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     loaded = models.load("smollm2-135m", dtype=a.dtype, device="cuda")
     requests = chat_workload(loaded.tokenizer, n=a.n, max_new_tokens=a.max_new_tokens)
     hf = []
@@ -58,7 +57,7 @@ def main():
     save_result({"model": "smollm2-135m", "workload": "chat", "n": a.n, "dtype": a.dtype,
                  "max_new_tokens": a.max_new_tokens, "device": runs[0]["device"], "runs": runs},
                 Path(a.out) / f"smollm2_fastpath_{name}.json",
-                "python bench/smollm2_gpu.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                command("smollm2_gpu", argv))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ blocks at 128 rows). Each projection runs once per layer, on that layer's own we
 weights come from HBM, not from L2), all the layers captured in one CUDA graph and timed with
 CUDA events; the time per call is the replay's over the number of layers.
 
-    python bench/thin_matmuls.py --batch 128 256 512 --out DIR
+    python -m bench thin_matmuls --batch 128 256 512 --out DIR
 """
 import argparse
-import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -20,14 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from decode_step import events_ms  # noqa: E402  (bench/, next to this script)
-
-from course_lib.model import models  # noqa: E402
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.model.llama import Llama  # noqa: E402
-from course_lib.measure.roofline import measure_peaks  # noqa: E402
+from bench import command
+from bench.decode_step import events_ms
+from course_lib.model import models
+from course_lib.bench import save_result
+from course_lib.model.llama import Llama
+from course_lib.measure.roofline import measure_peaks
 
 PROJECTIONS = {                      # name -> the stacked weight of each layer (Llama.fused = True)
     "qkv": lambda w: w.wqkv,
@@ -71,7 +68,8 @@ def time_projection(linear, x, weights, repeat: int) -> tuple:
     return events_ms(run, repeat) / len(weights), err, captured
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-1b-dummy")
     p.add_argument("--dtype", default="bfloat16")
@@ -79,7 +77,7 @@ def main():
     p.add_argument("--kinds", nargs="+", default=["cublas", "cublaslt", "inductor"])
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     model = Llama.from_hf(models.load(a.model, dtype=a.dtype, device="cuda").model)
     model.fused = True                              # the stacked projections the fast path runs
     peaks = measure_peaks("cuda", model.dtype)
@@ -90,7 +88,7 @@ def main():
     def save():        # after every kind: a run cut short (Inductor's autotuning is slow) keeps the rest
         save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "rows": rows},
                     Path(a.out) / f"thin_matmuls_{a.model}_{card}.json",
-                    "python bench/thin_matmuls.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                    command("thin_matmuls", argv))
     for kind in a.kinds:
         torch.backends.cuda.preferred_blas_library("cublaslt" if kind == "cublaslt" else "cublas")
         linear = linear_for(kind)

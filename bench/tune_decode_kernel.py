@@ -5,25 +5,23 @@ programs the split rule aims for, Triton's ``num_warps`` and ``num_stages``) at 
 sizes, as a share of the measured copy bandwidth. Prints the best setting per batch and the
 defaults', and writes JSON.
 
-    python bench/tune_decode_kernel.py --context 640 --batch 1 32 128 256 512 --out DIR
+    python -m bench tune_decode_kernel --context 640 --batch 1 32 128 256 512 --out DIR
 """
 import argparse
 import itertools
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from course_lib.model import models  # noqa: E402
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.model.kv_cache import kv_bytes_per_token  # noqa: E402
-from course_lib.model.llama import LlamaShape  # noqa: E402
-from course_lib.kernels.paged_decode import BLOCK_N, PROGRAMS, TRITON_LAUNCH, paged_decode  # noqa: E402
-from course_lib.measure.roofline import measure_peaks  # noqa: E402
-from decode_step import decoding_cache, events_ms  # noqa: E402
+from bench import command
+from bench.decode_step import decoding_cache, events_ms
+from course_lib.model import models
+from course_lib.bench import save_result
+from course_lib.model.kv_cache import kv_bytes_per_token
+from course_lib.model.llama import LlamaShape
+from course_lib.kernels.paged_decode import BLOCK_N, PROGRAMS, TRITON_LAUNCH, paged_decode
+from course_lib.measure.roofline import measure_peaks
 
 
 def time_ms(fn, repeat=30):
@@ -32,13 +30,14 @@ def time_ms(fn, repeat=30):
     return events_ms(fn, repeat)
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-1b-dummy")
     p.add_argument("--context", type=int, default=640)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 128, 256, 512])
     p.add_argument("--out", default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from transformers import LlamaConfig
     shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[a.model].config))
     peaks = measure_peaks("cuda", torch.bfloat16)
@@ -79,7 +78,7 @@ def main():
         name = torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "context": a.context, "device": peaks.__dict__, "rows": rows},
                     Path(a.out) / f"tune_decode_kernel_{a.model}_{name}.json",
-                    "python bench/tune_decode_kernel.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+                    command("tune_decode_kernel", argv))
 
 
 if __name__ == "__main__":

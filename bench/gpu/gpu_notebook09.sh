@@ -2,8 +2,8 @@
 # Notebook 09 on a GPU, through papermill with its default parameters: its live branch (the
 # short ladder, measured there), the CPU checks, and the stored results next to them. The
 # executed notebook lands in $OUT as 09_cuda_engine.<card>.ipynb, the evidence that it runs there.
-# It needs SmolLM2 (section 3 loads it): run it in the third call of bench/gpu_smollm2_parts.sh,
-#   source bench/gpu_smollm2_parts.sh 3 && bash bench/gpu_notebook09.sh
+# It needs SmolLM2 (section 3 loads it): run it in the third call of bench/gpu/gpu_smollm2_parts.sh,
+#   source bench/gpu/gpu_smollm2_parts.sh 3 && bash bench/gpu/gpu_notebook09.sh
 # carrying .gpucarry_p3 and .gpucarry (the tokenizer and the wheels papermill needs).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"

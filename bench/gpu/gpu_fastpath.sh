@@ -10,12 +10,12 @@ export PYTHONPATH=$PWD:$PWD/tests PYTHONUNBUFFERED=1 COURSE_COMMIT=${COURSE_COMM
 [ -d .gpucarry/cache ] && export COURSE_CACHE=$PWD/.gpucarry/cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider tests/test_paged_decode.py tests/test_fused.py tests/test_fastpath.py 2>&1 | tail -3
-python3 bench/decode_step.py --out "$OUT" 2>&1 | grep -v Warning
-python3 bench/profile_decode.py --batch 1 128 256 --top 12 --mixed --out "$OUT" 2>&1 | grep -v Warning
-python3 bench/tune_decode_kernel.py --out "$OUT" 2>&1 | grep -v Warning
-python3 bench/host_overlap.py --out "$OUT" 2>&1 | grep -v Warning
+python3 -m bench decode_step --out "$OUT" 2>&1 | grep -v Warning
+python3 -m bench profile_decode --batch 1 128 256 --top 12 --mixed --out "$OUT" 2>&1 | grep -v Warning
+python3 -m bench tune_decode_kernel --out "$OUT" 2>&1 | grep -v Warning
+python3 -m bench host_overlap --out "$OUT" 2>&1 | grep -v Warning
 # then a trace of steps 10-13 (mixed steps of the fastest rung), in a folder of its own: the
 # profiler slows the rest of that run, so its host times are not the ones stored
-python3 bench/host_overlap.py --trace 10 4 --out "$OUT/trace" 2>&1 | grep -v Warning
-python3 bench/smollm2_gpu.py --n 32 --max-new-tokens 64 --out "$OUT" 2>&1 | grep -v Warning
-python3 bench/decode_step.py --model smollm2-135m --batch 1 8 32 128 512 --out "$OUT" 2>&1 | grep -v Warning
+python3 -m bench host_overlap --trace 10 4 --out "$OUT/trace" 2>&1 | grep -v Warning
+python3 -m bench smollm2_gpu --n 32 --max-new-tokens 64 --out "$OUT" 2>&1 | grep -v Warning
+python3 -m bench decode_step --model smollm2-135m --batch 1 8 32 128 512 --out "$OUT" 2>&1 | grep -v Warning

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU half of the foundation chapter, in one call on a GPU machine (see bench/README.md):
+# The GPU half of the foundation chapter, in one call on a GPU machine (see bench/gpu/README.md):
 # chapter 01's batch sweep with llama-1b-dummy, the bench CLI's engines, and notebook 01 run
 # through papermill with GPU parameters. Everything lands in $OUT.
 #
 # Packages missing on the GPU image (papermill, ipykernel, ...) travel as wheels in .gpucarry/whl,
-# and the SmolLM2 tokenizer in .gpucarry/cache (bench/README.md says how to make both).
+# and the SmolLM2 tokenizer in .gpucarry/cache (bench/gpu/README.md says how to make both).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -18,7 +18,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 
 export COURSE_COMMIT=${COURSE_COMMIT:-unknown}
 BATCHES="1 2 4 8 16 32 64 128 256 512"
-python3 bench/ch01_batch_sweep.py --model llama-1b-dummy --dtype bfloat16 --device cuda \
+python3 -m bench ch01_batch_sweep --model llama-1b-dummy --dtype bfloat16 --device cuda \
   --batch $BATCHES --context 512 --prefill 2048 --repeat 20 --out "$OUT" 2>&1 | grep -v "it/s"
 
 W="anyscale:prompt_len=512,cap=512,mean=128"

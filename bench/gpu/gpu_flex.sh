@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 COURSE_COMMIT=${COURSE_COMMIT:-unknown}
 [ -d .gpucarry/cache ] && export COURSE_CACHE=$PWD/.gpucarry/cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 bench/paged_attention.py --device cuda --dtype bfloat16 --out "$OUT" 2>&1 | grep -v Warning
+python3 -m bench paged_attention --device cuda --dtype bfloat16 --out "$OUT" 2>&1 | grep -v Warning
 W="anyscale:prompt_len=512,cap=512,mean=128"; N=${N:-256}
 run() { TORCH_LOGS=${TORCH_LOGS:-recompiles} python3 -m course_lib.bench --engine continuous --model llama-1b-dummy --dtype bfloat16 \
           --workload "$W" --n "$N" --steps "$@" 2>&1 | grep -v "it/s\]\|req/s\]" \

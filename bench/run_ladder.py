@@ -1,6 +1,6 @@
 """The batching ladder: several engines on the same requests, in one run, as one JSON object.
 
-    python bench/ladder.py --model smollm2-135m --workload chat --n 32 --max-batch 16 \\
+    python -m bench run_ladder --model smollm2-135m --workload chat --n 32 --max-batch 16 \\
         --max-new-tokens 128 --out bench/results/ladder_chat_cpu.json
 
 ``runs`` holds the bench CLI's JSON for each rung (``python -m course_lib.bench``), all measured
@@ -10,20 +10,18 @@ run also names its ``rung``. A rung is an engine, chunked, paged and fast with c
 ``fast:kv_memory_mib=16384``. The JSON also holds the workload's physical floor on this device.
 """
 import argparse
-import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from course_lib.model import models  # noqa: E402
-from course_lib.bench import save_result  # noqa: E402
-from course_lib.measure.ladder import run_ladder  # noqa: E402
+from bench import command
+from course_lib.model import models
+from course_lib.bench import save_result
+from course_lib.measure.ladder import run_ladder
 
 DEFAULT = ["sequential", "static", "dynamic", "continuous", "hf-generate", "hf-cb"]
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", "--rungs", nargs="+", default=DEFAULT)
     p.add_argument("--model", default="smollm2-135m")
@@ -41,13 +39,13 @@ def main():
     p.add_argument("--no-tokens", dest="tokens", action="store_false",
                    help="leave each request's output tokens out of the JSON")
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
-    command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
+    cmd = command("run_ladder", argv)
     result = run_ladder(loaded, a.model, a.workload, a.engines, a.n, a.max_batch, a.big_batch,
                         a.max_num_batched_tokens, a.dtype, a.device, a.max_new_tokens, a.tokens, a.sequential_n,
-                        after_each=lambda partial: save_result(partial, a.out, command))
-    save_result(result, a.out, command)
+                        after_each=lambda partial: save_result(partial, a.out, cmd))
+    save_result(result, a.out, cmd)
     print("wrote", a.out, flush=True)
 
 

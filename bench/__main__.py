@@ -1,0 +1,45 @@
+"""``python -m bench <experiment> [args]``: run one experiment; without one, list them."""
+import importlib
+import inspect
+import sys
+
+EXPERIMENTS = {     # module in bench/ -> what it measures
+    "ch01_batch_sweep": "ch 01: measured peaks, one decode step per batch size (step time, MBU)",
+    "run_ladder": "ch 04/09: several engines (rungs) on the same requests, one JSON",
+    "paged_attention": "ch 07: one layer of packed, paged attention: gather, flex, kernel",
+    "curve": "ch 08: a real throughput-latency sweep over arrival rates and max_batch",
+    "simulator_validation": "ch 08: fit the step-cost model to some runs, predict the others",
+    "decode_step": "ch 09: whole decode steps per batch size (graph replay, unfused, eager)",
+    "profile_decode": "ch 09: torch.profiler of decode steps and one mixed step, by kernel",
+    "tune_decode_kernel": "ch 09: the Triton decode kernel's knobs swept per batch size",
+    "thin_matmuls": "ch 09: the decode step's matmuls alone: cuBLAS, cuBLASLt, Inductor",
+    "smollm2_gpu": "ch 09: SmolLM2 on the fast path against HF generate, with/without graphs",
+    "host_overlap": "ch 09: the fastest rung's host time per step (launch, wait, retire)",
+    "host_time": "ch 09: the engine's host cost alone on the CPU, with the tests' fake model",
+}
+
+
+def usage() -> str:
+    width = max(map(len, EXPERIMENTS))
+    return "\n".join(["usage: python -m bench <experiment> [args]   (<experiment> -h for its args)",
+                      "", *(f"  {k:{width}}  {v}" for k, v in EXPERIMENTS.items())])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "list"):
+        print(usage())
+        return 0
+    name, args = argv[0], argv[1:]
+    if name not in EXPERIMENTS:
+        print(f"unknown experiment {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"bench.{name}")
+    sys.argv = [f"python -m bench {name}", *args]      # argparse's prog, and what a run records
+    # host_time's main() reads sys.argv itself; the others take argv
+    module.main(args) if inspect.signature(module.main).parameters else module.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The repository stays lean: what the notebooks show (stored results, figures, executed notebooks
+and their student copies) fits in 6 MB, and every stored result still says where it came from."""
+import gzip
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from course_lib.lab import nbtools
+from course_lib.lab.nbtools import RESULTS, ROOT
+
+LIMIT = 6 * 2**20
+TRACKED = ("bench/results", "vis", "notebooks", "assignments")
+
+
+def tracked_files(*paths: str) -> list:
+    """The files git tracks under ``paths`` (skips outside a git checkout)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    out = subprocess.run(["git", "ls-files", "-z", "--", *paths], check=False, cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"not a git checkout: {out.stderr.strip()}")
+    return [ROOT / p for p in out.stdout.split("\0") if p]
+
+
+def test_stored_results_figures_and_notebooks_fit_in_6_mb():
+    files = tracked_files(*TRACKED)
+    assert any(f.parent == RESULTS for f in files), "bench/results/ should be tracked"
+    sizes = {f.relative_to(ROOT).as_posix(): f.stat().st_size for f in files if f.exists()}
+    largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+    assert sum(sizes.values()) <= LIMIT, (
+        f"{sum(sizes.values()) / 2**20:.1f} MB tracked under {', '.join(TRACKED)} (limit "
+        f"{LIMIT / 2**20:.0f} MB); largest: {largest}. Keep only what a notebook, figure or test "
+        "reads, and gzip large JSON (read through course_lib.lab.nbtools.load_result)")
+
+
+def test_every_stored_result_records_its_card_versions_commit_and_command():
+    files = [f for f in tracked_files("bench/results") if f.name.endswith((".json", ".json.gz"))]
+    assert files
+    for f in files:
+        raw = f.read_bytes()
+        r = json.loads(gzip.decompress(raw) if f.suffix == ".gz" else raw)
+        v = r["versions"]
+        where = r.get("device") or v.get("gpu") or v.get("cpu")    # the card, or the CPU it ran on
+        assert where and v["torch"] and v["course_lib_commit"], f
+        assert r["command"].startswith(("python", "COURSE_ROOT=")), f
+
+
+def test_stored_results_are_read_gzipped_or_not_in_the_order_of_their_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(nbtools, "RESULTS", tmp_path)
+    (tmp_path / "run_b.json.gz").write_bytes(gzip.compress(b'{"x": 2}'))
+    (tmp_path / "run_a.json").write_text('{"x": 1}')
+    (tmp_path / "run_c.json").write_text('{"x": 3}')
+    (tmp_path / "other.json").write_text('{"x": 0}')
+    assert nbtools.stored_results("run_") == [{"x": 1}, {"x": 2}, {"x": 3}]
+    assert nbtools.load_result("run_b.json") == {"x": 2}
