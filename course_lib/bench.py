@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from course_lib.model import models
-from course_lib.engines.admission import SLO
+from course_lib.engines.policies import SLO
 from course_lib.engines import ENGINES, make_engine
 from course_lib.model.llama import LlamaShape
 from course_lib.measure.metrics import request_rows, step_rows, summarize

@@ -1,0 +1,166 @@
+"""The paged engine's scheduler (chapters 05 and 07): which sequences feed how many tokens in the
+next step, and what happens to them once its tokens are sampled.
+
+Every step takes decodes first, one token for every running sequence whose prompt is done; then
+prompt chunks while the step has tokens left in its budget (``max_num_batched_tokens``): first
+prompts already half fed, then newcomers from the queue. A sequence's blocks are allocated as it
+grows; when a decode needs a block and none is free, the most recently admitted sequence is
+*preempted*: its blocks are freed and it goes back to the front of the queue, to be recomputed
+later (prompt and answer so far), never lost. Whether the head of the queue may join at all is
+for the *policies* to say (``course_lib.engines.policies``: latency targets, a free-block
+watermark): each has ``admit(seq, scheduler) -> bool``, and may ``shed(scheduler)`` requests.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+def chunk_sizes(pending: list, budget) -> list:
+    """How a step's token budget is split among prompts waiting to be prefilled, in order: each
+    takes what it still needs, until the budget is spent (later prompts get 0 this step)."""
+    sizes = []
+    for n in pending:
+        take = int(min(n, budget))
+        sizes.append(take)
+        budget -= take
+    return sizes
+
+
+@dataclass
+class StepPlan:
+    """One step: ``seqs[i]`` feeds ``sizes[i]`` tokens, decodes first. ``sampled``: which of them
+    get their next token from it (those fed to their last token). ``decode_only``: every one
+    feeds its last token alone (a step a CUDA graph can replay)."""
+    seqs: list
+    sizes: list
+    decode_only: bool
+    sampled: list
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __iter__(self):
+        return zip(self.seqs, self.sizes)
+
+
+class Scheduler:
+    """A waiting queue and the running sequences, over a ``BlockManager``."""
+
+    def __init__(self, blocks, max_batch: int, max_num_batched_tokens: int | None = None,
+                 policies=()):
+        self.blocks, self.max_batch = blocks, max_batch
+        self.max_num_batched_tokens, self.policies = max_num_batched_tokens, list(policies)
+        self.waiting, self.running = deque(), []
+        self.preemptions = 0
+
+    def schedule(self) -> StepPlan:
+        blocks, running, waiting = self.blocks, self.running, self.waiting
+        budget = self.max_num_batched_tokens or float("inf")      # tokens left
+        decodes = [s for s in running if s.pending == 1]                   # 1. decodes
+        if len(decodes) > budget:
+            decodes = decodes[:int(budget)]
+        if blocks.grow_each([s.req.id for s in decodes]):    # the usual case: room for all
+            seqs, decodes = decodes, []
+        else:
+            seqs = []
+        for seq in decodes:                   # else one by one, preempting the newest for room
+            if len(seqs) >= budget:
+                break
+            while not blocks.can_grow(seq.req.id, 1):
+                victim = running[-1]                                     # the newest goes back
+                self.preempt(victim)
+                if victim in seqs:            # taken already (seq itself went back before)
+                    seqs.remove(victim)
+                if victim is seq:
+                    break
+            if seq in running:
+                blocks.grow(seq.req.id, 1)
+                seqs.append(seq)
+        sizes, budget = [1] * len(seqs), budget - len(seqs)
+        chunks = [s for s in running if s.pending > 1]                     # 2. unfinished prompts
+        while waiting and len(running) < self.max_batch:                   #    and newcomers
+            if waiting[0].tokens[-1] is None:   # preempted while its last token was still on the
+                break                            # device: it comes back once the host has it
+            if not all(p.admit(waiting[0], self) for p in self.policies):
+                break
+            running.append(waiting.popleft())
+            chunks.append(running[-1])
+        decode_only = True
+        for seq, n in zip(chunks, chunk_sizes([s.pending for s in chunks], budget)):
+            while n > 0 and not blocks.can_grow(seq.req.id, n):            # take what fits
+                n //= 2
+            if n < 1:
+                continue
+            decode_only = decode_only and seq.pending == 1
+            blocks.grow(seq.req.id, n)
+            seqs.append(seq)
+            sizes.append(n)
+        # newcomers that got nothing this step wait in the queue, in order (sets of ids: a
+        # scan of the step per newcomer would cost the host at large batches)
+        newcomers = [s for s in chunks if s.cached == 0]
+        if newcomers:
+            taken = {id(s) for s in seqs}
+            unserved = [s for s in newcomers if id(s) not in taken]
+            if unserved:
+                gone = {id(s) for s in unserved}
+                running[:] = [s for s in running if id(s) not in gone]
+                waiting.extendleft(reversed(unserved))
+        sampled = list(range(len(seqs))) if decode_only else [
+            i for i, (s, n) in enumerate(zip(seqs, sizes)) if s.cached + n == len(s.tokens)]
+        return StepPlan(seqs, sizes, decode_only, sampled)
+
+    def preempt(self, seq):
+        """Free a sequence's blocks; it will be recomputed (prompt and answer so far) later."""
+        self.blocks.release(seq.req.id)
+        seq.cached = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def shed(self) -> list:
+        """Waiting sequences a policy refuses now, out of the queue: ``[(seq, why)]``."""
+        refused = [r for p in self.policies if hasattr(p, "shed") for r in p.shed(self)]
+        for seq, _ in refused:
+            self.waiting.remove(seq)
+        return refused
+
+    def launched(self, plan) -> list:
+        """The step is on its way: its tokens are in the cache, and each sampled sequence holds a
+        placeholder (None) for its next token until the host reads it; returns their places. A
+        sequence at its last token leaves now, and its blocks serve the next step (which the
+        device runs after this one: nothing this step still writes is overwritten early)."""
+        for s, n in plan:
+            s.cached += n
+        places = []
+        for j, i in enumerate(plan.sampled):
+            seq = plan.seqs[i]
+            places.append(len(seq.tokens))
+            seq.tokens.append(None)
+            seq.src = j
+            if seq.at_last_token:
+                self.blocks.release(seq.req.id)
+                self.running.remove(seq)
+        return places
+
+    def postprocess(self, plan, places: list, tokens: list, on_token) -> list:
+        """The sampled tokens are on the host: each goes to its place and to ``on_token(seq,
+        token)``, which says why the sequence stops (or None). Returns ``[(seq, reason)]`` of the
+        sequences that stop, retired. A finished sequence ignores a token sampled after its last
+        (with overlap its EOS is learnt a step late)."""
+        done = []
+        for i, place, token in zip(plan.sampled, places, tokens):
+            seq = plan.seqs[i]
+            seq.tokens[place] = token
+            if seq.finished:
+                continue
+            reason = on_token(seq, token)
+            if reason:
+                seq.finished = True
+                self.blocks.release(seq.req.id)
+                if seq in self.running:
+                    self.running.remove(seq)
+                elif seq in self.waiting:
+                    self.waiting.remove(seq)
+                done.append((seq, reason))
+        return done
