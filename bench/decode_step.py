@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from course_lib.model import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
 from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
+from course_lib.engines.block_manager import BlockManager  # noqa: E402
+from course_lib.kernels.fused import OPS as FUSED_OPS  # noqa: E402
 from course_lib.model.kv_cache import PagedKVCache  # noqa: E402
 from course_lib.model.llama import Llama  # noqa: E402
 from course_lib.measure.roofline import measure_peaks, step_work  # noqa: E402
@@ -60,7 +62,7 @@ def decoding_cache(shape, batch: int, context: int, block_size: int = 16, dtype=
     blocks scattered, as in serving), each about to decode its next token: ``(cache, rows for
     DecodeGraphs.step, blocks per sequence)``."""
     per_seq = -(-(context + 1) // block_size)
-    cache = PagedKVCache(shape, batch * per_seq, block_size, dtype, device)
+    cache = PagedKVCache(shape, BlockManager(batch * per_seq, block_size), dtype, device)
     cache.grow_side_by_side(dict.fromkeys(range(batch), context + 1), chunk=block_size)
     return cache, [(1, context, cache.tables[i]) for i in range(batch)], per_seq
 
@@ -99,7 +101,7 @@ def main():
     plain = copy.copy(model)              # the same weights, unstacked, and the PyTorch elementwise ops
     plain.layers = [dataclasses.replace(w) for w in model.layers]
     unfused = DecodeGraphs(plain, cache, B, per_seq, graphs=True)
-    model.fused = True
+    model.use_ops(FUSED_OPS)
     graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
     eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)
     split = DecodeGraphs(model, cache, B, per_seq, graphs=True, split_from=a.split_from) if a.split_from else None

@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from course_lib.model.attention import PAGED_ATTENTION, write_cache  # noqa: E402
+from course_lib.engines.block_manager import BlockManager  # noqa: E402
+from course_lib.engines.model_runner import ATTENTION as PAGED_ATTENTION  # noqa: E402
+from course_lib.model.attention import write_cache  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
 from course_lib.model.kv_cache import PagedKVCache  # noqa: E402
 from course_lib.model.llama import LlamaShape  # noqa: E402
@@ -35,7 +37,7 @@ SHAPE = LlamaShape(vocab_size=128256, hidden=2048, intermediate=8192, n_layers=1
 def fragmented_cache(contexts, block_size, dtype, device, spare=1.1):
     """A cache whose sequences grew side by side (as in decoding), so their blocks interleave."""
     n_blocks = int(sum(-(-c // block_size) + 1 for c in contexts) * spare) + 1
-    cache = PagedKVCache(SHAPE, n_blocks, block_size, dtype, device)
+    cache = PagedKVCache(SHAPE, BlockManager(n_blocks, block_size), dtype, device)
     for t in cache.k + cache.v:
         t.normal_()
     cache.grow_side_by_side(dict(enumerate(contexts)), chunk=block_size)

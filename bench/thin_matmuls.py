@@ -26,10 +26,11 @@ from decode_step import events_ms  # noqa: E402  (bench/, next to this script)
 
 from course_lib.model import models  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
+from course_lib.kernels.fused import OPS as FUSED_OPS  # noqa: E402
 from course_lib.model.llama import Llama  # noqa: E402
 from course_lib.measure.roofline import measure_peaks  # noqa: E402
 
-PROJECTIONS = {                      # name -> the stacked weight of each layer (Llama.fused = True)
+PROJECTIONS = {                      # name -> the stacked weight of each layer (Llama.use_ops(FUSED_OPS))
     "qkv": lambda w: w.wqkv,
     "o": lambda w: w.wo,
     "gate_up": lambda w: w.w_gate_up,
@@ -81,7 +82,7 @@ def main():
     p.add_argument("--out", required=True)
     a = p.parse_args()
     model = Llama.from_hf(models.load(a.model, dtype=a.dtype, device="cuda").model)
-    model.fused = True                              # the stacked projections the fast path runs
+    model.use_ops(FUSED_OPS)                        # the stacked projections the fast path runs
     peaks = measure_peaks("cuda", model.dtype)
     item = model.dtype.itemsize
     rows = []
