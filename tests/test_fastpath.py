@@ -20,7 +20,7 @@ from course_lib.model.llama import LlamaShape
 from course_lib.measure.metrics import RunLog, Step, summarize
 from course_lib.lab.nbtools import RESULTS
 from course_lib.requests import Request, load_workload
-from course_lib.measure.roofline import Peaks, step_work, workload_floor
+from course_lib.measure.roofline import Peaks, attended_pairs, step_work, workload_floor
 from course_lib.model.sampling import sample
 from fakes import LOADED, FakeLlama
 
@@ -199,7 +199,7 @@ def test_the_physical_floor_adds_prefill_flops_and_decode_bytes():
     shape = LlamaShape(100, 64, 128, 2, 4, 2, 16, 1e4, 1e-5, 0, 4096)
     peaks = Peaks("test", "float32", bandwidth=1e9, flops=1e12, method="given")
     f = workload_floor(shape, 4, [10, 20], [3, 1], peaks)
-    pre = sum(step_work(shape, 4, n, n * (n + 1) // 2, 0, 1).flops for n in (10, 20)) / 1e12
+    pre = sum(step_work(shape, 4, n, attended_pairs(0, n), 0, 1).flops for n in (10, 20)) / 1e12
     steps = [step_work(shape, 4, 1, 11, 10, 1), step_work(shape, 4, 1, 12, 11, 1)]   # only the first decodes
     dec = sum(max(w.bytes / 1e9, w.flops / 1e12) for w in steps)
     assert f["prefill_s"] == pytest.approx(pre) and f["decode_s"] == pytest.approx(dec)

@@ -1,13 +1,8 @@
-"""The paged KV-cache's bookkeeping (chapter 07): which blocks are free, and which blocks hold
-each sequence's tokens.
-
-The cache is cut into ``n_blocks`` blocks of ``block_size`` tokens. Each sequence owns a *block
-table*, the list of its blocks in order: token ``p`` lives in block ``table[p // block_size]`` at
-offset ``p % block_size``. Blocks are allocated as a sequence grows and freed when it finishes or
-is preempted, so memory follows the tokens that exist, not the longest a sequence might become.
-The keys and values themselves live in ``course_lib.model.kv_cache.PagedKVCache``, which holds a
-``BlockManager`` and reads its tables.
-"""
+"""The paged KV-cache's bookkeeping (chapter 07). The cache is cut into blocks of ``block_size``
+tokens; each sequence owns a *block table*, its blocks in order: token ``p`` lives in block
+``table[p // block_size]`` at offset ``p % block_size``. Blocks are allocated as a sequence grows
+and freed when it finishes or is preempted, so memory follows the tokens that exist. The keys
+and values live in ``course_lib.model.kv_cache.PagedKVCache``, which reads these tables."""
 from __future__ import annotations
 
 
@@ -52,8 +47,7 @@ class BlockAllocator:
 
 
 class BlockManager:
-    """The allocator and every sequence's block table (``tables``) and stored tokens
-    (``lengths``), by sequence id."""
+    """The allocator, and by sequence id its block table (``tables``) and tokens (``lengths``)."""
 
     def __init__(self, n_blocks: int, block_size: int):
         if block_size < 1:
@@ -71,7 +65,6 @@ class BlockManager:
         return self.allocator.n_free
 
     def reset(self):
-        """Forget every sequence: all blocks free again."""
         self.allocator = BlockAllocator(self.allocator.n_blocks)
         self.tables.clear()
         self.lengths.clear()

@@ -1,14 +1,12 @@
-"""Runs a scheduled step on the model (chapters 05 to 09): the step's tokens packed into one
-tensor, one forward pass with attention through the block tables, the next tokens sampled on the
-device, and the step's record for the metrics.
+"""Runs a scheduled step (chapters 05-09): its tokens packed into one tensor, one forward pass
+with attention through the block tables, the next tokens sampled on the device, its metrics.
 
-On CUDA (chapter 09) the fast path is on by default: decodes through the course's Triton paged
-decode kernel and prompt chunks through FlexAttention (``attention="kernel"``), a step made only
-of decodes replayed as a CUDA graph (``course_lib.kernels.cuda_graphs``), the layer's elementwise
-work in fused Triton kernels (``course_lib.kernels.fused``), and *overlap*: ``launch`` queues a
-step and returns without waiting for it; its sampled tokens stay on the device, in ``last``, where
-the next step's decodes read them, and start their way to the host through a pinned buffer, which
-``collect`` reads after the next step is launched.
+On CUDA (chapter 09) the fast path is on by default: decodes through the Triton paged decode
+kernel, prompt chunks through FlexAttention (``attention="kernel"``), decode-only steps replayed
+as CUDA graphs (``course_lib.kernels.cuda_graphs``), fused elementwise kernels, and *overlap*:
+``launch`` queues a step and returns; its sampled tokens stay on the device (``last``), where the
+next step's decodes read them, and reach the host through a pinned buffer that ``collect`` reads
+after the next step is launched.
 """
 from __future__ import annotations
 
@@ -68,8 +66,7 @@ def step_work(plan, computed: int) -> dict:
 
 @dataclass
 class InFlight:
-    """A launched step: where its sampled tokens land on the host, and when it ran (``event``
-    marks its end on a CUDA stream; elsewhere ``end`` is when ``launch`` returned)."""
+    """A launched step: where its tokens land on the host; its end (a CUDA ``event``, or ``end``)."""
     plan: object
     host: torch.Tensor
     start: float

@@ -1,13 +1,10 @@
-"""Continuous batching the way servers do it (chapters 05 to 09): packed steps under a token
-budget, over a paged KV-cache, with preemption when the cache is full.
+"""Continuous batching the way servers do it (chapters 05-09): packed steps under a token budget,
+over a paged KV-cache, with preemption when the cache is full.
 
-``PagedEngine`` wires the parts together and runs the loop: take in the requests that have
-arrived, ask the scheduler for the next step (``course_lib.engines.scheduler``: decodes first,
-then prompt chunks; preemption), have the model runner run it (``course_lib.engines.model_runner``:
-packed inputs, attention through the block tables, sampling, the fast path on CUDA), and hand the
-sampled tokens back to the scheduler. The cache's bookkeeping is the block manager's
-(``course_lib.engines.block_manager``); admission under latency targets (``slo``) and the free-block
-``watermark`` are policies the scheduler asks (``course_lib.engines.policies``).
+``PagedEngine`` wires the parts and runs the loop: take in arrivals, ask the scheduler for a step
+(``scheduler``), have the model runner run it (``model_runner``), hand the sampled tokens back to
+the scheduler. The cache's bookkeeping is the ``block_manager``'s; ``slo`` admission and the
+``watermark`` are ``policies`` the scheduler asks.
 """
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Admission policies of the paged engine's scheduler: latency targets (chapter 08) and a
-free-block watermark (chapter 09). Each has ``admit(seq, scheduler) -> bool``, asked before the
-head of the waiting queue joins the running sequences; a policy may also ``shed(scheduler)``
-waiting requests it refuses for good.
-
-Admission control against latency targets (SLOs):
+"""The scheduler's admission policies: latency targets (chapter 08), a free-block watermark
+(chapter 09). Each has ``admit(seq, scheduler) -> bool``, asked before the head of the queue
+joins; one may also ``shed(scheduler)``: refuse waiting requests for good.
 
 A server that admits every request keeps its throughput but, past its capacity, lets the queue
 grow without bound: every request then misses its time-to-first-token target, and a batch grown

@@ -1,14 +1,10 @@
-"""The paged engine's scheduler (chapters 05 and 07): which sequences feed how many tokens in the
-next step, and what happens to them once its tokens are sampled.
+"""The paged engine's scheduler (chapters 05, 07): which sequences feed how many tokens next.
 
-Every step takes decodes first, one token for every running sequence whose prompt is done; then
-prompt chunks while the step has tokens left in its budget (``max_num_batched_tokens``): first
-prompts already half fed, then newcomers from the queue. A sequence's blocks are allocated as it
-grows; when a decode needs a block and none is free, the most recently admitted sequence is
-*preempted*: its blocks are freed and it goes back to the front of the queue, to be recomputed
-later (prompt and answer so far), never lost. Whether the head of the queue may join at all is
-for the *policies* to say (``course_lib.engines.policies``: latency targets, a free-block
-watermark): each has ``admit(seq, scheduler) -> bool``, and may ``shed(scheduler)`` requests.
+Decodes first, one token for every running sequence whose prompt is done; then prompt chunks
+while the step has tokens left (``max_num_batched_tokens``): prompts half fed, then newcomers.
+When a decode needs a block and none is free, the newest sequence is *preempted*: its blocks are
+freed and it goes back to the front of the queue, to be recomputed later, never lost. Whether a
+newcomer may join is for the *policies* to say (``course_lib.engines.policies``).
 """
 from __future__ import annotations
 
@@ -29,9 +25,8 @@ def chunk_sizes(pending: list, budget) -> list:
 
 @dataclass
 class StepPlan:
-    """One step: ``seqs[i]`` feeds ``sizes[i]`` tokens, decodes first. ``sampled``: which of them
-    get their next token from it (those fed to their last token). ``decode_only``: every one
-    feeds its last token alone (a step a CUDA graph can replay)."""
+    """One step: ``seqs[i]`` feeds ``sizes[i]`` tokens, decodes first; ``sampled``: those fed to
+    their last token; ``decode_only``: one token each, all sampled (a CUDA graph can replay it)."""
     seqs: list
     sizes: list
     decode_only: bool
@@ -51,19 +46,16 @@ class Scheduler:
                  policies=()):
         self.blocks, self.max_batch = blocks, max_batch
         self.max_num_batched_tokens, self.policies = max_num_batched_tokens, list(policies)
-        self.waiting, self.running = deque(), []
-        self.preemptions = 0
+        self.waiting, self.running, self.preemptions = deque(), [], 0
 
     def schedule(self) -> StepPlan:
+        """The next step: decodes first, then prompt chunks, under the token budget."""
         blocks, running, waiting = self.blocks, self.running, self.waiting
         budget = self.max_num_batched_tokens or float("inf")      # tokens left
-        decodes = [s for s in running if s.pending == 1]                   # 1. decodes
-        if len(decodes) > budget:
-            decodes = decodes[:int(budget)]
+        decodes = [s for s in running if s.pending == 1][:self.max_num_batched_tokens]  # 1. decodes
+        seqs = []
         if blocks.grow_each([s.req.id for s in decodes]):    # the usual case: room for all
             seqs, decodes = decodes, []
-        else:
-            seqs = []
         for seq in decodes:                   # else one by one, preempting the newest for room
             if len(seqs) >= budget:
                 break
@@ -90,28 +82,22 @@ class Scheduler:
         for seq, n in zip(chunks, chunk_sizes([s.pending for s in chunks], budget)):
             while n > 0 and not blocks.can_grow(seq.req.id, n):            # take what fits
                 n //= 2
-            if n < 1:
-                continue
-            decode_only = decode_only and seq.pending == 1
-            blocks.grow(seq.req.id, n)
-            seqs.append(seq)
-            sizes.append(n)
-        # newcomers that got nothing this step wait in the queue, in order (sets of ids: a
-        # scan of the step per newcomer would cost the host at large batches)
-        newcomers = [s for s in chunks if s.cached == 0]
-        if newcomers:
+            if n > 0:
+                decode_only = decode_only and seq.pending == 1
+                blocks.grow(seq.req.id, n)
+                seqs.append(seq)
+                sizes.append(n)
+        # newcomers that got nothing this step wait in the queue, in order (running sequences
+        # with nothing cached are this step's newcomers; sets of ids, not a scan per newcomer)
+        if any(s.cached == 0 for s in chunks):
             taken = {id(s) for s in seqs}
-            unserved = [s for s in newcomers if id(s) not in taken]
-            if unserved:
-                gone = {id(s) for s in unserved}
-                running[:] = [s for s in running if id(s) not in gone]
-                waiting.extendleft(reversed(unserved))
+            waiting.extendleft(reversed([s for s in chunks if not s.cached and id(s) not in taken]))
+            running[:] = [s for s in running if s.cached or id(s) in taken]
         sampled = list(range(len(seqs))) if decode_only else [
             i for i, (s, n) in enumerate(zip(seqs, sizes)) if s.cached + n == len(s.tokens)]
         return StepPlan(seqs, sizes, decode_only, sampled)
 
     def preempt(self, seq):
-        """Free a sequence's blocks; it will be recomputed (prompt and answer so far) later."""
         self.blocks.release(seq.req.id)
         seq.cached = 0
         self.running.remove(seq)
@@ -126,10 +112,9 @@ class Scheduler:
         return refused
 
     def launched(self, plan) -> list:
-        """The step is on its way: its tokens are in the cache, and each sampled sequence holds a
-        placeholder (None) for its next token until the host reads it; returns their places. A
-        sequence at its last token leaves now, and its blocks serve the next step (which the
-        device runs after this one: nothing this step still writes is overwritten early)."""
+        """The step is on its way: each sampled sequence holds a placeholder (None) for its next
+        token until the host reads it (returns their places). One at its last token leaves now:
+        its blocks serve the next step, which the device runs after this one."""
         for s, n in plan:
             s.cached += n
         places = []
@@ -144,10 +129,9 @@ class Scheduler:
         return places
 
     def postprocess(self, plan, places: list, tokens: list, on_token) -> list:
-        """The sampled tokens are on the host: each goes to its place and to ``on_token(seq,
-        token)``, which says why the sequence stops (or None). Returns ``[(seq, reason)]`` of the
-        sequences that stop, retired. A finished sequence ignores a token sampled after its last
-        (with overlap its EOS is learnt a step late)."""
+        """The sampled tokens reach the host: each goes to its place and to ``on_token(seq,
+        token)``, which says why the sequence stops (or None); returns those retired, ``[(seq,
+        reason)]``. With overlap an EOS is learnt a step late: the token after it is ignored."""
         done = []
         for i, place, token in zip(plan.sampled, places, tokens):
             seq = plan.seqs[i]

@@ -1,5 +1,4 @@
-"""A request as the paged engine serves it: its tokens so far, and how many of them the KV-cache
-holds."""
+"""A request as the paged engine serves it: its tokens so far, and how many the cache holds."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,6 +24,5 @@ class Sequence:
         return len(self.tokens) - self.cached
 
     @property
-    def at_last_token(self) -> bool:
-        """Has it as many answer tokens (sampled, or on their way) as it may have?"""
+    def at_last_token(self) -> bool:       # as many answer tokens (or placeholders) as it may have
         return len(self.tokens) - len(self.req.prompt_tokens) >= self.req.max_new_tokens
