@@ -161,12 +161,10 @@ def flex_attention(*args, **kwargs):
 
 
 TILE = 128     # FlexAttention's tile: 128 queries x 128 key slots
-# FlexAttention's own kernel settings on CUDA (``kernel_options``). Tiles of 64 x 64 instead of
-# its default for head_dim 64 halve the prefill attention of a mixed step of 16 prompts of 512
-# tokens (bench/results/profile_decode_*: the stored H200 profiles with both, shown in notebook
-# 09). The block mask then lists tiles of that size too (``mask_tile``): a prompt's blocks
-# rarely start on a 128-slot boundary, so at 128 every tile it touches is shared with another
-# sequence and must be masked element by element; at 64 more of them are its own
+# FlexAttention's own kernel settings on CUDA (``kernel_options``): tiles of 64 x 64, not its
+# default for head_dim 64 (bench/FINDINGS.md). The block mask then lists tiles of that size too
+# (``mask_tile``): a prompt's blocks rarely start on a 128-slot boundary, so at 128 every tile it
+# touches is shared with another sequence and masked element by element; at 64 more are its own
 FLEX_OPTIONS: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
@@ -320,10 +318,7 @@ class GatheredFlexAttention(FlexPagedAttention):
     """
 
     tile = TILE               # the block mask's tiles: keys are contiguous, no need for smaller
-    # FlexAttention's kernel tiles on CUDA. In a mixed step of 16 prompts of 512 tokens next to
-    # 256 decodes on an H200, the prefill attention took 1.6 ms with these against 4.9 ms with
-    # its defaults, and reading in place 11.2 ms on scattered blocks, 2.8 ms on fresh ones
-    # (bench/results/profile_decode_*_gathered_*: the stored profiles, shown in notebook 09)
+    # FlexAttention's kernel tiles on CUDA (smaller than its defaults: bench/FINDINGS.md)
     kernel_options: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
     # the keys are the step's own: as many as the queries (whole prompts), or more (a chunk after
     # earlier ones); keys up to twice the query bucket are compiled before the clock starts
