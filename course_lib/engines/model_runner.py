@@ -50,18 +50,14 @@ def packed_inputs(rows, last):
 
 
 def step_work(plan, computed: int) -> dict:
-    """What a step computes, for its ``Step`` record (read before its tokens count as cached)."""
-    prefill_tokens = decode_tokens = attended = kv_read = 0
-    for s, n in plan:
-        if s.pending == 1 and s.cached >= len(s.req.prompt_tokens):
-            decode_tokens += 1
-        else:                                                        # prompts, and recomputes
-            prefill_tokens += n
-        attended += attended_pairs(s.cached, n)
-        kv_read += s.cached
-    return dict(rows=len(plan), slots=computed, prefill_tokens=prefill_tokens,
-                decode_tokens=decode_tokens, attended=attended, kv_read=kv_read,
-                logit_rows=len(plan.sampled), active=[s.req.id for s in plan.seqs])
+    """What a step computes, for its ``Step`` record (read before its tokens count as cached).
+    A decode feeds an answer token back; prompts and recomputed answers are prefill."""
+    seqs, cached = plan.seqs, [s.cached for s in plan.seqs]
+    decode_tokens = sum(s.cached >= len(s.req.prompt_tokens) for s in seqs
+                        if plan.decode_only or s.pending == 1)
+    return dict(rows=len(seqs), slots=computed, prefill_tokens=sum(plan.sizes) - decode_tokens,
+                decode_tokens=decode_tokens, attended=sum(map(attended_pairs, cached, plan.sizes)),
+                kv_read=sum(cached), logit_rows=len(plan.sampled), active=[s.req.id for s in seqs])
 
 
 @dataclass

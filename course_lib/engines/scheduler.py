@@ -117,13 +117,13 @@ class Scheduler:
         its blocks serve the next step, which the device runs after this one."""
         for s, n in plan:
             s.cached += n
-        places = []
+        places, seqs = [], plan.seqs
         for j, i in enumerate(plan.sampled):
-            seq = plan.seqs[i]
-            places.append(len(seq.tokens))
-            seq.tokens.append(None)
+            seq, tokens = seqs[i], seqs[i].tokens
+            places.append(len(tokens))
+            tokens.append(None)
             seq.src = j
-            if seq.at_last_token:
+            if len(tokens) - len(seq.req.prompt_tokens) >= seq.req.max_new_tokens:   # its last
                 self.blocks.release(seq.req.id)
                 self.running.remove(seq)
         return places
@@ -132,9 +132,9 @@ class Scheduler:
         """The sampled tokens reach the host: each goes to its place and to ``on_token(seq,
         token)``, which says why the sequence stops (or None); returns those retired, ``[(seq,
         reason)]``. With overlap an EOS is learnt a step late: the token after it is ignored."""
-        done = []
+        done, seqs = [], plan.seqs
         for i, place, token in zip(plan.sampled, places, tokens):
-            seq = plan.seqs[i]
+            seq = seqs[i]
             seq.tokens[place] = token
             if seq.finished:
                 continue

@@ -22,7 +22,3 @@ class Sequence:
     def pending(self) -> int:
         """Tokens to feed before the next token can be sampled (1 for a decode)."""
         return len(self.tokens) - self.cached
-
-    @property
-    def at_last_token(self) -> bool:       # as many answer tokens (or placeholders) as it may have
-        return len(self.tokens) - len(self.req.prompt_tokens) >= self.req.max_new_tokens
