@@ -30,7 +30,7 @@ from course_lib.kernels.fused import OPS as FUSED_OPS  # noqa: E402
 from course_lib.model.llama import Llama  # noqa: E402
 from course_lib.measure.roofline import measure_peaks  # noqa: E402
 
-PROJECTIONS = {                      # name -> the stacked weight of each layer (Llama.use_ops(FUSED_OPS))
+PROJECTIONS = {                      # name -> the stacked weight of each layer (fused model)
     "qkv": lambda w: w.wqkv,
     "o": lambda w: w.wo,
     "gate_up": lambda w: w.w_gate_up,

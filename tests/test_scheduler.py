@@ -11,7 +11,7 @@ from course_lib.requests import Request
 
 def drive(scheduler, requests):
     """Run the scheduler as the engine does, every step's tokens at once (no overlap): the plans
-    as ``[(id, tokens)]`` per step, whether each was decode-only, and the tokens each request got."""
+    as ``[(id, tokens)]`` per step, whether each was decode-only, and each request's tokens."""
     for r in requests:
         scheduler.waiting.append(Sequence.of(r))
     plans, decode_only, out = [], [], {r.id: [] for r in requests}

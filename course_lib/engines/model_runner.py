@@ -37,7 +37,7 @@ def packed_inputs(rows, last):
     (``None`` on the host: sampled by the step in flight), and then it is ``last[src]``."""
     flat, to, src = [], [], []
     for new, j in rows:
-        if new[-1] is None:                  # not yet on the host: a placeholder, filled on the device
+        if new[-1] is None:              # not yet on the host: a placeholder, filled on the device
             to.append(len(flat) + len(new) - 1)
             src.append(j)
             new = new[:-1] + [0]
@@ -62,7 +62,7 @@ def step_work(plan, computed: int) -> dict:
 
 @dataclass
 class InFlight:
-    """A launched step: where its tokens land on the host; its end (a CUDA ``event``, or ``end``)."""
+    """A launched step: where its tokens land on the host, its end (CUDA ``event``, or ``end``)."""
     plan: object
     host: torch.Tensor
     start: float

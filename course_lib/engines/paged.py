@@ -28,8 +28,8 @@ class PagedEngine(Engine):
                  block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
                  kv_memory_bytes: int | None = None, slo=None, step_cost=None, model=None,
                  cuda_graphs: bool | None = None, temperature: float = 0.0,
-                 trace_blocks: bool | None = None, watermark: float = 0.0, fused: bool | None = None,
-                 overlap: bool | None = None):
+                 trace_blocks: bool | None = None, watermark: float = 0.0,
+                 fused: bool | None = None, overlap: bool | None = None):
         super().__init__(loaded, max_batch)
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
@@ -56,7 +56,8 @@ class PagedEngine(Engine):
         self.attention, self.overlap = self.runner.attention, self.runner.overlap
         self.watermark = Watermark(watermark)
         # block tables after every step, for the pictures of chapter 07 (memory grows with steps)
-        self.trace_blocks = self.model.device.type != "cuda" if trace_blocks is None else trace_blocks
+        cuda = self.model.device.type == "cuda"
+        self.trace_blocks = not cuda if trace_blocks is None else trace_blocks
         self.slo, self.step_cost = slo, step_cost        # admission control, and its prior model
         self.cache = self.scheduler = self.admission = None
 

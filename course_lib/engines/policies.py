@@ -14,8 +14,8 @@ waiting request, one of three things:
   now (it has waited too long, or its prompt alone takes too long to prefill). Refusing early is
   what keeps the others on time: served late is as useless as not served, and costs capacity.
 
-Its predictions come from the step-cost model of ``course_lib.measure.simulator``, fitted online to the
-steps this engine has run so far (and, until there are enough of them, from a given model).
+Its predictions come from the step-cost model of ``course_lib.measure.simulator``, fitted online to
+the steps this engine has run so far (and, until there are enough of them, from a given model).
 *Goodput* is what the controller tries to maximise: requests served within both targets, per
 second (``course_lib.measure.metrics.goodput``).
 """
@@ -44,7 +44,8 @@ class SLO:
 
     def met(self, record) -> bool:
         """Did a served request meet both targets?"""
-        ttft_ok = self.ttft_s is None or (record.ttft_s is not None and record.ttft_s <= self.ttft_s)
+        ttft_ok = self.ttft_s is None or (record.ttft_s is not None
+                                          and record.ttft_s <= self.ttft_s)
         tpot_ok = self.tpot_s is None or record.tpot_s is None or record.tpot_s <= self.tpot_s
         return ttft_ok and tpot_ok
 
@@ -60,7 +61,8 @@ class StepTimeModel:
 
     def update(self, steps: list):
         n = len(steps)
-        if n >= self.min_steps and n - self._fitted_at >= (self.refit_every if self._fitted_at else 0):
+        wait = self.refit_every if self._fitted_at else 0
+        if n >= self.min_steps and n - self._fitted_at >= wait:
             # no peaks online: the weights' time goes into the fitted fixed cost per step
             self.cost = StepCost.fit_steps(steps, self.shape, self.dtype_bytes, ONLINE)
             self._fitted_at = n
@@ -139,7 +141,8 @@ class Watermark:
 
     def __init__(self, fraction: float):
         if not 0 <= fraction < 1:
-            raise ValueError(f"watermark must be a fraction of the blocks in [0, 1), got {fraction}")
+            raise ValueError(f"watermark must be a fraction of the blocks in [0, 1), "
+                             f"got {fraction}")
         self.fraction = fraction
 
     def admit(self, seq, scheduler) -> bool:

@@ -30,7 +30,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from course_lib.model.attention import GatheredFlexAttention, PagedAttention, cu_seqlens, write_cache
+from course_lib.model.attention import (GatheredFlexAttention, PagedAttention, cu_seqlens,
+                                        write_cache)
 from course_lib.model.kv_cache import PagedKVCache, to_device
 from course_lib.model.llama import LlamaShape
 
@@ -275,8 +276,8 @@ class DecodeAttention:
 
     def attend(self, layer, q):
         """The kernel over the cache, which already holds the new tokens' keys and values."""
-        return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables, self.lengths,
-                                self.cache.block_size)
+        return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables,
+                                self.lengths, self.cache.block_size)
 
 
 class KernelPagedAttention(PagedAttention):
