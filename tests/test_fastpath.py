@@ -93,9 +93,9 @@ def test_decode_buffers_rewrite_only_what_changed_and_still_hold_every_table(tin
             cache.release("a")                    # preempted: a new table when it comes back
             cache.grow("a", 9)
         g_rows = rows(ids)
-        kept._fill(g_rows)
+        kept.fill(g_rows)
         fresh = DecodeGraphs(model, cache, 8, 12)
-        fresh._fill(g_rows)
+        fresh.fill(g_rows)
         got, want = valid(kept, len(ids)), valid(fresh, len(ids))
         assert (got[0] == want[0]).all() and got[1] == want[1] == [t for _, _, t, _ in g_rows], ids
 
@@ -129,9 +129,9 @@ def test_overlapped_steps_give_the_answers_of_waited_ones(attention):
         e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=5, block_size=2,
                         num_blocks=24, max_num_batched_tokens=8, attention=attention, overlap=overlap)
         order = []
-        for name in ("launch", "complete"):
-            method = getattr(e, name)
-            setattr(e, name, lambda *a, _m=method, _n=name: (order.append(_n[0]), _m(*a))[1])
+        for obj, name in ((e.runner, "launch"), (e, "complete")):
+            method = getattr(obj, name)
+            setattr(obj, name, lambda *a, _m=method, _n=name: (order.append(_n[0]), _m(*a))[1])
         log = e.run(reqs)
         assert [r.output_tokens for r in log.requests] == want, overlap
         assert [r.finish_reason for r in log.requests] == ["eos"] * 8 + ["length"]
