@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 from bench import command
-from course_lib.model import models
 from course_lib.bench import save_result
+from course_lib.engines.block_manager import BlockManager
 from course_lib.kernels.cuda_graphs import DecodeGraphs
+from course_lib.kernels.fused import OPS as FUSED_OPS
+from course_lib.measure.roofline import measure_peaks, step_work
+from course_lib.model import models
 from course_lib.model.kv_cache import PagedKVCache
 from course_lib.model.llama import Llama
-from course_lib.measure.roofline import measure_peaks, step_work
 
 
 def events_ms(fn, repeat):
@@ -58,7 +60,7 @@ def decoding_cache(shape, batch: int, context: int, block_size: int = 16, dtype=
     blocks scattered, as in serving), each about to decode its next token: ``(cache, rows for
     DecodeGraphs.step, blocks per sequence)``."""
     per_seq = -(-(context + 1) // block_size)
-    cache = PagedKVCache(shape, batch * per_seq, block_size, dtype, device)
+    cache = PagedKVCache(shape, BlockManager(batch * per_seq, block_size), dtype, device)
     cache.grow_side_by_side(dict.fromkeys(range(batch), context + 1), chunk=block_size)
     return cache, [(1, context, cache.tables[i]) for i in range(batch)], per_seq
 
@@ -98,7 +100,7 @@ def main(argv=None):
     plain = copy.copy(model)              # the same weights, unstacked, and the PyTorch elementwise ops
     plain.layers = [dataclasses.replace(w) for w in model.layers]
     unfused = DecodeGraphs(plain, cache, B, per_seq, graphs=True)
-    model.fused = True
+    model.use_ops(FUSED_OPS)
     graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
     eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)
     split = DecodeGraphs(model, cache, B, per_seq, graphs=True, split_from=a.split_from) if a.split_from else None

@@ -1,13 +1,14 @@
 """The paged engine's host cost alone, on the CPU, with the test suite's fake model (which
 computes nothing): what remains is the Python a server runs around every step.
 
-1. Filling the decode buffers (``DecodeGraphs._fill``) for 128 to 512 sequences of 640 tokens,
+1. Filling the decode buffers (``DecodeGraphs.fill``) for 128 to 512 sequences of 640 tokens,
    in steady state (the same sequences, step after step).
-2. The host's round per decode step, by part: ``schedule`` (pick the step, grow the block
-   tables), ``launch`` (fill the step's inputs, queue it, record it) and ``complete`` (read the
-   tokens, emit them, retire), medians over the steps in which every sequence decodes. The
-   decode step itself is taken out (``DecodeGraphs._forward`` writes a fixed token): on a GPU
-   it is one graph replay, which returns at once. With ``overlap`` the GPU waits for the host
+2. The host's round per decode step, by part: ``schedule`` (``Scheduler.schedule``: pick the
+   step, grow the block tables), ``launch`` (``ModelRunner.launch`` and ``Scheduler.launched``:
+   fill the step's inputs, queue it, record it) and ``complete`` (``PagedEngine.complete``: read
+   the tokens, emit them, retire), medians over the steps in which every sequence decodes. The
+   decode step itself is taken out (the runner's ``decode_forward`` hook writes a fixed token):
+   on a GPU it is one graph replay, which returns at once. With ``overlap`` the GPU waits for the host
    only when this round outlasts the step it runs behind (chapter 09: about 3.7 ms for 512
    sequences of llama-1b on an H200), so a slower CPU makes large decode steps host-bound first.
 3. The chapter 09 fastest rung's schedule (anyscale, 512 requests, batch 512, budget 8192, a
@@ -19,6 +20,7 @@ computes nothing): what remains is the Python a server runs around every step.
     COURSE_ROOT=/path/to/another/checkout python -m bench host_time     # another commit's code
 """
 import argparse
+import contextlib
 import os
 import shlex
 import statistics
@@ -32,8 +34,10 @@ if os.environ.get("COURSE_ROOT"):      # another checkout's library (and test fa
 
 from bench.decode_step import decoding_cache  # noqa: E402
 from course_lib.bench import save_result  # noqa: E402
-from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
+from course_lib.engines.model_runner import ModelRunner  # noqa: E402
 from course_lib.engines.paged import PagedEngine  # noqa: E402
+from course_lib.engines.scheduler import Scheduler  # noqa: E402
+from course_lib.kernels.cuda_graphs import DecodeGraphs  # noqa: E402
 from course_lib.requests import Request, load_workload  # noqa: E402
 from tests.fakes import LOADED, FakeLlama  # noqa: E402
 
@@ -43,10 +47,10 @@ def fill_ms(batch: int, context: int = 640, repeat: int = 50) -> float:
     cache, rows, per_seq = decoding_cache(model.shape, batch, context, 16, model.dtype, "cpu")
     rows = [(token, pos, table, -1) for token, pos, table in rows]      # every token on the host
     graphs = DecodeGraphs(model, cache, batch, per_seq)
-    graphs._fill(rows)
+    graphs.fill(rows)
     t = time.perf_counter()
     for _ in range(repeat):
-        graphs._fill(rows)
+        graphs.fill(rows)
     return (time.perf_counter() - t) / repeat * 1e3
 
 
@@ -63,24 +67,27 @@ def round_ms(batch: int, new_tokens: int = 200, repeats: int = 3) -> dict:
                 for i in range(batch)]
     e = PagedEngine(LOADED, max_batch=batch, block_size=16, num_blocks=batch * -(-(24 + new_tokens + 40) // 16),
                     attention="kernel", max_num_batched_tokens=16384, model=FakeLlama(), trace_blocks=False)
-    times = {}
-    for name in ("schedule", "launch", "complete"):
-        def timed(*args, _f=getattr(e, name), _name=name):
-            t = time.perf_counter()
-            out = _f(*args)
-            times[_name].append(time.perf_counter() - t)
-            return out
-        setattr(e, name, timed)
-    best = None
-    with mock.patch.object(DecodeGraphs, "_forward", fixed_token):
+    e.runner.decode_forward = fixed_token
+    # the parts, each a list of (class, method); each method is called once per step
+    parts = {"schedule": [(Scheduler, "schedule")], "launch": [(ModelRunner, "launch"),
+             (Scheduler, "launched")], "complete": [(PagedEngine, "complete")]}
+    times, best = {}, None
+    with contextlib.ExitStack() as patches:
+        for cls, method in [m for methods in parts.values() for m in methods]:
+            def timed(*args, _f=getattr(cls, method), _key=(cls, method)):
+                t = time.perf_counter()
+                out = _f(*args)
+                times[_key].append(time.perf_counter() - t)
+                return out
+            patches.enter_context(mock.patch.object(cls, method, timed))
         for _ in range(repeats):
-            for name in ("schedule", "launch", "complete"):
-                times[name] = []
+            times.update({m: [] for methods in parts.values() for m in methods})
             e.run(requests)
-            # step i is launch i (and, within a step, schedule and complete i): the first steps
-            # carry prompts, the last ones have lost sequences
+            # step i is call i of each method: the first steps carry prompts, the last ones
+            # have lost sequences
             full = [i for i, s in enumerate(e.steps) if s.decode_tokens == batch and not s.prefill_tokens]
-            row = {name: 1e3 * statistics.median(times[name][i] for i in full) for name in times}
+            row = {name: 1e3 * statistics.median(sum(times[m][i] for m in methods) for i in full)
+                   for name, methods in parts.items()}
             row["round"] = sum(row.values())
             best = row if best is None or row["round"] < best["round"] else best
     return {"batch": batch, "steps": len(full), **best}

@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 
 from bench import command
-from course_lib.model.attention import PAGED_ATTENTION, write_cache
 from course_lib.bench import save_result
+from course_lib.engines.block_manager import BlockManager
+from course_lib.engines.model_runner import ATTENTION as PAGED_ATTENTION
+from course_lib.measure.roofline import measure_peaks
+from course_lib.model.attention import write_cache
 from course_lib.model.kv_cache import PagedKVCache
 from course_lib.model.llama import LlamaShape
-from course_lib.measure.roofline import measure_peaks
 
 SHAPE = LlamaShape(vocab_size=128256, hidden=2048, intermediate=8192, n_layers=1, n_heads=32,
                    n_kv_heads=8, head_dim=64, rope_theta=5e5, eps=1e-5, eos_token_id=0,
@@ -33,7 +35,7 @@ SHAPE = LlamaShape(vocab_size=128256, hidden=2048, intermediate=8192, n_layers=1
 def fragmented_cache(contexts, block_size, dtype, device, spare=1.1):
     """A cache whose sequences grew side by side (as in decoding), so their blocks interleave."""
     n_blocks = int(sum(-(-c // block_size) + 1 for c in contexts) * spare) + 1
-    cache = PagedKVCache(SHAPE, n_blocks, block_size, dtype, device)
+    cache = PagedKVCache(SHAPE, BlockManager(n_blocks, block_size), dtype, device)
     for t in cache.k + cache.v:
         t.normal_()
     cache.grow_side_by_side(dict(enumerate(contexts)), chunk=block_size)

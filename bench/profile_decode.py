@@ -21,9 +21,13 @@ from torch.profiler import ProfilerActivity, profile
 from bench import command
 from bench.decode_step import decoding_batch, parse_knobs
 from course_lib.bench import save_result
-from course_lib.model.attention import FlexPagedAttention, GatheredFlexAttention, KernelPagedAttention
+from course_lib.engines.block_manager import BlockManager
 from course_lib.kernels.cuda_graphs import DecodeGraphs
+from course_lib.kernels.fused import OPS as FUSED_OPS
+from course_lib.kernels.paged_decode import KernelPagedAttention
+from course_lib.model.attention import FlexPagedAttention, GatheredFlexAttention
 from course_lib.model.kv_cache import PagedKVCache
+from course_lib.model.llama import REFERENCE_OPS
 from course_lib.model.sampling import sample
 
 STEPS = 5
@@ -42,15 +46,15 @@ PREFILL = {"in-place": FlexPagedAttention, "gathered": GatheredFlexAttention}
 def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=12,
                prefill="gathered", scattered=False):
     """Profile a mixed step: ``n_decode`` decodes at ``context`` tokens and ``n_prompts`` whole
-    prompts, through KernelPagedAttention and the fused model, as PagedEngine.forward runs it.
+    prompts, through KernelPagedAttention and the fused model, as the engine's model runner runs it.
     ``prefill``: the prompts' attention, reading the cache in place or a packed copy of it.
     ``scattered``: blocks handed out in a shuffled order, as in a cache that has served for a
     while (else a fresh cache, where each prompt's blocks lie side by side)."""
     bs = 16
-    cache = PagedKVCache(model.shape, n_decode * -(-(context + 1) // bs) + n_prompts * -(-prompt // bs),
-                         bs, model.dtype, "cuda")
+    blocks = BlockManager(n_decode * -(-(context + 1) // bs) + n_prompts * -(-prompt // bs), bs)
+    cache = PagedKVCache(model.shape, blocks, model.dtype, "cuda")
     if scattered:
-        random.Random(0).shuffle(cache.allocator.free_list)
+        random.Random(0).shuffle(blocks.allocator.free_list)
     # the fast path's packed attention with this prefill (a subclass: the engine's stays as it is)
     Attention = type("Attention", (KernelPagedAttention,), {"prefill_cls": PREFILL[prefill]})
     cache.grow_side_by_side(dict.fromkeys(range(n_decode), context + 1), chunk=bs)
@@ -114,7 +118,7 @@ def main(argv=None):
     model, cache, rows, per_seq = decoding_batch(a.model, max(a.batch), a.context)
     batches = []
     for fused, b in [(f, b) for f in (True, False) for b in a.batch]:
-        model.fused = fused
+        model.use_ops(FUSED_OPS if fused else REFERENCE_OPS)
         eager = DecodeGraphs(model, cache, max(a.batch), per_seq, graphs=False)
         for _ in range(3):
             eager.step(rows[:b])
@@ -126,7 +130,7 @@ def main(argv=None):
         for kernel, ms in top:
             print(f"{ms / STEPS:8.3f} ms  {kernel[:90]}")
         batches.append({"batch": b, "fused": fused, "cuda_total_ms": total, "top": top})
-    model.fused = True
+    model.use_ops(FUSED_OPS)
     # mixed steps: each prefill attention, on a fresh cache and on one whose blocks are scattered
     mixed = [mixed_step(model, top=a.top, prefill=pre, scattered=sc)
              for pre in a.prefill for sc in (True, False)] if a.mixed else []

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 
 from bench import command
 from bench.decode_step import events_ms
-from course_lib.model import models
 from course_lib.bench import save_result
-from course_lib.model.llama import Llama
+from course_lib.kernels.fused import OPS as FUSED_OPS
 from course_lib.measure.roofline import measure_peaks
+from course_lib.model import models
+from course_lib.model.llama import Llama
 
-PROJECTIONS = {                      # name -> the stacked weight of each layer (Llama.fused = True)
+PROJECTIONS = {                      # name -> the stacked weight of each layer (fused model)
     "qkv": lambda w: w.wqkv,
     "o": lambda w: w.wo,
     "gate_up": lambda w: w.w_gate_up,
@@ -79,7 +80,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     model = Llama.from_hf(models.load(a.model, dtype=a.dtype, device="cuda").model)
-    model.fused = True                              # the stacked projections the fast path runs
+    model.use_ops(FUSED_OPS)                        # the stacked projections the fast path runs
     peaks = measure_peaks("cuda", model.dtype)
     item = model.dtype.itemsize
     rows = []

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from course_lib.model import models
-from course_lib.engines.admission import SLO
 from course_lib.engines import REGISTRY, EngineOptionError, engine_settings, make_engine, resolve
+from course_lib.engines.policies import SLO
 from course_lib.engines.vllm import EngineUnavailable
 from course_lib.model.llama import LlamaShape
 from course_lib.measure.metrics import request_rows, step_rows, summarize

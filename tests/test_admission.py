@@ -5,7 +5,7 @@ import json
 import pytest
 
 from course_lib import bench
-from course_lib.engines.admission import SLO, AdmissionController, StepTimeModel
+from course_lib.engines.policies import SLO, AdmissionController, StepTimeModel
 from course_lib.measure.metrics import RequestRecord, RunLog, Step, goodput, queue_depth, summarize
 from course_lib.requests import Request, poisson_arrivals
 from course_lib.measure.simulator import CostBook, simulate

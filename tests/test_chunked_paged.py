@@ -42,7 +42,7 @@ def test_preempted_requests_are_recomputed_and_say_the_same():
     a, b = roomy.run(rs), tight.run(rs)
     assert roomy.preemptions == 0 and tight.preemptions > 0
     assert outputs(a) == outputs(b)
-    assert tight.cache.allocator.n_free == 12 and not tight.cache.tables     # nothing leaked
+    assert tight.cache.blocks.n_free == 12 and not tight.cache.tables     # nothing leaked
 
 
 def test_a_request_that_can_never_fit_is_refused_and_the_others_served():
@@ -141,7 +141,7 @@ def test_long_prompts_chunked_into_a_tight_cache_all_finish():
     e = engine(max_batch=3, block_size=4, num_blocks=10, max_num_batched_tokens=24)
     log = e.run(rs)
     assert [r.output_tokens for r in log.requests] == [[4, 3, 2], [5, 4, 3, 2], [6, 5, 4, 3, 2]]
-    assert e.cache.allocator.n_free == 10 and not e.cache.tables
+    assert e.cache.blocks.n_free == 10 and not e.cache.tables
 
 
 def test_a_memory_budget_in_bytes_becomes_blocks():

@@ -14,12 +14,13 @@ from course_lib.lab import plots, widgets
 from course_lib.bench import gpu_waits
 from course_lib.kernels.cuda_graphs import DecodeGraphs, batch_buckets
 from course_lib.engines import make_engine
+from course_lib.engines.block_manager import BlockManager
 from course_lib.measure.ladder import label, ordered, parse_rung, run_ladder, table, time_split
 from course_lib.model.llama import LlamaShape
 from course_lib.measure.metrics import RunLog, Step, summarize
 from course_lib.lab.nbtools import RESULTS, load_result
 from course_lib.requests import Request, load_workload
-from course_lib.measure.roofline import Peaks, step_work, workload_floor
+from course_lib.measure.roofline import Peaks, attended_pairs, step_work, workload_floor
 from course_lib.model.sampling import sample
 from fakes import LOADED, FakeLlama
 
@@ -52,15 +53,16 @@ def test_decode_buffers_give_the_reference_tokens(tiny):
     ref = make_engine("continuous", tiny, max_batch=3, block_size=4, num_blocks=40).run(reqs)
     log = eng.run(reqs)
     assert [r.output_tokens for r in log.requests] == [r.output_tokens for r in ref.requests]
-    assert isinstance(eng.graphs, DecodeGraphs) and not eng.graphs.graphs       # eager on the CPU
+    graphs = eng.runner.graphs
+    assert isinstance(graphs, DecodeGraphs) and not graphs.graphs       # eager on the CPU
     decode = [s for s in log.steps if s.kind == "decode"]
-    assert decode and all(s.slots == eng.graphs.bucket(s.rows) for s in decode)   # pad rows counted
+    assert decode and all(s.slots == graphs.bucket(s.rows) for s in decode)   # pad rows counted
     # a second run reuses the cache and the buffers, emptied
     cache = eng.cache
     assert [r.output_tokens for r in eng.run(reqs).requests] == [r.output_tokens for r in ref.requests]
-    assert eng.cache is cache and cache.allocator.n_free == 40
+    assert eng.cache is cache and eng.runner.graphs is graphs and cache.blocks.n_free == 40
     with pytest.raises(ValueError, match="1 to 3 sequences"):
-        eng.graphs.step([])
+        graphs.step([])
 
 
 def test_decode_buffers_rewrite_only_what_changed_and_still_hold_every_table(tiny):
@@ -70,7 +72,7 @@ def test_decode_buffers_rewrite_only_what_changed_and_still_hold_every_table(tin
     from course_lib.model.kv_cache import PagedKVCache
     from course_lib.model.llama import Llama
     model = Llama.from_hf(tiny.model)
-    cache = PagedKVCache(model.shape, 200, 4, model.dtype)
+    cache = PagedKVCache(model.shape, BlockManager(200, 4), model.dtype)
     kept = DecodeGraphs(model, cache, 8, 12)
     for sid in "abcde":
         cache.grow(sid, 5)
@@ -91,9 +93,9 @@ def test_decode_buffers_rewrite_only_what_changed_and_still_hold_every_table(tin
             cache.release("a")                    # preempted: a new table when it comes back
             cache.grow("a", 9)
         g_rows = rows(ids)
-        kept._fill(g_rows)
+        kept.fill(g_rows)
         fresh = DecodeGraphs(model, cache, 8, 12)
-        fresh._fill(g_rows)
+        fresh.fill(g_rows)
         got, want = valid(kept, len(ids)), valid(fresh, len(ids))
         assert (got[0] == want[0]).all() and got[1] == want[1] == [t for _, _, t, _ in g_rows], ids
 
@@ -127,13 +129,13 @@ def test_overlapped_steps_give_the_answers_of_waited_ones(attention):
         e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=5, block_size=2,
                         num_blocks=24, max_num_batched_tokens=8, attention=attention, overlap=overlap)
         order = []
-        for name in ("launch", "complete"):
-            method = getattr(e, name)
-            setattr(e, name, lambda *a, _m=method, _n=name: (order.append(_n[0]), _m(*a))[1])
+        for obj, name in ((e.runner, "launch"), (e, "complete")):
+            method = getattr(obj, name)
+            setattr(obj, name, lambda *a, _m=method, _n=name: (order.append(_n[0]), _m(*a))[1])
         log = e.run(reqs)
         assert [r.output_tokens for r in log.requests] == want, overlap
         assert [r.finish_reason for r in log.requests] == ["eos"] * 8 + ["length"]
-        assert e.preemptions > 0 and e.cache.allocator.n_free == 24 and not e.cache.tables
+        assert e.preemptions > 0 and e.cache.blocks.n_free == 24 and not e.cache.tables
         assert all(a.end_s <= b.start_s for a, b in zip(log.steps, log.steps[1:]))   # back to back
         runs[overlap] = "".join(order)
     assert runs[False] == "lc" * (len(runs[False]) // 2)          # each step waited for
@@ -182,7 +184,7 @@ def test_a_victim_already_in_the_step_is_taken_out_of_it(tiny):
     assert e.preemptions > 0
     assert {r.finish_reason for r in log.requests} == {"length"}
     assert all(len(r.output_tokens) == q.max_new_tokens for r, q in zip(log.requests, reqs))
-    assert e.cache.allocator.n_free == 12 and not e.cache.tables
+    assert e.cache.blocks.n_free == 12 and not e.cache.tables
 
 
 @pytest.mark.parametrize("option,value,message", [("cuda_graphs", True, "cuda_graphs needs a CUDA"),
@@ -198,7 +200,7 @@ def test_the_physical_floor_adds_prefill_flops_and_decode_bytes():
     shape = LlamaShape(100, 64, 128, 2, 4, 2, 16, 1e4, 1e-5, 0, 4096)
     peaks = Peaks("test", "float32", bandwidth=1e9, flops=1e12, method="given")
     f = workload_floor(shape, 4, [10, 20], [3, 1], peaks)
-    pre = sum(step_work(shape, 4, n, n * (n + 1) // 2, 0, 1).flops for n in (10, 20)) / 1e12
+    pre = sum(step_work(shape, 4, n, attended_pairs(0, n), 0, 1).flops for n in (10, 20)) / 1e12
     steps = [step_work(shape, 4, 1, 11, 10, 1), step_work(shape, 4, 1, 12, 11, 1)]   # only the first decodes
     dec = sum(max(w.bytes / 1e9, w.flops / 1e12) for w in steps)
     assert f["prefill_s"] == pytest.approx(pre) and f["decode_s"] == pytest.approx(dec)
@@ -356,7 +358,8 @@ def test_cuda_graphs_say_what_eager_launches_say():
         e.prepare(reqs)
         log = e.run(reqs)
         outs.append([r.output_tokens for r in log.requests])
-        assert bool(e.graphs.graphs) == graphs and e.model.fused == fused and e.overlap == overlap
+        assert bool(e.runner.graphs.graphs) == graphs
+        assert e.model.fused == fused and e.overlap == overlap
         # steps end when the GPU finished them (CUDA events), back to back, before their tokens
         # reached the host
         assert all(0 < s.seconds and s.end_s <= t.start_s for s, t in zip(log.steps, log.steps[1:]))
@@ -410,18 +413,18 @@ def test_a_launch_never_waits_for_the_gpu():
                     max_num_batched_tokens=40, attention="kernel")
     e.prepare(reqs)
     e.run(reqs)                                   # compiles what prepare did not
-    launch, kinds, waits = e.launch, set(), Counter()
+    launch, kinds, waits = e.runner.launch, set(), Counter()
     with gpu_waits() as seen:                     # the watch sees a wait it must see
         torch.ones(1, device="cuda").item()
     assert sum(seen.values()) == 1, seen
 
-    def strict(batch, running):
-        kinds.add("decode" if all(n == 1 for _, n in batch) else "packed")
+    def strict(plan):
+        kinds.add("decode" if plan.decode_only else "packed")
         with gpu_waits() as seen:
-            out = launch(batch, running)
+            out = launch(plan)
         waits.update(seen)
         return out
-    e.launch = strict
+    e.runner.launch = strict
     log = e.run(reqs)
     assert not waits, "launch waited for the GPU at:\n" + "\n".join(f"{n}x {w}" for w, n in sorted(waits.items()))
     assert e.overlap and e.preemptions > 0 and kinds == {"decode", "packed"}
@@ -429,12 +432,12 @@ def test_a_launch_never_waits_for_the_gpu():
 
 
 def test_precompiling_the_kernel_path_leaves_the_cache_empty():
-    from course_lib.model.attention import KernelPagedAttention
-    from course_lib.model.kv_cache import PagedKVCache
     from course_lib.kernels.paged_decode import SELFCHECK_SHAPE as shape
-    cache = PagedKVCache(shape, 300, 16, torch.float32, "cpu")
+    from course_lib.kernels.paged_decode import KernelPagedAttention
+    from course_lib.model.kv_cache import PagedKVCache
+    cache = PagedKVCache(shape, BlockManager(300, 16), torch.float32, "cpu")
     KernelPagedAttention.precompile(cache, 256, shape, torch.float32)   # on the CPU: the references
-    assert cache.allocator.n_free == 300 and not cache.tables
+    assert cache.blocks.n_free == 300 and not cache.tables
 
 
 def test_host_summary_takes_medians_per_step_kind_and_batch_range():
@@ -495,10 +498,10 @@ def test_a_cache_too_small_for_a_bucket_s_tokens_still_has_its_shapes_precompile
     engine = PagedEngine(LOADED, max_batch=32, block_size=16, attention="kernel", model=FakeLlama(),
                          trace_blocks=False)
     cache = engine.new_cache(reqs)                 # room for these requests and no more
-    assert cache.allocator.n_blocks * 16 < 2 * 2048
+    assert cache.blocks.n_blocks * 16 < 2 * 2048
     GatheredFlexAttention.precompile(cache, sum(len(r.prompt_tokens) + 64 for r in reqs),
                                      FakeLlama.shape, torch.float32)
-    assert cache.allocator.n_free == cache.allocator.n_blocks and not cache.tables
+    assert cache.blocks.n_free == cache.blocks.n_blocks and not cache.tables
     compiled, shapes[:] = set(shapes), []
     engine.run(reqs)
     assert (2048, 2048) in shapes and set(shapes) <= compiled, sorted(set(shapes) - compiled)
@@ -515,7 +518,7 @@ def test_a_decode_step_split_in_two_halves_gives_the_whole_step_s_tokens(device)
     model = Llama.from_hf(models.load("tiny", dtype="float32", device=device).model)
     got = {}
     for split in (None, 4):
-        cache = PagedKVCache(model.shape, 200, 4, model.dtype, device)
+        cache = PagedKVCache(model.shape, BlockManager(200, 4), model.dtype, device)
         g = torch.Generator().manual_seed(0)
         for t in cache.k + cache.v:
             t.copy_(torch.randn(t.shape, generator=g))

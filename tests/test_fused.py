@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from course_lib.model import models
+from course_lib.engines.block_manager import BlockManager
 from course_lib.model.llama import REFERENCE_OPS, Llama, add_rms_norm, rms_norm
 
 
@@ -26,7 +27,7 @@ def test_the_reference_of_add_rms_norm_is_the_residual_add_then_the_norm():
 
 def test_the_model_uses_the_references_unless_fused(tiny):
     model = Llama.from_hf(tiny.model)
-    assert not model.fused and model.elementwise_ops() == REFERENCE_OPS
+    assert not model.fused and model.ops is REFERENCE_OPS
 
 
 def test_stacked_projections_give_the_same_model(tiny):
@@ -41,7 +42,7 @@ def test_stacked_projections_give_the_same_model(tiny):
                 w.stack()
                 # from here on only the stacked copies may be read: zero the originals
                 w.wq, w.wk, w.wv, w.w_gate, w.w_up = (torch.zeros_like(t) for t in (w.wq, w.wk, w.wv, w.w_gate, w.w_up))
-        cache = PagedKVCache(model.shape, 8, 16, model.dtype)
+        cache = PagedKVCache(model.shape, BlockManager(8, 16), model.dtype)
         cache.grow("a", len(tokens))
         attn = PagedAttention(cache, [("a", 0, len(tokens))])
         out.append(model(tokens, attn.positions, attn))
@@ -65,11 +66,14 @@ def test_the_fused_kernels_in_the_interpreter():
 FUSED_STEP = """
 import torch
 from course_lib.model import models
-from course_lib.model.attention import KernelPagedAttention, PagedAttention
+from course_lib.engines.block_manager import BlockManager
+from course_lib.kernels import fused as fused_kernels
+from course_lib.kernels.paged_decode import KernelPagedAttention
+from course_lib.model.attention import PagedAttention
 from course_lib.model.kv_cache import PagedKVCache
-from course_lib.model.llama import Llama
+from course_lib.model.llama import REFERENCE_OPS, Llama
 model = Llama.from_hf(models.load("tiny", dtype="float32").model)
-cache = PagedKVCache(model.shape, 40, 4, model.dtype)
+cache = PagedKVCache(model.shape, BlockManager(40, 4), model.dtype)
 g = torch.Generator().manual_seed(0)
 for sid, n in (("a", 9), ("b", 6)):                      # two prompts, in the cache
     cache.grow(sid, n)
@@ -80,10 +84,9 @@ seqs = [("a", 9, 1), ("b", 6, 1), ("c", 0, 5)]          # two decodes and a new 
 tokens = torch.randint(3, 900, (7,), generator=g)
 out = {}
 for fused in (False, True):
-    model.fused = fused
-    c = PagedKVCache(model.shape, 40, 4, model.dtype)
+    model.use_ops(fused_kernels.OPS if fused else REFERENCE_OPS)
+    c = PagedKVCache(model.shape, cache.blocks, model.dtype)
     c.k, c.v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
-    c.tables, c.lengths = cache.tables, cache.lengths
     attn = KernelPagedAttention(c, seqs)
     out[fused] = (model(tokens, attn.positions, attn), c.k, c.v)
 print(max((a - b).abs().max().item() for a, b in zip([out[False][0], *out[False][1], *out[False][2]],
@@ -117,12 +120,14 @@ def test_the_fused_model_gives_the_references_logits_on_the_gpu():
     loaded = models.load("tiny", dtype="bfloat16", device="cuda")
     model = Llama.from_hf(loaded.model)
     tokens = torch.arange(3, 40, device="cuda")
+    from course_lib.kernels import fused as fused_kernels
     from course_lib.model.attention import PagedAttention
     from course_lib.model.kv_cache import PagedKVCache
+    from course_lib.model.llama import REFERENCE_OPS
     out = []
     for fused in (False, True):
-        model.fused = fused
-        cache = PagedKVCache(model.shape, 8, 16, model.dtype, "cuda")
+        model.use_ops(fused_kernels.OPS if fused else REFERENCE_OPS)
+        cache = PagedKVCache(model.shape, BlockManager(8, 16), model.dtype, "cuda")
         cache.grow("a", len(tokens))
         attn = PagedAttention(cache, [("a", 0, len(tokens))], "cuda")
         out.append(model(tokens, attn.positions, attn))

@@ -1,114 +1,17 @@
-"""The paged KV-cache: the block allocator (property-based), block tables, and packed attention
-through the block tables, against Hugging Face's logits."""
-import copy
-
+"""The paged KV-cache: packed attention through the block tables, against Hugging Face's logits,
+and the layouts and masks it builds (the bookkeeping's own tests: test_block_manager.py)."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from course_lib.model.attention import PAGED_ATTENTION, block_diagonal_causal
-from course_lib.model.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
+from course_lib.engines.block_manager import BlockManager
+from course_lib.engines.model_runner import ATTENTION
+from course_lib.model.attention import block_diagonal_causal
+from course_lib.model.kv_cache import PagedKVCache
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import chat_workload
 from fakes import FakeLlama
 
 SHAPE = FakeLlama.shape
-
-ops = st.lists(st.tuples(st.sampled_from(["grow", "release"]), st.integers(0, 5), st.integers(1, 40)),
-               max_size=60)
-
-
-def owned(cache):
-    return [b for table in cache.tables.values() for b in table]
-
-
-@settings(max_examples=200, deadline=None)
-@given(n_blocks=st.integers(1, 12), block_size=st.integers(1, 8), ops=ops)
-def test_no_block_is_owned_twice_and_none_leaks(n_blocks, block_size, ops):
-    cache = PagedKVCache(SHAPE, n_blocks, block_size)
-    for op, seq, n in ops:
-        before = ({k: list(v) for k, v in cache.tables.items()}, dict(cache.lengths),
-                  cache.allocator.n_free)
-        if op == "grow":
-            try:
-                cache.grow(seq, n)
-            except OutOfBlocks:   # a refused request leaves everything as it was
-                assert ({k: list(v) for k, v in cache.tables.items()}, dict(cache.lengths),
-                        cache.allocator.n_free) == before
-        else:
-            cache.release(seq)
-        blocks = owned(cache)
-        assert len(blocks) == len(set(blocks)), "a block is owned twice"
-        assert len(blocks) + cache.allocator.n_free == n_blocks, "a block leaked"
-        for s, table in cache.tables.items():   # just enough blocks for the tokens
-            assert len(table) == -(-cache.lengths[s] // block_size)
-    for seq in list(cache.tables):
-        cache.release(seq)
-    assert cache.allocator.n_free == n_blocks and not owned(cache)
-
-
-@settings(max_examples=200, deadline=None)
-@given(n_blocks=st.integers(1, 30), block_size=st.integers(1, 8),
-       prompts=st.lists(st.integers(1, 20), min_size=1, max_size=6), steps=st.integers(1, 30))
-def test_a_decode_step_grows_every_sequence_as_one_by_one_or_none(n_blocks, block_size, prompts, steps):
-    """``grow_each`` (the scheduler's one check for a whole decode step) gives the same tables
-    as growing the sequences one by one, in the same order; when the free blocks cannot serve
-    every sequence it changes nothing."""
-    each, one_by_one = (PagedKVCache(SHAPE, n_blocks, block_size) for _ in range(2))
-    ids = [s for s, n in enumerate(prompts) if each.can_grow(s, n) and each.grow(s, n) is None]
-    for s in ids:
-        one_by_one.grow(s, prompts[s])
-    for _ in range(steps):
-        state = ({k: list(v) for k, v in each.tables.items()}, dict(each.lengths), each.allocator.n_free)
-        trial = copy.deepcopy(one_by_one)
-        try:                                   # would one by one serve them all?
-            for s in ids:
-                trial.grow(s, 1)
-            room = True
-        except OutOfBlocks:
-            room = False
-        assert each.grow_each(ids) is room
-        if not room:
-            assert ({k: list(v) for k, v in each.tables.items()}, dict(each.lengths),
-                    each.allocator.n_free) == state
-            break
-        one_by_one = trial
-        assert each.tables == one_by_one.tables and each.lengths == one_by_one.lengths
-
-
-def test_shared_blocks_are_freed_by_their_last_owner():
-    a = BlockAllocator(4)
-    block = a.allocate()
-    a.share(block)
-    a.free(block)
-    assert a.n_free == 3              # still held by its second owner
-    a.free(block)
-    assert a.n_free == 4
-    with pytest.raises(ValueError, match="already free"):
-        a.free(block)
-
-
-def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="num_blocks"):
-        BlockAllocator(0)
-    with pytest.raises(ValueError, match="block_size"):
-        PagedKVCache(SHAPE, 4, 0)
-    with pytest.raises(OutOfBlocks, match="4 KV-cache blocks"):
-        a = BlockAllocator(4)
-        for _ in range(5):
-            a.allocate()
-
-
-def test_block_table_addresses():
-    cache = PagedKVCache(SHAPE, n_blocks=6, block_size=4)
-    cache.grow("a", 3)
-    cache.grow("b", 5)
-    cache.grow("a", 3)            # a: 6 tokens -> a second block, allocated after b's two
-    assert cache.tables == {"a": [0, 3], "b": [1, 2]}
-    assert cache.slots("a", 0, 6) == [0, 1, 2, 3, 12, 13]
-    assert cache.slots("b", 3, 5) == [7, 8]
-
 
 def test_block_diagonal_causal_mask():
     q_seq, q_pos = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2])
@@ -121,9 +24,9 @@ def test_block_diagonal_causal_mask():
                                                   (7, "flex"), (16, "flex"),
                                                   (7, "gathered-flex"), (16, "gathered-flex")])
 def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size, attention):
-    PagedAttention = PAGED_ATTENTION[attention]
+    PagedAttention = ATTENTION[attention]
     reqs = chat_workload(smollm.tokenizer, n=3)
-    cache = PagedKVCache(smollm_ours.shape, n_blocks=200, block_size=block_size)
+    cache = PagedKVCache(smollm_ours.shape, BlockManager(200, block_size))
     for r in reqs:
         cache.grow(r.id, len(r.prompt_tokens))
     attn = PagedAttention(cache, [(r.id, 0, len(r.prompt_tokens)) for r in reqs])
@@ -150,7 +53,7 @@ WIDE = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)     # 4 query h
 def scattered_cache(block_size):
     """A paged cache whose sequences grew side by side (their blocks interleave), then lost one
     (``b``) and took two prompts (``e``, 300 tokens, and ``f``, 700: tiles of it see whole tiles)."""
-    cache = PagedKVCache(WIDE, n_blocks=6000 // block_size, block_size=block_size)
+    cache = PagedKVCache(WIDE, BlockManager(6000 // block_size, block_size))
     for step in range(40):
         for sid in "abcd":
             cache.grow(sid, 1 + step % 5)
@@ -242,7 +145,7 @@ def test_the_gathered_flex_mask_lists_every_visible_pair_and_full_tiles_are_whol
 
 def test_the_packed_layout_is_the_per_token_loop():
     shape = LlamaShape(100, 64, 128, 1, 2, 1, 16, 1e4, 1e-5, 0, 4096)
-    cache = PagedKVCache(shape, n_blocks=400, block_size=7)
+    cache = PagedKVCache(shape, BlockManager(400, 7))
     for step in range(30):                        # interleaved blocks
         for sid in "abc":
             cache.grow(sid, 1 + step % 4)
@@ -259,18 +162,20 @@ def test_the_packed_layout_is_the_per_token_loop():
 
 def test_the_host_time_bench_times_only_steps_where_every_sequence_decodes():
     """``bench/host_time.py`` (the host's cost alone, chapter 09) runs the engine's own code with
-    the fake model and the decode step taken out, and leaves the decode graphs' class as it was."""
+    the fake model and the decode step taken out, and leaves the engine's classes as they were."""
     import importlib.util
     from pathlib import Path
 
-    from course_lib.kernels.cuda_graphs import DecodeGraphs
+    from course_lib.engines.model_runner import ModelRunner
+    from course_lib.engines.paged import PagedEngine
+    from course_lib.engines.scheduler import Scheduler
     path = Path(__file__).resolve().parent.parent / "bench" / "host_time.py"
     spec = importlib.util.spec_from_file_location("host_time", path)
     host_time = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_time)
-    forward = DecodeGraphs._forward
+    before = [vars(c).copy() for c in (Scheduler, ModelRunner, PagedEngine)]
     row = host_time.round_ms(batch=12, new_tokens=30, repeats=1)
-    assert DecodeGraphs._forward is forward
+    assert [vars(c) for c in (Scheduler, ModelRunner, PagedEngine)] == before
     assert row["batch"] == 12 and 20 <= row["steps"] <= 30            # the shortest answer: 30 tokens
     assert all(row[k] > 0 for k in ("schedule", "launch", "complete"))
     assert row["round"] == pytest.approx(row["schedule"] + row["launch"] + row["complete"])

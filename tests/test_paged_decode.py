@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from course_lib.model.attention import DecodeAttention, PagedAttention
-from course_lib.kernels.paged_decode import (SELFCHECK_SHAPE, n_splits, paged_decode_reference,
-                                     random_decode_step, selfcheck)
+from course_lib.kernels.paged_decode import (SELFCHECK_SHAPE, DecodeAttention, n_splits,
+                                             paged_decode_reference, random_decode_step, selfcheck)
+from course_lib.model.attention import PagedAttention
 
 SHAPE = SELFCHECK_SHAPE
 

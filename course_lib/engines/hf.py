@@ -17,6 +17,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from course_lib.measure.metrics import Step
+from course_lib.measure.roofline import attended_pairs
 from course_lib.engines.runner import left_pad
 from course_lib.engines.base import Engine
 
@@ -91,11 +92,11 @@ class HFGenerateEngine(Engine):
             live = [r for r, k in enumerate(keep) if i < k]
             if i == 0:
                 counts = dict(prefill_tokens=sum(lens), decode_tokens=0, kv_read=0,
-                              attended=sum(n * (n + 1) // 2 for n in lens), slots=B * T)
+                              attended=sum(attended_pairs(0, n) for n in lens), slots=B * T)
             else:
                 counts = dict(prefill_tokens=0, decode_tokens=len(live), slots=B,
                               kv_read=sum(lens[r] + i - 1 for r in live),
-                              attended=sum(lens[r] + i for r in live))
+                              attended=sum(attended_pairs(lens[r] + i - 1, 1) for r in live))
             self.steps.append(Step(times[i - 1] if i else start, times[i], rows=B,
                                    logit_rows=len(live), active=[batch[r].id for r in live],
                                    **counts))
@@ -198,8 +199,8 @@ def rebuild_steps(requests, records, gap_s: float = 2e-4) -> list:
         p = sum(lens[r.id] for r in prefill)
         steps.append(Step(start, group[-1][0], rows=len(group), slots=len(group) + p - len(prefill),
                           prefill_tokens=p, decode_tokens=len(decode),
-                          attended=sum(n * (n + 1) // 2 for n in (lens[r.id] for r in prefill))
-                          + sum(lens[r.id] + i for i, r in decode),
+                          attended=sum(attended_pairs(0, lens[r.id]) for r in prefill)
+                          + sum(attended_pairs(lens[r.id] + i - 1, 1) for i, r in decode),
                           kv_read=sum(lens[r.id] + i - 1 for i, r in decode),
                           logit_rows=len(group), active=[req.id for _, _, req in group]))
         return group[-1][0]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from course_lib.model.llama import Llama
 from course_lib.measure.metrics import Step
+from course_lib.measure.roofline import attended_pairs
 from course_lib.engines.runner import PaddedRunner, Row
 from course_lib.engines.base import Engine
 
@@ -61,7 +62,7 @@ class PaddedEngine(Engine):
         self.steps.append(Step(
             start, now, rows=len(rows), slots=len(rows) * width,
             prefill_tokens=useful if prefill else 0, decode_tokens=0 if prefill else useful,
-            attended=sum(n * c + n * (n + 1) // 2 for c, n in ctx),
+            attended=sum(attended_pairs(c, n) for c, n in ctx),
             kv_read=sum(c for c, _ in ctx), logit_rows=len(live), active=[s.req.id for s, _ in live],
             held=[s.req.id for s in seqs if s.done]))
         for (s, r), token in zip(zip(seqs, rows), tokens):

@@ -10,6 +10,7 @@ from course_lib.model.attention import PaddedAttention
 from course_lib.model.kv_cache import ContiguousKVCache
 from course_lib.model.llama import Llama
 from course_lib.measure.metrics import Step
+from course_lib.measure.roofline import attended_pairs
 from course_lib.engines.base import Engine
 
 
@@ -35,7 +36,7 @@ class SequentialEngine(Engine):
         tokens = torch.tensor([req.prompt_tokens], device=dev)                 # (1, T)
         n = tokens.shape[1]
         write_at = torch.arange(n, device=dev)[None]
-        kind = dict(prefill_tokens=n, decode_tokens=0, attended=n * (n + 1) // 2, kv_read=0)
+        kind = dict(prefill_tokens=n, decode_tokens=0, attended=attended_pairs(0, n), kv_read=0)
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         while True:
             start = self.now()
@@ -51,4 +52,4 @@ class SequentialEngine(Engine):
             c, n = n, n + 1                     # c tokens in the cache before this one, n after
             tokens = torch.tensor([[token]], device=dev)
             write_at = torch.tensor([[c]], device=dev)
-            kind = dict(prefill_tokens=0, decode_tokens=1, attended=n, kv_read=c)
+            kind = dict(prefill_tokens=0, decode_tokens=1, attended=attended_pairs(c, 1), kv_read=c)

@@ -14,7 +14,7 @@ A graph replays fixed kernels on fixed memory, so:
 * the next token is chosen inside the graph (``course_lib.model.sampling``): ``B`` integers come back,
   not ``B x vocab`` logits. They are written to ``last``, a buffer on the device where the next
   step can read its input tokens (``src``) before the host has seen them: so the host can
-  launch step ``k + 1`` while step ``k`` runs (``PagedEngine(overlap=True)``).
+  launch step ``k + 1`` while step ``k`` runs (``ModelRunner(overlap=True)``).
 Attention reads the cache through the block tables with the course's Triton kernel, whose loop
 runs to each sequence's length read from memory, so the same graph serves any context length.
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from course_lib.model.attention import DecodeAttention
+from course_lib.kernels.paged_decode import DecodeAttention
 from course_lib.model.sampling import sample
 
 
@@ -44,11 +44,16 @@ def batch_buckets(max_batch: int) -> list:
 
 class DecodeGraphs:
     """Runs decode steps of ``model`` over ``cache`` for up to ``max_batch`` sequences of up to
-    ``max_blocks`` blocks each: captured as CUDA graphs on CUDA, eager elsewhere."""
+    ``max_blocks`` blocks each: captured as CUDA graphs on CUDA, eager elsewhere.
+
+    ``forward(graphs, nb) -> tokens`` replaces the step's device work (the model's pass over the
+    first ``nb`` rows, then sampling): e.g. a stand-in that computes nothing, to time the host."""
 
     def __init__(self, model, cache, max_batch: int, max_blocks: int, temperature: float = 0.0,
-                 graphs: bool | None = None, last=None, split_from: int | None = None):
+                 graphs: bool | None = None, last=None, split_from: int | None = None,
+                 forward=None):
         self.model, self.cache, self.temperature = model, cache, temperature
+        self.work = self._forward if forward is None else (lambda nb: forward(self, nb))
         self.device = model.device
         self.split_from = split_from
         self._side = torch.cuda.Stream() if split_from and self.device.type == "cuda" else None
@@ -71,7 +76,7 @@ class DecodeGraphs:
         self._copied = [None, None]           # an event after each buffer's last copy
         self._turn = 0
         self.out, self.graphs = {}, {}
-        self._fill([])
+        self.fill([])
         self.inputs.copy_(self._hosts[0])
         if self.graphs_on:
             self.capture()
@@ -117,7 +122,7 @@ class DecodeGraphs:
         """Run every bucket once, eagerly, so that Triton compiles each kernel's variants now and
         not inside a timed run's first steps (nor inside a graph being captured)."""
         for nb in reversed(self.buckets):
-            self._forward(nb)
+            self.work(nb)
         torch.cuda.synchronize()
 
     @torch.inference_mode()
@@ -128,7 +133,7 @@ class DecodeGraphs:
         for nb in reversed(self.buckets):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.out[nb] = self._forward(nb)
+                self.out[nb] = self.work(nb)
             pool = g.pool()
             self.graphs[nb] = g
         torch.cuda.synchronize()
@@ -136,7 +141,7 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _fill(self, rows):
+    def fill(self, rows):
         """Write a step's inputs into the host buffer; the rows past ``len(rows)`` up to the
         largest bucket are padding: token 0 at position 0, written to the pad block.
         ``rows``: ``(token, position, table, src)``, ``src`` >= 0 for a token to read from
@@ -151,7 +156,6 @@ class DecodeGraphs:
             src[:n] = np.fromiter((row[3] for row in rows), np.int64, n)
         # A block table only grows while its sequence runs, and a sequence keeps its row from
         # step to step unless the batch changes: write only the blocks a row does not hold yet
-        # (rewriting every table, a Python list each, cost more than 0.5 ms a step at batch 512)
         held, written = self._held[self._turn]
         for i, (_, _, table, _) in enumerate(rows):
             have = written[i] if held[i] is table else 0
@@ -169,7 +173,7 @@ class DecodeGraphs:
     def launch(self, rows) -> int:
         """Queue one decode step and return at once (its bucket). ``rows``: ``(last token, its
         position, block table, src)`` per sequence, the table already holding the position's
-        block, ``src`` as in ``_fill``. The next tokens land in ``last[:len(rows)]``."""
+        block, ``src`` as in ``fill``. The next tokens land in ``last[:len(rows)]``."""
         n = len(rows)
         if not 0 < n <= self.buckets[-1]:
             raise ValueError(f"a decode step takes 1 to {self.buckets[-1]} sequences, got {n}")
@@ -179,7 +183,7 @@ class DecodeGraphs:
         turn = self._turn
         if self._copied[turn] is not None:    # the GPU has copied this buffer's last contents
             self._copied[turn].synchronize()
-        self._fill(rows)
+        self.fill(rows)
         self.inputs.copy_(self._hosts[turn], non_blocking=True)
         if self.device.type == "cuda":
             self._copied[turn] = torch.cuda.Event()
@@ -188,7 +192,7 @@ class DecodeGraphs:
         if nb in self.graphs:
             self.graphs[nb].replay()
         else:
-            self._forward(nb)
+            self.work(nb)
         return nb
 
     def step(self, rows) -> list:

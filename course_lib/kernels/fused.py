@@ -32,6 +32,7 @@ import json
 
 import torch
 
+from course_lib.model.llama import ElementwiseOps
 from course_lib.model.llama import add_rms_norm as add_rms_norm_reference
 from course_lib.model.llama import rope_cos_sin, rope_frequencies, rope_qk as rope_qk_reference, silu_mul as silu_mul_reference
 
@@ -177,6 +178,10 @@ def silu_mul(gate, up, block: int = 1024):
     out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
     _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), BLOCK=block)
     return out.view(gate.shape)
+
+
+# what ``Llama.use_ops`` takes: the model's elementwise work through these kernels
+OPS = ElementwiseOps(add_rms_norm, rope_qk, silu_mul, rope_qk_store)
 
 
 def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, heads=6,

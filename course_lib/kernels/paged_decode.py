@@ -24,8 +24,15 @@ from __future__ import annotations
 import json
 import os
 
+from functools import cached_property
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 
+from course_lib.model.attention import (GatheredFlexAttention, PagedAttention, cu_seqlens,
+                                        write_cache)
+from course_lib.model.kv_cache import PagedKVCache, to_device
 from course_lib.model.llama import LlamaShape
 
 try:                                   # Triton ships with CUDA builds of PyTorch
@@ -194,15 +201,21 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
 
 
 def random_decode_step(shape, B=5, block_size=16, device="cpu", dtype=torch.float32, seed=0):
-    """A paged cache of random keys and values whose ``B`` sequences grew side by side (so their
-    blocks interleave), and a random query per sequence: ``(cache, q, tables, lengths)``."""
-    from course_lib.model.kv_cache import PagedKVCache
+    """A paged cache of random keys and values whose ``B`` sequences grew side by side, one token
+    each in turn (so their blocks interleave), and a random query per sequence: ``(cache, q,
+    tables, lengths)``."""
     g = torch.Generator().manual_seed(seed)
-    cache = PagedKVCache(shape, 10 * B, block_size, dtype, device)
+    blocks = SimpleNamespace(block_size=block_size, n_blocks=10 * B, tables={}, lengths={})
+    cache = PagedKVCache(shape, blocks, dtype, device)
     for t in cache.k + cache.v:
         t.copy_(torch.randn(t.shape, generator=g).to(dtype))
     lengths = torch.randint(1, 9 * block_size, (B,), generator=g).tolist()
-    cache.grow_side_by_side(dict(enumerate(lengths)))
+    # in turns of one token, a sequence takes its j-th block in round j, after those before it
+    order = sorted((j, i) for i, n in enumerate(lengths) for j in range(-(-n // block_size)))
+    for i, n in enumerate(lengths):
+        blocks.tables[i], blocks.lengths[i] = [], n
+    for block, (_, i) in enumerate(order):
+        blocks.tables[i].append(block)
     q = torch.randn(B, shape.n_heads, shape.head_dim, generator=g).to(dtype)
     return (cache, q.to(device), cache.table_tensor(range(B), device),
             torch.tensor(lengths, dtype=torch.int32, device=device))
@@ -230,6 +243,97 @@ def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16))
                      "max_abs_error": err.abs().max().item(),
                      "relative_error": (err.norm() / ref.float().norm()).item()})
     return rows
+
+
+
+# ---------------------------------------------------------------- the kernel as attention
+class DecodeAttention:
+    """One new token per sequence (a decode step, chapter 09): store each token's key and value
+    in its slot, then the course's Triton kernel reads every sequence's keys and values in place
+    through its block table (``decode_attention``: the reference where Triton cannot run).
+
+    slots:   ``(B,)`` cache slot of each new token
+    tables:  ``(B, max_blocks)`` block tables, padded past each sequence's blocks
+    lengths: ``(B,)`` tokens of each sequence in the cache, the new one included
+    All three are tensors on the model's device, so a CUDA graph can keep them as its inputs and
+    only their contents change from step to step (``course_lib.kernels.cuda_graphs``).
+    """
+
+    def __init__(self, cache, slots, tables, lengths):
+        self.cache, self.slots, self.tables, self.lengths = cache, slots, tables, lengths
+
+    @classmethod
+    def of(cls, cache, seqs, device="cpu"):
+        """From ``(seq_id, n_cached, 1)`` triples, as the packed attentions take them."""
+        slots = [cache.slots(sid, cached, cached + 1)[0] for sid, cached, _ in seqs]
+        return cls(cache, to_device(slots, device),
+                   cache.table_tensor([sid for sid, _, _ in seqs], device),
+                   to_device([cached + 1 for _, cached, _ in seqs], device))
+
+    def __call__(self, layer, q, k, v):
+        write_cache(self.cache, layer, self.slots, k, v)
+        return self.attend(layer, q)
+
+    def attend(self, layer, q):
+        """The kernel over the cache, which already holds the new tokens' keys and values."""
+        return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables,
+                                self.lengths, self.cache.block_size)
+
+
+class KernelPagedAttention(PagedAttention):
+    """A packed step the fast way: its decodes (sequences with one new token, which the
+    scheduler puts first) through the paged decode kernel, its prefill chunks through
+    FlexAttention over a packed copy of their keys (``prefill_cls``). FlexAttention alone is slow
+    for decodes: they share 128-query tiles, and each tile reads the keys of all its sequences
+    for every query in it."""
+
+    prefill_cls = GatheredFlexAttention      # FlexPagedAttention reads the cache in place instead
+
+    def __init__(self, cache, seqs, device="cpu"):
+        seqs = list(seqs)
+        d = next((i for i, (_, _, new) in enumerate(seqs) if new != 1), len(seqs))
+        self.n_decode = d
+        self.decode = DecodeAttention.of(cache, seqs[:d], device) if d else None
+        self.prefill = self.prefill_cls(cache, seqs[d:], device) if d < len(seqs) else None
+        self.positions = to_device(np.array([c for _, c, _ in seqs[:d]], dtype=np.int64), device)
+        if self.prefill is not None:
+            self.positions = torch.cat([self.positions, self.prefill.positions])
+        self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
+        self.cache = cache
+
+    @classmethod
+    @torch.inference_mode()
+    def precompile(cls, cache, max_tokens: int, shape, dtype):
+        """FlexAttention for every query bucket, and the decode kernel both ways (split, for a few
+        decodes, and unsplit, for many), on tables as a mixed step builds them: compiling either
+        in a timed step would stall it for a fraction of a second."""
+        cls.prefill_cls.precompile(cache, max_tokens, shape, dtype)
+        device = cache.k[0].device
+        # a sequence of 4 tiles is split in 4; a sequence within one tile is not split, as many
+        # sequences are not, whatever their length (one block: even a small cache has room)
+        for tokens in (4 * TUNING["block_n"], 1):
+            if not cache.can_grow("precompile", tokens):
+                continue
+            cache.grow("precompile", tokens)
+            q = torch.zeros(1, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+            k = torch.zeros(1, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=device)
+            DecodeAttention.of(cache, [("precompile", tokens - 1, 1)], device)(0, q, k, k)
+            cache.release("precompile")
+
+    @cached_property
+    def slots(self):
+        """The new tokens' cache slots, in the packed order (one concatenation a step)."""
+        parts = [p.slots for p in (self.decode, self.prefill) if p is not None]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def attend(self, layer, q):
+        """Both parts over the cache, which already holds the step's keys and values."""
+        d, parts = self.n_decode, []
+        if self.decode is not None:
+            parts.append(self.decode.attend(layer, q[:d]))
+        if self.prefill is not None:
+            parts.append(self.prefill.attend(layer, q[d:]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 if __name__ == "__main__":       # python -m course_lib.kernels.paged_decode (TRITON_INTERPRET=1 on a CPU)

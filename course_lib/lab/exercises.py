@@ -178,7 +178,7 @@ def check_ttft_tpot(fn):
 
 # ---------------------------------------------------------------- chapter 05
 def check_chunk_sizes(fn):
-    from course_lib.engines.paged import chunk_sizes
+    from course_lib.engines.scheduler import chunk_sizes
     rng = random.Random()
     cases = [([100, 30], 64), ([10, 20, 30], 64), ([5], 64), ([], 8), ([64, 1], 64)]
     cases += [([rng.randint(1, 300) for _ in range(rng.randint(0, 5))], rng.randint(1, 256))
@@ -243,7 +243,7 @@ def check_block_slot(fn):
 
 
 def check_allocator(cls):
-    from course_lib.model.kv_cache import BlockAllocator, OutOfBlocks
+    from course_lib.engines.block_manager import BlockAllocator, OutOfBlocks
     rng = random.Random()
     for _ in range(20):
         n = rng.randint(1, 8)
@@ -291,7 +291,7 @@ def check_percentile_latency(fn):
 def check_goodput(fn):
     """``fn(records, ttft_slo, tpot_slo)``: requests served within both targets per second, from
     the first arrival to the last finish of a served request."""
-    from course_lib.engines.admission import SLO
+    from course_lib.engines.policies import SLO
     from course_lib.measure.metrics import RequestRecord, RunLog, goodput
     rng = random.Random()
     for _ in range(20):
@@ -321,7 +321,7 @@ def check_admission_rule(fn):
     """``fn(waited_s, first_token_s, decode_step_s, ttft_slo, tpot_slo)`` -> "admit", "queue" or
     "refuse": refuse what cannot meet the TTFT target even if admitted now; queue what would make
     decode steps slower than the TPOT target; admit the rest."""
-    from course_lib.engines.admission import SLO, AdmissionController
+    from course_lib.engines.policies import SLO, AdmissionController
 
     class Fixed:
         def __init__(self, first, step):
@@ -354,7 +354,7 @@ def check_tile_slots(fn):
     rng = random.Random()
     shape = LlamaShape(10, 4, 8, 1, 2, 1, 2, 1e4, 1e-5, 0, 4096)
     for block_size in (1, 7, 16):
-        cache = PagedKVCache(shape, 400, block_size)
+        cache = PagedKVCache(shape, BlockManager(400, block_size))
         for step in range(60):                       # three sequences growing side by side
             for sid in range(3):
                 cache.grow(sid, rng.randint(1, 3))
@@ -408,7 +408,7 @@ def check_combine_splits(fn):
 def check_packed_inputs(fn):
     """``fn(rows, last)`` -> a packed step's input tokens: per sequence ``(new tokens, src)``,
     the last new token ``None`` when it is still on the device, at ``last[src]``."""
-    from course_lib.engines.paged import packed_inputs
+    from course_lib.engines.model_runner import packed_inputs
     for seed in range(5):
         rng = random.Random(seed)
         last = torch.tensor([rng.randrange(100, 200) for _ in range(8)])

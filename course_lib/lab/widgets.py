@@ -124,7 +124,7 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
     """Pick an arrival rate, a max batch and a TTFT target. ``run(rate, max_batch[, slo])`` is a
     cached simulated run (``tradeoffs.simulated``): the point on the trade-off curve, and the
     queue over time with and without admission control."""
-    from course_lib.engines.admission import SLO
+    from course_lib.engines.policies import SLO
     from course_lib.measure.tradeoffs import point, sweep
 
     def show(rate, max_batch, ttft_slo):

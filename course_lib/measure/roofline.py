@@ -121,6 +121,12 @@ def matmul_params_per_token(shape) -> int:
     return s.n_layers * (s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate)
 
 
+def attended_pairs(cached: int, new: int) -> int:
+    """(query, key) pairs of ``new`` tokens after ``cached`` ones, causal: each new token sees the
+    cached ones, the new ones before it, and itself."""
+    return new * cached + new * (new + 1) // 2
+
+
 @dataclass
 class Work:
     bytes: float
@@ -154,7 +160,7 @@ def prefill_work(shape, dtype_bytes: int, lengths, padded: bool) -> Work:
         T = max(lengths)
         n, attended = len(lengths) * T, len(lengths) * T * T
     else:
-        n, attended = sum(lengths), sum(x * (x + 1) // 2 for x in lengths)
+        n, attended = sum(lengths), sum(attended_pairs(0, x) for x in lengths)
     return step_work(shape, dtype_bytes, tokens=n, attended=attended, kv_read=0,
                      logit_rows=len(lengths))
 
@@ -276,7 +282,7 @@ def step_row(model, peaks, batch: int, context: int, new_tokens: int, seconds: f
     """Bytes, FLOPs, MBU and MFU of one timed step."""
     n = new_tokens
     w = step_work(model.shape, model.dtype.itemsize, tokens=batch * n,
-                  attended=batch * (n * context + n * (n + 1) // 2),
+                  attended=batch * attended_pairs(context, n),
                   kv_read=batch * context, logit_rows=batch)
     return {"kind": "decode" if n == 1 else "prefill", "mode": mode, "batch": batch,
             "context": context, "new_tokens": n, "step_s": seconds,

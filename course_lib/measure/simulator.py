@@ -303,7 +303,7 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
     if resolve(engine, options)[1].cls is PagedEngine:    # nothing is computed: no kernels
         options.update(attention="gather", cuda_graphs=False, fused=False)
     if isinstance(options.get("slo"), dict):               # as a stored JSON holds it
-        from course_lib.engines.admission import SLO
+        from course_lib.engines.policies import SLO
         options["slo"] = SLO(**options["slo"])
     clock = VirtualClock()
     config = SimpleNamespace(eos_token_id=shape.eos_token_id, max_position_embeddings=shape.max_context)
@@ -311,16 +311,15 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
     model = SimModel(shape, dtype_bytes, cost, clock)
     eng = make_engine(engine, loaded, max_batch=max_batch, model=model, **options)
     eng.clock, eng.sleep = clock, clock.sleep
-    if hasattr(eng, "launch"):        # the step ends when the simulated GPU is done with it
-        model.asynchronous, launch = True, eng.launch
+    if hasattr(eng, "runner"):        # the step ends when the simulated GPU is done with it
+        model.asynchronous, launch = True, eng.runner.launch
 
-        def queued(batch, running):
-            out = launch(batch, running)
-            out["end"] = eng.now() + (model.gpu_free - clock())
+        def queued(plan):
+            out = launch(plan)
+            out.end = eng.now() + (model.gpu_free - clock())
             return out
-        eng.launch = queued
-    if hasattr(eng, "attention_cls"):
-        eng.attention_cls = PackedPositions
+        eng.runner.launch = queued
+        eng.runner.attention_cls = PackedPositions
     reqs = [replace(r, ignore_eos=True) for r in requests]
     return eng, eng.run(reqs)
 

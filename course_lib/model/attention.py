@@ -7,9 +7,9 @@ contiguous cache in which row ``r`` holds its tokens in columns ``start[r] ...``
 
 ``PagedAttention`` (chapters 05-07) takes *packed* tokens and a paged cache: the reference gathers
 K/V through the block tables; ``FlexPagedAttention`` reads them in place with FlexAttention.
-Chapter 09's ``DecodeAttention`` sends decode tokens through the course's Triton kernel,
-``GatheredFlexAttention`` runs prompt chunks through FlexAttention over a packed copy of their keys,
-and ``KernelPagedAttention`` (the fast path on CUDA) splits a step between those two.
+Chapter 09's ``GatheredFlexAttention`` runs prompt chunks through FlexAttention over a packed copy
+of their keys; ``course_lib.kernels.paged_decode`` sends decode tokens through the course's Triton
+kernel (``DecodeAttention``) and splits a step between the two (``KernelPagedAttention``).
 """
 from __future__ import annotations
 
@@ -161,12 +161,10 @@ def flex_attention(*args, **kwargs):
 
 
 TILE = 128     # FlexAttention's tile: 128 queries x 128 key slots
-# FlexAttention's own kernel settings on CUDA (``kernel_options``). Tiles of 64 x 64 instead of
-# its default for head_dim 64 halve the prefill attention of a mixed step of 16 prompts of 512
-# tokens (bench/results/profile_decode_*: the stored H200 profiles with both, shown in notebook
-# 09). The block mask then lists tiles of that size too (``mask_tile``): a prompt's blocks
-# rarely start on a 128-slot boundary, so at 128 every tile it touches is shared with another
-# sequence and must be masked element by element; at 64 more of them are its own
+# FlexAttention's own kernel settings on CUDA (``kernel_options``): tiles of 64 x 64, not its
+# default for head_dim 64 (bench/FINDINGS.md). The block mask then lists tiles of that size too
+# (``mask_tile``): a prompt's blocks rarely start on a 128-slot boundary, so at 128 every tile it
+# touches is shared with another sequence and masked element by element; at 64 more are its own
 FLEX_OPTIONS: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
@@ -270,7 +268,7 @@ class FlexPagedAttention(PagedAttention):
         the cache), with each of ``key_multiples``. Only the shapes matter: one token of one
         sequence stands in for a bucket's queries, padding makes up the rest, so a cache too
         small for the bucket's real tokens compiles it all the same."""
-        device, capacity = cache.k[0].device, cache.allocator.n_blocks * cache.block_size
+        device, capacity = cache.k[0].device, cache.blocks.n_blocks * cache.block_size
         if not cache.can_grow("precompile", 1):
             return
         cache.grow("precompile", 1)
@@ -320,10 +318,7 @@ class GatheredFlexAttention(FlexPagedAttention):
     """
 
     tile = TILE               # the block mask's tiles: keys are contiguous, no need for smaller
-    # FlexAttention's kernel tiles on CUDA. In a mixed step of 16 prompts of 512 tokens next to
-    # 256 decodes on an H200, the prefill attention took 1.6 ms with these against 4.9 ms with
-    # its defaults, and reading in place 11.2 ms on scattered blocks, 2.8 ms on fresh ones
-    # (bench/results/profile_decode_*_gathered_*: the stored profiles, shown in notebook 09)
+    # FlexAttention's kernel tiles on CUDA (smaller than its defaults: bench/FINDINGS.md)
     kernel_options: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
     # the keys are the step's own: as many as the queries (whole prompts), or more (a chunk after
     # earlier ones); keys up to twice the query bucket are compiled before the clock starts
@@ -394,98 +389,3 @@ class GatheredFlexAttention(FlexPagedAttention):
     def keys(self, layer):
         """The step's keys and values, copied out of the cache into one packed list ``(Hkv, m_pad, d)``."""
         return self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]
-
-
-class DecodeAttention:
-    """One new token per sequence (a decode step, chapter 09): store each token's key and value
-    in its slot, then the course's Triton kernel reads every sequence's keys and values in place
-    through its block table (``course_lib.kernels.paged_decode``; the reference where Triton cannot run).
-
-    slots:   ``(B,)`` cache slot of each new token
-    tables:  ``(B, max_blocks)`` block tables, padded past each sequence's blocks
-    lengths: ``(B,)`` tokens of each sequence in the cache, the new one included
-    All three are tensors on the model's device, so a CUDA graph can keep them as its inputs and
-    only their contents change from step to step (``course_lib.kernels.cuda_graphs``).
-    """
-
-    def __init__(self, cache, slots, tables, lengths):
-        self.cache, self.slots, self.tables, self.lengths = cache, slots, tables, lengths
-
-    @classmethod
-    def of(cls, cache, seqs, device="cpu"):
-        """From ``(seq_id, n_cached, 1)`` triples, as the packed attentions take them."""
-        slots = [cache.slots(sid, cached, cached + 1)[0] for sid, cached, _ in seqs]
-        return cls(cache, to_device(slots, device),
-                   cache.table_tensor([sid for sid, _, _ in seqs], device),
-                   to_device([cached + 1 for _, cached, _ in seqs], device))
-
-    def __call__(self, layer, q, k, v):
-        write_cache(self.cache, layer, self.slots, k, v)
-        return self.attend(layer, q)
-
-    def attend(self, layer, q):
-        """The kernel over the cache, which already holds the new tokens' keys and values."""
-        from course_lib.kernels.paged_decode import decode_attention
-        return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables, self.lengths,
-                                self.cache.block_size)
-
-
-class KernelPagedAttention(PagedAttention):
-    """A packed step the fast way: its decodes (sequences with one new token, which the
-    scheduler puts first) through the paged decode kernel, its prefill chunks through
-    FlexAttention over a packed copy of their keys (``prefill_cls``). FlexAttention alone is slow
-    for decodes: they share 128-query tiles, and each tile reads the keys of all its sequences
-    for every query in it."""
-
-    prefill_cls = GatheredFlexAttention      # FlexPagedAttention reads the cache in place instead
-
-    def __init__(self, cache, seqs, device="cpu"):
-        seqs = list(seqs)
-        d = next((i for i, (_, _, new) in enumerate(seqs) if new != 1), len(seqs))
-        self.n_decode = d
-        self.decode = DecodeAttention.of(cache, seqs[:d], device) if d else None
-        self.prefill = self.prefill_cls(cache, seqs[d:], device) if d < len(seqs) else None
-        self.positions = to_device(np.array([c for _, c, _ in seqs[:d]], dtype=np.int64), device)
-        if self.prefill is not None:
-            self.positions = torch.cat([self.positions, self.prefill.positions])
-        self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
-        self.cache = cache
-
-    @classmethod
-    @torch.inference_mode()
-    def precompile(cls, cache, max_tokens: int, shape, dtype):
-        """FlexAttention for every query bucket, and the decode kernel both ways (split, for a few
-        decodes, and unsplit, for many), on tables as a mixed step builds them: compiling either
-        in a timed step would stall it for a fraction of a second."""
-        from course_lib.kernels.paged_decode import TUNING
-        cls.prefill_cls.precompile(cache, max_tokens, shape, dtype)
-        device = cache.k[0].device
-        # a sequence of 4 tiles is split in 4; a sequence within one tile is not split, as many
-        # sequences are not, whatever their length (one block: even a small cache has room)
-        for tokens in (4 * TUNING["block_n"], 1):
-            if not cache.can_grow("precompile", tokens):
-                continue
-            cache.grow("precompile", tokens)
-            q = torch.zeros(1, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
-            k = torch.zeros(1, shape.n_kv_heads, shape.head_dim, dtype=dtype, device=device)
-            DecodeAttention.of(cache, [("precompile", tokens - 1, 1)], device)(0, q, k, k)
-            cache.release("precompile")
-
-    @cached_property
-    def slots(self):
-        """The new tokens' cache slots, in the packed order (one concatenation a step)."""
-        parts = [p.slots for p in (self.decode, self.prefill) if p is not None]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def attend(self, layer, q):
-        """Both parts over the cache, which already holds the step's keys and values."""
-        d, parts = self.n_decode, []
-        if self.decode is not None:
-            parts.append(self.decode.attend(layer, q[:d]))
-        if self.prefill is not None:
-            parts.append(self.prefill.attend(layer, q[d:]))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-PAGED_ATTENTION = {"gather": PagedAttention, "flex": FlexPagedAttention,
-                   "gathered-flex": GatheredFlexAttention, "kernel": KernelPagedAttention}

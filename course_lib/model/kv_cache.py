@@ -9,8 +9,8 @@ With grouped-query attention (GQA) several query heads share one KV head, so n_k
 is smaller than d_model: SmolLM2-135M has 9 query heads but 3 KV heads, a third of the cache the
 textbook formula ``layers x 2 x d_model`` predicts.
 
-This module holds the *contiguous* cache: one row per batch slot, each row as long as the longest
-sequence it may ever hold. Later chapters add the paged cache next to it.
+This module holds the *contiguous* cache (one row per batch slot, each row as long as the longest
+sequence it may ever hold) and the tensors of the paged one (chapter 07).
 """
 from __future__ import annotations
 
@@ -57,131 +57,34 @@ class ContiguousKVCache:
 
 
 # ---------------------------------------------------------------- the paged cache (chapter 07)
-class OutOfBlocks(RuntimeError):
-    """No free block is left: the scheduler must wait, or preempt a running sequence."""
-
-
-class BlockAllocator:
-    """Fixed-size blocks handed out from a free list, with a reference count per block (a block
-    shared by two sequences, e.g. a common prompt prefix, is freed when both let go of it)."""
-
-    def __init__(self, n_blocks: int):
-        if n_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {n_blocks}")
-        self.n_blocks = n_blocks
-        self.free_list = list(range(n_blocks - 1, -1, -1))     # pop() hands out block 0 first
-        self.refs = [0] * n_blocks
-
-    @property
-    def n_free(self) -> int:
-        return len(self.free_list)
-
-    def allocate(self) -> int:
-        if not self.free_list:
-            raise OutOfBlocks(f"all {self.n_blocks} KV-cache blocks are in use")
-        block = self.free_list.pop()
-        self.refs[block] = 1
-        return block
-
-    def share(self, block: int) -> int:
-        if self.refs[block] < 1:
-            raise ValueError(f"block {block} is free: nothing to share")
-        self.refs[block] += 1
-        return block
-
-    def free(self, block: int):
-        if self.refs[block] < 1:
-            raise ValueError(f"block {block} is already free")
-        self.refs[block] -= 1
-        if self.refs[block] == 0:
-            self.free_list.append(block)
-
-
 class PagedKVCache:
-    """K and V in blocks of ``block_size`` tokens: per layer, ``(kv_heads, (n_blocks + 1) * block_size, d)``.
-
-    Each sequence owns a *block table*, the list of its blocks in order: token ``p`` of a
-    sequence lives in block ``table[p // block_size]`` at offset ``p % block_size``. Blocks are
-    allocated as a sequence grows and freed when it finishes, so memory follows the tokens that
-    exist, not the longest a sequence might become.
+    """K and V in blocks of ``block_size`` tokens: per layer, ``(kv_heads, (n_blocks + 1) *
+    block_size, d)``. Which blocks hold which sequence's tokens is the business of ``blocks``
+    (``course_lib.engines.block_manager.BlockManager``: ``tables``, ``lengths``, ``grow``,
+    ``release``...): the cache reads its tables to lay out a step for attention, and passes any
+    other attribute it lacks on to it (``cache.grow(...)`` is ``cache.blocks.grow(...)``).
     """
 
-    def __init__(self, shape, n_blocks: int, block_size: int, dtype=torch.float32, device="cpu"):
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1 token, got {block_size}")
-        self.block_size, self.allocator = block_size, BlockAllocator(n_blocks)
+    def __init__(self, shape, blocks, dtype=torch.float32, device="cpu"):
+        self.blocks, self.block_size = blocks, blocks.block_size
+        self.tables, self.lengths = blocks.tables, blocks.lengths   # read at every step
         # one tensor per layer, heads first: the (heads, tokens, d) layout attention kernels read.
-        # One block more than the allocator hands out: the *pad block*, which no sequence owns,
+        # One block more than the manager hands out: the *pad block*, which no sequence owns,
         # where the padding rows of a CUDA graph's fixed-size batch write (chapter 09).
-        self.pad_block = n_blocks
-        size = (shape.n_kv_heads, (n_blocks + 1) * block_size, shape.head_dim)
+        self.pad_block = blocks.n_blocks
+        size = (shape.n_kv_heads, (blocks.n_blocks + 1) * self.block_size, shape.head_dim)
         self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
         self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
-        self.n_slots = (n_blocks + 1) * block_size
-        self.tables: dict = {}       # sequence id -> its block table
-        self.lengths: dict = {}      # sequence id -> tokens stored
+        self.n_slots = (blocks.n_blocks + 1) * self.block_size
+
+    def __getattr__(self, name):          # only for what the cache itself lacks
+        if name == "blocks":               # (not set yet: no recursion)
+            raise AttributeError(name)
+        return getattr(self.blocks, name)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def reset(self):
-        """Forget every sequence: all blocks free again (the tensors are kept, not cleared)."""
-        self.allocator = BlockAllocator(self.allocator.n_blocks)
-        self.tables.clear()
-        self.lengths.clear()
-
-    def blocks_needed(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.block_size)
-
-    def can_grow(self, seq_id, n_new: int) -> bool:
-        have = len(self.tables.get(seq_id, []))
-        return self.blocks_needed(self.lengths.get(seq_id, 0) + n_new) - have <= self.allocator.n_free
-
-    def grow(self, seq_id, n_new: int):
-        """Make room for ``n_new`` more tokens of ``seq_id`` (raises ``OutOfBlocks``, leaving the
-        sequence as it was, when there are not enough free blocks)."""
-        if not self.can_grow(seq_id, n_new):
-            raise OutOfBlocks(f"sequence {seq_id!r} needs more blocks than the "
-                              f"{self.allocator.n_free} free ones")
-        table = self.tables.setdefault(seq_id, [])
-        n = self.lengths.get(seq_id, 0) + n_new
-        while len(table) < self.blocks_needed(n):
-            table.append(self.allocator.allocate())
-        self.lengths[seq_id] = n
-
-    def grow_each(self, seq_ids) -> bool:
-        """One more token for each of ``seq_ids`` (sequences already in the cache: a decode
-        step), all or nothing: ``False``, and nothing changed, when the free blocks do not
-        suffice for all of them. A new block is needed only by a sequence whose blocks are full,
-        so one count checks the whole batch (at batch 512, checking sequence by sequence cost
-        the host about a millisecond a step)."""
-        tables, lengths, bs = self.tables, self.lengths, self.block_size
-        full = [s for s in seq_ids if lengths[s] == len(tables[s]) * bs]
-        if len(full) > self.allocator.n_free:
-            return False
-        for s in full:
-            tables[s].append(self.allocator.allocate())
-        for s in seq_ids:
-            lengths[s] += 1
-        return True
-
-    def grow_side_by_side(self, lengths: dict, chunk: int = 1):
-        """Grow sequences ``{seq_id: tokens}`` in turns of ``chunk`` tokens, as a batch that decodes
-        together does, so that their blocks interleave in memory (benchmarks and tests)."""
-        done = dict.fromkeys(lengths, 0)
-        while done != lengths:
-            for sid, n in lengths.items():
-                take = min(chunk, n - done[sid])
-                if take:
-                    self.grow(sid, take)
-                    done[sid] += take
-
-    def release(self, seq_id):
-        """Free every block of a sequence (finished, or preempted)."""
-        for block in self.tables.pop(seq_id, []):
-            self.allocator.free(block)
-        self.lengths.pop(seq_id, None)
 
     def table_tensor(self, seq_ids, device="cpu"):
         """The block tables of ``seq_ids`` as one ``(len(seq_ids), longest)`` int32 tensor, each
@@ -199,7 +102,7 @@ class PagedKVCache:
         table (``block_index``). The same as looping over ``slots``, without a Python loop per token."""
         cached = np.array([c for _, c, _ in seqs], dtype=np.int64)
         new = np.array([n for _, _, n in seqs], dtype=np.int64)
-        tables = [self.tables[sid][:self.blocks_needed(c + n)] for sid, c, n in seqs]
+        tables = [self.tables[sid][:-(-(c + n) // self.block_size)] for sid, c, n in seqs]
         n_blocks = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
         blocks = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(n_blocks.sum()))
         first_block = np.cumsum(n_blocks) - n_blocks            # where each table starts in blocks

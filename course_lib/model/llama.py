@@ -12,6 +12,7 @@ packed and paged in later chapters). See ``course_lib.model.attention``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ def rms_norm(x, weight, eps):
 
 def add_rms_norm(x, delta, weight, eps):
     """The residual add and the next norm: ``x + delta`` and its RMSNorm (``delta=None``: the
-    norm alone). Two jobs side by side, so that the fast path can fuse them (``course_lib.kernels.fused``)."""
+    norm alone). Two jobs side by side, so that the fast path can fuse them."""
     if delta is not None:
         x = x + delta
     return x, rms_norm(x, weight, eps)
@@ -122,31 +123,40 @@ def silu_mul(gate, up):
     return F.silu(gate) * up
 
 
-REFERENCE_OPS = (add_rms_norm, rope_qk, silu_mul)
+class ElementwiseOps(NamedTuple):
+    """The layer's elementwise work. ``rope_qk_store`` (optional) also writes the keys and values
+    into the cache, for attention objects that can attend to what is already there (``attend``)."""
+    add_rms_norm: Callable
+    rope_qk: Callable
+    silu_mul: Callable
+    rope_qk_store: Callable | None = None
+
+
+REFERENCE_OPS = ElementwiseOps(add_rms_norm, rope_qk, silu_mul)
 
 
 class Llama:
     """A Llama decoder over weights borrowed (not copied) from a Hugging Face model.
 
-    ``fused = True`` runs the elementwise work (residual adds with the norms, RoPE, SwiGLU's
-    gate) through the fused Triton kernels of ``course_lib.kernels.fused``, and stacks the projections
-    that share an input (chapter 09's fast path on CUDA); by default the PyTorch functions above."""
+    ``ops`` does the elementwise work (residual adds with the norms, RoPE, SwiGLU's gate): the
+    PyTorch functions above, or, through ``use_ops(course_lib.kernels.fused.OPS)``, fused Triton
+    kernels, with the projections that share an input stacked (chapter 09's fast path on CUDA)."""
 
     def __init__(self, shape: LlamaShape, embed, layers, final_norm, lm_head):
         self.shape, self.embed, self.layers = shape, embed, layers
         self.final_norm, self.lm_head = final_norm, lm_head
         self.inv_freq = rope_frequencies(shape.head_dim, shape.rope_theta, embed.device)
-        self._fused = False
+        self.ops = REFERENCE_OPS
 
     @property
     def fused(self) -> bool:
-        return self._fused
+        return self.ops is not REFERENCE_OPS
 
-    @fused.setter
-    def fused(self, on: bool):
-        self._fused = bool(on)
+    def use_ops(self, ops: ElementwiseOps):
+        """Do the elementwise work with ``ops``; any but the references stack the projections."""
+        self.ops = ops
         for w in self.layers:
-            if on:
+            if self.fused:
                 w.stack()
             else:
                 w.wqkv = w.w_gate_up = None
@@ -178,12 +188,9 @@ class Llama:
     def hidden_states(self, tokens, positions, attn):
         """tokens, positions: (...) integers -> final hidden states (..., hidden)."""
         s = self.shape
-        add_norm, rope, gate = self.elementwise_ops()
-        # fused, RoPE also writes the keys and values into the cache (for attention objects that
-        # can attend to what is already there: ``attend``), two kernels fewer per layer
-        store = self.fused and getattr(attn, "attend", None) is not None
-        if store:
-            from course_lib.kernels.fused import rope_qk_store
+        add_norm, rope, gate, rope_qk_store = self.ops
+        # RoPE that also writes the keys and values into the cache: two kernels fewer per layer
+        store = rope_qk_store is not None and getattr(attn, "attend", None) is not None
         x = F.embedding(tokens, self.embed)                                   # (..., hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         norms = [w.attn_norm for w in self.layers[1:]] + [self.final_norm]    # the norm after each layer
@@ -201,13 +208,6 @@ class Llama:
             mlp = F.linear(gate(*w.gate_up(h)), w.w_down)                       # SwiGLU
             x, h = add_norm(x, mlp, norms[i], s.eps)                          # x += MLP
         return h
-
-    def elementwise_ops(self):
-        """``(add_rms_norm, rope_qk, silu_mul)``: the fused kernels, or the PyTorch references."""
-        if self.fused:
-            from course_lib.kernels import fused
-            return fused.add_rms_norm, fused.rope_qk, fused.silu_mul
-        return REFERENCE_OPS
 
     def logits(self, hidden, float32: bool = True):
         """(..., hidden) -> (..., vocab), in float32 (or in the model's dtype: enough for an

@@ -1,4 +1,6 @@
-"""Admission control against latency targets (SLOs).
+"""The scheduler's admission policies: latency targets (chapter 08), a free-block watermark
+(chapter 09). Each has ``admit(seq, scheduler) -> bool``, asked before the head of the queue
+joins; one may also ``shed(scheduler)``: refuse waiting requests for good.
 
 A server that admits every request keeps its throughput but, past its capacity, lets the queue
 grow without bound: every request then misses its time-to-first-token target, and a batch grown
@@ -12,8 +14,8 @@ waiting request, one of three things:
   now (it has waited too long, or its prompt alone takes too long to prefill). Refusing early is
   what keeps the others on time: served late is as useless as not served, and costs capacity.
 
-Its predictions come from the step-cost model of ``course_lib.measure.simulator``, fitted online to the
-steps this engine has run so far (and, until there are enough of them, from a given model).
+Its predictions come from the step-cost model of ``course_lib.measure.simulator``, fitted online to
+the steps this engine has run so far (and, until there are enough of them, from a given model).
 *Goodput* is what the controller tries to maximise: requests served within both targets, per
 second (``course_lib.measure.metrics.goodput``).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from course_lib.measure.roofline import attended_pairs
 from course_lib.measure.simulator import StepCost, features
 
 ONLINE = SimpleNamespace(device="online", bandwidth=float("inf"), flops=float("inf"))
@@ -41,7 +44,8 @@ class SLO:
 
     def met(self, record) -> bool:
         """Did a served request meet both targets?"""
-        ttft_ok = self.ttft_s is None or (record.ttft_s is not None and record.ttft_s <= self.ttft_s)
+        ttft_ok = self.ttft_s is None or (record.ttft_s is not None
+                                          and record.ttft_s <= self.ttft_s)
         tpot_ok = self.tpot_s is None or record.tpot_s is None or record.tpot_s <= self.tpot_s
         return ttft_ok and tpot_ok
 
@@ -57,7 +61,8 @@ class StepTimeModel:
 
     def update(self, steps: list):
         n = len(steps)
-        if n >= self.min_steps and n - self._fitted_at >= (self.refit_every if self._fitted_at else 0):
+        wait = self.refit_every if self._fitted_at else 0
+        if n >= self.min_steps and n - self._fitted_at >= wait:
             # no peaks online: the weights' time goes into the fitted fixed cost per step
             self.cost = StepCost.fit_steps(steps, self.shape, self.dtype_bytes, ONLINE)
             self._fitted_at = n
@@ -70,10 +75,12 @@ class StepTimeModel:
 
 
 class AdmissionController:
-    """Admit, queue or refuse, from the SLO and the predicted step times."""
+    """Admit, queue or refuse, from the SLO and the predicted step times. ``clock``: seconds
+    since the run started (how long a request has waited)."""
 
-    def __init__(self, slo: SLO, model: StepTimeModel):
-        self.slo, self.model = slo, model
+    def __init__(self, slo: SLO, model: StepTimeModel, clock=None):
+        self.slo, self.model, self.clock = slo, model, clock
+        self.admitted = set()      # ids admitted once: a preempted sequence is not judged again
 
     def decode_time(self, contexts: list) -> float | None:
         """Predicted time of one decode step of sequences with these many cached tokens."""
@@ -85,7 +92,7 @@ class AdmissionController:
         sequence (the step in which a newcomer gets its first token)."""
         n = len(contexts)
         return self.model.predict(n + 1, n + prompt_len,
-                                  sum(c + 1 for c in contexts) + prompt_len * (prompt_len + 1) // 2,
+                                  sum(c + 1 for c in contexts) + attended_pairs(0, prompt_len),
                                   sum(contexts))
 
     def decide(self, prompt_len: int, waited_s: float, contexts: list) -> tuple:
@@ -103,3 +110,42 @@ class AdmissionController:
                 return "queue", (f"one more sequence makes a decode step {step:.3g} s, over the "
                                  f"TPOT target of {self.slo.tpot_s:g} s")
         return "admit", ""
+
+    def admit(self, seq, scheduler) -> bool:
+        """May the head of the queue join the running sequences now?"""
+        if seq.req.id not in self.admitted:
+            verdict, _ = self.decide(len(seq.tokens), self.clock() - seq.req.arrival_s,
+                                     [len(s.tokens) for s in scheduler.running])
+            if verdict != "admit":
+                return False
+            self.admitted.add(seq.req.id)
+        return True
+
+    def shed(self, scheduler) -> list:
+        """``[(seq, why)]``: every waiting request that can no longer meet its TTFT target."""
+        contexts, refused = [len(s.tokens) for s in scheduler.running], []
+        for seq in scheduler.waiting:
+            if seq.req.id not in self.admitted:
+                verdict, why = self.decide(len(seq.tokens), self.clock() - seq.req.arrival_s,
+                                           contexts)
+                if verdict == "refuse":
+                    refused.append((seq, f"request {seq.req.id!r} refused: {why}"))
+        return refused
+
+
+class Watermark:
+    """Admit only while ``fraction`` of the cache's blocks stays free after the newcomer's prompt.
+    The free blocks are the running sequences' room to grow: admitting into the last of them
+    means preempting (and recomputing a whole prompt) a few steps later. Alone, a sequence is
+    always admitted."""
+
+    def __init__(self, fraction: float):
+        if not 0 <= fraction < 1:
+            raise ValueError(f"watermark must be a fraction of the blocks in [0, 1), "
+                             f"got {fraction}")
+        self.fraction = fraction
+
+    def admit(self, seq, scheduler) -> bool:
+        blocks = scheduler.blocks
+        return not scheduler.running or (blocks.n_free - blocks.blocks_needed(len(seq.tokens))
+                                         >= self.fraction * blocks.n_blocks)
