@@ -194,7 +194,8 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         options.update(engine_settings(runner))      # the settings as the engine resolved them
     else:
         from course_lib.measure.roofline import Peaks
-        from course_lib.measure.simulator import CostBook, StepCost, simulate as run_simulated
+        from course_lib.measure.costmodel import StepCost
+        from course_lib.measure.simulator import CostBook, simulate as run_simulated
         cost = simulate if isinstance(simulate, (StepCost, CostBook)) else CostBook.load(simulate)
         if isinstance(cost, CostBook):
             cost = cost.for_run(engine, engine_options)
@@ -230,34 +231,6 @@ def json_options(options: dict | None) -> dict:
     """Engine options as the JSON stores them (an SLO as its targets)."""
     return {k: asdict(v) if k == "slo" else v for k, v in (options or {}).items()
             if k != "step_cost"}
-
-
-def run_label(result: dict) -> str:
-    """A short name for a run from its recorded engine and options, e.g. ``paged, flex, blocks
-    of 16, 2048 blocks, B=256`` or ``fast, kernel, budget 16384, 16 GiB KV, B=512``."""
-    o = result.get("engine_options") or {}
-    parts = [result["engine"]]
-    if o.get("attention"):
-        parts.append(o["attention"])
-    if o.get("block_size"):
-        parts.append(f"blocks of {o['block_size']}")
-    if o.get("max_num_batched_tokens"):
-        parts.append(f"budget {o['max_num_batched_tokens']}")
-    if o.get("kv_memory_bytes"):
-        parts.append(f"{o['kv_memory_bytes'] / 2**30:g} GiB KV")
-    elif o.get("num_blocks"):
-        parts.append(f"{o['num_blocks']} blocks")
-    for key in ("cuda_graphs", "fused", "overlap"):      # said only where they differ by engine
-        if key in o and result["engine"] in ("chunked", "paged", "fast"):
-            default = result["engine"] == "fast" and result.get("device", {}).get("type") == "cuda"
-            if bool(o[key]) != default:
-                parts.append(f"{key}={'on' if o[key] else 'off'}")
-    if o.get("watermark"):
-        parts.append(f"{o['watermark']:.0%} kept free")
-    if o.get("slo"):
-        parts.append("admission")
-    parts.append(f"B={result['max_batch']}")
-    return ", ".join(parts)
 
 
 def describe(result: dict) -> str:

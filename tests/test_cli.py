@@ -18,6 +18,7 @@ import torch
 from course_lib import bench
 from course_lib.engines import REGISTRY, EngineOptionError, make_engine
 from course_lib.engines.paged import PagedEngine
+from course_lib.measure.metrics import run_label
 from course_lib.requests import Request, RequestError, WorkloadError, load_jsonl, validate
 from tests.fakes import LOADED, FakeLlama
 
@@ -168,7 +169,7 @@ def test_the_cli_runs_the_fast_engine_with_its_flags_and_labels_it(tmp_path, mon
     o = r["engine_options"]
     assert r["engine"] == "fast" and o["attention"] == "kernel" and o["overlap"] is False
     assert o["watermark"] == 0.1 and o["max_num_batched_tokens"] == 64
-    assert bench.run_label(r) == "fast, kernel, blocks of 16, budget 64, 10% kept free, B=2"
+    assert run_label(r) == "fast, kernel, blocks of 16, budget 64, 10% kept free, B=2"
     bench.main(["--engine", "continuous", "--model", "smollm2-135m", "--workload",
                 "anyscale:prompt_len=8,cap=4,mean=2", "--n", "4", "--device", "cpu",
                 "--max-num-batched-tokens", "16", "--json", str(out)])

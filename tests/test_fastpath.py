@@ -336,7 +336,8 @@ def test_the_simulator_replays_the_gpu_runs_scheduling_decisions():
     """All requests arrive at once, so the scheduler's decisions do not depend on step times: the
     simulator, running the same overlapped engine on a virtual clock, must preempt exactly as the
     GPU run did, in as many steps."""
-    from course_lib.measure.simulator import StepCost, replay
+    from course_lib.measure.costmodel import StepCost
+    from course_lib.measure.simulator import replay
     result = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
     run = next(r for r in result["runs"] if r["rung"] == "fast")      # 2 GiB: it thrashes
     assert run["engine_options"]["overlap"] and run["metrics"]["preemptions"] > 100

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from course_lib.measure.roofline import attended_pairs
-from course_lib.measure.simulator import StepCost, features
+from course_lib.measure.costmodel import StepCost, features
 
 ONLINE = SimpleNamespace(device="online", bandwidth=float("inf"), flops=float("inf"))
 

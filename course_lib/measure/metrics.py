@@ -278,3 +278,31 @@ def prefill_rows(profiles: list) -> list:
                          "copy_ms": kernel_ms(m["top"], n, "index_elementwise"),
                          "step_ms": m["cuda_total_ms"] / n, "commit": res["versions"]["course_lib_commit"]})
     return rows
+
+
+def run_label(result: dict) -> str:
+    """A short name for a run from its recorded engine and options, e.g. ``paged, flex, blocks
+    of 16, 2048 blocks, B=256`` or ``fast, kernel, budget 16384, 16 GiB KV, B=512``."""
+    o = result.get("engine_options") or {}
+    parts = [result["engine"]]
+    if o.get("attention"):
+        parts.append(o["attention"])
+    if o.get("block_size"):
+        parts.append(f"blocks of {o['block_size']}")
+    if o.get("max_num_batched_tokens"):
+        parts.append(f"budget {o['max_num_batched_tokens']}")
+    if o.get("kv_memory_bytes"):
+        parts.append(f"{o['kv_memory_bytes'] / 2**30:g} GiB KV")
+    elif o.get("num_blocks"):
+        parts.append(f"{o['num_blocks']} blocks")
+    for key in ("cuda_graphs", "fused", "overlap"):      # said only where they differ by engine
+        if key in o and result["engine"] in ("chunked", "paged", "fast"):
+            default = result["engine"] == "fast" and result.get("device", {}).get("type") == "cuda"
+            if bool(o[key]) != default:
+                parts.append(f"{key}={'on' if o[key] else 'off'}")
+    if o.get("watermark"):
+        parts.append(f"{o['watermark']:.0%} kept free")
+    if o.get("slo"):
+        parts.append("admission")
+    parts.append(f"B={result['max_batch']}")
+    return ", ".join(parts)
