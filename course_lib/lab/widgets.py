@@ -132,7 +132,7 @@ def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4,
         return [(e, run(e, max_batch)[1]) for e in engines]
 
     def draw(logs, max_batch):
-        fig, axes = plt.subplots(len(logs), 1, figsize=(10, 3.2 * len(logs)), squeeze=False)
+        _, axes = plt.subplots(len(logs), 1, figsize=(10, 3.2 * len(logs)), squeeze=False)
         for ax, (engine, log) in zip(axes[:, 0], logs):
             m = summarize(log)
             line = (f"{engine}, max_batch={max_batch}: {m['output_tokens_per_s']:.1f} tok/s, "
@@ -184,7 +184,7 @@ def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int =
     from course_lib.measure.metrics import summarize
 
     run = _cached_runs(requests, lambda block_size: make_engine(
-        "continuous", loaded, max_batch=max_batch, block_size=block_size))
+        "continuous", loaded, max_batch=max_batch, block_size=block_size, trace_blocks=True))
 
     def say(block_size):
         if run.done(block_size):
