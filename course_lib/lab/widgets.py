@@ -1,123 +1,210 @@
-"""Sliders over cached, tested measurements. Each widget uses ``interact_manual``: nothing runs
-until the learner clicks, so a headless run of a notebook never pays for it."""
+"""Sliders over cached, tested measurements.
+
+Nothing runs until the learner clicks Run, so a headless run of a notebook never pays for it. On
+a click the output first says what runs and for which setting (with a progress bar over the
+runs), and the result replaces that line. A stored output that cannot show the slider (a notebook
+not run yet, or not trusted) shows a one-line hint instead of the widget's repr.
+"""
 from __future__ import annotations
 
-from functools import lru_cache
+import inspect
 
+import ipywidgets as w
 import matplotlib.pyplot as plt
+from IPython.display import clear_output
+from tqdm.auto import tqdm
 
 from course_lib.lab import plots
 from course_lib.measure import roofline
 
+RUN = "Run"
+HINT = "(run the cell above to get the slider)"
+# A progress bar over work that may be quick shows only once it has taken this long (seconds).
+BAR_DELAY_S = 2
 
-def _pick(show, options, description: str, **more):
-    """Sliders that call ``show`` only when the button is clicked: one over ``options`` for its
-    first parameter, and one per further parameter ``name=(options, description)``."""
-    import inspect
 
-    import ipywidgets as w
+class Explorer(w.interactive):
+    """Sliders and a Run button. A click prints ``say(**setting)``, calls ``compute(**setting)``
+    (which may show progress bars) and replaces both with ``draw(result, **setting)``. The
+    sliders are ``compute``'s parameters, in its order."""
 
-    def slider(opts, label):
-        opts = list(opts)
-        return w.SelectionSlider(options=opts, value=opts[len(opts) // 2], description=label,
-                                 continuous_update=False)
-    name = next(iter(inspect.signature(show).parameters))
-    return w.interact_manual(show, **{name: slider(options, description)},
-                             **{k: slider(*v) for k, v in more.items()})
+    def __init__(self, compute, draw, say, **sliders):
+        def click(**setting):
+            print(say(**setting), flush=True)
+            result = compute(**setting)
+            clear_output(wait=True)
+            draw(result, **setting)
+
+        click.__signature__ = inspect.signature(compute)
+        super().__init__(click, {"manual": True, "manual_name": RUN}, **sliders)
+
+    def _repr_mimebundle_(self, **kwargs):
+        data = super()._repr_mimebundle_(**kwargs)
+        data["text/plain"] = HINT
+        return data
+
+
+def _slider(options, label: str):
+    options = list(options)
+    return w.SelectionSlider(options=options, value=options[len(options) // 2], description=label,
+                             continuous_update=False)
+
+
+def _pick(compute, draw, say, options, description: str, **more):
+    """An ``Explorer`` with one slider over ``options`` for ``compute``'s first parameter and one
+    per further parameter ``name=(options, description)``."""
+    name = next(iter(inspect.signature(compute).parameters))
+    return Explorer(compute, draw, say, **{name: _slider(options, description)},
+                    **{k: _slider(*v) for k, v in more.items()})
+
+
+def _and(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, repeat: int = 3):
-    """Pick a batch size, time one decode step at it, and see where it lands on the roofline."""
-    import ipywidgets as w
+    """Pick a batch size, time one decode step at it (and at each smaller power of two not timed
+    yet), and see where they land on the roofline."""
+    rows = {}
 
-    @lru_cache(maxsize=None)
-    def measured(batch):
-        seconds = roofline.time_step(model, batch, context, 1, repeat)
-        return roofline.step_row(model, peaks, batch, context, 1, seconds)
+    def todo(log2_batch):
+        return [2 ** b for b in range(log2_batch + 1) if 2 ** b not in rows]
 
-    def show(log2_batch):
-        row = measured(2 ** log2_batch)
-        print(f"B={row['batch']}: step {row['step_s'] * 1e3:.1f} ms, {row['tokens_per_s']:.0f} tok/s, "
-              f"MBU {100 * row['mbu']:.0f}%, MFU {100 * row['mfu']:.1f}%")
-        plots.roofline(peaks, [measured(2 ** b) for b in range(log2_batch + 1)])
+    def say(log2_batch):
+        missing = todo(log2_batch)
+        if not missing:
+            return f"Drawing B={2 ** log2_batch} (timed before) ..."
+        return (f"Timing one decode step at B={', '.join(map(str, missing))} ({context} tokens of "
+                f"context, median of {repeat}) ...")
+
+    def compute(log2_batch):
+        for b in tqdm(todo(log2_batch), desc="batch sizes", unit="B", leave=False,
+                      delay=BAR_DELAY_S):
+            seconds = roofline.time_step(model, b, context, 1, repeat)
+            rows[b] = roofline.step_row(model, peaks, b, context, 1, seconds)
+        return [rows[2 ** b] for b in range(log2_batch + 1)]
+
+    def draw(timed, log2_batch):
+        row = timed[-1]
+        print(f"B={row['batch']}: step {row['step_s'] * 1e3:.1f} ms, "
+              f"{row['tokens_per_s']:.0f} tok/s, MBU {100 * row['mbu']:.0f}%, "
+              f"MFU {100 * row['mfu']:.1f}%")
+        plots.roofline(peaks, timed)
         plt.show()
 
     slider = w.IntSlider(value=3, min=0, max=max_log2, description="log2(batch)",
                          continuous_update=False)
-    return w.interact_manual(show, log2_batch=slider)
+    return Explorer(compute, draw, say, log2_batch=slider)
+
+
+def _cached_runs(requests, make):
+    """``run(*key)``: the RunLog (and engine) of ``make(*key)`` on ``requests``, run once per key
+    with a progress bar over the requests; ``run.done(*key)`` says whether it is cached."""
+    done = {}
+
+    def run(*key):
+        if key not in done:
+            engine = make(*key)
+            done[key] = engine, engine.run(requests, progress=True)
+        return done[key]
+    run.done = lambda *key: key in done
+    return run
 
 
 def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4, 8, 16)):
     """Pick a batch size: run the engines on the same requests (each run once, then cached) and
     draw their timelines with their throughput and slot utilisation."""
-
     from course_lib.engines import make_engine
     from course_lib.measure.metrics import summarize
 
-    @lru_cache(maxsize=None)
-    def run(engine, max_batch):
-        return make_engine(engine, loaded, max_batch=max_batch).run(requests)
+    run = _cached_runs(requests,
+                       lambda engine, b: make_engine(engine, loaded, max_batch=b))
 
-    def show(max_batch):
-        fig, axes = plt.subplots(len(engines), 1, figsize=(10, 3.2 * len(engines)), squeeze=False)
-        for ax, engine in zip(axes[:, 0], engines):
-            log = run(engine, max_batch)
+    def say(max_batch):
+        todo = [e for e in engines if not run.done(e, max_batch)]
+        if not todo:
+            return f"Drawing max_batch={max_batch} (run before) ..."
+        return (f"Running {_and(todo)} on {len(requests)} requests with max_batch={max_batch} "
+                f"(each setting runs once, then redraws from the cache) ...")
+
+    def compute(max_batch):
+        return [(e, run(e, max_batch)[1]) for e in engines]
+
+    def draw(logs, max_batch):
+        _, axes = plt.subplots(len(logs), 1, figsize=(10, 3.2 * len(logs)), squeeze=False)
+        for ax, (engine, log) in zip(axes[:, 0], logs):
             m = summarize(log)
-            plots.timeline(log, ax=ax, title=f"{engine}, max_batch={max_batch}: "
-                           f"{m['output_tokens_per_s']:.1f} tok/s, slot utilisation "
-                           f"{100 * m['slot_utilisation']:.0f}%")
+            line = (f"{engine}, max_batch={max_batch}: {m['output_tokens_per_s']:.1f} tok/s, "
+                    f"slot utilisation {100 * m['slot_utilisation']:.0f}%")
+            print(line)
+            plots.timeline(log, ax=ax, title=line)
         plt.tight_layout()
         plt.show()
 
-    return _pick(show, batch_sizes, "max_batch")
+    return _pick(compute, draw, say, batch_sizes, "max_batch")
 
 
 def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), block_size: int = 16,
                     max_batch: int = 8):
     """Pick a token budget (max_num_batched_tokens): run the chunked engine (once per budget,
     then cached) and see its steps and its worst decode stall."""
-
     from course_lib.engines import make_engine
     from course_lib.measure.metrics import summarize
 
-    @lru_cache(maxsize=None)
-    def run(budget):
-        return make_engine("continuous", loaded, max_batch=max_batch, block_size=block_size,
-                           max_num_batched_tokens=budget).run(requests)
+    run = _cached_runs(requests, lambda budget: make_engine(
+        "continuous", loaded, max_batch=max_batch, block_size=block_size,
+        max_num_batched_tokens=budget))
 
-    def show(budget):
-        log = run(budget)
+    def say(budget):
+        if run.done(budget):
+            return f"Drawing budget {budget} (run before) ..."
+        return (f"Running the chunked engine on {len(requests)} requests with a budget of "
+                f"{budget} tokens per step ...")
+
+    def compute(budget):
+        return run(budget)[1]
+
+    def draw(log, budget):
         m = summarize(log)
-        plots.step_composition(log, title=(
-            f"budget {budget} tokens/step: longest wait between two tokens "
-            f"{m['itl_s']['max']:.2f} s, TPOT p99 {1e3 * m['tpot_s']['p99']:.0f} ms, "
-            f"{m['output_tokens_per_s']:.1f} tok/s"))
+        line = (f"budget {budget} tokens/step: longest wait between two tokens "
+                f"{m['itl_s']['max']:.2f} s, TPOT p99 {1e3 * m['tpot_s']['p99']:.0f} ms, "
+                f"{m['output_tokens_per_s']:.1f} tok/s")
+        print(line)
+        plots.step_composition(log, title=line)
         plt.show()
 
-    return _pick(show, budgets, "budget")
+    return _pick(compute, draw, say, budgets, "budget")
 
 
 def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int = 8):
     """Pick a block size: run the paged engine (once per size, then cached) and see how much of
     the memory it reserves holds no token, and how many blocks it manages."""
-
     from course_lib.engines import make_engine
     from course_lib.measure.metrics import summarize
 
-    @lru_cache(maxsize=None)
-    def run(block_size):
-        engine = make_engine("continuous", loaded, max_batch=max_batch, block_size=block_size)
-        return engine, engine.run(requests)
+    run = _cached_runs(requests, lambda block_size: make_engine(
+        "continuous", loaded, max_batch=max_batch, block_size=block_size, trace_blocks=True))
 
-    def show(block_size):
-        engine, log = run(block_size)
+    def say(block_size):
+        if run.done(block_size):
+            return f"Drawing blocks of {block_size} tokens (run before) ..."
+        return (f"Running the paged engine on {len(requests)} requests with blocks of "
+                f"{block_size} tokens ...")
+
+    def compute(block_size):
+        return run(block_size)
+
+    def draw(ran, block_size):
+        engine, log = ran
         m = summarize(log)
-        plots.block_map(engine.block_trace, engine.cache.allocator.n_blocks, title=(
-            f"blocks of {block_size} tokens: {engine.cache.allocator.n_blocks} blocks, "
-            f"{100 * m['kv_waste']:.1f}% of the reserved places empty on average"))
+        line = (f"blocks of {block_size} tokens: {engine.cache.allocator.n_blocks} blocks, "
+                f"{100 * m['kv_waste']:.1f}% of the reserved places empty on average")
+        print(line)
+        plots.block_map(engine.block_trace, engine.cache.allocator.n_blocks, title=line)
         plt.show()
 
-    return _pick(show, sizes, "block size")
+    return _pick(compute, draw, say, sizes, "block size")
 
 
 def operating_point_explorer(run, rates, batches, ttft_slos):
@@ -127,14 +214,25 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
     from course_lib.engines.policies import SLO
     from course_lib.measure.tradeoffs import point, sweep
 
-    def show(rate, max_batch, ttft_slo):
+    def say(rate, max_batch, ttft_slo):
+        return (f"Simulating {rate} req/s with max_batch={max_batch}, with and without admission "
+                f"for a TTFT target of {ttft_slo} s, and the curve over {len(rates)} rates ...")
+
+    def compute(rate, max_batch, ttft_slo):
         slo = SLO(ttft_s=ttft_slo)
-        free, gated = run(rate, max_batch), run(rate, max_batch, slo)
-        for name, log, adm in (("admit everything", free, False), ("admission control", gated, True)):
+        for r in tqdm(rates, desc="rates", leave=False, delay=BAR_DELAY_S):
+            run(r, max_batch)
+        return slo, run(rate, max_batch), run(rate, max_batch, slo)
+
+    def draw(ran, rate, max_batch, ttft_slo):
+        slo, free, gated = ran
+        for name, log, adm in (("admit everything", free, False),
+                               ("admission control", gated, True)):
             p = point(log, rate, max_batch, slo, admission=adm)
-            print(f"{name:>18}: {p['tokens_per_s']:7.0f} tok/s, TTFT p50 {p['ttft_p50']:.3g} s / p99 "
-                  f"{p['ttft_p99']:.3g} s, TPOT p50 {1e3 * p['tpot_p50']:.1f} ms, refused {p['refused']}, "
-                  f"goodput {p['goodput_rps'] or 0:.2f} req/s ({100 * (p['attainment'] or 0):.0f}% within the SLO)")
+            print(f"{name:>18}: {p['tokens_per_s']:7.0f} tok/s, TTFT p50 {p['ttft_p50']:.3g} s / "
+                  f"p99 {p['ttft_p99']:.3g} s, TPOT p50 {1e3 * p['tpot_p50']:.1f} ms, refused "
+                  f"{p['refused']}, goodput {p['goodput_rps'] or 0:.2f} req/s "
+                  f"({100 * (p['attainment'] or 0):.0f}% within the SLO)")
         _, ax = plt.subplots(1, 2, figsize=(13, 4))
         plots.throughput_latency(sweep(run, rates, [max_batch]), ax=ax[0], latency="ttft_p50")
         here = point(free, rate, max_batch)
@@ -144,20 +242,27 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
         plots.queue_depth({"admit everything": free, "admission control": gated}, ax=ax[1])
         plt.show()
 
-    return _pick(show, rates, "rate (req/s)", max_batch=(batches, "max_batch"),
+    return _pick(compute, draw, say, rates, "rate (req/s)", max_batch=(batches, "max_batch"),
                  ttft_slo=(ttft_slos, "TTFT SLO (s)"))
 
 
 def ladder_explorer(result):
-    """Pick a rung of a ladder result (``course_lib.measure.ladder``) and see its steps over time."""
+    """Pick a rung of a ladder result (``course_lib.measure.ladder``) and see its steps over
+    time."""
     runs = {r["rung"]: r for r in result["runs"] if "error" not in r and r.get("steps")}
 
-    def show(rung):
-        r = runs[rung]
+    def say(rung):
+        return f"Drawing the stored steps of the {rung} rung ..."
+
+    def compute(rung):
+        return runs[rung]
+
+    def draw(r, rung):
         m = r["metrics"]
         print(f"{rung}: {m['output_tokens_per_s']:.0f} tok/s, {m['steps']} steps, "
-              f"step time p50 {1e3 * m['step_time_s']['p50']:.1f} ms, MBU {100 * (m['mbu'] or 0):.1f}%, "
-              f"preemptions {m.get('preemptions') or 0}")
+              f"step time p50 {1e3 * m['step_time_s']['p50']:.1f} ms, "
+              f"MBU {100 * (m['mbu'] or 0):.1f}%, preemptions {m.get('preemptions') or 0}")
         plots.run_steps(r, ax=plt.subplots(figsize=(10, 3.5))[1])
         plt.show()
-    return _pick(show, list(runs), "rung")
+
+    return _pick(compute, draw, say, list(runs), "rung")

@@ -1,0 +1,371 @@
+"""The sliders as a learner meets them: JupyterLab started as ``make lab`` starts it, in a real
+(headless) Chromium driven by Playwright. A notebook opens clean (the stored slider output is a
+one-line hint, the tab is not marked unsaved, no news pop-up), runs with Run All, and a moved
+slider's Run says what it computes, then shows the new setting's text and plot, as read from the
+page. Notebooks run from a temporary copy, so nothing here writes to notebooks/.
+
+Skipped, with the reason, where Playwright or Chromium is missing (``make test`` installs both
+when it can: Playwright with ``make venv``, Chromium with ``make browser``). The first tests
+check the stored notebooks without a browser.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from course_lib.lab import widgets
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIRS = (REPO_ROOT / "notebooks", REPO_ROOT / "assignments")
+EXPLORER_CALL = re.compile(r"^\w+_explorer\(", re.MULTILINE)
+REPRS = ("interactive(children=", "<function ")
+NEWS = "official Jupyter news"
+
+S = 1000  # Playwright's timeouts are in milliseconds
+
+
+def notebooks():
+    return sorted(p for d in NOTEBOOK_DIRS for p in d.glob("*.ipynb"))
+
+
+def _text(output) -> str:
+    text = output.get("text", "") or output.get("data", {}).get("text/plain", "")
+    return "".join(text) if isinstance(text, list) else text
+
+
+# ------------------------------------------------------------------ the stored notebooks
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_notebook_names_the_installed_kernel(path):
+    """JupyterLab rewrites a notebook's kernelspec that differs from the kernel it starts (here the
+    display name), which marks the notebook unsaved as soon as it opens."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    stored = json.loads(path.read_text())["metadata"]["kernelspec"]
+    spec = KernelSpecManager().get_kernel_spec(stored["name"])
+    assert stored == {"display_name": spec.display_name, "language": spec.language,
+                      "name": stored["name"]}
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_stored_slider_outputs_are_a_hint(path):
+    """A slider cell's stored output, where it has one, is the one-line hint (with or without the
+    widget's view); no output anywhere is a widget's or a function's repr."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    for cell in cells:
+        for out in cell.get("outputs", []):
+            assert not _text(out).startswith(REPRS), (path.name, _text(out)[:80])
+    for cell in (c for c in cells if EXPLORER_CALL.search("".join(c["source"]))):
+        for out in cell.get("outputs", []):
+            assert out["output_type"] == "execute_result", (path.name, out["output_type"])
+            assert _text(out) == widgets.HINT
+
+
+def _requests(n=5, max_new=6):
+    import torch
+
+    from course_lib.requests import Request
+
+    g = torch.Generator().manual_seed(0)
+    return [Request(f"r{i}", torch.randint(3, 1000, (3 + 2 * i,), generator=g).tolist(), max_new)
+            for i in range(n)]
+
+
+EXPLORERS = {  # an explorer on the tiny model, the value its first slider is set to, and what a
+    # click says while it runs and then shows
+    "engine": (lambda m, r: widgets.engine_explorer(m, r, ("static", "continuous"), (1, 2, 4)),
+               4, r"Running static and continuous on 5 requests with max_batch=4\b",
+               r"static, max_batch=4: [\d.]+ tok/s.*\ncontinuous, max_batch=4: [\d.]+ tok/s"),
+    "budget": (lambda m, r: widgets.budget_explorer(m, r, budgets=(16, 32, 64)), 32,
+               r"with a budget of 32 tokens per step", r"^budget 32 tokens/step: "),
+    "block size": (lambda m, r: widgets.block_size_explorer(m, r, sizes=(1, 4, 16)), 4,
+                   r"with blocks of 4 tokens", r"^blocks of 4 tokens: \d+ blocks, "),
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPLORERS))
+def test_a_click_says_what_runs_then_the_result_replaces_it(tiny, kind, capsys, monkeypatch):
+    """In the kernel, without a browser: the status line comes first and is cleared before the
+    result; a second click on the same setting draws from the cache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    make, value, running, result = EXPLORERS[kind]
+    ui = make(tiny, _requests())
+    bundle = ui._repr_mimebundle_()
+    assert bundle["text/plain"] == widgets.HINT
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    slider, button = ui.children[0], ui.children[-2]
+    assert button.description == widgets.RUN
+    slider.value = value
+    shown_before_clearing = []
+    monkeypatch.setattr(widgets, "clear_output",
+                        lambda wait=False: shown_before_clearing.append(capsys.readouterr().out))
+    for says in (running, r"Drawing .*\(run before\)"):  # the second: the same, cached
+        button.click()
+        assert len(shown_before_clearing) == 1, "the click did not get to its result"
+        said, shown = shown_before_clearing.pop(), capsys.readouterr().out
+        assert re.search(says, said, re.MULTILINE), said
+        assert re.search(result, shown, re.MULTILINE | re.DOTALL), shown
+        assert not re.search(says, shown, re.MULTILINE), "the status line was not replaced"
+        assert str(value) in plt_titles()
+
+
+def plt_titles() -> str:
+    import matplotlib.pyplot as plt
+
+    titles = " ".join(ax.get_title() for ax in plt.gcf().axes)
+    plt.close("all")
+    return titles
+
+
+def test_course_settings_turn_the_news_off():
+    overrides = json.loads((REPO_ROOT / "jupyter/settings/overrides.json").read_text())
+    assert overrides["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+    assert f"--LabApp.app_settings_dir={REPO_ROOT / 'jupyter/settings'}" in lab_command()
+
+
+# ------------------------------------------------------------------ JupyterLab in Chromium
+def lab_command() -> list[str]:
+    """The command line of ``make lab`` (its recipe printed by ``make -n``)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed: cannot read how `make lab` starts JupyterLab")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    dry = subprocess.run(["make", "-n", "-s", "lab"], cwd=REPO_ROOT, env=env, text=True,
+                         capture_output=True, check=True).stdout
+    lines = [ln.strip() for ln in dry.replace("\\\n", " ").splitlines()]
+    return shlex.split(next(ln for ln in lines if ln.startswith("jupyter lab")))
+
+
+def chromium() -> str:
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no Chromium found (as root, `make browser` installs it with apt-get; "
+                "or set CHROMIUM to a Chromium or Chrome executable)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(base: str, token: str, path: str, method: str = "GET"):
+    req = urllib.request.Request(f"{base}/api/{path}", method=method,
+                                 headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = r.read()
+    return json.loads(body) if body else None
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """JupyterLab (``make lab``'s command line) on a copy of the notebooks, with fresh user
+    settings; yields (base URL, token). Stops its kernels and itself afterwards."""
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (make venv)")
+    chromium()
+    with tempfile.TemporaryDirectory(prefix="course-browser-test-") as tmp:
+        yield from _serve(Path(tmp))
+
+
+def _serve(tmp: Path):
+    shutil.copytree(REPO_ROOT / "notebooks", tmp / "notebooks",
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    port, token = free_port(), "course-browser-test"
+    # make lab's command line, run where notebooks/ is the copy
+    cmd = [sys.executable, "-m", "jupyter", *lab_command()[1:], "--no-browser",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
+           f"--IdentityProvider.token={token}",
+           f"--LabApp.user_settings_dir={tmp / 'user-settings'}",
+           f"--LabApp.workspaces_dir={tmp / 'workspaces'}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    with open(tmp / "jupyter.log", "w") as log:
+        server = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp / "jupyter.log").read_text()[-3000:]
+            try:
+                api(base, token, "status")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "JupyterLab did not answer within 120 s"
+                time.sleep(0.5)
+        yield base, token
+    finally:
+        try:
+            for kernel in api(base, token, "kernels"):
+                api(base, token, f"kernels/{kernel['id']}", method="DELETE")
+        except OSError:
+            pass
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser(lab):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium(), headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Notebook:
+    """One notebook open in JupyterLab, driven as a learner drives it."""
+
+    def __init__(self, page, name):
+        self.page, self.name = page, name
+
+    def wait_idle(self, timeout_s: float):
+        self.page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
+                                    timeout=timeout_s * S)
+
+    def tab_dirty(self) -> bool:
+        tab = self.page.locator(".lm-TabBar-tab", has_text=self.name)
+        return "jp-mod-dirty" in (tab.get_attribute("class") or "")
+
+    def run_all(self, timeout_s: float):
+        """Run > Run All Cells; returns once the slider cell has run and no cell is queued."""
+        page = self.page
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+        page.wait_for_function(
+            """() => document.querySelector('.widget-interact') &&
+                ![...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+                    .some(e => e.textContent.includes('*'))""",
+            timeout=timeout_s * S, polling=500)
+        self.wait_idle(timeout_s)
+
+
+class Slider:
+    """The slider cell's widget: its sliders, Run button and output area."""
+
+    def __init__(self, page):
+        self.page = page
+        self.box = page.locator(".widget-interact").first
+        self.out = self.box.locator(".widget-output")
+
+    def move(self, index: int, steps: int) -> str:
+        handle = self.box.locator(".noUi-handle").nth(index)
+        handle.focus()
+        for _ in range(abs(steps)):
+            self.page.keyboard.press("ArrowRight" if steps > 0 else "ArrowLeft")
+        return self.box.locator(".widget-readout").nth(index).inner_text()
+
+    def click_run(self):
+        self.box.get_by_role("button", name=widgets.RUN, exact=True).click()
+
+    def text(self) -> str:
+        return self.out.inner_text()
+
+    def image(self) -> str:
+        return self.out.locator("img").first.get_attribute("src")
+
+    def wait_text(self, pattern: str, timeout_s: float):
+        self.page.wait_for_function(
+            "([el, re]) => new RegExp(re, 'm').test(el.innerText)", arg=[self.out.element_handle(),
+                                                                    pattern],
+            timeout=timeout_s * S, polling="raf")
+
+
+# name, slider moves (index, steps), what the output says while computing and after, for the
+# new setting; the readout expected after the move.
+CASES = {
+    "01_memory_bound_inference.ipynb": {
+        "move": (0, +1), "readout": "4", "running": r"Timing one decode step at B=16\b",
+        "result": r"^B=16: step [\d.]+ ms", "bar": False, "cold": r"^B=8: step"},
+    "04_continuous_batching.ipynb": {
+        "move": (0, +1), "readout": "16",
+        "running": r"Running static and continuous .* max_batch=16\b",
+        "result": (r"static, max_batch=16: [\d.]+ tok/s[\s\S]*"
+                   r"continuous, max_batch=16: [\d.]+ tok/s"),
+        "bar": True, "cold": r"continuous, max_batch=8: [\d.]+ tok/s"},
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_slider_in_the_browser(lab, browser, name):
+    base, token = lab
+    case = CASES[name]
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    timings = {}
+    try:
+        t0 = time.monotonic()
+        page.goto(f"{base}/lab/tree/{name}?reset&token={token}")
+        nb = Notebook(page, name)
+        nb.wait_idle(120)
+        # opens clean: the stored slider output is the hint, no repr, not marked unsaved, no news
+        # (JupyterLab attaches the cells over a few seconds)
+        page.wait_for_function(
+            "hint => document.querySelector('.jp-Notebook').textContent.includes(hint)",
+            arg=widgets.HINT, timeout=60 * S, polling=500)
+        page.wait_for_timeout(2 * S)
+        text = page.locator(".jp-Notebook").text_content()
+        assert not any(r in text for r in REPRS)
+        assert not nb.tab_dirty(), "the notebook is marked unsaved before anything ran"
+        assert page.get_by_text(NEWS).count() == 0, "the Jupyter news pop-up is shown"
+        timings["open"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        nb.run_all(timeout_s=1200)
+        timings["run all"] = time.monotonic() - t0
+        tracebacks = [t for t in page.locator(".jp-OutputArea-output").all_inner_texts()
+                      if "Traceback" in t]
+        assert not tracebacks, tracebacks[0][-2000:]
+
+        slider = Slider(page)
+        slider.box.wait_for(timeout=30 * S)
+        assert slider.text().strip() == "", "the slider ran before its button was clicked"
+
+        # Run at the stored setting, then move the slider and Run again
+        t0 = time.monotonic()
+        slider.click_run()
+        slider.wait_text(case["cold"], 600)
+        timings["first run"] = time.monotonic() - t0
+        before = slider.image()
+        assert before, "no plot after the first Run"
+
+        index, steps = case["move"]
+        assert slider.move(index, steps) == case["readout"]
+        t0 = time.monotonic()
+        slider.click_run()
+        slider.wait_text(case["running"], 30)
+        timings["says what runs"] = time.monotonic() - t0
+        if case["bar"]:
+            slider.out.locator(".progress-bar").first.wait_for(timeout=30 * S)
+        slider.wait_text(case["result"], 600)
+        timings["new setting"] = time.monotonic() - t0
+        slider.page.wait_for_function(
+            "([el, src]) => { const i = el.querySelector('img'); return i && i.src != src; }",
+            arg=[slider.out.element_handle(), before], timeout=30 * S)
+        assert not re.search(case["running"], slider.text()), "the status line stayed"
+        assert not re.search(case["cold"], slider.text()), "the old setting's text stayed"
+        assert slider.out.locator("img").count() == 1
+    finally:
+        print(f"\n{name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+        page.close()
