@@ -128,7 +128,7 @@ def test_every_documented_option_is_taken_and_others_are_named():
         assert REGISTRY[name].cls is PagedEngine
         e = make_engine(name, LOADED, model=FakeLlama(), overlap=False, watermark=0.1,
                         max_num_batched_tokens=32, block_size=4, num_blocks=50)
-        assert e.name == name and e.overlap is False and e.watermark == 0.1
+        assert e.name == name and e.overlap is False and e.watermark.fraction == 0.1
     e = make_engine("continuous", LOADED, model=FakeLlama(), overlap=False)   # not a TypeError
     assert isinstance(e, PagedEngine) and e.name == "chunked"
     with pytest.raises(EngineOptionError, match="'static' does not take 'block_size', 'fused'"):
@@ -140,10 +140,12 @@ def test_every_documented_option_is_taken_and_others_are_named():
 def test_each_engine_has_its_chapters_defaults_on_the_cpu():
     chunked, paged, fast = (make_engine(n, LOADED, model=FakeLlama()) for n in (
         "chunked", "paged", "fast"))
-    assert (chunked.budget, chunked.attention, chunked.num_blocks) == (2048, "gather", None)
-    assert (paged.budget, paged.attention) == (None, "gather")
-    assert (fast.budget, fast.attention, fast.cuda_graphs, fast.fused, fast.overlap) == (
-        16384, "kernel", False, False, False)
+    assert (chunked.max_num_batched_tokens, chunked.attention, chunked.num_blocks) == (
+        2048, "gather", None)
+    assert (paged.max_num_batched_tokens, paged.attention) == (None, "gather")
+    run = fast.runner
+    assert (fast.max_num_batched_tokens, run.attention, run.cuda_graphs, run.fused, run.overlap) \
+        == (16384, "kernel", False, False, False)
 
 
 @pytest.mark.parametrize("options,name", [

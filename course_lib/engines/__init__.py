@@ -160,10 +160,11 @@ def engine_settings(engine) -> dict:
     """The settings an engine resolved, as a result records them (the paged engine's budget,
     blocks, attention and chapter 09 switches; the vllm engine's own record; else nothing)."""
     if isinstance(engine, PagedEngine):
-        out = {"max_num_batched_tokens": engine.budget, "block_size": engine.block_size,
-               "attention": engine.attention, "cuda_graphs": bool(engine.cuda_graphs),
-               "fused": bool(engine.fused), "overlap": bool(engine.overlap),
-               "watermark": engine.watermark}
+        run = engine.runner
+        out = {"max_num_batched_tokens": engine.max_num_batched_tokens,
+               "block_size": engine.block_size, "attention": run.attention,
+               "cuda_graphs": bool(run.cuda_graphs), "fused": bool(run.fused),
+               "overlap": bool(run.overlap), "watermark": engine.watermark.fraction}
         if engine.num_blocks is not None:
             out["num_blocks"] = engine.num_blocks
         return out
