@@ -62,8 +62,8 @@ def test_settings_that_cannot_work_are_named(option, value):
         engine(max_batch=2, **{option: value})
 
 
-def test_paged_options_belong_to_the_continuous_engine():
-    with pytest.raises(ValueError, match="continuous"):
+def test_paged_options_belong_to_the_paged_engines():
+    with pytest.raises(ValueError, match="engine 'static' does not take 'block_size'"):
         make_engine("static", LOADED, model=FakeLlama(), max_batch=2, block_size=16)
 
 

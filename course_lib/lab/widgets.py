@@ -153,7 +153,7 @@ def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), bloc
     from course_lib.measure.metrics import summarize
 
     run = _cached_runs(requests, lambda budget: make_engine(
-        "continuous", loaded, max_batch=max_batch, block_size=block_size,
+        "chunked", loaded, max_batch=max_batch, block_size=block_size,
         max_num_batched_tokens=budget))
 
     def say(budget):
@@ -184,7 +184,7 @@ def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int =
     from course_lib.measure.metrics import summarize
 
     run = _cached_runs(requests, lambda block_size: make_engine(
-        "continuous", loaded, max_batch=max_batch, block_size=block_size, trace_blocks=True))
+        "paged", loaded, max_batch=max_batch, block_size=block_size, trace_blocks=True))
 
     def say(block_size):
         if run.done(block_size):
