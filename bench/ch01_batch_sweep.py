@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from bench import command
-from course_lib.model import models
-from course_lib.measure import roofline
 from course_lib.bench import save_result
+from course_lib.measure import roofline
+from course_lib.model import models
 from course_lib.model.llama import Llama
 
 

@@ -12,12 +12,12 @@ import sys
 import torch
 
 from bench import command
-from course_lib.model import models
 from course_lib.bench import save_result
 from course_lib.engines import make_engine
-from course_lib.requests import chat_workload, poisson_arrivals
 from course_lib.measure.roofline import measure_peaks
 from course_lib.measure.tradeoffs import point
+from course_lib.model import models
+from course_lib.requests import chat_workload, poisson_arrivals
 
 
 def main(argv=None):

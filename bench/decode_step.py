@@ -9,10 +9,10 @@ must read) / time / measured copy bandwidth.
 import argparse
 import copy
 import dataclasses
-from dataclasses import asdict
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch

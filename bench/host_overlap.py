@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from bench import command
-from course_lib.model import models
 from course_lib.bench import gpu_waits, save_result
 from course_lib.engines import make_engine
-from course_lib.model.llama import LlamaShape
 from course_lib.measure.ladder import parse_rung, rung_settings
 from course_lib.measure.metrics import host_summary, host_table
+from course_lib.model import models
+from course_lib.model.llama import LlamaShape
 from course_lib.requests import load_workload
 
 

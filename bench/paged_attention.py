@@ -96,7 +96,8 @@ def case(name, cached, new, block_size, dtype, device, repeat, peak_bw):
         write_cache(cache, 0, attn.slots, k, v)                    # the new K, V in place, as the others
         tables = cache.table_tensor(range(len(seqs)), device)
         lengths = torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32, device=device)
-        run = lambda: paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size)
+        def run():
+            return paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size)
         outs["triton"] = run().float()
         row["triton_s"] = timed(run, device, repeat)
         row["triton_bandwidth_share"] = kv_bytes / row["triton_s"] / peak_bw

@@ -107,8 +107,8 @@ def main(argv=None):
     p.add_argument("--gathered-options", default="",
                    help="kernel_options of the gathered prefill, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
     a = p.parse_args(argv)
-    from course_lib.model import attention
     from course_lib.kernels import paged_decode
+    from course_lib.model import attention
     if a.gathered_options:      # given: these alone ('default': FlexAttention's own)
         GatheredFlexAttention.kernel_options = parse_knobs(a.gathered_options.replace("default", ""))
     paged_decode.TUNING.update(parse_knobs(a.knobs))

@@ -13,9 +13,9 @@ import argparse
 import sys
 
 from bench import command
-from course_lib.model import models
 from course_lib.bench import save_result
 from course_lib.measure.ladder import run_ladder
+from course_lib.model import models
 
 DEFAULT = ["sequential", "static", "dynamic", "continuous", "hf-generate", "hf-cb"]
 

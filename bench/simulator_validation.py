@@ -25,7 +25,8 @@ def main(argv=None):
     p.add_argument("--predict", nargs="+", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    load = lambda paths: [r for x in paths for r in runs_in(json.loads(Path(x).read_text()))]
+    def load(paths):
+        return [r for x in paths for r in runs_in(json.loads(Path(x).read_text()))]
     fit, held_out = load(a.fit), load(a.predict)
     book = CostBook.fit(fit)
     rows = [{**validate(book, r), "in_fit": r in fit}

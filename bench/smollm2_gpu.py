@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from bench import command
-from course_lib.model import models
 from course_lib.bench import bench, describe, save_result
+from course_lib.model import models
 from course_lib.requests import chat_workload
 
 

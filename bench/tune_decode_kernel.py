@@ -16,12 +16,12 @@ import torch
 
 from bench import command
 from bench.decode_step import decoding_cache, events_ms
-from course_lib.model import models
 from course_lib.bench import save_result
-from course_lib.model.kv_cache import kv_bytes_per_token
-from course_lib.model.llama import LlamaShape
 from course_lib.kernels.paged_decode import BLOCK_N, PROGRAMS, TRITON_LAUNCH, paged_decode
 from course_lib.measure.roofline import measure_peaks
+from course_lib.model import models
+from course_lib.model.kv_cache import kv_bytes_per_token
+from course_lib.model.llama import LlamaShape
 
 
 def time_ms(fn, repeat=30):

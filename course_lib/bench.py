@@ -30,14 +30,14 @@ from pathlib import Path
 
 import torch
 
-from course_lib.model import models
 from course_lib.engines import REGISTRY, EngineOptionError, engine_settings, make_engine, resolve
 from course_lib.engines.policies import SLO
 from course_lib.engines.vllm import EngineUnavailable
-from course_lib.model.llama import LlamaShape
 from course_lib.measure.metrics import request_rows, step_rows, summarize
-from course_lib.requests import RequestError, WorkloadError, load_workload, poisson_arrivals
 from course_lib.measure.roofline import NvmlSampler, measure_peaks
+from course_lib.model import models
+from course_lib.model.llama import LlamaShape
+from course_lib.requests import RequestError, WorkloadError, load_workload, poisson_arrivals
 
 
 def versions() -> dict:
@@ -193,9 +193,10 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         device_type, nvml_mean, step_source = torch.device(device).type, nvml.mean, log.step_source
         options.update(engine_settings(runner))      # the settings as the engine resolved them
     else:
-        from course_lib.measure.roofline import Peaks
         from course_lib.measure.costmodel import StepCost
-        from course_lib.measure.simulator import CostBook, simulate as run_simulated
+        from course_lib.measure.roofline import Peaks
+        from course_lib.measure.simulator import CostBook
+        from course_lib.measure.simulator import simulate as run_simulated
         cost = simulate if isinstance(simulate, (StepCost, CostBook)) else CostBook.load(simulate)
         if isinstance(cost, CostBook):
             cost = cost.for_run(engine, engine_options)

@@ -3,13 +3,13 @@ step cost, so the tests are exact and fast: what the controller predicts is what
 import json
 
 import pytest
+from test_simulator import SHAPE, flat_cost
 
 from course_lib import bench
 from course_lib.engines.policies import SLO, AdmissionController, StepTimeModel
 from course_lib.measure.metrics import RequestRecord, RunLog, Step, goodput, queue_depth, summarize
-from course_lib.requests import Request, poisson_arrivals
 from course_lib.measure.simulator import CostBook, simulate
-from test_simulator import SHAPE, flat_cost
+from course_lib.requests import Request, poisson_arrivals
 
 COST = flat_cost(0.01, per_row=0.002)          # a step: 10 ms + 2 ms per sequence in it
 

@@ -5,12 +5,12 @@ its last owner."""
 import copy
 
 import pytest
+from fakes import FakeLlama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from course_lib.engines.block_manager import BlockAllocator, BlockManager, OutOfBlocks
 from course_lib.model.kv_cache import PagedKVCache
-from fakes import FakeLlama
 
 ops = st.lists(st.tuples(st.sampled_from(["grow", "release"]), st.integers(0, 5),
                          st.integers(1, 40)), max_size=60)

@@ -1,10 +1,10 @@
 """The packed, chunked, paged continuous engine (chapters 05-07), on the fake model."""
 import pytest
+from fakes import LOADED, FakeLlama, req
 
 from course_lib.engines import make_engine
 from course_lib.model.kv_cache import kv_bytes_per_token
 from course_lib.requests import Request
-from fakes import LOADED, FakeLlama, req
 
 
 def engine(**options):
@@ -83,9 +83,10 @@ def test_blocks_follow_the_tokens():
 
 
 def test_paging_wastes_less_memory_than_full_rows():
+    from fakes import make_engine as make_padded
+
     from course_lib.engines import ContinuousEngine
     from course_lib.measure.metrics import summarize
-    from fakes import make_engine as make_padded
     rs = [Request(f"r{i}", [7] * 5 + [3 + 4 * i], max_new_tokens=60) for i in range(6)]
     rows = summarize(make_padded(ContinuousEngine, 3).run(rs))
     paged = summarize(engine(max_batch=3, block_size=4).run(rs))

@@ -131,6 +131,7 @@ def test_bench_cli_writes_the_contract(tmp_path, tiny, monkeypatch):
 
 def test_request_ids_must_be_unique():
     from fakes import LOADED, FakeLlama, req
+
     from course_lib.engines import make_engine
     e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=2)
     with pytest.raises(ValueError, match="'a' appears more than once"):

@@ -8,21 +8,21 @@ from collections import Counter
 
 import pytest
 import torch
+from fakes import LOADED, FakeLlama
 
-from course_lib.model import models
-from course_lib.lab import plots, widgets
 from course_lib.bench import gpu_waits
-from course_lib.kernels.cuda_graphs import DecodeGraphs, batch_buckets
 from course_lib.engines import make_engine
 from course_lib.engines.block_manager import BlockManager
-from course_lib.measure.ladder import label, ordered, parse_rung, run_ladder, table, time_split
-from course_lib.model.llama import LlamaShape
-from course_lib.measure.metrics import RunLog, Step, summarize
+from course_lib.kernels.cuda_graphs import DecodeGraphs, batch_buckets
+from course_lib.lab import plots, widgets
 from course_lib.lab.nbtools import RESULTS, load_result
-from course_lib.requests import Request, load_workload
+from course_lib.measure.ladder import label, ordered, parse_rung, run_ladder, table, time_split
+from course_lib.measure.metrics import RunLog, Step, summarize
 from course_lib.measure.roofline import Peaks, attended_pairs, step_work, workload_floor
+from course_lib.model import models
+from course_lib.model.llama import LlamaShape
 from course_lib.model.sampling import sample
-from fakes import LOADED, FakeLlama
+from course_lib.requests import Request, load_workload
 
 
 def test_greedy_sampling_is_argmax_and_temperature_follows_the_softmax():
@@ -266,8 +266,8 @@ def test_load_result_reads_gzipped_earlier_runs(tmp_path, monkeypatch):
 
 def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
     from course_lib.engines import ENGINES
-    from course_lib.measure.ladder import LADDER_09, SHORT_09, parse_rung
     from course_lib.lab.nbtools import ROOT, load_result
+    from course_lib.measure.ladder import LADDER_09, SHORT_09, parse_rung
     settings = {"rows": 2**31, "big": 512, "max_num_batched_tokens": 2048, "max_batch": 64}
     for spec in LADDER_09:
         name, engine, max_batch, options = parse_rung(spec, settings)
@@ -280,8 +280,8 @@ def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
 
 
 def test_the_ratio_to_quote_is_to_the_fastest_hf_cb():
-    from course_lib.measure.ladder import fastest_peer, table
     from course_lib.lab.nbtools import load_result
+    from course_lib.measure.ladder import fastest_peer, table
 
     def run(rung, tps, **extra):
         m = {"output_tokens_per_s": tps, "mbu": 0, "mfu": 0, "nvml_gpu_util": None,
@@ -476,8 +476,8 @@ def test_every_prompt_step_of_the_fast_rung_has_a_precompiled_shape(budget, shap
     starts (``GatheredFlexAttention.precompile``); a step of another shape would compile inside
     the timed run and stall it for seconds. On chapter 09's workload, at the ladder's budgets, every
     prompt step must have a precompiled shape, chunks after earlier chunks included."""
-    from course_lib.model.attention import GatheredFlexAttention
     from course_lib.engines.paged import PagedEngine
+    from course_lib.model.attention import GatheredFlexAttention
     engine = PagedEngine(LOADED, max_batch=96, block_size=16, num_blocks=8192, attention="kernel",
                          max_num_batched_tokens=budget, model=FakeLlama(), trace_blocks=False)
     GatheredFlexAttention.precompile(engine.new_cache([]), budget, FakeLlama.shape, torch.float32)
@@ -493,8 +493,8 @@ def test_a_cache_too_small_for_a_bucket_s_tokens_still_has_its_shapes_precompile
     prompts together (1,231 tokens: the 2048 bucket), where the same step took 24 ms right after.
     Its cache, sized for those requests, could not hold a bucket's tokens twice over, and
     precompiling used to stop there. Shapes need no real tokens: every step must find its own."""
-    from course_lib.model.attention import GatheredFlexAttention
     from course_lib.engines.paged import PagedEngine
+    from course_lib.model.attention import GatheredFlexAttention
     reqs = [Request(f"r{i}", [7] * 37 + [12], max_new_tokens=64) for i in range(32)]
     engine = PagedEngine(LOADED, max_batch=32, block_size=16, attention="kernel", model=FakeLlama(),
                          trace_blocks=False)

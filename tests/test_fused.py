@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from course_lib.model import models
 from course_lib.engines.block_manager import BlockManager
+from course_lib.model import models
 from course_lib.model.llama import REFERENCE_OPS, Llama, add_rms_norm, rms_norm
 
 

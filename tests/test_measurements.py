@@ -6,9 +6,9 @@ import torch
 matplotlib.use("Agg")
 
 from course_lib.lab import plots
+from course_lib.lab.nbtools import stored_results  # noqa: E402
 from course_lib.measure import roofline  # noqa: E402
 from course_lib.model.llama import Llama  # noqa: E402
-from course_lib.lab.nbtools import stored_results  # noqa: E402
 
 PEAKS = roofline.Peaks("test device", "float32", bandwidth=1e10, flops=1e11, method="made up")
 

@@ -3,10 +3,10 @@ import math
 
 import pytest
 
-from course_lib.model import models
-from course_lib.model.llama import LlamaShape
 from course_lib.measure.metrics import RequestRecord, RunLog, Step, percentiles, summarize
 from course_lib.measure.roofline import Peaks, matmul_params_per_token, step_work, weight_bytes
+from course_lib.model import models
+from course_lib.model.llama import LlamaShape
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 and the layouts and masks it builds (the bookkeeping's own tests: test_block_manager.py)."""
 import pytest
 import torch
+from fakes import FakeLlama
 
 from course_lib.engines.block_manager import BlockManager
 from course_lib.engines.model_runner import ATTENTION
@@ -9,7 +10,6 @@ from course_lib.model.attention import block_diagonal_causal
 from course_lib.model.kv_cache import PagedKVCache
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import chat_workload
-from fakes import FakeLlama
 
 SHAPE = FakeLlama.shape
 
@@ -109,7 +109,7 @@ def test_the_gathered_flex_mask_lists_every_visible_pair_and_full_tiles_are_whol
     visible key: every (query, key) pair of the block-diagonal causal rule lies in a listed tile,
     a tile listed as full has every pair visible, padding sees nothing, and tiles are skipped.
     Then its output equals the gather reference's, blocks scattered over the cache."""
-    from course_lib.model.attention import GatheredFlexAttention, PagedAttention, TILE
+    from course_lib.model.attention import TILE, GatheredFlexAttention, PagedAttention
     cache, shape = scattered_cache(block_size), WIDE
     seqs = [("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("a", cache.lengths["a"] - 1, 1), ("f", 0, 700)]
     attn = GatheredFlexAttention(cache, seqs)

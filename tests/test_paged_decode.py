@@ -12,8 +12,14 @@ import sys
 import pytest
 import torch
 
-from course_lib.kernels.paged_decode import (SELFCHECK_SHAPE, DecodeAttention, n_splits,
-                                             paged_decode_reference, random_decode_step, selfcheck)
+from course_lib.kernels.paged_decode import (
+    SELFCHECK_SHAPE,
+    DecodeAttention,
+    n_splits,
+    paged_decode_reference,
+    random_decode_step,
+    selfcheck,
+)
 from course_lib.model.attention import PagedAttention
 
 SHAPE = SELFCHECK_SHAPE

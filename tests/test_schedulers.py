@@ -1,10 +1,10 @@
 """The scheduling rules of the static, dynamic and continuous engines, checked step by step with
 a fake model (no weights: milliseconds)."""
 import pytest
+from fakes import make_engine, req
 
 from course_lib.engines import ContinuousEngine, DynamicEngine, StaticEngine
 from course_lib.requests import Request
-from fakes import make_engine, req
 
 ENGINES = [StaticEngine, DynamicEngine, ContinuousEngine]
 
@@ -44,7 +44,8 @@ def test_static_runs_each_batch_until_its_longest_request_is_done():
 def test_continuous_wastes_no_slots_where_static_does():
     static = make_engine(StaticEngine, 3).run(seed_requests())
     cont = make_engine(ContinuousEngine, 3).run(seed_requests())
-    util = lambda log: sum(s.useful for s in log.steps) / sum(s.slots for s in log.steps)
+    def util(log):
+        return sum(s.useful for s in log.steps) / sum(s.slots for s in log.steps)
     assert util(cont) == 1.0
     # static, batch 1: 9 prompt slots, then 7 decode steps x 3 rows of which 2 + 7 + 3 useful;
     # batch 2: 6 prompt slots, 4 decode steps x 2 rows, all useful

@@ -11,11 +11,11 @@ from transformers import LlamaConfig
 
 from course_lib import bench
 from course_lib.engines import make_engine
-from course_lib.model.llama import LlamaShape
-from course_lib.measure.metrics import summarize
-from course_lib.requests import Request, chat_workload, poisson_arrivals
 from course_lib.measure.costmodel import FEATURES, StepCost, features, nonnegative_fit
+from course_lib.measure.metrics import summarize
 from course_lib.measure.simulator import CostBook, path_of, simulate
+from course_lib.model.llama import LlamaShape
+from course_lib.requests import Request, chat_workload, poisson_arrivals
 
 SHAPE = LlamaShape.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from course_lib.engines.runner import Row
 from course_lib.engines.padded import PaddedEngine, Seq
+from course_lib.engines.runner import Row
 
 
 def admit(queue: deque, free: list, now: float) -> list:

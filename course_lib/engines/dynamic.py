@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from course_lib.engines.runner import Row
 from course_lib.engines.padded import PaddedEngine, Seq
+from course_lib.engines.runner import Row
 
 
 def fits(prompt_len: int, max_new_tokens: int, cursor: int, cache_len: int) -> bool:

@@ -16,10 +16,10 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
+from course_lib.engines.base import Engine
+from course_lib.engines.runner import left_pad
 from course_lib.measure.metrics import Step
 from course_lib.measure.roofline import attended_pairs
-from course_lib.engines.runner import left_pad
-from course_lib.engines.base import Engine
 
 
 class _WarmupFailures(logging.Handler):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from course_lib.model.llama import Llama
+from course_lib.engines.base import Engine
+from course_lib.engines.runner import PaddedRunner
 from course_lib.measure.metrics import Step
 from course_lib.measure.roofline import attended_pairs
-from course_lib.engines.runner import PaddedRunner, Row
-from course_lib.engines.base import Engine
+from course_lib.model.llama import Llama
 
 
 @dataclass

@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from course_lib.measure.roofline import attended_pairs
 from course_lib.measure.costmodel import StepCost, features
+from course_lib.measure.roofline import attended_pairs
 
 ONLINE = SimpleNamespace(device="online", bandwidth=float("inf"), flops=float("inf"))
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from course_lib.engines.base import Engine
+from course_lib.measure.metrics import Step
+from course_lib.measure.roofline import attended_pairs
 from course_lib.model.attention import PaddedAttention
 from course_lib.model.kv_cache import ContiguousKVCache
 from course_lib.model.llama import Llama
-from course_lib.measure.metrics import Step
-from course_lib.measure.roofline import attended_pairs
-from course_lib.engines.base import Engine
 
 
 class SequentialEngine(Engine):

@@ -32,9 +32,10 @@ import json
 
 import torch
 
-from course_lib.model.llama import ElementwiseOps
+from course_lib.model.llama import ElementwiseOps, rope_cos_sin, rope_frequencies
 from course_lib.model.llama import add_rms_norm as add_rms_norm_reference
-from course_lib.model.llama import rope_cos_sin, rope_frequencies, rope_qk as rope_qk_reference, silu_mul as silu_mul_reference
+from course_lib.model.llama import rope_qk as rope_qk_reference
+from course_lib.model.llama import silu_mul as silu_mul_reference
 
 try:                                   # Triton ships with CUDA builds of PyTorch
     import triton

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import json
 import os
-
 from functools import cached_property
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from course_lib.model.attention import (GatheredFlexAttention, PagedAttention, cu_seqlens,
-                                        write_cache)
+from course_lib.model.attention import (
+    GatheredFlexAttention,
+    PagedAttention,
+    cu_seqlens,
+    write_cache,
+)
 from course_lib.model.kv_cache import PagedKVCache, to_device
 from course_lib.model.llama import LlamaShape
 

@@ -349,6 +349,7 @@ def check_tile_slots(fn):
     """``fn(table, start, block_n, block_size, end)`` -> ``(slots, valid)``: the cache slots of
     tokens ``start .. start + block_n - 1`` of a sequence (one iteration of the decode kernel)
     and which of them are real (``< end``); masked-off entries may hold anything."""
+    from course_lib.engines.block_manager import BlockManager
     from course_lib.model.kv_cache import PagedKVCache
     from course_lib.model.llama import LlamaShape
     rng = random.Random()
@@ -441,6 +442,7 @@ def check_tiles_to_read(fn):
     ``GatheredFlexAttention``). Checked against every (query, key) pair of the rule, and against
     the block mask the engine lists (its partial tiles plus its full ones)."""
     import numpy as np
+
     from course_lib.model.attention import GatheredFlexAttention
     for seed in range(6):
         rng = random.Random(seed)

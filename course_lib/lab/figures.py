@@ -13,11 +13,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from course_lib.model import models
 from course_lib.lab import plots
-from course_lib.measure import roofline  # noqa: E402
-from course_lib.model.llama import Llama  # noqa: E402
 from course_lib.lab.nbtools import load_result, stored_results  # noqa: E402
+from course_lib.measure import roofline  # noqa: E402
+from course_lib.model import models
+from course_lib.model.llama import Llama  # noqa: E402
 
 VIS = Path(__file__).resolve().parents[2] / "vis"
 

@@ -22,11 +22,11 @@ import traceback
 import torch
 
 from course_lib.bench import bench, describe
+from course_lib.measure.metrics import steps_of
+from course_lib.measure.roofline import measure_peaks, workload_floor
 from course_lib.model.kv_cache import kv_bytes_per_token
 from course_lib.model.llama import LlamaShape
-from course_lib.measure.metrics import steps_of
 from course_lib.requests import load_workload
-from course_lib.measure.roofline import measure_peaks, workload_floor
 
 RUNGS = {   # engine -> its options on the ladder ("rows": the rows' KV memory; "big": big_batch;
             # "max_num_batched_tokens": the ladder's budget). Every option is said, so that a

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from course_lib.model.kv_cache import kv_bytes_per_token
 from course_lib.measure.roofline import step_work
+from course_lib.model.kv_cache import kv_bytes_per_token
 
 
 @dataclass

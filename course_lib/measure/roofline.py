@@ -67,11 +67,16 @@ def time_fn(fn, device, repeat: int = 10, warmup: int = 2) -> float:
     if torch.device(device).type == "cuda":
         for _ in range(repeat):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); fn(); b.record(); b.synchronize()
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
     else:
         for _ in range(repeat):
-            t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
@@ -81,7 +86,6 @@ def _measure(device, dtype) -> Peaks:
     src = torch.randn(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
     t_copy = time_fn(lambda: dst.copy_(src), device, repeat=20 if cuda else 5)
-    del src, dst
     n = 8192 if cuda else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -257,7 +261,8 @@ def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int 
         return model.logits(hidden[:, -1]).argmax(-1)       # the next token of every sequence
 
     if not graph:
-        step = lambda: forward(PaddedAttention(cache, range(batch), start, write_at, n_cols))
+        def step():
+            return forward(PaddedAttention(cache, range(batch), start, write_at, n_cols))
     else:
         if torch.device(dev).type != "cuda":
             raise ValueError("graph=True needs a CUDA device")
@@ -272,9 +277,7 @@ def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int 
         with torch.cuda.graph(g):
             forward(attn)
         step = g.replay
-    seconds = time_fn(step, dev, repeat=repeat, warmup=warmup)
-    del cache
-    return seconds
+    return time_fn(step, dev, repeat=repeat, warmup=warmup)
 
 
 def step_row(model, peaks, batch: int, context: int, new_tokens: int, seconds: float,

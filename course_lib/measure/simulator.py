@@ -38,10 +38,10 @@ from types import SimpleNamespace
 
 import torch
 
+from course_lib.measure.costmodel import StepCost, features, run_name
 from course_lib.model.attention import cu_seqlens
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import Request
-from course_lib.measure.costmodel import StepCost, features, run_name
 
 PATHS = ("padded", "gather", "flex", "kernel")
 
@@ -50,7 +50,7 @@ def path_of(engine: str, options: dict | None, cuda: bool = False) -> str:
     """Which implementation a run takes, by its attention backend: ``padded`` (sequential,
     static, dynamic, continuous with rows), else the paged engine's attention as recorded, or
     the engine's default (on CUDA if ``cuda``) where none is."""
-    from course_lib.engines import PagedEngine, REGISTRY, resolve
+    from course_lib.engines import REGISTRY, PagedEngine, resolve
     options = {k: v for k, v in (options or {}).items() if k not in ("model",)}
     _, spec, given = resolve(engine, options)
     if spec.cls is not PagedEngine:

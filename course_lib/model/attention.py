@@ -13,8 +13,6 @@ kernel (``DecodeAttention``) and splits a step between the two (``KernelPagedAtt
 """
 from __future__ import annotations
 
-from functools import cached_property
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -115,7 +113,8 @@ class PagedAttention:
             q_seq += [i] * new
             k_seq += [i] * (cached + new)
             k_pos += range(cached + new)
-        t = lambda x: torch.tensor(x, device=device)
+        def t(x):
+            return torch.tensor(x, device=device)
         self.positions, self.slots, self.read = t(pos), t(slots), t(read)
         self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
         self.mask = block_diagonal_causal(t(q_seq), self.positions, t(k_seq), t(k_pos))
@@ -145,6 +144,7 @@ def flex_attention(*args, **kwargs):
     """``torch.nn.attention.flex_attention``: on CUDA compiled into fused Triton kernels, one per
     query-length bucket (static shapes); on the CPU the unfused reference, which the tests use."""
     import warnings
+
     from torch.nn.attention.flex_attention import flex_attention as flex
     if args[0].device.type == "cuda":
         if "cuda" not in _compiled:
