@@ -349,6 +349,7 @@ def check_tile_slots(fn):
     """``fn(table, start, block_n, block_size, end)`` -> ``(slots, valid)``: the cache slots of
     tokens ``start .. start + block_n - 1`` of a sequence (one iteration of the decode kernel)
     and which of them are real (``< end``); masked-off entries may hold anything."""
+    from course_lib.engines.block_manager import BlockManager
     from course_lib.model.kv_cache import PagedKVCache
     from course_lib.model.llama import LlamaShape
     rng = random.Random()
