@@ -13,8 +13,6 @@ kernel (``DecodeAttention``) and splits a step between the two (``KernelPagedAtt
 """
 from __future__ import annotations
 
-from functools import cached_property
-
 import numpy as np
 import torch
 import torch.nn.functional as F
