@@ -530,3 +530,20 @@ def test_a_decode_step_split_in_two_halves_gives_the_whole_step_s_tokens(device)
         got[split] = (graphs.step(rows), graphs.step(rows[:3]), [k.clone() for k in cache.k])
     assert got[4][:2] == got[None][:2] and len(set(got[4][0])) > 1
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got[4][2], got[None][2]))
+
+
+def test_the_split_engine_runs_as_fast_as_the_one_it_replaced():
+    """The stored comparison (bench/gpu/gpu_compare.sh on one H200): the fast engine after the
+    split into scheduler, block manager and model runner, against the same rung before it, in
+    interleaved processes on one card: within 5% of it, and at least 20x hf-cb in one process."""
+    runs = load_result("compare_fast_ea5581a_081969f_nvidia-h200.json")["runs"]
+    tput = {k: {x["rung"].partition(":")[0]: x["metrics"]["output_tokens_per_s"]
+                for x in r["runs"]} for k, r in runs.items()}
+    assert {r["versions"]["gpu"]["uuid"] for r in runs.values()} == {
+        runs["new_2"]["versions"]["gpu"]["uuid"]}                          # one card
+    assert {r["versions"]["course_lib_commit"] for k, r in runs.items() if k.startswith("old")} \
+        == {"ea5581a"}
+    old = (tput["old_1"]["graphs"] + tput["old_2"]["graphs"]) / 2
+    new = (tput["new_1"]["fast"] + tput["new_2"]["fast"]) / 2
+    assert abs(new / old - 1) < 0.05
+    assert tput["new_2"]["fast"] / tput["new_2"]["hf-cb"] >= 20
