@@ -22,22 +22,15 @@ from course_lib.bench import save_result
 from course_lib.engines.block_manager import BlockManager
 from course_lib.kernels.cuda_graphs import DecodeGraphs
 from course_lib.kernels.fused import OPS as FUSED_OPS
-from course_lib.measure.roofline import measure_peaks, step_work
+from course_lib.measure.roofline import measure_peaks, step_work, time_fn
 from course_lib.model import models
 from course_lib.model.kv_cache import PagedKVCache
 from course_lib.model.llama import Llama
 
 
 def events_ms(fn, repeat):
-    out = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    """Median milliseconds of ``fn()`` on the GPU, timed with CUDA events (no warm-up here)."""
+    return time_fn(fn, "cuda", repeat=repeat, warmup=0) * 1e3
 
 
 def wall_ms(fn, repeat):

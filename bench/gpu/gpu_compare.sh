@@ -13,6 +13,7 @@
 # The runs go on in the background (setsid): a call waits up to $WAIT seconds, then copies the
 # JSON written so far to $OUT (new_1.json, old_1.json, ...).
 set -uo pipefail
+source "$(dirname "$0")/background.sh"
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 RUN=/tmp/compare WAIT=${WAIT:-540}
 if [ "${1:-}" != "--collect" ]; then
@@ -35,12 +36,8 @@ if [ "${1:-}" != "--collect" ]; then
   " > "$RUN/log" 2>&1 < /dev/null &
   echo $! > "$RUN/pid"
 fi
-pid=$(cat "$RUN/pid")
-for _ in $(seq 1 "$WAIT"); do
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 1
-done
+wait_for "$RUN" "$WAIT"
 sed 's/.*\r//' "$RUN/log" | grep -E "tok/s|floor|wrote|done|Error|error" | tail -20
 cp "$RUN"/*.json "$OUT/" 2>/dev/null
-kill -0 "$pid" 2>/dev/null && echo "still running: bash bench/gpu/gpu_compare.sh --collect"
+still_running "$RUN" && echo "still running: bash bench/gpu/gpu_compare.sh --collect"
 exit 0

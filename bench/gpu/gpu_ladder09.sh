@@ -19,6 +19,7 @@
 # The rungs are course_lib.measure.ladder.LADDER_09 (notebook 09 runs the same list with full_ladder).
 # Everything lands in $OUT; see bench/gpu/README.md for .gpucarry and COURSE_COMMIT.
 set -uo pipefail
+source "$(dirname "$0")/background.sh"
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 # The run takes about 9.5 minutes on an H200, close to the device tool's 10 minutes per command, so
 # it runs in the background (setsid) and this call waits up to $WAIT seconds; if it is not done,
@@ -43,13 +44,9 @@ if [ "${1:-}" != "--collect" ]; then
     --out "$RUN/$NAME" > "$RUN/log" 2>&1 < /dev/null &
   echo $! > "$RUN/pid"
 fi
-pid=$(cat "$RUN/pid")
-for _ in $(seq 1 "$WAIT"); do
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 1
-done
+wait_for "$RUN" "$WAIT"
 sed 's/.*\r//' "$RUN/log" | grep -v "Warning\|WARNING\|Graph pool" | tail -18
 [ -f "$RUN/$NAME" ] && cp "$RUN/$NAME" "$OUT/"
-if kill -0 "$pid" 2>/dev/null; then
+if still_running "$RUN"; then
   echo "still running: collect the rest with 'bash bench/gpu/gpu_ladder09.sh --collect' (within the machine's idle time)"
 fi
