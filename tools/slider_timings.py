@@ -78,13 +78,14 @@ def time_notebook(key: str) -> dict:
     cells = nbformat.read(path, as_version=4).cells
     at = next(i for i, c in enumerate(cells) if c.cell_type == "code" and CALL.search(c.source))
     setup = SETUP.get(key, [i for i in range(at) if cells[i].cell_type == "code"])
-    call = CALL.search(cells[at].source)
-    call = cells[at].source[call.start():]
+    found = CALL.search(cells[at].source)
+    before, call = cells[at].source[:found.start()], cells[at].source[found.start():]
     km, kc = start_new_kernel(cwd=str(NOTEBOOKS))
     try:
         run(kc, "%matplotlib inline")
         for i in setup:
             run(kc, cells[i].source)
+        run(kc, before)                     # the slider cell's own imports, before its call
         line = run(kc, CLICK.format(call=call, clicks=CLICKS[key]))
     finally:
         kc.stop_channels()
