@@ -369,3 +369,21 @@ def test_slider_in_the_browser(lab, browser, name):
     finally:
         print(f"\n{name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         page.close()
+
+
+def test_no_stored_output_holds_a_progress_bar():
+    """A progress bar stored in a notebook is frozen where the run left it ("Loading weights:
+    0%"): the library loads quietly, and no stored output may hold one."""
+    import re
+
+    import nbformat
+    bar = re.compile(r"\d+%\|.*\|\s*\d+/\d+")
+    found = []
+    for f in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
+        for i, c in enumerate(nbformat.read(f, 4).cells):
+            for o in c.get("outputs", []) if c.cell_type == "code" else []:
+                text = o.get("text", "") if o.output_type == "stream" else str(
+                    o.get("data", {}).get("text/plain", ""))
+                if bar.search(text):
+                    found.append(f"{f.name} cell {i}: {text[:60]!r}")
+    assert not found, "\n".join(found)

@@ -138,6 +138,18 @@ def _dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
+def _quietly(fn, *args, **kwargs):
+    """``fn`` without transformers' progress bars (a notebook would keep the bar in its output)."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str = "bundled",
          seed: int = 0) -> Loaded:
     """Load a preset as a Hugging Face model in eval mode, with the tokenizer.
@@ -150,9 +162,10 @@ def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str 
     preset, dtype = PRESETS[name], _dtype(dtype)
     if preset.real_weights:
         if source == "hub":
-            model = AutoModelForCausalLM.from_pretrained(HUB_ID, dtype=dtype)
+            model = _quietly(AutoModelForCausalLM.from_pretrained, HUB_ID, dtype=dtype)
         elif source == "bundled":
-            model = AutoModelForCausalLM.from_pretrained(str(_smollm2_folder()), dtype=dtype)
+            model = _quietly(AutoModelForCausalLM.from_pretrained, str(_smollm2_folder()),
+                             dtype=dtype)
         else:
             raise ModelError(f"unknown source {source!r}; use 'bundled' or 'hub'")
     else:
