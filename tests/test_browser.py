@@ -387,3 +387,16 @@ def test_no_stored_output_holds_a_progress_bar():
                 if bar.search(text):
                     found.append(f"{f.name} cell {i}: {text[:60]!r}")
     assert not found, "\n".join(found)
+
+
+def test_no_notebook_prose_names_a_commit():
+    """History (which commit ran what) belongs in bench/FINDINGS.md, not in a lesson's prose."""
+    import re
+
+    import nbformat
+    commit = re.compile(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b")
+    found = [f"{f.name} cell {i}: {commit.findall(c.source)}"
+             for f in sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+             for i, c in enumerate(nbformat.read(f, 4).cells)
+             if c.cell_type == "markdown" and commit.search(c.source)]
+    assert not found, "\n".join(found)
