@@ -12,6 +12,8 @@ The course uses three kinds:
                   lengths drawn from an exponential distribution, generated
                   with ``ignore_eos=True`` so each request produces exactly its
                   drawn number of tokens.
+* ``lognormal`` -- random prompts with prompt and output lengths spread as a chat service's
+                  (lognormal), end-of-sequence ignored.
 * a ``.jsonl`` file of your own, one request per line (see :func:`load_jsonl`).
 
 :func:`load_workload` picks one of them from a short text spec, and
@@ -311,57 +313,55 @@ def chat_workload(tokenizer, n: int | None = None, max_new_tokens: int = 128) ->
     return requests
 
 
-def anyscale_workload(
-    n: int,
-    vocab_size: int,
-    prompt_len: int = 512,
-    mean_output: float = 128,
-    cap: int = 512,
-    seed: int = 0,
-) -> list[Request]:
-    """The synthetic workload of Anyscale's continuous-batching benchmark.
-
-    ``n`` prompts of exactly ``prompt_len`` random token ids (drawn from
-    ``[3, vocab_size)`` so that the usual special ids 0-2 -- padding,
-    begin/end of sequence -- never appear), and output lengths drawn from an
-    exponential distribution with mean ``mean_output``, rounded up (so at
-    least 1) and capped at ``cap``.  Requests use ``ignore_eos=True``: each
-    generates exactly its drawn length.  The same ``seed`` gives the same
-    workload.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+def _random_prompts(rng, n: int, lengths, vocab_size: int) -> list[list[int]]:
+    """``n`` prompts of random ids in ``[3, vocab_size)`` (never the special ids 0-2: padding,
+    begin and end of sequence), the i-th ``lengths[i]`` long."""
     if vocab_size <= 3:
         raise ValueError(f"vocab_size must be > 3, got {vocab_size}")
-    if prompt_len < 1:
-        raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
+    return [rng.integers(3, vocab_size, size=int(k)).tolist() for k in lengths]
+
+
+def _synthetic(kind: str, prompts, outputs) -> list[Request]:
+    return [Request(id=f"{kind}-{i:04d}", prompt_tokens=p, max_new_tokens=int(o), ignore_eos=True)
+            for i, (p, o) in enumerate(zip(prompts, outputs))]
+
+
+def anyscale_workload(n: int, vocab_size: int, prompt_len: int = 512, mean_output: float = 128,
+                      cap: int = 512, seed: int = 0) -> list[Request]:
+    """The synthetic workload of Anyscale's continuous-batching benchmark: ``n`` random prompts
+    of exactly ``prompt_len`` tokens, output lengths drawn from an exponential distribution of
+    mean ``mean_output``, rounded up and capped at ``cap``. Every request ignores end-of-sequence,
+    so it generates exactly its drawn length. The same ``seed`` gives the same workload."""
+    for name, value, low in (("n", n, 0), ("prompt_len", prompt_len, 1), ("cap", cap, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
     if not mean_output > 0:
         raise ValueError(f"mean_output must be > 0, got {mean_output}")
-    if cap < 1:
-        raise ValueError(f"cap must be >= 1, got {cap}")
     rng = np.random.default_rng(seed)
-    prompts = rng.integers(3, vocab_size, size=(n, prompt_len))
-    outputs = np.ceil(rng.exponential(mean_output, size=n))
-    outputs = np.clip(outputs, 1, cap).astype(int)
-    return [
-        Request(
-            id=f"anyscale-{i:04d}",
-            prompt_tokens=prompts[i].tolist(),
-            max_new_tokens=int(outputs[i]),
-            ignore_eos=True,
-        )
-        for i in range(n)
-    ]
+    prompts = _random_prompts(rng, n, [prompt_len] * n, vocab_size)
+    outputs = np.clip(np.ceil(rng.exponential(mean_output, size=n)), 1, cap)
+    return _synthetic("anyscale", prompts, outputs)
+
+
+def lognormal_workload(n: int, vocab_size: int, prompt_median: float = 300,
+                       output_median: float = 180, sigma: float = 0.6, prompt_cap: int = 2048,
+                       output_cap: int = 1024, seed: int = 0) -> list[Request]:
+    """Prompt and output lengths as a chat service sees them (ShareGPT-like): each drawn from a
+    lognormal distribution with the given median and spread ``sigma`` (of the log; 0.6 puts
+    two thirds of the lengths within x1.8 of the median), rounded and clipped to
+    ``[1, cap]``. Random prompts, end-of-sequence ignored, seeded as ``anyscale_workload``."""
+    if n < 0 or not (prompt_median > 0 and output_median > 0 and sigma >= 0):
+        raise ValueError(f"need n >= 0, medians > 0 and sigma >= 0; got n={n}, "
+                         f"medians {prompt_median}, {output_median}, sigma {sigma}")
+    rng = np.random.default_rng(seed)
+    lengths = [np.clip(np.rint(rng.lognormal(np.log(m), sigma, size=n)), 1, cap)
+               for m, cap in ((prompt_median, prompt_cap), (output_median, output_cap))]
+    return _synthetic("lognormal", _random_prompts(rng, n, lengths[0], vocab_size), lengths[1])
 
 
 def poisson_arrivals(requests: list[Request], rate: float, seed: int = 0) -> list[Request]:
-    """Copies of ``requests`` arriving as a Poisson process of ``rate`` requests/s.
-
-    The gaps between consecutive arrivals are independent exponential draws
-    with mean ``1 / rate``.  The first request arrives at time 0 (so a run
-    does not start with idle time), the k-th at the sum of the first k - 1
-    gaps.  The originals are not changed.
-    """
+    """Copies of ``requests`` arriving as a Poisson process of ``rate`` requests/s: independent
+    exponential gaps of mean ``1 / rate``, the first request at time 0 (no idle start)."""
     if not rate > 0:
         raise ValueError(f"rate must be > 0 requests/s, got {rate}")
     rng = np.random.default_rng(seed)
@@ -372,55 +372,52 @@ def poisson_arrivals(requests: list[Request], rate: float, seed: int = 0) -> lis
 
 # --------------------------------------------------------------- load by name
 
-_SPEC_FORMS = (
-    "'chat', 'anyscale', 'anyscale:prompt_len=64,cap=128,mean=64' "
-    "(keys prompt_len, cap, mean, all optional), or a path to a .jsonl file"
-)
-_ANYSCALE_KEYS = {"prompt_len": int, "cap": int, "mean": float}
+# workload -> (function, {spec key: (its argument, type)})
+SYNTHETIC = {
+    "anyscale": (anyscale_workload, {"prompt_len": ("prompt_len", int), "cap": ("cap", int),
+                                     "mean": ("mean_output", float)}),
+    "lognormal": (lognormal_workload, {k: (k, t) for k, t in (
+        ("prompt_median", float), ("output_median", float), ("sigma", float),
+        ("prompt_cap", int), ("output_cap", int))}),
+}
+_SPEC_FORMS = ("'chat', 'anyscale', 'anyscale:prompt_len=64,cap=128,mean=64', 'lognormal', "
+               "'lognormal:prompt_median=300,output_median=180,sigma=0.6,prompt_cap=2048,"
+               "output_cap=1024' (every key optional), or a path to a .jsonl file")
 
 
-def _parse_anyscale_params(spec: str, text: str) -> dict:
+def _parse_params(spec: str, text: str, keys: dict) -> dict:
+    """``key=value,...`` -> the workload function's keyword arguments."""
     params: dict = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
+        key, eq, value = (x.strip() for x in item.partition("="))
         if not eq:
             raise WorkloadError(f"workload {spec!r}: expected key=value, got {item!r}")
-        if key not in _ANYSCALE_KEYS:
-            raise WorkloadError(
-                f"workload {spec!r}: unknown key {key!r}; valid keys are {sorted(_ANYSCALE_KEYS)}"
-            )
-        if key in params:
+        if key not in keys:
+            raise WorkloadError(f"workload {spec!r}: unknown key {key!r}; "
+                                f"valid keys are {sorted(keys)}")
+        arg, kind = keys[key]
+        if arg in params:
             raise WorkloadError(f"workload {spec!r}: key {key!r} given twice")
         try:
-            params[key] = _ANYSCALE_KEYS[key](value.strip())
+            params[arg] = kind(value)
         except ValueError:
-            raise WorkloadError(
-                f"workload {spec!r}: {key} must be {_ANYSCALE_KEYS[key].__name__}, got {value!r}"
-            ) from None
+            raise WorkloadError(f"workload {spec!r}: {key} must be {kind.__name__}, "
+                                f"got {value!r}") from None
     return params
 
 
-def load_workload(
-    spec: str,
-    tokenizer=None,
-    n: int | None = None,
-    vocab_size: int | None = None,
-    seed: int = 0,
-    max_new_tokens: int | None = None,
-) -> list[Request]:
+def load_workload(spec: str, tokenizer=None, n: int | None = None, vocab_size: int | None = None,
+                  seed: int = 0, max_new_tokens: int | None = None) -> list[Request]:
     """Build a workload from a short spec.
 
-    * ``"chat"``: :func:`chat_workload` (needs ``tokenizer``); ``n`` prompts
-      (all when None), each generating up to ``max_new_tokens`` (default 128).
-    * ``"anyscale"`` or ``"anyscale:prompt_len=64,cap=128,mean=64"``:
-      :func:`anyscale_workload` with ``n`` requests (default 512), token ids
-      below ``vocab_size`` (default: ``len(tokenizer)``) and ``seed``.
-    * ``"path/to/file.jsonl"``: :func:`load_jsonl`, truncated to the first
-      ``n`` requests.
+    * ``"chat"``: :func:`chat_workload` (needs ``tokenizer``); ``n`` prompts (all when None),
+      each generating up to ``max_new_tokens`` (default 128).
+    * ``"anyscale"``, ``"lognormal"``, optionally with settings (``"anyscale:mean=64"``): the
+      synthetic workloads of ``SYNTHETIC``, ``n`` requests (default 512), token ids below
+      ``vocab_size`` (default: ``len(tokenizer)``), drawn with ``seed``.
+    * ``"path/to/file.jsonl"``: :func:`load_jsonl`, truncated to the first ``n`` requests.
 
-    For ``anyscale`` and ``.jsonl`` workloads, a given ``max_new_tokens``
-    is an upper limit: longer requests are shortened to it.
+    For synthetic and ``.jsonl`` workloads a given ``max_new_tokens`` is an upper limit.
     """
     if n is not None and n < 0:
         raise WorkloadError(f"n must be >= 0, got {n}")
@@ -430,34 +427,26 @@ def load_workload(
     def limited(requests: list[Request]) -> list[Request]:
         if max_new_tokens is None:
             return requests
-        return [
-            dataclasses.replace(r, max_new_tokens=min(r.max_new_tokens, max_new_tokens))
-            for r in requests
-        ]
+        return [dataclasses.replace(r, max_new_tokens=min(r.max_new_tokens, max_new_tokens))
+                for r in requests]
 
     if spec == "chat":
         if tokenizer is None:
             raise WorkloadError("workload 'chat' needs a tokenizer")
         return chat_workload(tokenizer, n, 128 if max_new_tokens is None else max_new_tokens)
 
-    if spec == "anyscale" or spec.startswith("anyscale:"):
-        params = _parse_anyscale_params(spec, spec.partition(":")[2])
+    name, _, settings = spec.partition(":")
+    if name in SYNTHETIC:
+        make, keys = SYNTHETIC[name]
+        params = _parse_params(spec, settings, keys)
         if vocab_size is None:
             if tokenizer is None:
                 raise WorkloadError(f"workload {spec!r} needs vocab_size (or a tokenizer)")
             vocab_size = len(tokenizer)
         try:
-            requests = anyscale_workload(
-                512 if n is None else n,
-                vocab_size,
-                prompt_len=params.get("prompt_len", 512),
-                mean_output=params.get("mean", 128),
-                cap=params.get("cap", 512),
-                seed=seed,
-            )
+            return limited(make(512 if n is None else n, vocab_size, seed=seed, **params))
         except ValueError as e:
             raise WorkloadError(f"workload {spec!r}: {e}") from None
-        return limited(requests)
 
     if spec.endswith(".jsonl"):
         if not Path(spec).is_file():

@@ -1,18 +1,12 @@
-"""vLLM as a peer: its offline ``LLM.generate`` on the same requests, greedy, each request's
-``ignore_eos`` as it says.
+"""vLLM as a peer: its offline ``LLM.generate`` on the same requests, greedy.
 
-vLLM takes 90% of the card by default, so it runs in a process of its own (``python -m
-course_lib.engines.vllm SPEC OUT``), never beside the course's engines; the parent keeps no model
-on the GPU. The model is handed over as a Hugging Face folder written from the loaded model
-(``export_model``), the prompts as token ids (no tokenizer in vLLM). All requests go into one
-``generate`` call after a short warm-up on other token ids; arrival times cannot be honoured
-offline and are refused. The result records what vLLM resolved: its version, ``max_num_seqs``,
-``max_num_batched_tokens``, KV blocks and memory, CUDA-graph mode, asynchronous scheduling,
-whether its engine core ran in the calling process, and prefix caching.
-
-Per-token times: where vLLM's request stats give the first and last token's times, the tokens
-between are spread evenly (TTFT exact, TPOT the mean); otherwise only the end of the call is known
-and TTFT/TPOT are left unknown (null).
+vLLM takes 90% of the card, so it runs in a process of its own (``python -m
+course_lib.engines.vllm SPEC OUT``), never beside the course's engines. It gets the model as a
+Hugging Face folder written from the loaded model and the prompts as token ids; all requests go
+into one ``generate`` call after a short warm-up on other ids (arrival times cannot be honoured
+offline and are refused). The result records the settings vLLM resolved. Where vLLM's request
+stats give the first and last token's times, the tokens between are spread evenly (TTFT exact,
+TPOT the mean); otherwise TTFT/TPOT are unknown (null).
 """
 from __future__ import annotations
 
@@ -67,14 +61,12 @@ class VllmEngine(Engine):
         check_available()
         super().__init__(loaded, max_batch)
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
-                             f"got {gpu_memory_utilization}")
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]: {gpu_memory_utilization}")
         self.options = {"max_num_seqs": max_batch, "max_num_batched_tokens": max_num_batched_tokens,
                         "gpu_memory_utilization": gpu_memory_utilization,
                         "prefix_caching": prefix_caching, "enforce_eager": enforce_eager,
                         "in_process": in_process, "warmup": warmup}
-        self.model_dir = model_dir
-        self.settings = {}
+        self.model_dir, self.settings = model_dir, {}
 
     def _folder(self) -> Path:
         if self.model_dir is not None:
@@ -110,8 +102,7 @@ class VllmEngine(Engine):
             out = json.loads(out_path.read_text())
         self.settings = out["settings"]
         self.settings["process_s"] = self.now() - started
-        # the clock of the run: the generate call, from its start (the child's start-up and
-        # warm-up are not part of it)
+        # the run's clock starts with the generate call (not the child's start-up and warm-up)
         self._t0 = self.clock() - out["wall_s"]
         for req in requests:
             got, rec = out["outputs"][req.id], self.records[req.id]
@@ -129,14 +120,12 @@ def child_env(in_process: bool) -> dict:
     """What vLLM's process needs set before vLLM starts: no FlashInfer sampler (greedy never
     needs it, and the GPU machines lack it), no network, and where its engine core runs."""
     return {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1"}
 
 
 def _resolved(llm, options: dict) -> dict:
-    """What vLLM made of its settings (read defensively: the config's layout moves between
-    versions; what cannot be read is recorded as an error, never fails the run)."""
+    """What vLLM made of its settings (what cannot be read is recorded as an error)."""
     import vllm
     out = {"vllm_version": vllm.__version__, "in_process": options["in_process"],
            "gpu_memory_utilization": options["gpu_memory_utilization"]}
@@ -165,19 +154,14 @@ def child(spec_path, out_path):
     spec = json.loads(Path(spec_path).read_text())
     opts, reqs = spec["options"], spec["requests"]
     from vllm import LLM, SamplingParams
-    try:
-        from vllm import TokensPrompt
-    except ImportError:
-        from vllm.inputs import TokensPrompt
+    from vllm.inputs import TokensPrompt
     longest = max(len(r["prompt_tokens"]) + r["max_new_tokens"] for r in reqs)
     kw = dict(model=spec["model_dir"], skip_tokenizer_init=True, seed=0,
               gpu_memory_utilization=opts["gpu_memory_utilization"],
               enable_prefix_caching=opts["prefix_caching"], enforce_eager=opts["enforce_eager"],
               max_model_len=min(spec["max_context"], max(longest, 256)),
               max_num_seqs=opts["max_num_seqs"])
-    if opts["max_num_batched_tokens"]:
-        kw["max_num_batched_tokens"] = opts["max_num_batched_tokens"]
-    llm = LLM(**kw)
+    llm = LLM(**kw, **{k: opts[k] for k in ["max_num_batched_tokens"] if opts[k]})
 
     def params(r, n=None):
         return SamplingParams(max_tokens=n or r["max_new_tokens"], temperature=0.0,
@@ -193,21 +177,17 @@ def child(spec_path, out_path):
     start_wall, start = time.time(), time.perf_counter()
     outs = llm.generate(prompts, [params(r) for r in reqs], use_tqdm=False)
     wall = time.perf_counter() - start
-    outputs = {}
-    for r, o in zip(reqs, outs):
-        c = o.outputs[0]
-        got = {"tokens": list(c.token_ids), "finish_reason": c.finish_reason}
-        got.update(_token_span(getattr(o, "metrics", None), start_wall, start))
-        outputs[r["id"]] = got
+    outputs = {r["id"]: {"tokens": list(o.outputs[0].token_ids),
+                         "finish_reason": o.outputs[0].finish_reason,
+                         **_token_span(getattr(o, "metrics", None), start_wall, start)}
+               for r, o in zip(reqs, outs)}
     Path(out_path).write_text(json.dumps({"wall_s": wall, "outputs": outputs,
                                           "settings": _resolved(llm, opts)}))
 
 
 def _token_span(metrics, start_wall: float, start_mono: float) -> dict:
-    """The first and last token's times, in seconds from the start of the call, where vLLM's
-    request stats hold them (as wall-clock or monotonic times, by version)."""
-    if metrics is None:
-        return {}
+    """The first and last token's times from the start of the call, where vLLM's stats hold
+    them (wall-clock or monotonic, by version)."""
     first = getattr(metrics, "first_token_ts", None) or getattr(metrics, "first_token_time", None)
     last = getattr(metrics, "last_token_ts", None) or getattr(metrics, "last_token_time", None)
     if not first or not last:

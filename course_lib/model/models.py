@@ -8,6 +8,7 @@ Three presets:
   later loads take well under a second.
 * ``llama-1b-dummy`` -- the shape of Llama-3.2-1B with random weights, for GPU benchmarks: the
   speed of a forward pass does not depend on the values of the weights (vLLM's "dummy" load).
+* ``llama-8b-dummy`` -- the same for the shape of Llama-3.1-8B.
 * ``tiny`` -- a very small random Llama for unit tests that must run in milliseconds.
 
 ``load("smollm2-135m")`` returns a :class:`Loaded` with the Hugging Face model, its tokenizer and
@@ -46,6 +47,12 @@ PRESETS = {
         "llama-1b-dummy", "Llama-3.2-1B shape, random weights (for GPU speed measurements)",
         dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+             max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+             bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
+    "llama-8b-dummy": Preset(
+        "llama-8b-dummy", "Llama-3.1-8B shape, random weights (for GPU speed measurements)",
+        dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
              max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
              bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
     "tiny": Preset(

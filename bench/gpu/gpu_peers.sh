@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# vLLM beside the course's fastest engine and hf-cb, on the same requests on one card: llama-1b-dummy
+# (bf16) on anyscale (512 requests) and on the lognormal workload (500 requests). vLLM runs first
+# and in a process of its own (course_lib.engines.vllm), at its H200 defaults (1024 sequences, a
+# budget of 16384 tokens, engine core in a second process), with its engine core in-process, and
+# at 512 sequences; then `fast` with 16 GiB of KV-cache, then hf-cb.
+# vLLM's wheels travel in three parts made here by bench/gpu/make_vllm_parts.sh, one per call, in
+# consecutive calls (the machine keeps /tmp while it is held):
+#   bash bench/gpu/gpu_peers.sh carry 1      # carries .vllm_p1
+#   bash bench/gpu/gpu_peers.sh carry 2      # carries .vllm_p2
+#   bash bench/gpu/gpu_peers.sh run          # carries .vllm_p3 (and .gpucarry): installs, starts
+#   bash bench/gpu/gpu_peers.sh --collect    # waits for the rest, copies the JSON to $OUT
+# The runs take longer than one call's 10 minutes, so they go in the background (setsid).
+# WORKLOADS="anyscale" or "lognormal" runs one; MODEL=llama-8b-dummy the bigger model.
+set -uo pipefail
+source "$(dirname "$0")/background.sh"
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT" /tmp/vparts
+RUN=/tmp/peers WAIT=${WAIT:-560} MODEL=${MODEL:-llama-1b-dummy}
+RUNGS=("vllm:max_batch=1024,in_process=0" "vllm:max_batch=1024" "vllm:max_batch=512"
+       "fast:kv_memory_mib=16384,max_num_batched_tokens=16384" "hf-cb")
+case ${1:?carry N, run or --collect} in
+  carry) cp ".vllm_p$2"/* /tmp/vparts/ && ls -l /tmp/vparts; exit ;;
+  run)
+    cp .vllm_p3/* /tmp/vparts/
+    (cd /tmp/vparts && sha256sum -c SHA256SUMS) || exit 1
+    rm -rf /tmp/vw && mkdir -p /tmp/vw && cat /tmp/vparts/part-* | tar -x -C /tmp/vw
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /tmp/vw/vwhl/*.whl \
+      2>&1 | tail -2
+    export PYTHONPATH=$PWD:/tmp/vsite PYTHONUNBUFFERED=1 COURSE_COMMIT=${COURSE_COMMIT:-unknown}
+    [ -d .gpucarry/cache ] && export COURSE_CACHE=$PWD/.gpucarry/cache
+    python3 -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    rm -rf "$RUN" && mkdir -p "$RUN"
+    cat > "$RUN/go.sh" <<GO
+for w in ${WORKLOADS:-anyscale lognormal}; do
+  case \$w in anyscale) spec="anyscale:prompt_len=512,cap=512,mean=128" n=512 ;;
+              *) spec=lognormal n=500 ;; esac
+  python3 -m bench run_ladder --model $MODEL --dtype bfloat16 --device cuda --workload "\$spec" \
+    --n \$n --max-batch 64 --big-batch 512 --no-tokens --rungs ${RUNGS[*]} \
+    --out "$RUN/peers_\${w}_$MODEL.json"
+done
+GO
+    setsid nohup bash "$RUN/go.sh" > "$RUN/log" 2>&1 < /dev/null &
+    echo $! > "$RUN/pid" ;;
+  --collect) ;;
+esac
+wait_for "$RUN" "$WAIT"
+sed 's/.*\r//' "$RUN/log" | grep -v "Warning\|WARNING\|Graph pool\|INFO" | tail -30
+cp "$RUN"/peers_*.json "$OUT/" 2>/dev/null
+cp "$RUN/log" "$OUT/peers.log"
+still_running "$RUN" && echo "still running: 'bash bench/gpu/gpu_peers.sh --collect' in the next call"
+exit 0
