@@ -4,10 +4,9 @@ vLLM takes 90% of the card, so it runs in a process of its own (``python -m
 course_lib.engines.vllm SPEC OUT``), never beside the course's engines. It gets the model as a
 Hugging Face folder written from the loaded model and the prompts as token ids; all requests go
 into one ``generate`` call after a short warm-up on other ids (arrival times cannot be honoured
-offline and are refused). The result records the settings vLLM resolved. Where vLLM's request
-stats give the first and last token's times, the tokens between are spread evenly (TTFT exact,
-TPOT the mean); otherwise TTFT/TPOT are unknown (null).
-"""
+offline and are refused). The result records the settings vLLM resolved. Request stats are on
+(as ``vllm serve`` has them): from each request's first and last token times, TTFT is exact and
+the tokens between are spread evenly (TPOT the mean); without them TTFT/TPOT are null."""
 from __future__ import annotations
 
 import importlib.util
@@ -156,7 +155,7 @@ def child(spec_path, out_path):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     longest = max(len(r["prompt_tokens"]) + r["max_new_tokens"] for r in reqs)
-    kw = dict(model=spec["model_dir"], skip_tokenizer_init=True, seed=0,
+    kw = dict(model=spec["model_dir"], skip_tokenizer_init=True, seed=0, disable_log_stats=False,
               gpu_memory_utilization=opts["gpu_memory_utilization"],
               enable_prefix_caching=opts["prefix_caching"], enforce_eager=opts["enforce_eager"],
               max_model_len=min(spec["max_context"], max(longest, 256)),
