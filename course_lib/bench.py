@@ -171,7 +171,8 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     else:                       # nothing runs: the preset's shape is all the cost model needs
         from transformers import LlamaConfig
         dtype_t = models._dtype(dtype)
-        tokenizer = models.load_tokenizer() if workload == "chat" else None
+        text = workload == "chat" or workload.endswith(".jsonl")   # prompts that may be text
+        tokenizer = models.load_tokenizer() if text else None
         shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[model].config))
     dtype_bytes = torch.finfo(dtype_t).bits // 8
     requests = load_workload(workload, tokenizer=tokenizer, n=n,

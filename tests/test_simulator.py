@@ -162,3 +162,15 @@ def test_the_simulated_gpu_runs_overlapped_steps_back_to_back():
     assert sim_eng.preemptions == real_eng.preemptions > 0
     assert [(s.rows, s.prefill_tokens, s.decode_tokens) for s in sim.steps] == \
         [(s.rows, s.prefill_tokens, s.decode_tokens) for s in real.steps]
+
+
+def test_simulate_takes_every_workload_a_measured_run_takes(tmp_path):
+    """A JSONL file with text prompts needs the tokenizer in a simulated run too."""
+    cost = tmp_path / "cost.json"
+    CostBook({"gather": flat_cost()}).save(cost)
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text('{"id": "a", "prompt": "Who are you?", "max_new_tokens": 5}\n'
+                     '{"id": "b", "prompt_tokens": [5, 6, 7], "max_new_tokens": 3}\n')
+    r = bench.bench("continuous", workload=str(jsonl), max_batch=2, simulate=str(cost),
+                    engine_options={"block_size": 16})
+    assert r["simulated"] and r["metrics"]["served"] == 2 and r["metrics"]["output_tokens"] == 8
