@@ -46,7 +46,7 @@ SIMPLE = {   # check: (right answer, {wrong answer: what is wrong with it})
     "check_rms_norm": (rms_norm, {
         "mean over the whole tensor": lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).mean() + eps),
         "no weight": lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps),
-        "sum, not mean": lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)}),
+        "sum, not mean": lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).sum(-1, True) + eps)}),
     "check_kv_cache_bytes": (_kv_bytes(), {
         "query heads instead of KV heads": _kv_bytes(heads="num_attention_heads"),
         "K only, not V": _kv_bytes(factor=1)}),
@@ -60,21 +60,23 @@ SIMPLE = {   # check: (right answer, {wrong answer: what is wrong with it})
         "padded on the right": lambda rows, pad: (
             torch.tensor([list(r) + [pad] * (max(map(len, rows)) - len(r)) for r in rows]),
             torch.zeros(len(rows), dtype=torch.long)),
-        "start off by one": lambda rows, pad: (left_pad(rows, pad)[0], left_pad(rows, pad)[1] + 1)}),
+        "start off by one": lambda rows, pad: (left_pad(rows, pad)[0], left_pad(rows, pad)[1] + 1),
+    }),
     "check_prefill_mask": (
         lambda start, T: padded_visibility(start, torch.arange(T).expand(len(start), T), T), {
             "padding query sees nothing (empty softmax row)": lambda s, T: _mask(s, T, False),
             "padding visible": lambda s, T: _mask(torch.zeros_like(s), T)}),
     "check_fits": (fits, {
-        "prompt must be shorter than the cursor (off by one)": lambda p, n, c, L: p < c and c + n <= L,
+        "prompt shorter than the cursor (off by one)": lambda p, n, c, L: p < c and c + n <= L,
         "answer may reach past the cache": lambda p, n, c, L: p <= c and c + n <= L + 1}),
     "check_admit": (admit, {
         "admits before arrival": lambda q, f, now: _admit(q, f, now, check_arrival=False),
         "highest free slot first": lambda q, f, now: _admit(q, f, now, lowest=False),
         "leaves the queue as it is": lambda q, f, now: admit(deque(q), f, now)}),
-    "check_slot_utilisation": (lambda steps: sum(s.useful for s in steps) / sum(s.slots for s in steps), {
-        "decode tokens only": lambda steps: sum(s.decode_tokens for s in steps) / sum(s.slots for s in steps),
-        "mean of the per-step shares": lambda steps: sum(s.useful / s.slots for s in steps) / len(steps)}),
+    "check_slot_utilisation": (lambda st: sum(s.useful for s in st) / sum(s.slots for s in st), {
+        "decode tokens only": (
+            lambda st: sum(s.decode_tokens for s in st) / sum(s.slots for s in st)),
+        "mean of the per-step shares": lambda st: sum(s.useful / s.slots for s in st) / len(st)}),
     "check_ttft_tpot": (_tpot, {
         "divides by the tokens, not the gaps": lambda a, t: _tpot(a, t, gaps=lambda n: n),
         "TTFT from the first token, not arrival": lambda a, t: (t[0], _tpot(a, t)[1])}),
@@ -139,12 +141,13 @@ LOOPS = {
         "drops finished rows": _engine(StaticEngine, _static, keep_rows=False),
         "starts a batch before it has arrived": _engine(StaticEngine, _static, wait=False),
         "batches by prompt length": _engine(StaticEngine, _static, by_length=True),
-        "decodes max_new_tokens steps, ignoring EOS": _engine(StaticEngine, _static, ignore_eos=True),
+        "ignores EOS: max_new_tokens steps": _engine(StaticEngine, _static, ignore_eos=True),
         "calls the library's schedule": StaticEngine}),
     "check_continuous_schedule": (_engine(ContinuousEngine, _continuous), {
         "admits before arrival": _engine(ContinuousEngine, _continuous, arrived=False),
         "frees rows only when all are done": _engine(ContinuousEngine, _continuous, retire=False),
-        "decodes finished rows": _engine(ContinuousEngine, _continuous, retire=False, keep_done=True),
+        "decodes finished rows": _engine(ContinuousEngine, _continuous, retire=False,
+                                         keep_done=True),
         "spins until the next arrival": _engine(ContinuousEngine, _continuous, idle_wait=False),
         "a static loop": type("Mine", (ContinuousEngine,), {"schedule": StaticEngine.schedule})}),
 }

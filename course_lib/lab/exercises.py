@@ -254,13 +254,14 @@ def check_static_schedule(cls):
                                              f"requests in arrival order, {want}")
         longest = max(len(recs[i].output_tokens) for i in ids)
         assert len(decodes) == longest - 1, (
-            f"batch {k + 1} ran {len(decodes)} decode steps; its longest answer has {longest} tokens,"
-            f" so {longest - 1} decode steps after the prefill (which gives each its first token)")
+            f"batch {k + 1} ran {len(decodes)} decode steps; its longest answer has {longest} "
+            f"tokens, so {longest - 1} decode steps after the prefill (which gives each its first)")
         for s in decodes:
             assert s.rows == len(ids) and sorted(s.active + s.held) == sorted(ids), (
                 f"a decode step of batch {k + 1} computed {s.rows} rows ({s.active}); every decode "
                 "step computes all the batch's rows: a finished request keeps its row to the end")
-    _ok("static schedule: the library's tokens, batches in arrival order, each to its longest answer")
+    _ok(f"static schedule ({len(order)} requests, max_batch={mb}): the library's tokens, "
+        "batches in arrival order, each run to its longest answer")
 
 
 def check_continuous_schedule(cls):
@@ -290,7 +291,8 @@ def check_continuous_schedule(cls):
             f"a decode step ran {len(running)} of {mb} rows while {waiting} had arrived and "
             "waited: a finished sequence's row is free at the next iteration; admit into it first")
         last_decode = s.end_s
-    _ok("continuous schedule: the library's tokens, every row reused at the next iteration")
+    _ok(f"continuous schedule ({len(order)} requests, max_batch={mb}): the library's tokens, "
+        "every free row taken at the next iteration")
 
 
 # ---------------------------------------------------------------- chapter 05
