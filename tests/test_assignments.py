@@ -330,3 +330,41 @@ def test_exercise(path, exercise, fresh_namespace):
 def test_committed_assignments_are_fresh():
     r = _run_tool("--check")
     assert r.returncode == 0, f"{r.stdout}{r.stderr}"
+
+
+# --------------------------------------------------------------------------- (d)
+
+# The student copies run top to bottom: every cell but the exercises and their checks, with the
+# exercises unanswered. Smaller runs than the lessons' (the parameters cell's values, appended to
+# it): chapters 00-04, each in well under a minute on two cores.
+SMALL_RUNS = {
+    "00_model_and_one_request": "max_new_tokens = 8",
+    "01_memory_bound_inference": "batch_sizes = [1, 2]\ncontext = 16\nprefill_tokens = 16\nrepeat = 1",
+    "02_static_batching": "n_requests = 4\nmax_new_tokens = 8\nn_sequential = 1",
+    "03_dynamic_batching": "n_requests = 4\nmax_new_tokens = 8",
+    "04_continuous_batching": "n_requests = 4\nmax_new_tokens = 8",
+}
+
+
+@pytest.mark.parametrize("stem", SMALL_RUNS)
+def test_student_copy_runs_apart_from_its_exercises(stem, monkeypatch):
+    import os
+
+    from nbclient import NotebookClient
+
+    nb = ma.read_notebook(REPO_ROOT / "assignments" / f"{stem}.ipynb")
+    exercises = ma.find_exercises(ma.read_notebook(NOTEBOOKS / f"{stem}.ipynb"), stem)
+    params = next(c for c in nb.cells if c.source.startswith("# Parameters"))
+    params.source += "\n" + SMALL_RUNS[stem]
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    failed = {i: f"{o.ename}: {o.evalue}" for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for o in c.outputs if o.output_type == "error"}
+    exercise_cells = {i for e in exercises for i in (e.cell_index, e.check_index)}
+    stray = {i: err for i, err in failed.items() if i not in exercise_cells}
+    assert not stray, (f"assignments/{stem}.ipynb: cells outside the exercises fail when the "
+                       f"exercises are unanswered (use the library's version after a check): {stray}")
+    passed = [e.id for e in exercises if e.check_index not in failed]
+    assert not passed, f"check cells that pass on an unanswered exercise: {passed}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import torch
 from transformers import LlamaConfig
@@ -174,6 +175,124 @@ def check_ttft_tpot(fn):
                 f"TPOT: got {got[1]}, expected {rec.tpot_s} (time between the first and the last "
                 "token, over the number of gaps)")
     _ok("ttft_tpot: the two latencies a user feels")
+
+
+# ---------------------------------------------------------------- chapters 02 and 04: the loops
+_RUNS = {}     # the model, and the library engines' runs, loaded and made once per process
+
+
+class _NoWait:
+    """An engine clock that runs in real time but skips waits: a late arrival costs nothing."""
+    _skipped, _reads = 0.0, 0
+
+    def clock(self):
+        self._reads += 1
+        assert self._reads < 10**5, ("your loop spins without running anything: when nothing "
+                                     "runs, wait for the next arrival (self.wait_until)")
+        return time.perf_counter() + self._skipped
+
+    def sleep(self, seconds):
+        self._skipped += seconds
+
+
+def _run_loop(cls, base, arrivals, max_new, max_batch):
+    """Serve short real chat requests with the learner's engine ``cls`` and with the library's
+    ``base`` on SmolLM2; the greedy tokens must agree. Returns ``(requests by arrival, the
+    learner's steps, its records by id)``."""
+    from course_lib.model.llama import Llama
+    from course_lib.requests import chat_workload
+    assert isinstance(cls, type) and issubclass(cls, base), f"define a subclass of {base.__name__}"
+    assert cls.schedule is not base.schedule, "write your own schedule method in your class"
+    if "model" not in _RUNS:
+        loaded = models.load("smollm2-135m")
+        _RUNS["model"] = loaded, Llama.from_hf(loaded.model)
+    loaded, model = _RUNS["model"]
+    reqs = chat_workload(loaded.tokenizer, n=len(arrivals))
+    for r, t, n in zip(reqs, arrivals, max_new):
+        r.arrival_s, r.max_new_tokens = t, n
+
+    def run(c):
+        return type(c.__name__, (_NoWait, c), {})(loaded, max_batch, model=model).run(reqs)
+    if base not in _RUNS:
+        _RUNS[base] = run(base)
+    try:
+        got = run(cls)
+    except Exception as e:
+        raise AssertionError(f"your engine raised {type(e).__name__}: {e}") from e
+    for mine, want in zip(got.requests, _RUNS[base].requests):
+        assert mine.output_tokens == want.output_tokens, (
+            f"request {mine.id}: your engine gave the tokens {mine.output_tokens}, the library's "
+            f"{want.output_tokens}. Same model, greedy decoding: they must be identical. Check the "
+            "rows you pass to self.forward (slot, tokens, first_col, start) and the seqs' order")
+    return sorted(reqs, key=lambda r: r.arrival_s), got.steps, {r.id: r for r in got.requests}
+
+
+def check_static_schedule(cls):
+    """``cls``: a ``StaticEngine`` subclass with its own ``schedule``. Same tokens as the library's
+    engine, and the static rule in the step log: batches of ``max_batch`` in arrival order, each
+    started once all of it has arrived and run to its longest answer with every row."""
+    from course_lib.engines.static import StaticEngine
+    mb = 2
+    order, steps, recs = _run_loop(cls, StaticEngine, [0, 0, 0, 0, 100], [12, 3, 2, 6, 4], mb)
+    batches = []                                  # (request ids, its decode steps)
+    for s in steps:
+        if s.kind != "prefill":
+            assert batches, "the first step must prefill a batch"
+            batches[-1][1].append(s)
+            continue
+        late = [i for i in s.active if recs[i].arrival_s > s.start_s]
+        assert not late, (f"a batch started at {s.start_s:.2f} s, before {late} arrived: wait "
+                          "until the batch's last request is here (self.wait_until)")
+        busy = [i for b, _ in batches for i in b if recs[i].finish_s > s.start_s]
+        assert not busy, (f"{s.active} joined while {busy} were still running: a static batch "
+                          "takes no newcomer until all of its rows are done")
+        assert len(s.active) <= mb, f"a batch of {len(s.active)} requests; max_batch is {mb}"
+        batches.append((s.active, []))
+    for k, (ids, decodes) in enumerate(batches):
+        want = [r.id for r in order[k * mb:(k + 1) * mb]]
+        assert sorted(ids) == sorted(want), (f"batch {k + 1} holds {ids}; expected the next {mb} "
+                                             f"requests in arrival order, {want}")
+        longest = max(len(recs[i].output_tokens) for i in ids)
+        assert len(decodes) == longest - 1, (
+            f"batch {k + 1} ran {len(decodes)} decode steps; its longest answer has {longest} "
+            f"tokens, so {longest - 1} decode steps after the prefill (which gives each its first)")
+        for s in decodes:
+            assert s.rows == len(ids) and sorted(s.active + s.held) == sorted(ids), (
+                f"a decode step of batch {k + 1} computed {s.rows} rows ({s.active}); every decode "
+                "step computes all the batch's rows: a finished request keeps its row to the end")
+    _ok(f"static schedule ({len(order)} requests, max_batch={mb}): the library's tokens, "
+        "batches in arrival order, each run to its longest answer")
+
+
+def check_continuous_schedule(cls):
+    """``cls``: a ``ContinuousEngine`` subclass with its own ``schedule``. Same tokens as the
+    library's engine, and the continuous rule in the step log: nobody admitted before arriving,
+    no free row while an arrived request waits, every running sequence in every decode step."""
+    from course_lib.engines.continuous import ContinuousEngine
+    mb = 2
+    order, steps, recs = _run_loop(cls, ContinuousEngine, [0, 0, 0, 0.2, 100], [12, 3, 2, 6, 4], mb)
+    admitted, last_decode = set(), 0.0
+    for s in steps:
+        if s.kind == "prefill":
+            early = [i for i in s.active if recs[i].arrival_s > s.start_s]
+            assert not early, (f"{early} admitted at {s.start_s:.2f} s, before arriving: admit "
+                               "only requests whose arrival_s has passed (self.now())")
+            admitted |= set(s.active)
+            continue
+        running = {i for i in admitted if recs[i].finish_s is None or recs[i].finish_s > s.start_s}
+        assert not s.held, (f"a decode step computed the rows of {s.held}, which had finished: "
+                            "finished sequences leave before the next step")
+        assert len(running) <= mb, f"{len(running)} sequences running at once; max_batch is {mb}"
+        assert set(s.active) == running, (
+            f"a decode step ran {sorted(s.active)} while {sorted(running)} were running: every "
+            "decode step covers every running sequence")
+        waiting = [r.id for r in order if r.id not in admitted and r.arrival_s <= last_decode]
+        assert len(running) == mb or not waiting, (
+            f"a decode step ran {len(running)} of {mb} rows while {waiting} had arrived and "
+            "waited: a finished sequence's row is free at the next iteration; admit into it first")
+        last_decode = s.end_s
+    _ok(f"continuous schedule ({len(order)} requests, max_batch={mb}): the library's tokens, "
+        "every free row taken at the next iteration")
 
 
 # ---------------------------------------------------------------- chapter 05
