@@ -218,8 +218,7 @@ def _chat_reference(n: int = 4, new: int = 8):
 
 
 def _serve_with(what: str, scheduler=None, blocks=None, **options):
-    """The paged engine on SmolLM2 with the learner's part in it (a ``Scheduler`` or block
-    manager class): its answers must be Hugging Face's. Returns the engine and its log."""
+    """The paged engine on SmolLM2 with a learner's scheduler or block manager class in it."""
     from course_lib.engines import make_engine
     loaded, reqs, want = _chat_reference()
     eng = make_engine("paged", loaded, max_batch=4, block_size=4, **options)
@@ -400,10 +399,10 @@ def check_victim(fn):
     class Mine(Scheduler):
         def victim(self):
             got = fn(list(self.running))
-            ids = [s.req.id for s in self.running]
             assert any(got is s for s in self.running), "return one of the running sequences"
             assert got is self.running[-1], (
-                f"running {ids} (as admitted): you preempt {got.req.id}. Preempt the newest, "
+                f"running {[s.req.id for s in self.running]} (as admitted): you preempt "
+                f"{got.req.id}. Preempt the newest, "
                 "the last admitted: it has the least done, and the others were there first")
             return got
     eng, _ = _serve_with("victim", Mine, num_blocks=20)
