@@ -40,7 +40,7 @@ class StepPlan:
 def budget_step(running: list, budget) -> list:
     """The token-budget step, ``[(seq, tokens)]``: one token for each decode (``pending == 1``),
     then prompt chunks in arrival order with what is left of ``budget``; no 0-token entries."""
-    order = sorted(running, key=lambda s: s.pending > 1)     # decodes first (a stable sort)
+    order = [s for s in running if s.pending == 1] + [s for s in running if s.pending > 1]
     return [(s, n) for s, n in zip(order, chunk_sizes([s.pending for s in order], budget)) if n]
 
 
