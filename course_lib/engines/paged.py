@@ -23,6 +23,8 @@ from course_lib.requests import RequestError
 
 class PagedEngine(Engine):
     name = "continuous"
+    # its parts, as classes: an instance may take others (a learner's own, chapters 05 and 07)
+    scheduler_class, block_manager_class = Scheduler, BlockManager
 
     def __init__(self, loaded, max_batch: int = 8, max_num_batched_tokens: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, attention: str | None = None,
@@ -72,8 +74,8 @@ class PagedEngine(Engine):
                                         // self.block_size) for r in requests)
 
     def new_cache(self, requests) -> PagedKVCache:
-        return PagedKVCache(self.model.shape, BlockManager(self.blocks_for(requests),
-                                                           self.block_size),
+        return PagedKVCache(self.model.shape, self.block_manager_class(self.blocks_for(requests),
+                                                                      self.block_size),
                             self.model.dtype, self.model.device)
 
     def setup(self, requests):
@@ -122,7 +124,8 @@ class PagedEngine(Engine):
             policies.append(self.admission)
         if self.watermark.fraction:
             policies.append(self.watermark)
-        self.scheduler = Scheduler(blocks, self.max_batch, self.max_num_batched_tokens, policies)
+        self.scheduler = self.scheduler_class(blocks, self.max_batch, self.max_num_batched_tokens,
+                                              policies)
         self.runner.begin(self.now, self.sleep)
         self.loop(arrivals)
 
@@ -139,7 +142,7 @@ class PagedEngine(Engine):
                 self.complete()
                 continue
             while not plan and len(sched.running) > 1:   # all stuck on a full cache: make room
-                sched.preempt(sched.running[-1])
+                sched.preempt(sched.victim())
                 plan = sched.schedule()
             if plan:
                 self.forward(plan)

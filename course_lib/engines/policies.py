@@ -21,6 +21,7 @@ second (``course_lib.measure.metrics.goodput``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -74,9 +75,20 @@ class StepTimeModel:
         return self.cost.predict(x)
 
 
+def admission_rule(waited_s: float, first_token_s: float, decode_step_s: float,
+                   ttft_slo: float, tpot_slo: float) -> str:
+    """``"refuse"`` what cannot meet the TTFT target even if admitted now, else ``"queue"`` what
+    would make decode steps slower than the TPOT target, else ``"admit"`` (seconds; no target:
+    ``inf``)."""
+    if waited_s + first_token_s > ttft_slo:
+        return "refuse"
+    return "queue" if decode_step_s > tpot_slo else "admit"
+
+
 class AdmissionController:
-    """Admit, queue or refuse, from the SLO and the predicted step times. ``clock``: seconds
-    since the run started (how long a request has waited)."""
+    """Admit, queue or refuse (``rule``), from the SLO and the predicted step times. ``clock``:
+    seconds since the run started (how long a request has waited)."""
+    rule = staticmethod(admission_rule)
 
     def __init__(self, slo: SLO, model: StepTimeModel, clock=None):
         self.slo, self.model, self.clock = slo, model, clock
@@ -99,17 +111,17 @@ class AdmissionController:
         """``("admit", "")``, ``("queue", why)`` or ``("refuse", why)`` for a request with a
         ``prompt_len``-token prompt that has waited ``waited_s``, next to running sequences
         with ``contexts`` cached tokens."""
-        if self.slo.ttft_s is not None:
-            first = self.prefill_time(prompt_len, contexts)
-            if first is not None and waited_s + first > self.slo.ttft_s:
-                return "refuse", (f"would miss the TTFT target of {self.slo.ttft_s:g} s: waited "
-                                  f"{waited_s:.3g} s, its first token needs {first:.3g} s more")
-        if self.slo.tpot_s is not None and contexts:
-            step = self.decode_time(contexts + [prompt_len])
-            if step is not None and step > self.slo.tpot_s:
-                return "queue", (f"one more sequence makes a decode step {step:.3g} s, over the "
-                                 f"TPOT target of {self.slo.tpot_s:g} s")
-        return "admit", ""
+        first = self.prefill_time(prompt_len, contexts)
+        if first is None:                               # no step times to predict from yet
+            return "admit", ""
+        ttft, tpot = self.slo.ttft_s or math.inf, self.slo.tpot_s or math.inf
+        step = self.decode_time(contexts + [prompt_len]) if contexts and tpot < math.inf else 0.0
+        verdict = self.rule(waited_s, first, step, ttft, tpot)
+        if verdict == "refuse":
+            return verdict, (f"would miss the TTFT target of {ttft:g} s: waited {waited_s:.3g} s, "
+                             f"its first token needs {first:.3g} s more")
+        return verdict, (f"one more sequence makes a decode step {step:.3g} s, over the TPOT "
+                         f"target of {tpot:g} s") if verdict == "queue" else ""
 
     def admit(self, seq, scheduler) -> bool:
         """May the head of the queue join the running sequences now?"""

@@ -1,11 +1,9 @@
 """The paged engine's scheduler (chapters 05, 07): which sequences feed how many tokens next.
 
-Decodes first, one token for every running sequence whose prompt is done; then prompt chunks
-while the step has tokens left (``max_num_batched_tokens``): prompts half fed, then newcomers.
-When a decode needs a block and none is free, the newest sequence is *preempted*: its blocks are
-freed and it goes back to the front of the queue, to be recomputed later, never lost. Whether a
-newcomer may join is for the *policies* to say (``course_lib.engines.policies``).
-"""
+Decodes first, then prompt chunks while the step has tokens left (``max_num_batched_tokens``).
+When a decode needs a block and none is free, a sequence is *preempted*: its blocks are freed and
+it goes back to the front of the queue, to be recomputed later, never lost. Whether a newcomer
+may join is for the *policies* to say (``course_lib.engines.policies``)."""
 from __future__ import annotations
 
 from collections import deque
@@ -39,8 +37,16 @@ class StepPlan:
         return zip(self.seqs, self.sizes)
 
 
+def budget_step(running: list, budget) -> list:
+    """The token-budget step, ``[(seq, tokens)]``: one token for each decode (``pending == 1``),
+    then prompt chunks in arrival order with what is left of ``budget``; no 0-token entries."""
+    order = [s for s in running if s.pending == 1] + [s for s in running if s.pending > 1]
+    return [(s, n) for s, n in zip(order, chunk_sizes([s.pending for s in order], budget)) if n]
+
+
 class Scheduler:
-    """A waiting queue and the running sequences, over a ``BlockManager``."""
+    """Waiting and running sequences over a ``BlockManager``; rules: ``budget_step``, ``victim``."""
+    budget_step = staticmethod(budget_step)
 
     def __init__(self, blocks, max_batch: int, max_num_batched_tokens: int | None = None,
                  policies=()):
@@ -48,50 +54,44 @@ class Scheduler:
         self.max_num_batched_tokens, self.policies = max_num_batched_tokens, list(policies)
         self.waiting, self.running, self.preemptions = deque(), [], 0
 
+    def victim(self):
+        """Whom to preempt when a block is missing: the newest (first come, first served)."""
+        return self.running[-1]
+
     def schedule(self) -> StepPlan:
-        """The next step: decodes first, then prompt chunks, under the token budget."""
+        """The next step: decodes (a block each, preempting for room), then chunks that fit."""
         blocks, running, waiting = self.blocks, self.running, self.waiting
-        budget = self.max_num_batched_tokens or float("inf")      # tokens left
-        decodes = [s for s in running if s.pending == 1][:self.max_num_batched_tokens]  # 1. decodes
-        seqs = []
-        if blocks.grow_each([s.req.id for s in decodes]):    # the usual case: room for all
-            seqs, decodes = decodes, []
-        for seq in decodes:                   # else one by one, preempting the newest for room
-            if len(seqs) >= budget:
-                break
+        budget = self.max_num_batched_tokens or float("inf")      # tokens per step
+        decodes = [s for s, _ in self.budget_step(running, budget) if s.pending == 1]
+        grown = decodes if blocks.grow_each([s.req.id for s in decodes]) else []   # usually
+        for seq in () if grown else decodes:  # else one by one, preempting for room
             while not blocks.can_grow(seq.req.id, 1):
-                victim = running[-1]                                     # the newest goes back
-                self.preempt(victim)
-                if victim in seqs:            # taken already (seq itself went back before)
-                    seqs.remove(victim)
+                self.preempt(victim := self.victim())
+                grown = [s for s in grown if s is not victim]    # it may have had its block
                 if victim is seq:
                     break
             if seq in running:
                 blocks.grow(seq.req.id, 1)
-                seqs.append(seq)
-        sizes, budget = [1] * len(seqs), budget - len(seqs)
-        chunks = [s for s in running if s.pending > 1]                     # 2. unfinished prompts
-        while waiting and len(running) < self.max_batch:                   #    and newcomers
-            if waiting[0].tokens[-1] is None:   # preempted while its last token was still on the
-                break                            # device: it comes back once the host has it
-            if not all(p.admit(waiting[0], self) for p in self.policies):
-                break
+                grown.append(seq)
+        # newcomers, as the policies allow (one whose last token is still on the device waits)
+        while (waiting and len(running) < self.max_batch and waiting[0].tokens[-1] is not None
+               and all(p.admit(waiting[0], self) for p in self.policies)):
             running.append(waiting.popleft())
-            chunks.append(running[-1])
-        decode_only = True
-        for seq, n in zip(chunks, chunk_sizes([s.pending for s in chunks], budget)):
-            while n > 0 and not blocks.can_grow(seq.req.id, n):            # take what fits
-                n //= 2
-            if n > 0:
+        seqs, sizes, decode_only, grown = [], [], True, {id(s) for s in grown}
+        for seq, n in self.budget_step(running, budget):
+            if id(seq) not in grown:          # a chunk (or a decode the blocks lacked): what fits
+                while n > 0 and not blocks.can_grow(seq.req.id, n):
+                    n //= 2
+                if n == 0:
+                    continue
                 decode_only = decode_only and seq.pending == 1
                 blocks.grow(seq.req.id, n)
-                seqs.append(seq)
-                sizes.append(n)
-        # newcomers that got nothing this step wait in the queue, in order (running sequences
-        # with nothing cached are this step's newcomers; sets of ids, not a scan per newcomer)
-        if any(s.cached == 0 for s in chunks):
+            seqs.append(seq)
+            sizes.append(n)
+        # newcomers that got nothing wait in the queue, in order (those with nothing cached)
+        if any(not s.cached for s in running):
             taken = {id(s) for s in seqs}
-            waiting.extendleft(reversed([s for s in chunks if not s.cached and id(s) not in taken]))
+            waiting.extendleft(reversed([s for s in running if not (s.cached or id(s) in taken)]))
             running[:] = [s for s in running if s.cached or id(s) in taken]
         sampled = list(range(len(seqs))) if decode_only else [
             i for i, (s, n) in enumerate(zip(seqs, sizes)) if s.cached + n == len(s.tokens)]

@@ -3,6 +3,9 @@ inputs, compares with the course's reference, prints one line when it is right a
 ``AssertionError`` (with a hint) when it is not."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import math
 import random
 import time
@@ -322,6 +325,76 @@ def check_steps_to_prefill(fn):
     _ok("steps_to_prefill: a bigger budget, fewer but longer steps")
 
 
+@functools.cache
+def _chat_reference(n: int = 4, new: int = 8):
+    """SmolLM2 (real weights), ``n`` chat requests and Hugging Face's greedy answers to them."""
+    from course_lib.requests import chat_workload
+    loaded = models.load("smollm2-135m")
+    reqs = chat_workload(loaded.tokenizer, n=n, max_new_tokens=new)
+    out = [loaded.model.generate(torch.tensor([r.prompt_tokens]), max_new_tokens=new,
+                                 do_sample=False)[0, len(r.prompt_tokens):] for r in reqs]
+    return loaded, reqs, {r.id: o.tolist() for r, o in zip(reqs, out)}
+
+
+def _serve_with(what: str, scheduler=None, blocks=None, **options):
+    """The paged engine on SmolLM2 with a learner's scheduler or block manager class in it."""
+    from course_lib.engines import make_engine
+    loaded, reqs, want = _chat_reference()
+    eng = make_engine("paged", loaded, max_batch=4, block_size=4, **options)
+    eng.scheduler_class = scheduler or eng.scheduler_class
+    eng.block_manager_class = blocks or eng.block_manager_class
+    log = eng.run(reqs)
+    for r in log.requests:
+        assert r.output_tokens == want[r.id], (f"with your {what} in the engine, {r.id} answers "
+                                               f"{r.output_tokens}, Hugging Face {want[r.id]}")
+    return eng, log
+
+
+def check_token_budget_step(fn):
+    """``fn(running, budget)`` -> ``[(seq, tokens)]``: the step's tokens, one for each decode
+    (``seq.pending == 1``) first, then prompt chunks in arrival order, never over ``budget``.
+    Plugged into the paged engine's scheduler on SmolLM2 (chunked prefill): every plan must
+    have these properties, and the answers must be Hugging Face's."""
+    from course_lib.engines.scheduler import Scheduler, budget_step
+    fed = {}                                    # request id -> [(first position, tokens)]
+
+    def checked(running, budget):
+        pending, plan = [s.pending for s in running], fn(list(running), budget)
+        assert plan is not None, "your function returns nothing"
+        plan = [(s, int(n)) for s, n in plan]
+        index = {id(s): i for i, s in enumerate(running)}
+        where = (f"tokens to feed {pending} (in arrival order), budget {budget}: you plan "
+                 f"{[(index.get(id(s), '?'), n) for s, n in plan]} (sequence index, tokens)")
+        assert len({id(s) for s, _ in plan} & index.keys()) == len(plan), (
+            f"{where}: plan running sequences, each at most once")
+        assert all(1 <= n <= s.pending for s, n in plan), (
+            f"{where}: each gets at least 1 token (leave out the others) and at most its pending")
+        assert sum(n for _, n in plan) <= budget, f"{where}: that is over the budget"
+        kinds = [s.pending == 1 for s, _ in plan]
+        assert kinds == sorted(kinds, reverse=True), f"{where}: the decodes go first"
+        want = [(index[id(s)], n) for s, n in budget_step(running, budget)]
+        assert [(index[id(s)], n) for s, n in plan] == want, (
+            f"{where}, expected {want}: every decode (oldest first, while the budget lasts), then "
+            "each prompt in arrival order takes what it still needs or what is left")
+        return plan
+
+    class Mine(Scheduler):
+        budget_step = staticmethod(checked)
+
+        def schedule(self):
+            plan = super().schedule()
+            for s, n in plan:
+                fed.setdefault(s.req.id, []).append((s.cached, n))
+            return plan
+    _, log = _serve_with("token-budget step", Mine, max_num_batched_tokens=16)
+    for r in log.requests:              # its prompt's chunks: all it was fed until its 1st token
+        chunks = fed[r.id][:len(fed[r.id]) - len(r.output_tokens) + 1]
+        assert [c for c, _ in chunks] + [r.prompt_len] == list(itertools.accumulate(
+            (n for _, n in chunks), initial=0)), f"{r.id}: prompt chunks not contiguous, complete"
+    assert any(len(fed[r.id]) > len(r.output_tokens) for r in log.requests), "nothing chunked"
+    _ok("token-budget step: decodes first, then prompt chunks, in the real engine")
+
+
 # ---------------------------------------------------------------- chapter 06
 def check_cu_seqlens(fn):
     from course_lib.model.attention import cu_seqlens
@@ -389,6 +462,73 @@ def check_allocator(cls):
     _ok("allocator: no block twice, every freed block reusable")
 
 
+def check_block_manager(cls):
+    """``cls(n_blocks, block_size)``: a ``BlockManager``-shaped class. On a small case, then in
+    the paged engine on SmolLM2 with too few blocks for all (preemptions): after every change,
+    sound tables; after the run, every block back and Hugging Face's answers."""
+    from course_lib.engines.block_manager import OutOfBlocks
+
+    def sound(m, what, result=None):
+        held = [b for t in m.tables.values() for b in t]
+        assert len(held) == len(set(held)), f"after {what}: a block is in two tables {m.tables}"
+        assert m.n_free + len(held) == m.n_blocks, (
+            f"after {what}: {m.n_free} free + {len(held)} in tables, of {m.n_blocks} blocks")
+        for sid, table in m.tables.items():
+            assert len(table) == -(-m.lengths[sid] // m.block_size), (
+                f"after {what}: {sid!r} holds {m.lengths[sid]} tokens in {len(table)} blocks "
+                f"of {m.block_size}: it needs ceil(tokens / block_size)")
+        return result
+
+    class Watched(cls):
+        def grow(self, *args):
+            sound(self, f"grow{args}", super().grow(*args))
+
+        def grow_each(self, seq_ids):
+            return sound(self, f"grow_each({seq_ids})", super().grow_each(seq_ids))
+
+        def release(self, seq_id):
+            sound(self, f"release({seq_id!r})", super().release(seq_id))
+    m = Watched(4, 2)                           # 4 blocks of 2 tokens
+    m.grow("a", 3)
+    m.grow("b", 1)
+    with contextlib.suppress(OutOfBlocks):
+        m.grow("b", 4)
+        raise AssertionError("grow('b', 4) needs 2 more blocks, 1 is free: raise OutOfBlocks")
+    assert m.lengths == {"a": 3, "b": 1}, "a grow that raised must change nothing"
+    sound(m, "a grow that raised")
+    assert m.grow_each(["a", "b"]) and not m.grow_each(["a", "b"]) and m.n_free == 1, (
+        "grow_each: one token each, or False when the blocks do not suffice")
+    m.release("a")
+    m.release("b")
+    assert m.n_free == 4 and not m.lengths, "release: every block back, the sequence forgotten"
+    eng, _ = _serve_with("block manager", blocks=Watched, num_blocks=20)
+    blocks = eng.cache.blocks
+    assert isinstance(blocks, cls) and eng.preemptions, "the check is broken: no preemption"
+    assert blocks.n_free == blocks.n_blocks and not blocks.tables, (
+        f"after the run {blocks.n_free} of {blocks.n_blocks} blocks are free: release them all")
+    _ok(f"block manager: {eng.preemptions} preemptions, every block back, the same answers")
+
+
+def check_victim(fn):
+    """``fn(running)`` -> the running sequence to preempt when a decode finds no free block:
+    the newest (``running`` is in the order of admission). Plugged into the paged engine on
+    SmolLM2 with a cache too small for all at once; the answers must be Hugging Face's."""
+    from course_lib.engines.scheduler import Scheduler
+
+    class Mine(Scheduler):
+        def victim(self):
+            got = fn(list(self.running))
+            assert any(got is s for s in self.running), "return one of the running sequences"
+            assert got is self.running[-1], (
+                f"running {[s.req.id for s in self.running]} (as admitted): you preempt "
+                f"{got.req.id}. Preempt the newest, "
+                "the last admitted: it has the least done, and the others were there first")
+            return got
+    eng, _ = _serve_with("victim", Mine, num_blocks=20)
+    assert eng.preemptions, "the check is broken: no preemption"
+    _ok(f"victim: {eng.preemptions} preemptions of the newest, the same answers")
+
+
 # ---------------------------------------------------------------- chapter 08
 def check_percentile_latency(fn):
     """``fn(values, q)``: the q-th percentile (0-100) with linear interpolation between ranks,
@@ -439,8 +579,14 @@ def check_goodput(fn):
 def check_admission_rule(fn):
     """``fn(waited_s, first_token_s, decode_step_s, ttft_slo, tpot_slo)`` -> "admit", "queue" or
     "refuse": refuse what cannot meet the TTFT target even if admitted now; queue what would make
-    decode steps slower than the TPOT target; admit the rest."""
+    decode steps slower than the TPOT target; admit the rest. Checked on cases, then as the rule
+    of the paged engine's admission controller, serving an overload on a simulated clock."""
+    from unittest import mock
+
     from course_lib.engines.policies import SLO, AdmissionController
+    from course_lib.measure.costmodel import FEATURES, StepCost
+    from course_lib.measure.simulator import simulate
+    from course_lib.requests import Request, poisson_arrivals
 
     class Fixed:
         def __init__(self, first, step):
@@ -460,7 +606,26 @@ def check_admission_rule(fn):
             f"waited {waited:.3g} s, first token in {first:.3g} s more, decode step {step:.3g} s, "
             f"targets TTFT {ttft:.3g} s / TPOT {tpot:.3g} s: expected {want!r}, got {got!r}")
     assert seen == {"admit", "queue", "refuse"}
-    _ok("admission rule: refuse the late, queue what would slow everyone, admit the rest")
+    # the engine: a step takes 10 ms + 2 ms per sequence, and the controller knows it
+    cost = StepCost(dict(dict.fromkeys(FEATURES, 0.0), overhead=0.01, per_row=0.002), "check",
+                    math.inf, math.inf)
+    reqs = poisson_arrivals([Request(f"r{i}", [3] * 20, max_new_tokens=10 + i * 7 % 20)
+                             for i in range(60)], 200.0, seed=0)
+    slo, logs = SLO(ttft_s=0.3, tpot_s=0.03), {}
+    for name, rule in (("yours", fn), ("course", AdmissionController.rule)):
+        with mock.patch.object(AdmissionController, "rule", staticmethod(rule)):
+            logs[name] = simulate("paged", reqs, cost, LlamaShape.from_config(
+                _configs()["smollm2-135m"]), 2, 32, slo=slo, step_cost=cost)[1]
+    served = [r for r in logs["yours"].requests if r.finish_reason == "length"]
+    assert all(r.ttft_s <= slo.ttft_s + 1e-9 for r in served), (
+        "a request you admitted got its first token after the TTFT target")
+    assert all(r.tpot_s <= slo.tpot_s + 1e-9 for r in served), "decode steps over the TPOT target"
+    fates = {k: [r.finish_reason for r in log.requests] for k, log in logs.items()}
+    assert fates["yours"] == fates["course"], (
+        f"you serve {fates['yours'].count('length')} of {len(reqs)} requests, the course's rule "
+        f"{fates['course'].count('length')}, all on time: refuse only what would be late")
+    _ok(f"admission rule, in the engine: {len(served)} of {len(reqs)} served on time, the rest "
+        "refused at once")
 
 
 # ---------------------------------------------------------------- chapter 09
