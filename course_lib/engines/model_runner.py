@@ -19,7 +19,6 @@ from course_lib.kernels.cuda_graphs import DecodeGraphs
 from course_lib.kernels.fused import OPS as FUSED_OPS
 from course_lib.kernels.paged_decode import KernelPagedAttention
 from course_lib.measure.metrics import Step
-from course_lib.measure.roofline import attended_pairs
 from course_lib.model.attention import FlexPagedAttention, GatheredFlexAttention, PagedAttention
 from course_lib.model.kv_cache import to_device
 from course_lib.model.llama import REFERENCE_OPS
@@ -49,15 +48,14 @@ def packed_inputs(rows, last):
     return tokens
 
 
-def step_work(plan, computed: int) -> dict:
+def step_counts(plan, computed: int) -> dict:
     """What a step computes, for its ``Step`` record (read before its tokens count as cached).
     A decode feeds an answer token back; prompts and recomputed answers are prefill."""
-    seqs, cached = plan.seqs, [s.cached for s in plan.seqs]
-    decode_tokens = sum(s.cached >= len(s.req.prompt_tokens) for s in seqs
-                        if plan.decode_only or s.pending == 1)
-    return dict(rows=len(seqs), slots=computed, prefill_tokens=sum(plan.sizes) - decode_tokens,
-                decode_tokens=decode_tokens, attended=sum(map(attended_pairs, cached, plan.sizes)),
-                kv_read=sum(cached), logit_rows=len(plan.sampled), active=[s.req.id for s in seqs])
+    seqs = plan.seqs
+    decodes = sum(s.cached >= len(s.req.prompt_tokens) for s in seqs
+                  if plan.decode_only or s.pending == 1)
+    return dict(pairs=[(s.cached, n) for s, n in plan], decode_tokens=decodes, slots=computed,
+                logit_rows=len(plan.sampled), active=[s.req.id for s in seqs])
 
 
 @dataclass
@@ -168,7 +166,7 @@ class ModelRunner:
             event.record()
         else:                                     # elsewhere the step ran inside this call
             end = self.now()
-        return InFlight(plan, host, start, end, event, step_work(plan, computed))
+        return InFlight(plan, host, start, end, event, step_counts(plan, computed))
 
     def collect(self, step: InFlight) -> tuple:
         """Wait for a launched step: ``(its sampled tokens, its Step record)``."""
@@ -184,6 +182,6 @@ class ModelRunner:
         tokens = step.host[:len(step.plan.sampled)].tolist()
         # steps run back to back on the device: one starts when it is launched or when the one
         # before it ends, whichever is later
-        record = Step(max(step.start, self._last_end), max(end, step.start), **step.work)
+        record = Step.of(max(step.start, self._last_end), max(end, step.start), **step.work)
         self._last_end = record.end_s
         return tokens, record

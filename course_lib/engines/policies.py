@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from course_lib.measure.costmodel import StepCost, features
-from course_lib.measure.roofline import attended_pairs
+from course_lib.measure.metrics import Step
 
 ONLINE = SimpleNamespace(device="online", bandwidth=float("inf"), flops=float("inf"))
 
@@ -82,18 +82,20 @@ class AdmissionController:
         self.slo, self.model, self.clock = slo, model, clock
         self.admitted = set()      # ids admitted once: a preempted sequence is not judged again
 
+    def step_time(self, pairs) -> float | None:
+        """Predicted time of a step in which each sequence feeds ``new`` tokens after ``cached``
+        ones (``(cached, new)`` pairs)."""
+        s = Step.of(0.0, 0.0, pairs)
+        return self.model.predict(s.rows, s.slots, s.attended, s.kv_read)
+
     def decode_time(self, contexts: list) -> float | None:
         """Predicted time of one decode step of sequences with these many cached tokens."""
-        n = len(contexts)
-        return self.model.predict(n, n, sum(c + 1 for c in contexts), sum(contexts))
+        return self.step_time([(c, 1) for c in contexts])
 
     def prefill_time(self, prompt_len: int, contexts: list) -> float | None:
         """Predicted time of a step that prefills a prompt next to one decode for each running
         sequence (the step in which a newcomer gets its first token)."""
-        n = len(contexts)
-        return self.model.predict(n + 1, n + prompt_len,
-                                  sum(c + 1 for c in contexts) + attended_pairs(0, prompt_len),
-                                  sum(contexts))
+        return self.step_time([(c, 1) for c in contexts] + [(0, prompt_len)])
 
     def decide(self, prompt_len: int, waited_s: float, contexts: list) -> tuple:
         """``("admit", "")``, ``("queue", why)`` or ``("refuse", why)`` for a request with a

@@ -39,24 +39,22 @@ class Peaks:
         return self.flops / self.bandwidth
 
 
+def cpu_model() -> str | None:
+    """The host CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    return f"{cpu_model() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def time_fn(fn, device, repeat: int = 10, warmup: int = 2) -> float:
@@ -110,19 +108,18 @@ def measure_peaks(device="cpu", dtype=torch.float32, refresh: bool = False) -> P
 
 
 # ---------------------------------------------------------------- bytes and FLOPs of a step
-def weight_bytes(shape, dtype_bytes: int) -> int:
-    """Weights a forward pass reads once: every layer's matrices and norms, the final norm and the
-    output head. The embedding table is not read whole (only the rows of the tokens)."""
-    s = shape
-    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    per_layer = s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden
-    return (s.n_layers * per_layer + s.vocab_size * s.hidden + s.hidden) * dtype_bytes
-
-
 def matmul_params_per_token(shape) -> int:
     s = shape
     q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
     return s.n_layers * (s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate)
+
+
+def weight_bytes(shape, dtype_bytes: int) -> int:
+    """Weights a forward pass reads once: every layer's matrices and norms, the final norm and the
+    output head. The embedding table is not read whole (only the rows of the tokens)."""
+    s = shape
+    norms = (2 * s.n_layers + 1) * s.hidden
+    return (matmul_params_per_token(s) + norms + s.vocab_size * s.hidden) * dtype_bytes
 
 
 def attended_pairs(cached: int, new: int) -> int:
@@ -156,17 +153,29 @@ def step_work(shape, dtype_bytes: int, tokens: int, attended: int, kv_read: int,
     return Work(moved, flops)
 
 
+def pair_counts(pairs) -> tuple:
+    """``(tokens, attended, kv_read)`` of a step in which each sequence feeds ``new`` tokens after
+    ``cached`` ones (``pairs``: one ``(cached, new)`` per sequence)."""
+    pairs = list(pairs)
+    return (sum(n for _, n in pairs), sum(attended_pairs(c, n) for c, n in pairs),
+            sum(c for c, _ in pairs))
+
+
+def pairs_work(shape, dtype_bytes: int, pairs) -> Work:
+    """``step_work`` of such a step (``pair_counts``), each sequence getting one row of logits."""
+    pairs = list(pairs)
+    return step_work(shape, dtype_bytes, *pair_counts(pairs), len(pairs))
+
+
 def prefill_work(shape, dtype_bytes: int, lengths, padded: bool) -> Work:
     """The work of prefilling prompts of ``lengths`` in one step: padded to the longest (every
     row computes ``max(lengths)`` positions and attends over all of them, the padding masked but
     computed) or packed (each prompt's own tokens, attention within each prompt only)."""
-    if padded:
-        T = max(lengths)
-        n, attended = len(lengths) * T, len(lengths) * T * T
-    else:
-        n, attended = sum(lengths), sum(attended_pairs(0, x) for x in lengths)
-    return step_work(shape, dtype_bytes, tokens=n, attended=attended, kv_read=0,
-                     logit_rows=len(lengths))
+    if not padded:
+        return pairs_work(shape, dtype_bytes, [(0, n) for n in lengths])
+    B, T = len(lengths), max(lengths)
+    return step_work(shape, dtype_bytes, tokens=B * T, attended=B * T * T, kv_read=0,
+                     logit_rows=B)
 
 
 def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> dict:
@@ -184,16 +193,14 @@ def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> 
     prefill_s = prefill_flops / peaks.flops
     decode_s, decode_bytes = 0.0, 0.0
     for t in range(1, max(output_lens, default=1)):       # step t feeds each sequence's t-th token
-        ctx = [p + t - 1 for p, n in zip(prompt_lens, output_lens) if n > t]
-        w = step_work(shape, dtype_bytes, tokens=len(ctx), attended=sum(ctx) + len(ctx),
-                      kv_read=sum(ctx), logit_rows=len(ctx))
+        w = pairs_work(shape, dtype_bytes, [(p + t - 1, 1) for p, n in
+                                            zip(prompt_lens, output_lens) if n > t])
         decode_s += max(w.bytes / peaks.bandwidth, w.flops / peaks.flops)
         decode_bytes += w.bytes
-    total = prefill_s + decode_s
+    total, out = prefill_s + decode_s, sum(output_lens)
     return {"prefill_s": prefill_s, "decode_s": decode_s, "seconds": total,
-            "prefill_flops": prefill_flops, "decode_bytes": decode_bytes,
-            "output_tokens": sum(output_lens),
-            "output_tokens_per_s": sum(output_lens) / total if total > 0 else None}
+            "prefill_flops": prefill_flops, "decode_bytes": decode_bytes, "output_tokens": out,
+            "output_tokens_per_s": out / total if total > 0 else None}
 
 
 # ---------------------------------------------------------------- NVML
@@ -284,9 +291,7 @@ def step_row(model, peaks, batch: int, context: int, new_tokens: int, seconds: f
              mode: str = "eager") -> dict:
     """Bytes, FLOPs, MBU and MFU of one timed step."""
     n = new_tokens
-    w = step_work(model.shape, model.dtype.itemsize, tokens=batch * n,
-                  attended=batch * attended_pairs(context, n),
-                  kv_read=batch * context, logit_rows=batch)
+    w = pairs_work(model.shape, model.dtype.itemsize, [(context, n)] * batch)
     return {"kind": "decode" if n == 1 else "prefill", "mode": mode, "batch": batch,
             "context": context, "new_tokens": n, "step_s": seconds,
             "tokens_per_s": batch * n / seconds, "bytes": w.bytes, "flops": w.flops,
