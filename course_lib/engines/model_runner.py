@@ -85,8 +85,9 @@ class ModelRunner:
             raise ValueError("cuda_graphs needs a CUDA device and attention='kernel'")
         # decode-only steps through fixed buffers (graphs on CUDA, eager elsewhere)
         self.decode_path = attention == "kernel"
-        self.cuda_graphs = cuda and self.decode_path if cuda_graphs is None else cuda_graphs
-        self.fused = cuda and self.decode_path if fused is None else fused
+        on = cuda and self.decode_path                  # the default of chapter 09's switches
+        self.cuda_graphs, self.fused, self.overlap = (
+            on if x is None else x for x in (cuda_graphs, fused, overlap))
         if self.fused and not cuda:
             raise ValueError("fused needs a CUDA device (the kernels are Triton)")
         if hasattr(model, "use_ops"):
@@ -94,7 +95,6 @@ class ModelRunner:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.temperature = temperature
-        self.overlap = cuda and self.decode_path if overlap is None else overlap
         # the tokens each step samples stay on the device, where the next step reads them; two
         # pinned host buffers for their copies, as the step before may not be read yet
         self.last = torch.zeros(max_batch, dtype=torch.long, device=model.device)

@@ -32,6 +32,7 @@ from course_lib.measure.costmodel import StepCost, features, run_name
 from course_lib.measure.roofline import attended_pairs
 from course_lib.model.attention import cu_seqlens
 from course_lib.model.llama import LlamaShape
+from course_lib.model.models import preset_shape
 from course_lib.requests import Request
 
 PATHS = ("padded", "gather", "flex", "kernel")
@@ -263,14 +264,11 @@ def runs_in(stored: dict) -> list:
 
 def shape_of(result: dict) -> LlamaShape:
     """The shape of a stored run's model preset."""
-    from transformers import LlamaConfig
-
-    from course_lib.model.models import PRESETS
-    return LlamaShape.from_config(LlamaConfig(**PRESETS[result["model"]].config))
+    return preset_shape(result["model"])
 
 
 def dtype_bytes_of(result: dict) -> int:
-    return torch.finfo(getattr(torch, result["dtype"])).bits // 8
+    return getattr(torch, result["dtype"]).itemsize
 
 
 def main(argv=None):

