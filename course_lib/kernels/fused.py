@@ -235,6 +235,6 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
     return rows
 
 
-if __name__ == "__main__":       # python -m course_lib.kernels.fused (TRITON_INTERPRET=1 on a CPU)
+if __name__ == "__main__":       # TRITON_INTERPRET=1 on a CPU
     for r in selfcheck():
         print(json.dumps(r))
