@@ -1,10 +1,5 @@
-"""What the three batching engines of chapters 02-04 share: sequences in cache slots, and a
-padded forward pass that records what it computed.
-
-A ``Seq`` is a request being served: the cache slot it occupies, the column where its real tokens
-start (left of it: padding), and the column its next token goes to. ``PaddedEngine.forward`` runs
-one step for some sequences and logs it: every token slot computed, and which of them were useful.
-"""
+"""What the batching engines of chapters 02-04 share: sequences (``Seq``) in cache slots, and a
+padded forward pass that logs every token slot it computed and which of them were useful."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +38,8 @@ class PaddedEngine(Engine):
 
     def _serve(self, requests):
         if requests:
-            self.runner = PaddedRunner(self.model, self.max_batch, self.cache_len(requests), self.eos)
+            self.runner = PaddedRunner(self.model, self.max_batch, self.cache_len(requests),
+                                       self.eos)
             self.schedule(requests)
 
     def schedule(self, requests):

@@ -1,23 +1,13 @@
-"""The scheduler's admission policies: latency targets (chapter 08), a free-block watermark
+"""The scheduler's admission policies: latency targets (chapter 08) and a free-block watermark
 (chapter 09). Each has ``admit(seq, scheduler) -> bool``, asked before the head of the queue
 joins; one may also ``shed(scheduler)``: refuse waiting requests for good.
 
-A server that admits every request keeps its throughput but, past its capacity, lets the queue
-grow without bound: every request then misses its time-to-first-token target, and a batch grown
-too large misses the time-per-output-token target too. An admission controller decides, for each
-waiting request, one of three things:
-
-* **admit** it now;
-* **queue** it (the batch is as large as the TPOT target allows: one more sequence would make
-  every decode step too slow);
-* **refuse** it, with the reason, when it can no longer meet its TTFT target even if admitted
-  now (it has waited too long, or its prompt alone takes too long to prefill). Refusing early is
-  what keeps the others on time: served late is as useless as not served, and costs capacity.
-
-Its predictions come from the step-cost model of ``course_lib.measure.simulator``, fitted online to
-the steps this engine has run so far (and, until there are enough of them, from a given model).
-*Goodput* is what the controller tries to maximise: requests served within both targets, per
-second (``course_lib.measure.metrics.goodput``).
+Past its capacity a server that admits everything lets its queue grow without bound, and every
+request misses its targets. The ``AdmissionController`` *admits* a request, *queues* it (one more
+sequence would make every decode step slower than the TPOT target) or *refuses* it, with the
+reason, when it can no longer meet its TTFT target: served late is as useless as not served, and
+costs capacity. It predicts step times with the step-cost model, fitted online to the engine's
+own steps. What it maximises is *goodput*: requests served within both targets, per second.
 """
 from __future__ import annotations
 
@@ -44,10 +34,9 @@ class SLO:
 
     def met(self, record) -> bool:
         """Did a served request meet both targets?"""
-        ttft_ok = self.ttft_s is None or (record.ttft_s is not None
-                                          and record.ttft_s <= self.ttft_s)
-        tpot_ok = self.tpot_s is None or record.tpot_s is None or record.tpot_s <= self.tpot_s
-        return ttft_ok and tpot_ok
+        ttft, tpot = record.ttft_s, record.tpot_s
+        return ((self.ttft_s is None or (ttft is not None and ttft <= self.ttft_s))
+                and (self.tpot_s is None or tpot is None or tpot <= self.tpot_s))
 
 
 class StepTimeModel:
