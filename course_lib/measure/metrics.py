@@ -248,7 +248,7 @@ HOST_TIMES = ("schedule_ms", "launch_ms", "wait_ms", "retire_ms")
 
 def host_summary(records: list) -> list:
     """Median host times per step kind and batch range, from ``bench/host_overlap.py``'s records
-    (one per launch: ``kind``, ``rows`` and the ``HOST_TIMES``; the first step has no schedule time)."""
+    (one per launch: ``kind``, ``rows`` and the ``HOST_TIMES``; the first has no schedule time)."""
     rows = []
     for kind in ("packed", "decode"):
         for lo, hi in ((1, 32), (33, 128), (129, 256), (257, None)):

@@ -149,7 +149,7 @@ def step_work(shape, dtype_bytes: int, tokens: int, attended: int, kv_read: int,
              + 4 * s.n_layers * s.n_heads * s.head_dim * attended
              + 2 * s.vocab_size * s.hidden * logit_rows)
     kv = kv_bytes_per_token(s, dtype_bytes)
-    moved = weight_bytes(s, dtype_bytes) + kv * (kv_read + tokens)   # read the cache, write new K, V
+    moved = weight_bytes(s, dtype_bytes) + kv * (kv_read + tokens)   # read the cache, write K, V
     return Work(moved, flops)
 
 
