@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from course_lib.model.kv_cache import kv_bytes_per_token
+from course_lib.model.llama import matmul_params_per_token
 from course_lib.model.models import cache_dir
 
 
@@ -108,12 +109,6 @@ def measure_peaks(device="cpu", dtype=torch.float32, refresh: bool = False) -> P
 
 
 # ---------------------------------------------------------------- bytes and FLOPs of a step
-def matmul_params_per_token(shape) -> int:
-    s = shape
-    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    return s.n_layers * (s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate)
-
-
 def weight_bytes(shape, dtype_bytes: int) -> int:
     """Weights a forward pass reads once: every layer's matrices and norms, the final norm and the
     output head. The embedding table is not read whole (only the rows of the tokens)."""

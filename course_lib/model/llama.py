@@ -42,6 +42,14 @@ class LlamaShape:
                    float(theta), float(c.rms_norm_eps), int(eos), int(c.max_position_embeddings))
 
 
+def matmul_params_per_token(shape) -> int:
+    """Weights every token multiplies by: the layers' projections (not the embedding, nor the
+    output head)."""
+    s = shape
+    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    return s.n_layers * (s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate)
+
+
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor   # (hidden,)

