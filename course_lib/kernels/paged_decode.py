@@ -26,7 +26,6 @@ from course_lib.model.attention import (
     GatheredFlexAttention,
     PagedAttention,
     cu_seqlens,
-    write_cache,
 )
 from course_lib.model.kv_cache import PagedKVCache, to_device
 from course_lib.model.llama import LlamaShape
@@ -240,17 +239,12 @@ def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16))
 
 
 # ---------------------------------------------------------------- the kernel as attention
-class DecodeAttention:
-    """One new token per sequence (a decode step, chapter 09): store each token's key and value
-    in its slot, then the course's Triton kernel reads every sequence's keys and values in place
-    through its block table (``decode_attention``: the reference where Triton cannot run).
-
-    slots:   ``(B,)`` cache slot of each new token
-    tables:  ``(B, max_blocks)`` block tables, padded past each sequence's blocks
-    lengths: ``(B,)`` tokens of each sequence in the cache, the new one included
-    All three are tensors on the model's device, so a CUDA graph can keep them as its inputs and
-    only their contents change from step to step (``course_lib.kernels.cuda_graphs``).
-    """
+class DecodeAttention(PagedAttention):
+    """One new token per sequence (a decode step): its key and value stored in its slot, then the
+    Triton kernel reads every sequence's keys and values in place through its block table
+    (``decode_attention``). ``slots`` ``(B,)``, ``tables`` ``(B, max_blocks)`` and ``lengths``
+    ``(B,)`` (the new token included) are device tensors, so that a CUDA graph can keep them as
+    its inputs and only their contents change from step to step."""
 
     def __init__(self, cache, slots, tables, lengths):
         self.cache, self.slots, self.tables, self.lengths = cache, slots, tables, lengths
@@ -263,10 +257,6 @@ class DecodeAttention:
                    cache.table_tensor([sid for sid, _, _ in seqs], device),
                    to_device([cached + 1 for _, cached, _ in seqs], device))
 
-    def __call__(self, layer, q, k, v):
-        write_cache(self.cache, layer, self.slots, k, v)
-        return self.attend(layer, q)
-
     def attend(self, layer, q):
         """The kernel over the cache, which already holds the new tokens' keys and values."""
         return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables,
@@ -274,11 +264,10 @@ class DecodeAttention:
 
 
 class KernelPagedAttention(PagedAttention):
-    """A packed step the fast way: its decodes (sequences with one new token, which the
-    scheduler puts first) through the paged decode kernel, its prefill chunks through
-    FlexAttention over a packed copy of their keys (``prefill_cls``). FlexAttention alone is slow
-    for decodes: they share 128-query tiles, and each tile reads the keys of all its sequences
-    for every query in it."""
+    """A packed step the fast way: its decodes (first in the step) through the decode kernel, its
+    prefill chunks through FlexAttention over a packed copy of their keys (``prefill_cls``).
+    FlexAttention alone is slow for decodes: each tile of queries reads the keys of all its
+    sequences for every query in it."""
 
     prefill_cls = GatheredFlexAttention      # FlexPagedAttention reads the cache in place instead
 

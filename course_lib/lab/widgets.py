@@ -1,9 +1,6 @@
-"""Sliders over cached, tested measurements.
-
-Nothing runs until the learner clicks Run, so a headless run of a notebook never pays for it. On
-a click the output first says what runs and for which setting (with a progress bar over the
-runs), and the result replaces that line. A stored output that cannot show the slider (a notebook
-not run yet, or not trusted) shows a one-line hint instead of the widget's repr.
+"""Sliders over cached, tested measurements. Nothing runs until the learner clicks Run (a headless
+run of a notebook never pays for it); a click first says what runs, then the result replaces
+that line. A stored output that cannot show the slider shows a one-line hint instead.
 """
 from __future__ import annotations
 

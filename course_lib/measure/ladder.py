@@ -1,18 +1,9 @@
 """Chapter 09's ladder: named rungs, each an engine with settings, run one after the other on the
-same loaded model, the same requests and the same device, with the workload's physical floor.
-
-A rung's name is the engine it runs (``course_lib.engines.REGISTRY``), with the settings below:
-
-  static, dynamic, continuous   the padded engines of chapters 02-04, at ``max_batch``
-  paged       + paged KV-cache: FlexAttention over blocks of 16, up to ``big_batch`` sequences in
-              the KV memory the continuous engine's rows reserve at ``max_batch``
-  chunked     + chunked prefill: the same, under a budget of ``max_num_batched_tokens`` tokens
-              per step
-  fast        + the Triton decode kernel, fused elementwise kernels, CUDA graphs, sampling on
-              the GPU, and the host scheduling step k+1 while step k runs (chapter 09)
-  hf-generate, hf-cb, vllm      the peers, at ``max_batch``
-
-Options after a colon override a rung's settings: ``fast:kv_memory_mib=16384``.
+same loaded model, requests and device, with the workload's physical floor. A rung is named by
+its engine (``course_lib.engines.REGISTRY``); the padded engines and the peers run at
+``max_batch``, the paged ones (``RUNGS``) up to ``big_batch`` sequences in the KV memory the
+padded rows reserve at ``max_batch``. Options after a colon override a rung's settings:
+``fast:kv_memory_mib=16384``.
 """
 from __future__ import annotations
 
@@ -39,10 +30,9 @@ RUNGS = {"paged": _PAGED,
          "fast": {**_PAGED, "max_num_batched_tokens": "max_num_batched_tokens",
                   "attention": "kernel", "cuda_graphs": True, "fused": True, "overlap": True}}
 
-# Chapter 09's complete run on a GPU (bench/gpu/gpu_ladder09.sh; notebook 09 with full_ladder), most
-# telling first: the peer on a clean card, the fast rungs, then the rest. hf-cb runs at the padded
-# engines' batch and at the fast rungs', each also with its KV-cache at half the free memory (room
-# for its CUDA-graph warm-up). SHORT_09 is the notebook's live default, on fewer requests.
+# Chapter 09's complete run on a GPU, most telling first: the peer on a clean card, the fast
+# rungs, then the rest; hf-cb also with its KV-cache at half the free memory (room for its CUDA
+# graphs' warm-up). SHORT_09: the notebook's live default, on fewer requests.
 LADDER_09 = ["static", "hf-cb", "hf-cb:max_batch=512", "hf-cb:max_memory_percent=0.5",
              "hf-cb:max_batch=512,max_memory_percent=0.5",
              "fast:kv_memory_mib=16384,max_num_batched_tokens=16384",

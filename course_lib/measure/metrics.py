@@ -1,9 +1,6 @@
-"""What a run records and the numbers computed from it.
-
-Every engine returns a :class:`RunLog`: one :class:`RequestRecord` per request (its arrival, the
-time of every output token, how it finished) and one :class:`Step` per forward pass (how many
-token slots it computed and how many of them were useful). Everything the course reports is
-computed here from those records:
+"""What a run records, and the numbers computed from it. Every engine returns a ``RunLog``: one
+``RequestRecord`` per request (its arrival, the time of every output token, how it finished) and
+one ``Step`` per forward pass (the token slots it computed, and which were useful).
 
 * TTFT (time to first token) = first token time - arrival
 * TPOT (time per output token) = (last token time - first token time) / (output tokens - 1)

@@ -1,10 +1,6 @@
-"""Measuring how well a step uses the machine.
-
-* ``measure_peaks(device, dtype)``: the device's copy bandwidth and matrix-multiply rate, measured
-  (never copied from a datasheet) and cached per device, dtype and torch version.
-* ``step_work(shape, dtype_bytes, ...)``: the bytes a forward pass *must* read and the FLOPs it
-  *must* do, derived from the model config and the tokens it computes.
-* ``NvmlSampler``: NVML's "GPU utilisation" (what nvidia-smi shows), sampled during a run.
+"""Measuring how well a step uses the machine: the device's peaks, measured (never copied from a
+datasheet); the bytes a forward pass *must* move and the FLOPs it *must* do (``step_work``);
+NVML's "GPU utilisation", sampled during a run.
 
 MBU (model bandwidth utilisation) = bytes a step must move / step time / peak bandwidth.
 MFU (model FLOPs utilisation)     = FLOPs a step must do  / step time / peak FLOP/s.
@@ -131,14 +127,9 @@ class Work:
 
 def step_work(shape, dtype_bytes: int, tokens: int, attended: int, kv_read: int,
               logit_rows: int) -> Work:
-    """What a forward pass must do.
-
-    tokens:     tokens whose hidden states are needed (no padding, no finished rows)
-    attended:   (query, key) pairs those tokens attend to, summed (causal: a prompt of n tokens
-                has n(n+1)/2; a decode token at context c has c)
-    kv_read:    cached tokens whose K and V must be read (each sequence's context, once)
-    logit_rows: tokens whose logits over the vocabulary are computed
-    """
+    """What a forward pass must do: ``tokens`` whose hidden states are needed (no padding), the
+    (query, key) pairs they ``attended`` (``attended_pairs``), the cached tokens whose K and V it
+    must read (``kv_read``), the tokens whose logits it computes (``logit_rows``)."""
     s = shape
     flops = (2 * matmul_params_per_token(s) * tokens
              + 4 * s.n_layers * s.n_heads * s.head_dim * attended
@@ -174,15 +165,11 @@ def prefill_work(shape, dtype_bytes: int, lengths, padded: bool) -> Work:
 
 
 def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> dict:
-    """The physical floor of a workload on a device: no engine can serve it faster.
-
-    Prefill: every prompt's FLOPs (matmuls, causal attention within the prompt, the logits of its
-    first output token) at the measured matmul rate. Decode: every sequence decodes side by side
-    from the start (the largest batch there is), one step per output token after the first; a
-    step reads the weights once and the K and V of every sequence still running, at the measured
-    copy bandwidth (or does its FLOPs at the matmul rate, if that takes longer).
-    Returns seconds for each part, the total, and output tokens per second at the floor.
-    """
+    """The physical floor of a workload on a device: no engine can serve it faster. Prefill:
+    every prompt's FLOPs at the measured matmul rate. Decode: every sequence side by side from
+    the start, one step per output token after the first, each step reading the weights once and
+    the K and V of every sequence still running at the measured copy bandwidth (or doing its
+    FLOPs at the matmul rate, if that takes longer). Seconds of each part, and tokens/s."""
     prompt_lens, output_lens = list(prompt_lens), list(output_lens)
     prefill_flops = prefill_work(shape, dtype_bytes, prompt_lens, padded=False).flops
     prefill_s = prefill_flops / peaks.flops
@@ -200,11 +187,8 @@ def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> 
 
 # ---------------------------------------------------------------- NVML
 class NvmlSampler:
-    """Samples NVML's GPU utilisation (percent of time a kernel was running) in a thread.
-
-    ``with NvmlSampler() as s: ...`` then ``s.samples``; on a machine without NVML,
-    ``s.available`` is False and ``s.mean`` is None.
-    """
+    """Samples NVML's GPU utilisation (percent of time a kernel was running) in a thread:
+    ``with NvmlSampler() as s: ...``, then ``s.samples`` (without NVML: ``s.mean`` is None)."""
 
     def __init__(self, index: int = 0, interval_s: float = 0.05):
         self.index, self.interval_s, self.samples = index, interval_s, []
@@ -242,12 +226,9 @@ class NvmlSampler:
 def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int = 5,
               warmup: int = 2, graph: bool = False) -> float:
     """Median seconds of one forward pass of ``batch`` sequences, each with ``context`` tokens
-    already cached and ``new_tokens`` new ones (1 = a decode step; a whole prompt = a prefill).
-
-    ``graph=False`` times what a Python engine pays: the batch's attention masks are built and
-    every kernel is launched from Python. ``graph=True`` (CUDA only) records the step once as a
-    CUDA graph and times its replays: what the GPU itself needs, without the launch overhead.
-    """
+    already cached and ``new_tokens`` new ones. ``graph=False``: what a Python engine pays, masks
+    built and kernels launched from Python; ``graph=True`` (CUDA): the replays of a CUDA graph of
+    the step, what the GPU itself needs."""
     from course_lib.model.attention import PaddedAttention
     from course_lib.model.kv_cache import ContiguousKVCache
     dev = model.device
@@ -314,11 +295,9 @@ def batch_sweep(model, peaks, batch_sizes=(1, 2, 4, 8, 16, 32, 64), context: int
 # ---------------------------------------------------------------- the seed's back-of-envelope
 def memory_bound_utilisation(n_params: float, bytes_per_param: float, batch: int,
                              bandwidth: float, flops: float) -> dict:
-    """The seed chapter's "load 14 GB -> 1 token: ~1%" argument, made explicit.
-
-    Assume a decode step is memory-bound: its time is the weights over the bandwidth. In that time
-    the chip could do ``flops x time`` operations; the step needs ``2 x n_params x batch``.
-    """
+    """The seed chapter's "load 14 GB -> 1 token: ~1%" argument: a memory-bound decode step takes
+    the weights over the bandwidth, in which the chip could do ``flops x time`` operations; the
+    step needs ``2 x n_params x batch``."""
     step_s = n_params * bytes_per_param / bandwidth
     needed = 2 * n_params * batch
     return {"step_s": step_s, "tokens_per_s": batch / step_s,

@@ -31,14 +31,10 @@ def padded_visibility(start, write_at, n_cols):
 
 
 class PaddedAttention:
-    """Attention for one forward pass over a padded batch.
-
-    cache:    a ``ContiguousKVCache``
-    slots:    which cache rows the ``B`` batch rows use (a list of ints)
-    start:    ``(B,)`` first real column of each row (= its amount of left padding)
-    write_at: ``(B, T)`` cache column of each new token
-    n_cols:   columns to attend over (``write_at.max() + 1``; pass it to spare a device sync)
-    """
+    """Attention for one forward pass over a padded batch: the cache rows (``slots``) of the ``B``
+    batch rows of a ``ContiguousKVCache``, the first real column of each row (``start``, ``(B,)``),
+    the cache column of each new token (``write_at``, ``(B, T)``), and the columns to attend over
+    (``n_cols``: ``write_at.max() + 1``; given, it spares a device sync)."""
 
     def __init__(self, cache, slots, start, write_at, n_cols: int | None = None):
         self.cache, self.write_at = cache, write_at
@@ -252,10 +248,8 @@ class FlexPagedAttention(PagedAttention):
     @torch.inference_mode()          # as the model runs: a change of grad mode would recompile
     def precompile(cls, cache, max_tokens: int, shape, dtype):
         """Compile the kernel for every shape a run's steps may take, before its clock starts:
-        each query bucket up to the most tokens a step holds (``max_tokens``, and never more than
-        the cache), with each of ``key_multiples``. Only the shapes matter: one token of one
-        sequence stands in for a bucket's queries, padding makes up the rest, so a cache too
-        small for the bucket's real tokens compiles it all the same."""
+        each query bucket up to ``max_tokens`` (and the cache), with each of ``key_multiples``.
+        Only the shapes matter: one token stands in for a bucket's queries, padding the rest."""
         device, capacity = cache.k[0].device, cache.blocks.n_blocks * cache.block_size
         if not cache.can_grow("precompile", 1):
             return
