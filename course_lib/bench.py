@@ -5,11 +5,9 @@
     python -m course_lib.bench --engine fast --model llama-1b-dummy --dtype bfloat16 \\
         --workload anyscale --max-batch 512 --kv-memory-mib 16384 --json fast.json
 
-The engines are those of ``course_lib.engines.REGISTRY`` (sequential, static, dynamic,
-continuous, chunked, paged, fast, hf-generate, hf-cb, vllm); the JSON layout stays the same:
-``engine`` (the registry's name of what ran), ``engine_options`` (the options given and the
-settings the engine resolved), ``model``, ``device`` (name and measured peaks), ``versions``,
-``metrics`` (throughput, TTFT/TPOT percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
+The JSON holds ``engine`` (the registry's name of what ran), ``engine_options`` (given, and as
+the engine resolved them), ``model``, ``device`` (name and measured peaks), ``versions``,
+``metrics`` (throughput, latency percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
 ``requests`` (one row per request).
 """
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Runs a scheduled step (chapters 05-09): its tokens packed into one tensor, one forward pass
-with attention through the block tables, the next tokens sampled on the device, its metrics.
-
-On CUDA (chapter 09) the fast path is on by default: decodes through the Triton paged decode
-kernel, prompt chunks through FlexAttention (``attention="kernel"``), decode-only steps replayed
-as CUDA graphs (``course_lib.kernels.cuda_graphs``), fused elementwise kernels, and *overlap*:
-``launch`` queues a step and returns; its sampled tokens stay on the device (``last``), where the
-next step's decodes read them, and reach the host through a pinned buffer that ``collect`` reads
-after the next step is launched.
+with attention through the block tables, the next tokens sampled on the device, its record. With
+*overlap* (chapter 09) ``launch`` queues a step and returns; its sampled tokens stay on the
+device (``last``), where the next step reads them, and reach the host through a pinned buffer
+that ``collect`` reads once the next step is launched.
 """
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """Continuous batching the way servers do it (chapters 05-09): packed steps under a token budget,
-over a paged KV-cache, with preemption when the cache is full.
-
-``PagedEngine`` wires the parts and runs the loop: take in arrivals, ask the scheduler for a step
-(``scheduler``), have the model runner run it (``model_runner``), hand the sampled tokens back to
-the scheduler. The cache's bookkeeping is the ``block_manager``'s; ``slo`` admission and the
-``watermark`` are ``policies`` the scheduler asks.
+over a paged KV-cache, with preemption when it is full. ``PagedEngine`` runs the loop: take in
+arrivals, ask the ``scheduler`` for a step, have the ``model_runner`` run it, hand the sampled
+tokens back to the scheduler.
 """
 from __future__ import annotations
 
