@@ -31,7 +31,8 @@ def main(argv=None):
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     model = Llama.from_hf(loaded.model)
     peaks = roofline.measure_peaks(a.device, model.dtype, refresh=True)
-    rows = roofline.batch_sweep(model, peaks, a.batch, a.context, a.prefill, a.repeat, progress=True)
+    rows = roofline.batch_sweep(model, peaks, a.batch, a.context, a.prefill, a.repeat,
+                                progress=True)
     if a.device.startswith("cuda"):          # the same steps without Python's launch overhead
         rows += roofline.batch_sweep(model, peaks, a.batch, a.context, a.prefill, a.repeat,
                                      progress=True, graph=True)
@@ -42,8 +43,8 @@ def main(argv=None):
     print(f"{peaks.device}: {peaks.bandwidth / 1e9:.0f} GB/s, {peaks.flops / 1e12:.1f} TFLOP/s")
     print(f"{'mode':>6} {'kind':>8} {'B':>5} {'step ms':>9} {'tok/s':>10} {'MBU':>6} {'MFU':>6}")
     for r in rows:
-        print(f"{r['mode']:>6} {r['kind']:>8} {r['batch']:>5} {r['step_s'] * 1e3:9.3f} {r['tokens_per_s']:10.0f} "
-              f"{100 * r['mbu']:5.1f}% {100 * r['mfu']:5.1f}%")
+        print(f"{r['mode']:>6} {r['kind']:>8} {r['batch']:>5} {r['step_s'] * 1e3:9.3f} "
+              f"{r['tokens_per_s']:10.0f} {100 * r['mbu']:5.1f}% {100 * r['mfu']:5.1f}%")
     print("wrote", path)
 
 

@@ -1,10 +1,11 @@
 """The throughput-latency curve from real runs: the continuous engine (paged, blocks of 16) on the
 same requests at every (arrival rate, max batch), one after the other in one process.
 
-    python -m bench curve --rates 1 2 4 8 --batches 2 8 32 --out bench/results/cpu/curve_smollm2-135m_cpu.json
+    python -m bench curve --rates 1 2 4 8 --batches 2 8 32 \
+        --out bench/results/cpu/curve_smollm2-135m_cpu.json
 
-Each row is ``course_lib.measure.tradeoffs.point`` of one run (throughput, TTFT/TPOT/end-to-end p50 and
-p99); notebook 08 draws them over its simulated curves.
+Each row is ``course_lib.measure.tradeoffs.point`` of one run (throughput, TTFT/TPOT/end-to-end
+p50 and p99); notebook 08 draws them over its simulated curves.
 """
 import argparse
 import sys
@@ -36,7 +37,8 @@ def main(argv=None):
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     peaks = measure_peaks(a.device, loaded.model.dtype)
     requests = chat_workload(loaded.tokenizer, n=a.n, max_new_tokens=a.max_new_tokens)
-    make_engine("continuous", loaded, max_batch=2, block_size=a.block_size).run(requests[:2])  # warm-up
+    warmup = make_engine("continuous", loaded, max_batch=2, block_size=a.block_size)
+    warmup.run(requests[:2])
     rows = []
     for b in a.batches:
         for rate in a.rates:
@@ -44,8 +46,9 @@ def main(argv=None):
                 poisson_arrivals(requests, rate, seed=0))
             rows.append(point(log, rate, b))
             r = rows[-1]
-            print(f"B={b:3d} rate {rate:5.2f}/s: {r['tokens_per_s']:6.1f} tok/s, TTFT p50 {r['ttft_p50']:.2f} s, "
-                  f"TPOT p50 {1e3 * r['tpot_p50']:.0f} ms", flush=True)
+            print(f"B={b:3d} rate {rate:5.2f}/s: {r['tokens_per_s']:6.1f} tok/s, "
+                  f"TTFT p50 {r['ttft_p50']:.2f} s, TPOT p50 {1e3 * r['tpot_p50']:.0f} ms",
+                  flush=True)
     save_result({"model": a.model, "dtype": a.dtype, "device": vars(peaks), "n": a.n,
                  "max_new_tokens": a.max_new_tokens, "block_size": a.block_size,
                  "torch_threads": torch.get_num_threads(), "rows": rows}, a.out,

@@ -1,8 +1,8 @@
 """One whole decode step of the paged engine's fast path, per batch size: the CUDA graph replay
 on the GPU (events), the whole step as the engine sees it (host fill + one copy + replay + the
 tokens back), the same step launched eagerly, kernel by kernel, and the graph replay of the model
-without the fused elementwise kernels and stacked projections (``course_lib.kernels.fused``). MBU = (weights + KV bytes the step
-must read) / time / measured copy bandwidth.
+without the fused elementwise kernels and stacked projections (``course_lib.kernels.fused``).
+MBU = (weights + KV bytes the step must read) / time / measured copy bandwidth.
 
     python -m bench decode_step --model llama-1b-dummy --dtype bfloat16 --context 640 --out DIR
 """
@@ -74,29 +74,33 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256, 512])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--repeat", type=int, default=20)
-    p.add_argument("--knobs", default="", help="decode kernel settings, e.g. block_n=32,num_warps=2")
+    p.add_argument("--knobs", default="",
+                   help="decode kernel settings, e.g. block_n=32,num_warps=2")
     p.add_argument("--blas", default=None, choices=["cublas", "cublaslt"],
-                   help="the BLAS library PyTorch's matmuls call (torch.backends.cuda.preferred_blas_library): "
-                        "each has its own heuristic for the thin matmuls of a decode step")
+                   help="the BLAS library PyTorch's matmuls call "
+                        "(torch.backends.cuda.preferred_blas_library): each has its own "
+                        "heuristic for the thin matmuls of a decode step")
     p.add_argument("--split-from", type=int, default=None,
-                   help="also time graphs that run buckets of this size and up as two halves on two "
-                        "streams (DecodeGraphs(split_from=...)), next to the whole-batch graphs")
+                   help="also time graphs that run buckets of this size and up as two halves on "
+                        "two streams (DecodeGraphs(split_from=...)), next to the whole-batch "
+                        "graphs")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     from course_lib.kernels import paged_decode
     paged_decode.TUNING.update(parse_knobs(a.knobs))
-    if a.blas:                    # before any matmul runs, so that every graph captures that library's kernels
+    if a.blas:                    # before any matmul: every graph captures that library's kernels
         torch.backends.cuda.preferred_blas_library(a.blas)
     B = max(a.batch)
     model, cache, rows, per_seq = decoding_batch(a.model, B, a.context, a.block_size, a.dtype)
     peaks = measure_peaks("cuda", model.dtype)
-    plain = copy.copy(model)              # the same weights, unstacked, and the PyTorch elementwise ops
+    plain = copy.copy(model)              # the same weights, unstacked, PyTorch elementwise ops
     plain.layers = [dataclasses.replace(w) for w in model.layers]
     unfused = DecodeGraphs(plain, cache, B, per_seq, graphs=True)
     model.use_ops(FUSED_OPS)
     graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
     eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)
-    split = DecodeGraphs(model, cache, B, per_seq, graphs=True, split_from=a.split_from) if a.split_from else None
+    split = DecodeGraphs(model, cache, B, per_seq, graphs=True,
+                         split_from=a.split_from) if a.split_from else None
     dtype_bytes = model.dtype.itemsize
     out = []
     for b in a.batch:
@@ -120,7 +124,8 @@ def main(argv=None):
             split.step(rows[:b])
             row["split_gpu_ms"] = events_ms(split.graphs[nb].replay, a.repeat)
             row["mbu_split"] = w.bytes / (row["split_gpu_ms"] / 1e3) / peaks.bandwidth
-            print(f"B={b:4d} two halves on two streams: replay {row['split_gpu_ms']:7.3f} ms MBU {row['mbu_split']:.0%}")
+            print(f"B={b:4d} two halves on two streams: replay {row['split_gpu_ms']:7.3f} ms "
+                  f"MBU {row['mbu_split']:.0%}")
         out.append(row)
         print(f"B={b:4d} (graph {nb:4d}) | replay {gpu:7.3f} ms MBU {row['mbu_gpu']:.0%} | "
               f"unfused {gpu_unfused:7.3f} ms MBU {row['mbu_unfused']:.0%} | "
@@ -130,9 +135,9 @@ def main(argv=None):
     knobs = "_" + a.knobs.replace("=", "").replace(",", "_") if a.knobs else ""
     knobs += f"_{a.blas}" if a.blas else ""
     knobs += f"_split{a.split_from}" if a.split_from else ""
-    save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "kernel": paged_decode.TUNING,
-                 "blas": str(torch.backends.cuda.preferred_blas_library()), "split_from": a.split_from,
-                 "rows": out},
+    save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks),
+                 "kernel": paged_decode.TUNING, "split_from": a.split_from,
+                 "blas": str(torch.backends.cuda.preferred_blas_library()), "rows": out},
                 Path(a.out) / f"decode_step_{a.model}_{name}{knobs}.json",
                 command("decode_step", argv))
 

@@ -5,10 +5,12 @@ the GPU is busy as long as the host, after each wait, queues the next step befor
 flight ends: a step kind whose wait is near zero is host-bound.
 
     python -m bench host_overlap --device cuda --out DIR        # chapter 09's fastest rung
-    python -m bench host_overlap --model tiny --device cpu --n 16 --workload anyscale:prompt_len=64,cap=32,mean=8
+    python -m bench host_overlap --model tiny --device cpu --n 16 \
+        --workload anyscale:prompt_len=64,cap=32,mean=8
 
 The run is the rung's (``--rung``, as in ``python -m bench run_ladder``), after one warm-up run
-of the same requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else changes.
+of the same requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else
+changes.
 """
 import argparse
 import cProfile
@@ -46,7 +48,8 @@ def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
     def timed_launch(batch, running):
         if trace and len(records) == trace[0]:
             from torch.profiler import ProfilerActivity, profile
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.model.device.type == "cuda" else [])
+            cuda = engine.model.device.type == "cuda"
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             state["profiler"] = profile(activities=activities)
             state["profiler"].start()
         elif trace and len(records) == trace[0] + trace[1] and state["profiler"]:
@@ -102,14 +105,17 @@ def main(argv=None):
     p.add_argument("--trace", type=int, nargs=2, metavar=("FIRST", "STEPS"), default=None,
                    help="also record these steps with torch.profiler into a Chrome trace in --out")
     p.add_argument("--sync-debug", action="store_true",
-                   help="list where launch waits for the GPU (CUDA's sync debug mode; slows the host)")
+                   help="list where launch waits for the GPU (CUDA's sync debug mode; slows the "
+                        "host)")
     p.add_argument("--pyprofile", action="store_true",
-                   help="profile the Python calls of packed launches (cProfile; slows them) into --out")
+                   help="profile the Python calls of packed launches (cProfile; slows them) "
+                        "into --out")
     a = p.parse_args(argv)
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     shape = LlamaShape.from_config(loaded.config)
     reqs = load_workload(a.workload, tokenizer=loaded.tokenizer, n=a.n, vocab_size=shape.vocab_size)
-    settings = rung_settings(reqs, shape, loaded.model.dtype.itemsize, max_batch=64)   # as gpu_ladder09.sh
+    # max_batch as gpu_ladder09.sh runs it
+    settings = rung_settings(reqs, shape, loaded.model.dtype.itemsize, max_batch=64)
     _, engine_name, max_batch, options = parse_rung(a.rung, settings)
     if a.device != "cuda":          # the CPU runs the fast path's buffers eagerly
         for key in ("cuda_graphs", "fused"):
@@ -121,16 +127,19 @@ def main(argv=None):
         Path(a.out).mkdir(parents=True, exist_ok=True)
     waits = {} if a.sync_debug else None
     pyprofile = cProfile.Profile() if a.pyprofile else None
-    records = instrument(engine, a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"),
+    records = instrument(engine,
+                         a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"),
                          waits, pyprofile)
     t = time.perf_counter()
     log = engine.run(reqs)
     wall = time.perf_counter() - t
     rows = host_summary(records)
-    print(f"{a.rung} on {a.device}: {len(log.steps)} steps in {wall:.2f} s (overlap: {engine.overlap})")
+    print(f"{a.rung} on {a.device}: {len(log.steps)} steps in {wall:.2f} s "
+          f"(overlap: {engine.overlap})")
     print(host_table(rows))
     for kind, found in (waits or {}).items():
-        print(f"{kind} launches waited for the GPU at:" if found else f"{kind} launches never waited")
+        print(f"{kind} launches waited for the GPU at:" if found
+              else f"{kind} launches never waited")
         for where, n in found.most_common():
             print(f"  {n:5d}x {where}")
     if pyprofile is not None:
@@ -142,9 +151,11 @@ def main(argv=None):
         if a.out:
             (Path(a.out) / "host_overlap_pyprofile.txt").write_text(text.getvalue())
     if a.out and not (a.sync_debug or a.pyprofile):
-        name = a.device if a.device != "cuda" else torch.cuda.get_device_name().lower().replace(" ", "-")
-        save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung, "overlap": engine.overlap,
-                     "wall_s": wall, "summary": rows, "steps": records},
+        name = a.device if a.device != "cuda" else \
+            torch.cuda.get_device_name().lower().replace(" ", "-")
+        save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung,
+                     "overlap": engine.overlap, "wall_s": wall, "summary": rows,
+                     "steps": records},
                     Path(a.out) / f"host_overlap_{a.model}_{name}.json",
                     command("host_overlap", argv))
 

@@ -8,8 +8,8 @@ computes nothing): what remains is the Python a server runs around every step.
    fill the step's inputs, queue it, record it) and ``complete`` (``PagedEngine.complete``: read
    the tokens, emit them, retire), medians over the steps in which every sequence decodes. The
    decode step itself is taken out (the runner's ``decode_forward`` hook writes a fixed token):
-   on a GPU it is one graph replay, which returns at once. With ``overlap`` the GPU waits for the host
-   only when this round outlasts the step it runs behind (chapter 09: about 3.7 ms for 512
+   on a GPU it is one graph replay, which returns at once. With ``overlap`` the GPU waits for the
+   host only when this round outlasts the step it runs behind (chapter 09: about 3.7 ms for 512
    sequences of llama-1b on an H200), so a slower CPU makes large decode steps host-bound first.
 3. The chapter 09 fastest rung's schedule (anyscale, 512 requests, batch 512, budget 8192, a
    cache the size of 16 GiB of llama-1b's KV). On the CPU the mixed steps also build
@@ -63,10 +63,13 @@ def fixed_token(graphs, nb):
 def round_ms(batch: int, new_tokens: int = 200, repeats: int = 3) -> dict:
     """Median ms of ``schedule``, ``launch`` and ``complete`` over the decode steps in which all
     ``batch`` sequences decode, from the best of ``repeats`` runs (the least disturbed)."""
-    requests = [Request(f"r{i}", [7] * 23 + [60], ignore_eos=True, max_new_tokens=new_tokens + (i % 5) * 8)
+    requests = [Request(f"r{i}", [7] * 23 + [60], ignore_eos=True,
+                        max_new_tokens=new_tokens + (i % 5) * 8)
                 for i in range(batch)]
-    e = PagedEngine(LOADED, max_batch=batch, block_size=16, num_blocks=batch * -(-(24 + new_tokens + 40) // 16),
-                    attention="kernel", max_num_batched_tokens=16384, model=FakeLlama(), trace_blocks=False)
+    e = PagedEngine(LOADED, max_batch=batch, block_size=16,
+                    num_blocks=batch * -(-(24 + new_tokens + 40) // 16),
+                    attention="kernel", max_num_batched_tokens=16384, model=FakeLlama(),
+                    trace_blocks=False)
     e.runner.decode_forward = fixed_token
     # the parts, each a list of (class, method); each method is called once per step
     parts = {"schedule": [(Scheduler, "schedule")], "launch": [(ModelRunner, "launch"),
@@ -85,7 +88,8 @@ def round_ms(batch: int, new_tokens: int = 200, repeats: int = 3) -> dict:
             e.run(requests)
             # step i is call i of each method: the first steps carry prompts, the last ones
             # have lost sequences
-            full = [i for i, s in enumerate(e.steps) if s.decode_tokens == batch and not s.prefill_tokens]
+            full = [i for i, s in enumerate(e.steps)
+                    if s.decode_tokens == batch and not s.prefill_tokens]
             row = {name: 1e3 * statistics.median(sum(times[m][i] for m in methods) for i in full)
                    for name, methods in parts.items()}
             row["round"] = sum(row.values())
@@ -115,14 +119,16 @@ def main():
         print(f"filling the decode buffers for {b} sequences: {ms:.3f} ms")
     rounds = [round_ms(b) for b in (128, 512)]
     for r in rounds:
-        print(f"host's round per decode step of {r['batch']} sequences ({r['steps']} steps): schedule "
-              f"{r['schedule']:.3f} + launch {r['launch']:.3f} + complete {r['complete']:.3f} = {r['round']:.3f} ms")
+        print(f"host's round per decode step of {r['batch']} sequences ({r['steps']} steps): "
+              f"schedule {r['schedule']:.3f} + launch {r['launch']:.3f} + complete "
+              f"{r['complete']:.3f} = {r['round']:.3f} ms")
     rung = rung_run()
-    print(f"the fastest rung's schedule: {rung['wall_s']:.2f} s for {rung['steps']} steps: decode-only steps "
-          f"{rung['decode_s']:.2f} s, between steps {rung['between_s']:.2f} s")
+    print(f"the fastest rung's schedule: {rung['wall_s']:.2f} s for {rung['steps']} steps: "
+          f"decode-only steps {rung['decode_s']:.2f} s, between steps {rung['between_s']:.2f} s")
     if a.out:
         root = os.environ.get("COURSE_ROOT")
-        save_result({"fill_ms": fill, "rounds": rounds, "rung": rung}, Path(a.out) / "host_time_cpu.json",
+        save_result({"fill_ms": fill, "rounds": rounds, "rung": rung},
+                    Path(a.out) / "host_time_cpu.json",
                     (f"COURSE_ROOT={shlex.quote(root)} " if root else "")
                     + "python bench/host_time.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
 

@@ -1,5 +1,7 @@
 """Packed, paged attention alone, one layer: the gather reference against FlexAttention reading the
-blocks in place, and, for decode steps, the course's Triton kernel (``course_lib/kernels/paged_decode.py``). Same cache, same fragmented block tables, same queries; the outputs are compared
+blocks in place, and, for decode steps, the course's Triton kernel
+(``course_lib/kernels/paged_decode.py``). Same cache, same fragmented block tables, same queries;
+the outputs are compared
 and each variant is timed (median of events after warm-up on CUDA, of wall time on the CPU).
 
     python -m bench paged_attention --device cuda --dtype bfloat16 --out bench/results
@@ -88,14 +90,16 @@ def case(name, cached, new, block_size, dtype, device, repeat, peak_bw):
         attn = cls(cache, seqs, device)
         outs[variant] = attn(0, q, k, v).float()
         row[f"{variant}_s"] = timed(lambda: attn(0, q, k, v), device, repeat)
-        row[f"{variant}_setup_s"] = timed(lambda: cls(cache, seqs, device), device, max(3, repeat // 4))
+        row[f"{variant}_setup_s"] = timed(lambda: cls(cache, seqs, device), device,
+                                          max(3, repeat // 4))
         row[f"{variant}_bandwidth_share"] = kv_bytes / row[f"{variant}_s"] / peak_bw
-    if all(n == 1 for n in new) and kernel_available(device):      # a decode step: the Triton kernel
+    if all(n == 1 for n in new) and kernel_available(device):      # a decode step: Triton
         from course_lib.kernels.paged_decode import paged_decode
         attn = PAGED_ATTENTION["gather"](cache, seqs, device)
-        write_cache(cache, 0, attn.slots, k, v)                    # the new K, V in place, as the others
+        write_cache(cache, 0, attn.slots, k, v)                    # the new K, V, as the others
         tables = cache.table_tensor(range(len(seqs)), device)
-        lengths = torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32, device=device)
+        lengths = torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32,
+                               device=device)
         def run():
             return paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size)
         outs["triton"] = run().float()
@@ -117,7 +121,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=640, help="cached tokens of each decoding sequence")
+    p.add_argument("--context", type=int, default=640,
+                   help="cached tokens of each decoding sequence")
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", default="bench/results")
@@ -136,8 +141,10 @@ def main(argv=None):
               f"{r['gather_s'] * 1e6:8.0f} us | flex {r['flex_s'] * 1e6:8.0f} us | "
               f"x{r['speedup']:.1f} | flex at {100 * r['flex_bandwidth_share']:.0f}% of copy bw | "
               f"rel diff {r['max_rel_diff']:.1e}" + (
-                  f" | triton {r['triton_s'] * 1e6:6.0f} us, {100 * r['triton_bandwidth_share']:.0f}% of "
-                  f"copy bw, rel diff {r['triton_max_rel_diff']:.1e}" if "triton_s" in r else ""), flush=True)
+                  f" | triton {r['triton_s'] * 1e6:6.0f} us, "
+                  f"{100 * r['triton_bandwidth_share']:.0f}% of copy bw, "
+                  f"rel diff {r['triton_max_rel_diff']:.1e}" if "triton_s" in r else ""),
+              flush=True)
     slug = re.sub(r"[^a-z0-9]+", "-", peaks.device.lower()).strip("-")
     path = Path(a.out) / f"paged_attention_{slug}.json"
     save_result({"dtype": a.dtype, "device": vars(peaks), "shape": vars(SHAPE), "rows": rows}, path,

@@ -60,7 +60,8 @@ def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=1
     cache.grow_side_by_side(dict.fromkeys(range(n_decode), context + 1), chunk=bs)
     for j in range(n_prompts):
         cache.grow(("p", j), prompt)
-    seqs = [(i, context, 1) for i in range(n_decode)] + [(("p", j), 0, prompt) for j in range(n_prompts)]
+    seqs = [(i, context, 1) for i in range(n_decode)]
+    seqs += [(("p", j), 0, prompt) for j in range(n_prompts)]
     Attention.precompile(cache, n_decode + n_prompts * prompt, model.shape, model.dtype)
 
     def step():
@@ -81,8 +82,9 @@ def mixed_step(model, n_prompts=16, prompt=512, n_decode=256, context=640, top=1
             step()
     total, top = top_kernels(prof, top)
     walls.sort()
-    print(f"--- mixed step: {n_prompts} x {prompt} prefill ({prefill}, {'scattered' if scattered else 'fresh'} "
-          f"blocks) + {n_decode} decodes: wall {walls[len(walls) // 2]:.1f} ms, GPU {total / STEPS:.1f} ms")
+    print(f"--- mixed step: {n_prompts} x {prompt} prefill ({prefill}, "
+          f"{'scattered' if scattered else 'fresh'} blocks) + {n_decode} decodes: "
+          f"wall {walls[len(walls) // 2]:.1f} ms, GPU {total / STEPS:.1f} ms")
     for name, ms in top:
         print(f"{ms / STEPS:8.3f} ms  {name[:90]}")
     return {"prefill_tokens": n_prompts * prompt, "decodes": n_decode, "context": context,
@@ -100,17 +102,21 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="a folder for the JSON")
     p.add_argument("--mixed", action="store_true", help="also profile mixed steps")
     p.add_argument("--prefill", nargs="+", default=["gathered", "in-place"], choices=list(PREFILL),
-                   help="the mixed step's prefill attentions to profile (the first is the engine's)")
+                   help="the mixed step's prefill attentions to profile (the first is the "
+                        "engine's)")
     p.add_argument("--knobs", default="", help="decode kernel settings, e.g. num_warps=2")
     p.add_argument("--flex-options", default="",
-                   help="FlexAttention kernel_options, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
+                   help="FlexAttention kernel_options, e.g. BLOCK_M=128,BLOCK_N=64; 'default' "
+                        "for its own")
     p.add_argument("--gathered-options", default="",
-                   help="kernel_options of the gathered prefill, e.g. BLOCK_M=128,BLOCK_N=64; 'default' for its own")
+                   help="kernel_options of the gathered prefill, e.g. BLOCK_M=128,BLOCK_N=64; "
+                        "'default' for its own")
     a = p.parse_args(argv)
     from course_lib.kernels import paged_decode
     from course_lib.model import attention
     if a.gathered_options:      # given: these alone ('default': FlexAttention's own)
-        GatheredFlexAttention.kernel_options = parse_knobs(a.gathered_options.replace("default", ""))
+        GatheredFlexAttention.kernel_options = parse_knobs(
+            a.gathered_options.replace("default", ""))
     paged_decode.TUNING.update(parse_knobs(a.knobs))
     if a.flex_options:
         attention.FLEX_OPTIONS.clear()         # given: these alone (none: FlexAttention's defaults)
@@ -126,7 +132,8 @@ def main(argv=None):
             for _ in range(STEPS):
                 eager.step(rows[:b])
         total, top = top_kernels(prof, a.top)
-        print(f"--- batch {b}, {'fused' if fused else 'unfused'}: GPU {total / STEPS:.2f} ms per step")
+        print(f"--- batch {b}, {'fused' if fused else 'unfused'}: "
+              f"GPU {total / STEPS:.2f} ms per step")
         for kernel, ms in top:
             print(f"{ms / STEPS:8.3f} ms  {kernel[:90]}")
         batches.append({"batch": b, "fused": fused, "cuda_total_ms": total, "top": top})
@@ -136,7 +143,8 @@ def main(argv=None):
              for pre in a.prefill for sc in (True, False)] if a.mixed else []
     if a.out:
         name = torch.cuda.get_device_name().lower().replace(" ", "-")
-        settings = "".join("_" + x.replace("=", "").replace(",", "_") for x in (a.knobs, a.flex_options, a.gathered_options) if x)
+        settings = "".join("_" + x.replace("=", "").replace(",", "_")
+                           for x in (a.knobs, a.flex_options, a.gathered_options) if x)
         save_result({"model": a.model, "dtype": str(model.dtype).removeprefix("torch."),
                      "kernel": paged_decode.TUNING, "flex_options": attention.FLEX_OPTIONS,
                      "gathered_options": GatheredFlexAttention.kernel_options,

@@ -22,7 +22,8 @@ DEFAULT = ["sequential", "static", "dynamic", "continuous", "hf-generate", "hf-c
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", "--rungs", nargs="+", default=DEFAULT)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--workload", default="chat")
@@ -43,8 +44,8 @@ def main(argv=None):
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     cmd = command("run_ladder", argv)
     result = run_ladder(loaded, a.model, a.workload, a.engines, a.n, a.max_batch, a.big_batch,
-                        a.max_num_batched_tokens, a.dtype, a.device, a.max_new_tokens, a.tokens, a.sequential_n,
-                        after_each=lambda partial: save_result(partial, a.out, cmd))
+                        a.max_num_batched_tokens, a.dtype, a.device, a.max_new_tokens, a.tokens,
+                        a.sequential_n, after_each=lambda partial: save_result(partial, a.out, cmd))
     save_result(result, a.out, cmd)
     print("wrote", a.out, flush=True)
 

@@ -32,10 +32,11 @@ def main(argv=None):
     rows = [{**validate(book, r), "in_fit": r in fit}
             for r in fit + held_out]
     for row in rows:
-        print(("fitted   " if row["in_fit"] else "predicted") + " | " + row["run"] + " | " + ", ".join(
-            f"{k} {100 * v['error']:+.0f}%" for k, v in row.items()
+        print(("fitted   " if row["in_fit"] else "predicted") + " | " + row["run"] + " | "
+              + ", ".join(f"{k} {100 * v['error']:+.0f}%" for k, v in row.items()
             if isinstance(v, dict) and v.get("error") is not None))
-    save_result({"device": fit[0]["device"], "cost_book": {k: asdict(c) for k, c in book.paths.items()},
+    save_result({"device": fit[0]["device"],
+                 "cost_book": {k: asdict(c) for k, c in book.paths.items()},
                  "fit_files": a.fit, "predict_files": a.predict, "rows": rows}, a.out,
                 command("simulator_validation", argv))
     print("wrote", a.out)

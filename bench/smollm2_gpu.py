@@ -46,12 +46,14 @@ def main(argv=None):
             hf.append(out[:out.index(eos) + 1] if eos in out else out)
     runs = []
     for max_batch, graphs in ((1, False), (1, True), (a.n, False), (a.n, True)):
-        r = bench("continuous", "smollm2-135m", "chat", a.n, max_batch, a.dtype, "cuda", tokens=True,
-                  max_new_tokens=a.max_new_tokens, loaded=loaded, steps=True, progress=False,
+        r = bench("continuous", "smollm2-135m", "chat", a.n, max_batch, a.dtype, "cuda",
+                  tokens=True, max_new_tokens=a.max_new_tokens, loaded=loaded, steps=True,
+                  progress=False,
                   engine_options={"block_size": 16, "attention": "kernel", "cuda_graphs": graphs})
         ours = {q["id"]: q["output_tokens"] for q in r["requests"]}
         r["agreement_with_hf"] = agreement([ours[q.id] for q in requests], hf)
-        print(describe(r), "| graphs" if graphs else "| eager", "|", r["agreement_with_hf"], flush=True)
+        print(describe(r), "| graphs" if graphs else "| eager", "|",
+              r["agreement_with_hf"], flush=True)
         runs.append(r)
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
     save_result({"model": "smollm2-135m", "workload": "chat", "n": a.n, "dtype": a.dtype,

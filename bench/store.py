@@ -21,7 +21,8 @@ def slim(result: dict, drop=(), step_fields=None) -> dict:
     said = [f"{', '.join(drop)} dropped"] if drop else []
     if step_fields is not None:
         said.append(f"each step's fields but {', '.join(step_fields)} dropped")
-    result["slimmed"] = "; ".join(said) + ": nothing reads them (the run's command makes them again)"
+    result["slimmed"] = ("; ".join(said)
+                         + ": nothing reads them (the run's command makes them again)")
     return result
 
 

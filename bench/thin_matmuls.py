@@ -86,7 +86,7 @@ def main(argv=None):
     rows = []
     card = torch.cuda.get_device_name().lower().replace(" ", "-")
 
-    def save():        # after every kind: a run cut short (Inductor's autotuning is slow) keeps the rest
+    def save():        # after every kind: a run cut short (slow autotuning) keeps the rest
         save_result({"model": a.model, "dtype": a.dtype, "device": asdict(peaks), "rows": rows},
                     Path(a.out) / f"thin_matmuls_{a.model}_{card}.json",
                     command("thin_matmuls", argv))
@@ -106,7 +106,8 @@ def main(argv=None):
                        "max_rel_error": err, "captured": captured}
                 assert err < 1e-2, row                            # the same product
                 rows.append(row)
-                print(f"{kind:9s} B={b:4d} {name:8s} ({n:5d} x {k:5d}): {ms * 1e3:7.1f} us per call, "
+                print(f"{kind:9s} B={b:4d} {name:8s} ({n:5d} x {k:5d}): "
+                      f"{ms * 1e3:7.1f} us per call, "
                       f"{row['bandwidth_share']:4.0%} of the copy bandwidth"
                       f"{'' if captured else ' (not captured: host time included)'}", flush=True)
         save()
@@ -114,7 +115,8 @@ def main(argv=None):
     print("\nper layer, all four projections (us):")
     for b in a.batch:
         print(f"B={b:4d}: " + ", ".join(
-            f"{kind} {sum(r['ms'] for r in rows if r['kind'] == kind and r['batch'] == b) * 1e3:6.1f}"
+            f"{kind} "
+            f"{sum(r['ms'] for r in rows if r['kind'] == kind and r['batch'] == b) * 1e3:6.1f}"
             for kind in a.kinds))
 
 

@@ -42,7 +42,7 @@ def main(argv=None):
     shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[a.model].config))
     peaks = measure_peaks("cuda", torch.bfloat16)
     B, bs = max(a.batch), 16
-    # every layer's cache: a step reads each once; reading one layer's again would find part of it in L2
+    # every layer's cache: a step reads each once (one layer's again would be partly in L2)
     cache, _, _ = decoding_cache(shape, B, a.context, bs)
     for t in cache.k + cache.v:
         t.normal_()
@@ -58,25 +58,32 @@ def main(argv=None):
         for block_n, programs, warps, stages in knobs:
             def fn():
                 for layer in range(shape.n_layers):   # a step's calls, one per layer
-                    paged_decode(q[:b], cache.k[layer], cache.v[layer], tables[:b], lengths[:b], bs, block_n=block_n,
-                                 programs=programs, num_warps=warps, num_stages=stages)
+                    paged_decode(q[:b], cache.k[layer], cache.v[layer], tables[:b], lengths[:b],
+                                 bs, block_n=block_n, programs=programs, num_warps=warps,
+                                 num_stages=stages)
             try:
                 times[(block_n, programs, warps, stages)] = time_ms(fn) / shape.n_layers
             except Exception as e:      # a setting Triton cannot compile (too many registers, ...)
                 print(f"B={b} {block_n, programs, warps, stages}: {type(e).__name__}")
         best = min(times, key=times.get)
         for k, ms in times.items():
-            rows.append({"batch": b, "block_n": k[0], "programs": k[1], "num_warps": k[2], "num_stages": k[3],
-                         "ms": ms, "bandwidth_share": kv / (ms / 1e3) / peaks.bandwidth})
-        print(f"B={b:4d}: best {best} {times[best] * 1e3:7.1f} us ({kv / (times[best] / 1e3) / peaks.bandwidth:.0%} of "
-              f"the copy bandwidth); default {default} {times.get(default, float('nan')) * 1e3:7.1f} us "
-              f"({kv / (times.get(default, float('nan')) / 1e3) / peaks.bandwidth:.0%})", flush=True)
-    overall = {k: sum(r["ms"] for r in rows if (r["block_n"], r["programs"], r["num_warps"], r["num_stages"]) == k)
+            rows.append({"batch": b, "block_n": k[0], "programs": k[1], "num_warps": k[2],
+                         "num_stages": k[3], "ms": ms,
+                         "bandwidth_share": kv / (ms / 1e3) / peaks.bandwidth})
+        ms_default = times.get(default, float("nan"))
+        print(f"B={b:4d}: best {best} {times[best] * 1e3:7.1f} us "
+              f"({kv / (times[best] / 1e3) / peaks.bandwidth:.0%} of the copy bandwidth); "
+              f"default {default} {ms_default * 1e3:7.1f} us "
+              f"({kv / (ms_default / 1e3) / peaks.bandwidth:.0%})", flush=True)
+    overall = {k: sum(r["ms"] for r in rows
+                      if (r["block_n"], r["programs"], r["num_warps"], r["num_stages"]) == k)
                for k in knobs}
-    print("best over all batches (sum of times):", min(overall, key=overall.get), "default:", default)
+    print("best over all batches (sum of times):", min(overall, key=overall.get),
+          "default:", default)
     if a.out:
         name = torch.cuda.get_device_name().lower().replace(" ", "-")
-        save_result({"model": a.model, "context": a.context, "device": peaks.__dict__, "rows": rows},
+        save_result({"model": a.model, "context": a.context, "device": peaks.__dict__,
+                     "rows": rows},
                     Path(a.out) / f"tune_decode_kernel_{a.model}_{name}.json",
                     command("tune_decode_kernel", argv))
 

@@ -5,11 +5,9 @@
     python -m course_lib.bench --engine fast --model llama-1b-dummy --dtype bfloat16 \\
         --workload anyscale --max-batch 512 --kv-memory-mib 16384 --json fast.json
 
-The engines are those of ``course_lib.engines.REGISTRY`` (sequential, static, dynamic,
-continuous, chunked, paged, fast, hf-generate, hf-cb, vllm); the JSON layout stays the same:
-``engine`` (the registry's name of what ran), ``engine_options`` (the options given and the
-settings the engine resolved), ``model``, ``device`` (name and measured peaks), ``versions``,
-``metrics`` (throughput, TTFT/TPOT percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
+The JSON holds ``engine`` (the registry's name of what ran), ``engine_options`` (given, and as
+the engine resolved them), ``model``, ``device`` (name and measured peaks), ``versions``,
+``metrics`` (throughput, latency percentiles, slot utilisation, MBU, MFU, NVML utilisation) and
 ``requests`` (one row per request).
 """
 from __future__ import annotations
@@ -34,22 +32,19 @@ from course_lib.engines import REGISTRY, EngineOptionError, engine_settings, mak
 from course_lib.engines.policies import SLO
 from course_lib.engines.vllm import EngineUnavailable
 from course_lib.measure.metrics import request_rows, step_rows, summarize
-from course_lib.measure.roofline import NvmlSampler, measure_peaks
+from course_lib.measure.roofline import NvmlSampler, cpu_model, measure_peaks
 from course_lib.model import models
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import RequestError, WorkloadError, load_workload, poisson_arrivals
 
 
 def versions() -> dict:
+    """The software and the machine a result was measured on: the host, its CPU and the card."""
     import transformers
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "cuda": torch.version.cuda, "course_lib_commit": commit(),
-            # the machine: two runs of the same code on two hosts with the same card differed by
-            # several percent on every rung (chapter 09), so the host and its CPU are recorded too
-            "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            # and which card: the same model of card ran the same GPU-bound steps up to 18% apart
-            "gpu": gpu_identity()}
+            "transformers": transformers.__version__, "cuda": torch.version.cuda,
+            "course_lib_commit": commit(), "host": platform.node(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "gpu": gpu_identity()}
 
 
 def gpu_identity() -> dict | None:
@@ -61,39 +56,30 @@ def gpu_identity() -> dict | None:
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
         uuid = pynvml.nvmlDeviceGetUUID(h)
+        clock = pynvml.nvmlDeviceGetMaxClockInfo
         return {"uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
                 "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1e3,
-                "sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
-                "memory_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)}
+                "sm_clock_max_mhz": clock(h, pynvml.NVML_CLOCK_SM),
+                "memory_clock_max_mhz": clock(h, pynvml.NVML_CLOCK_MEM)}
     except Exception as e:            # no NVML (or no permission): say so rather than guess
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def cpu_model() -> str | None:
-    """The host CPU's model name (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def commit() -> str | None:
-    """The repository's commit (``$COURSE_COMMIT`` where the checkout has no .git, e.g. a GPU box)."""
+    """The repository's commit, ``+dirty`` if the code that measures has changes
+    (``$COURSE_COMMIT`` where the checkout has no .git, e.g. a GPU box)."""
     if os.environ.get("COURSE_COMMIT"):
         return os.environ["COURSE_COMMIT"]
+    git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
     try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
-                                "--", "course_lib", "bench"],        # the code that measures
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--",
+                                      "course_lib", "bench"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
 
 
 @contextmanager
@@ -124,7 +110,7 @@ def save_result(result: dict, path, command: str) -> Path:
     result = {**result, "versions": result.get("versions") or versions(), "command": command}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")     # whole or not at all, for a reader copying it meanwhile
+    part = path.with_name(path.name + ".part")     # whole or not at all, for a reader meanwhile
     part.write_text(json.dumps(result, indent=1))
     part.replace(path)
     return path
@@ -138,13 +124,12 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
           admission: bool = False) -> dict:
     """Run one benchmark and return the JSON object (also what the CLI writes).
 
-    ``arrival_rate``: requests arrive as a Poisson process of that many per second (online
-    serving) instead of all at once. ``simulate``: a fitted ``StepCost`` or ``CostBook`` (or
-    the path of a stored ``CostBook``):
-    the engine's scheduler runs as usual, but every step takes the time the cost model predicts
-    and nothing is computed; the JSON is marked ``"simulated": true``. ``slo``: an
-    ``admission.SLO``, against which goodput is reported; ``admission``: the continuous engine
-    admits, queues or refuses requests to meet it.
+    ``arrival_rate``: requests arrive as a Poisson process of that many per second instead of all
+    at once. ``simulate``: a fitted ``StepCost`` or ``CostBook`` (or the path of a stored
+    ``CostBook``): the engine's scheduler runs as usual, but every step takes the time the cost
+    model predicts and nothing is computed; the JSON is marked ``"simulated": true``. ``slo``: an
+    ``SLO``, against which goodput is reported; ``admission``: the engine admits, queues or
+    refuses requests to meet it.
     """
     if admission:
         if slo is None:
@@ -152,11 +137,9 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         engine_options = {**(engine_options or {}), "slo": slo}
     if arrival_rate is not None and not arrival_rate > 0:
         raise WorkloadError(f"arrival rate must be > 0 requests/s, got {arrival_rate}")
-    if model not in models.PRESETS:
-        raise models.ModelError(f"unknown model {model!r}; the presets are: "
-                                f"{', '.join(models.PRESETS)}")
+    models.preset(model)                       # an unknown model is refused before any loading
     engine_options = {k: v for k, v in (engine_options or {}).items() if v is not None}
-    _, spec, _ = resolve(engine, {"max_batch": max_batch, **engine_options})  # before any loading
+    _, spec, _ = resolve(engine, {"max_batch": max_batch, **engine_options})
     own_process = getattr(spec.cls, "own_process", False)      # vllm: nothing of ours on the GPU
     if own_process:
         from course_lib.engines.vllm import check_available
@@ -169,14 +152,11 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         dtype_t, tokenizer = loaded.model.dtype, loaded.tokenizer
         shape = LlamaShape.from_config(loaded.config)
     else:                       # nothing runs: the preset's shape is all the cost model needs
-        from transformers import LlamaConfig
-        dtype_t = models._dtype(dtype)
+        dtype_t, shape = models._dtype(dtype), models.preset_shape(model)
         text = workload == "chat" or workload.endswith(".jsonl")   # prompts that may be text
         tokenizer = models.load_tokenizer() if text else None
-        shape = LlamaShape.from_config(LlamaConfig(**models.PRESETS[model].config))
-    dtype_bytes = torch.finfo(dtype_t).bits // 8
-    requests = load_workload(workload, tokenizer=tokenizer, n=n,
-                             vocab_size=shape.vocab_size, seed=seed, max_new_tokens=max_new_tokens)
+    requests = load_workload(workload, tokenizer=tokenizer, n=n, vocab_size=shape.vocab_size,
+                             seed=seed, max_new_tokens=max_new_tokens)
     if arrival_rate is not None:
         requests = poisson_arrivals(requests, arrival_rate, seed)
     options = json_options(engine_options)
@@ -185,7 +165,7 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         runner = make_engine(engine, loaded, max_batch=max_batch, **engine_options)
         if own_process and torch.cuda.is_available():
             torch.cuda.empty_cache()          # the card to the engine's process, bar our context
-        if warmup and not own_process:   # first calls pay for kernel loading, allocator growth, library set-up: not timed
+        if warmup and not own_process:   # kernel loading, allocator growth...: not timed
             runner.prepare(requests)
             runner.run([replace(r, id=f"warmup-{r.id}", arrival_s=0.0,
                                 max_new_tokens=min(4, r.max_new_tokens)) for r in requests[:2]])
@@ -194,34 +174,28 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         device_type, nvml_mean, step_source = torch.device(device).type, nvml.mean, log.step_source
         options.update(engine_settings(runner))      # the settings as the engine resolved them
     else:
-        from course_lib.measure.costmodel import StepCost
         from course_lib.measure.roofline import Peaks
         from course_lib.measure.simulator import CostBook
         from course_lib.measure.simulator import simulate as run_simulated
-        cost = simulate if isinstance(simulate, (StepCost, CostBook)) else CostBook.load(simulate)
+        cost = CostBook.load(simulate) if isinstance(simulate, (str, Path)) else simulate
         if isinstance(cost, CostBook):
             cost = cost.for_run(engine, engine_options)
-        runner, log = run_simulated(engine, requests, cost, shape, dtype_bytes, max_batch,
+        runner, log = run_simulated(engine, requests, cost, shape, dtype_t.itemsize, max_batch,
                                     **engine_options)
         peaks = Peaks(cost.device, dtype, cost.bandwidth, cost.flops, "simulated")
         device_type, nvml_mean, step_source = "simulated", None, "simulated"
-    metrics = summarize(log, shape, dtype_bytes, peaks, slo=slo)
+    metrics = summarize(log, shape, dtype_t.itemsize, peaks, slo=slo)
     metrics["nvml_gpu_util"] = nvml_mean
-    if hasattr(runner, "preemptions"):
-        metrics["preemptions"] = runner.preemptions
-    if hasattr(runner, "warmup_failures"):            # hf-cb: warm-ups HF gave up on (out of memory)
-        metrics["warmup_failures"] = runner.warmup_failures
-    out = {
-        "engine": runner.name, "model": model, "workload": workload, "n": len(requests),
-        "max_batch": max_batch, "max_new_tokens": max_new_tokens, "arrival_rate": arrival_rate,
-        "engine_options": options,
-        "dtype": str(dtype_t).removeprefix("torch."),
-        "device": {"type": device_type, **asdict(peaks)},
-        "versions": versions(),
-        "step_source": step_source,
-        "metrics": metrics,
-        "requests": request_rows(log, with_tokens=tokens),
-    }
+    for key in ("preemptions", "warmup_failures"):   # hf-cb: warm-ups HF gave up on (memory)
+        if hasattr(runner, key):
+            metrics[key] = getattr(runner, key)
+    out = {"engine": runner.name, "model": model, "workload": workload, "n": len(requests),
+           "max_batch": max_batch, "max_new_tokens": max_new_tokens,
+           "arrival_rate": arrival_rate, "engine_options": options,
+           "dtype": str(dtype_t).removeprefix("torch."),
+           "device": {"type": device_type, **asdict(peaks)}, "versions": versions(),
+           "step_source": step_source, "metrics": metrics,
+           "requests": request_rows(log, with_tokens=tokens)}
     if simulate is not None:   # output lengths are each request's max_new_tokens: no EOS there
         out.update(simulated=True, cost_model=asdict(cost))
     if steps:
@@ -281,23 +255,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("chunked, paged and fast engines (default: the engine's own)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget per step (chunked prefill); also vllm's")
-    g.add_argument("--block-size", type=int, default=None,
-                   help="tokens per KV-cache block (default 16)")
-    g.add_argument("--num-blocks", type=int, default=None,
-                   help="a KV-cache of this many blocks (preempts when full)")
-    g.add_argument("--kv-memory-mib", type=float, default=None,
-                   help="a KV-cache of as many blocks as fit in this many MiB")
+    for flag, kind, text in (
+        ("--max-num-batched-tokens", int, "token budget per step (chunked prefill); also vllm's"),
+        ("--block-size", int, "tokens per KV-cache block (default 16)"),
+        ("--num-blocks", int, "a KV-cache of this many blocks (preempts when full)"),
+        ("--kv-memory-mib", float, "a KV-cache of as many blocks as fit in this many MiB"),
+    ):
+        g.add_argument(flag, type=kind, default=None, help=text)
     g.add_argument("--attention", default=None, choices=["gather", "flex", "kernel"],
                    help="gather K/V (the reference), FlexAttention reading the blocks in place, or "
                         "the Triton decode kernel (fast)")
-    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay decode steps as CUDA graphs (needs CUDA and attention kernel)")
-    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="fused Triton elementwise kernels (needs CUDA)")
-    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule step k+1 while step k runs on the GPU")
+    for flag, text in (
+        ("--cuda-graphs", "replay decode steps as CUDA graphs (needs CUDA and attention kernel)"),
+        ("--fused", "fused Triton elementwise kernels (needs CUDA)"),
+        ("--overlap", "schedule step k+1 while step k runs on the GPU"),
+    ):
+        g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     g.add_argument("--watermark", type=float, default=None, metavar="F",
                    help="fraction of the KV blocks kept free when admitting")
     g.add_argument("--admission", action="store_true",

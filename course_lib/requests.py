@@ -235,7 +235,8 @@ def load_jsonl(path, tokenizer=None, vocab_size: int | None = None) -> list[Requ
             except ValueError as e:
                 raise WorkloadError(where + str(e)) from None
             if req.id in seen:
-                raise WorkloadError(where + f"duplicate id {req.id!r} (first used on line {seen[req.id]})")
+                raise WorkloadError(where + f"duplicate id {req.id!r} (first used on line "
+                                            f"{seen[req.id]})")
             if requests and req.arrival_s < requests[-1].arrival_s:
                 raise WorkloadError(
                     where + f"arrival_s {req.arrival_s} is earlier than the previous "
@@ -467,7 +468,8 @@ def interference_workload(tokenizer, vocab_size: int, n_chat: int = 4, n_long: i
     """Chat requests that start decoding at once, and long prompts that arrive while they do:
     the workload that shows how a prefill stalls everybody else's decoding (chapter 05)."""
     chat = chat_workload(tokenizer, n=n_chat, max_new_tokens=max_new_tokens)
-    long = anyscale_workload(n_long, vocab_size, prompt_len=long_len, mean_output=8, cap=8, seed=seed)
+    long = anyscale_workload(n_long, vocab_size, prompt_len=long_len, mean_output=8, cap=8,
+                             seed=seed)
     for i, r in enumerate(long):
         r.id, r.arrival_s = f"long-{i}", first_long_s + i * gap_s
     return chat + long

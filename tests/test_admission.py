@@ -23,8 +23,8 @@ def run(slo=None, admission=False, max_batch=32, **kw):
     options = {"block_size": 16}
     if admission:
         options.update(slo=slo, step_cost=COST)
-    eng, log = simulate("continuous", kw.pop("reqs", workload()), COST, SHAPE, 2, max_batch=max_batch,
-                        **options)
+    eng, log = simulate("continuous", kw.pop("reqs", workload()), COST, SHAPE, 2,
+                        max_batch=max_batch, **options)
     return log
 
 
@@ -42,7 +42,7 @@ def test_admission_refuses_what_would_be_late_and_raises_goodput():
     refused = [r for r in with_.requests if r.finish_reason == "refused"]
     assert refused and all("TTFT target of 0.3 s" in r.error for r in refused)
     served = [r for r in with_.requests if r.finish_reason == "length"]
-    assert all(r.ttft_s <= 0.3 + 1e-9 for r in served)                 # the prediction is exact here
+    assert all(r.ttft_s <= 0.3 + 1e-9 for r in served)                 # the prediction is exact
     assert len(served) + len(refused) == 60                           # none lost
 
 
@@ -57,7 +57,8 @@ def test_a_tpot_target_caps_the_batch():
 
 def test_the_online_model_learns_the_step_cost_without_a_prior():
     slo = SLO(ttft_s=0.3)
-    eng, log = simulate("continuous", workload(), COST, SHAPE, 2, max_batch=32, block_size=16, slo=slo)
+    eng, log = simulate("continuous", workload(), COST, SHAPE, 2, max_batch=32, block_size=16,
+                        slo=slo)
     assert eng.admission.model.cost is not None
     assert eng.admission.model.cost.coef["per_row"] == pytest.approx(0.002, rel=1e-6)
     assert goodput(log, slo)["goodput_rps"] > goodput(run(), slo)["goodput_rps"]
@@ -95,8 +96,9 @@ def test_bench_admission_needs_an_slo_and_reports_goodput(tmp_path):
         bench.bench("continuous", admission=True, simulate=str(cost))
     out = tmp_path / "r.json"
     bench.main(["--engine", "continuous", "--model", "llama-1b-dummy", "--dtype", "bfloat16",
-                "--workload", "anyscale:prompt_len=32,cap=32,mean=16", "--n", "40", "--max-batch", "16",
-                "--block-size", "16", "--arrival-rate", "300", "--ttft-slo", "0.2", "--admission",
+                "--workload", "anyscale:prompt_len=32,cap=32,mean=16", "--n", "40",
+                "--max-batch", "16", "--block-size", "16", "--arrival-rate", "300",
+                "--ttft-slo", "0.2", "--admission",
                 "--simulate", str(cost), "--json", str(out)])
     r = json.loads(out.read_text())
     assert r["engine_options"]["slo"] == {"ttft_s": 0.2, "tpot_s": None}
@@ -114,7 +116,7 @@ def test_the_curve_saturates_and_the_plots_draw():
     by = {(r["max_batch"], r["rate"]): r for r in rows}
     assert by[16, 20]["tokens_per_s"] > by[16, 5]["tokens_per_s"]          # more load, more output
     assert by[2, 320]["ttft_p50"] > 5 * by[2, 5]["ttft_p50"]              # past capacity: a queue
-    assert by[16, 320]["tokens_per_s"] > by[2, 320]["tokens_per_s"]       # a bigger batch, more capacity
+    assert by[16, 320]["tokens_per_s"] > by[2, 320]["tokens_per_s"]       # a bigger batch: more
     slo = SLO(ttft_s=0.3)
     g = sweep(run, [20, 320], [16], slo=slo) + sweep(run, [20, 320], [16], slo=slo, admission=True)
     plots.throughput_latency(rows, measured=rows[:1])

@@ -41,7 +41,8 @@ PLACEHOLDER = ma.PLACEHOLDER
 
 def _nb(*cells):
     nb = new_notebook(cells=list(cells))
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
     nb.metadata["course"] = {"keep": "me"}
     return nb
 
@@ -92,7 +93,8 @@ def test_several_blocks_in_one_cell():
     new, n = ma.strip_solutions(src)
     assert n == 3
     assert new == (
-        f"def f():\n    {PLACEHOLDER}\n\nclass C:\n    def g(self):\n        {PLACEHOLDER}\n{PLACEHOLDER}\nprint('kept')\n"
+        f"def f():\n    {PLACEHOLDER}\n\nclass C:\n    def g(self):\n        {PLACEHOLDER}\n"
+        f"{PLACEHOLDER}\nprint('kept')\n"
     )
     compile(new, "<student>", "exec")  # still valid Python
 
@@ -102,11 +104,13 @@ def test_cell_without_markers_unchanged():
 
 
 def test_student_copy_clears_outputs_and_keeps_metadata():
-    intro = new_code_cell("x = 1\nx", execution_count=1, outputs=[new_output("execute_result", {"text/plain": "1"}, execution_count=1)])
+    result = new_output("execute_result", {"text/plain": "1"}, execution_count=1)
+    intro = new_code_cell("x = 1\nx", execution_count=1, outputs=[result])
     intro.metadata["execution"] = {"iopub.execute_input": "2024-01-01T00:00:00Z"}
     intro.metadata["tags"] = ["keep"]
     ex = new_code_cell(EXERCISE, execution_count=2)
-    chk = new_code_cell(CHECK, execution_count=3, outputs=[new_output("stream", name="stdout", text="ok\n")])
+    chk = new_code_cell(CHECK, execution_count=3,
+                        outputs=[new_output("stream", name="stdout", text="ok\n")])
     nb = _nb(new_markdown_cell("# Title\n### BEGIN SOLUTION is just text here"), intro, ex, chk)
     before = nbformat.writes(nb)
 
@@ -143,14 +147,17 @@ def test_find_exercises_numbers_and_cells():
 @pytest.mark.parametrize(
     "source, message",
     [
-        ("### BEGIN SOLUTION\nx = 1\n", r"cell index 1, line 1: '### BEGIN SOLUTION' without a matching '### END SOLUTION'"),
-        ("x = 1\n### END SOLUTION\n", r"cell index 1, line 2: '### END SOLUTION' without a preceding"),
-        (
-            "### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION\n",
-            r"cell index 1, line 2: '### BEGIN SOLUTION' inside the solution block opened at line 1",
-        ),
-        ("### BEGIN SOLUTION\nx = 1\n## END SOLUTION\n", r"cell index 1, line 3: malformed solution marker '## END SOLUTION'"),
-        ("# begin solution\nx = 1\n", r"cell index 1, line 1: malformed solution marker '# begin solution'"),
+        ("### BEGIN SOLUTION\nx = 1\n",
+         r"cell index 1, line 1: '### BEGIN SOLUTION' without a matching '### END SOLUTION'"),
+        ("x = 1\n### END SOLUTION\n",
+         r"cell index 1, line 2: '### END SOLUTION' without a preceding"),
+        ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION\n",
+         r"cell index 1, line 2: '### BEGIN SOLUTION' inside the solution block opened at "
+         r"line 1"),
+        ("### BEGIN SOLUTION\nx = 1\n## END SOLUTION\n",
+         r"cell index 1, line 3: malformed solution marker '## END SOLUTION'"),
+        ("# begin solution\nx = 1\n",
+         r"cell index 1, line 1: malformed solution marker '# begin solution'"),
     ],
     ids=["begin-without-end", "end-without-begin", "nested", "malformed-end", "lowercase"],
 )
@@ -162,11 +169,13 @@ def test_unbalanced_markers_raise_clear_error(source, message):
 
 def test_exercise_as_last_cell_is_an_error():
     nb = _nb(new_code_cell("pass"), new_code_cell(EXERCISE))
-    with pytest.raises(ma.AssignmentError, match=r"03_x\.ipynb, cell index 1: exercise cell is the last cell"):
+    with pytest.raises(ma.AssignmentError,
+                       match=r"03_x\.ipynb, cell index 1: exercise cell is the last cell"):
         ma.find_exercises(nb, "03_x.ipynb")
 
 
-@pytest.mark.parametrize("next_cell", [new_markdown_cell("text"), new_code_cell(EXERCISE)], ids=["markdown", "exercise"])
+@pytest.mark.parametrize("next_cell", [new_markdown_cell("text"), new_code_cell(EXERCISE)],
+                         ids=["markdown", "exercise"])
 def test_exercise_needs_a_code_check_cell_after_it(next_cell):
     nb = _nb(new_code_cell(EXERCISE), next_cell, new_code_cell(CHECK))
     with pytest.raises(ma.AssignmentError, match=r"04_x\.ipynb, cell index 0: "):
@@ -175,7 +184,8 @@ def test_exercise_needs_a_code_check_cell_after_it(next_cell):
 
 def _run_tool(*args):
     """The real command line, in a subprocess (about 1 s: nbformat's import is slow)."""
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=REPO_ROOT)
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT)
 
 
 class _Result:
@@ -186,7 +196,8 @@ class _Result:
 def test_cli_write_and_check(tmp_path, capsys):
     src, out = tmp_path / "nbs", tmp_path / "out"
     src.mkdir()
-    nbformat.write(_nb(new_code_cell(EXERCISE, execution_count=1), new_code_cell(CHECK)), src / "01_demo.ipynb")
+    nbformat.write(_nb(new_code_cell(EXERCISE, execution_count=1), new_code_cell(CHECK)),
+                   src / "01_demo.ipynb")
     nbformat.write(_nb(new_code_cell("print(1)")), src / "02_no_exercise.ipynb")
 
     def run(*args):  # main() in-process, with the same arguments as the command line
@@ -206,7 +217,8 @@ def test_cli_write_and_check(tmp_path, capsys):
     assert "unchanged" in run().stdout
 
     # Only the JSON content matters, not formatting.
-    (out / "01_demo.ipynb").write_text((out / "01_demo.ipynb").read_text().replace("\n ", "\n     "))
+    demo = out / "01_demo.ipynb"
+    demo.write_text(demo.read_text().replace("\n ", "\n     "))
     assert run("--check").returncode == 0
 
     # A changed source notebook makes the copy stale.
@@ -264,7 +276,8 @@ def _collect_exercises():
         params += [pytest.param(path, ex, id=ex.id) for ex in exercises]
     if not params:
         params.append(
-            pytest.param(None, None, id="no-exercises", marks=pytest.mark.skip(reason="no notebook in notebooks/ has exercises yet"))
+            pytest.param(None, None, id="no-exercises", marks=pytest.mark.skip(
+                reason="no notebook in notebooks/ has exercises yet"))
         )
     return params
 
@@ -304,8 +317,9 @@ def test_exercise(path, exercise, fresh_namespace):
         _exec(exercise.check_source, ns, ck_label)
     except Exception as e:
         raise AssertionError(
-            f"{exercise.id}: the solution (cell {exercise.cell_index}) fails its check (cell {exercise.check_index}) "
-            f"when run alone in a fresh namespace; exercise cells must be self-contained "
+            f"{exercise.id}: the solution (cell {exercise.cell_index}) fails its check "
+            f"(cell {exercise.check_index}) when run alone in a fresh namespace; exercise cells "
+            f"must be self-contained "
             f"(import what they need at their top). {type(e).__name__}: {e}"
         ) from e
 
@@ -319,7 +333,8 @@ def test_exercise(path, exercise, fresh_namespace):
     with pytest.raises(Exception):
         _exec(exercise.check_source, ns, ck_label)
         pytest.fail(
-            f"{exercise.id}: the check cell (cell {exercise.check_index}) passes on the student copy; "
+            f"{exercise.id}: the check cell (cell {exercise.check_index}) passes on the student "
+            "copy; "
             "it must raise when the answer is missing"
         )
 
@@ -339,7 +354,8 @@ def test_committed_assignments_are_fresh():
 # it): chapters 00-04, each in well under a minute on two cores.
 SMALL_RUNS = {
     "00_model_and_one_request": "max_new_tokens = 8",
-    "01_memory_bound_inference": "batch_sizes = [1, 2]\ncontext = 16\nprefill_tokens = 16\nrepeat = 1",
+    "01_memory_bound_inference":
+        "batch_sizes = [1, 2]\ncontext = 16\nprefill_tokens = 16\nrepeat = 1",
     "02_static_batching": "n_requests = 4\nmax_new_tokens = 8\nn_sequential = 1",
     "03_dynamic_batching": "n_requests = 4\nmax_new_tokens = 8",
     "04_continuous_batching": "n_requests = 4\nmax_new_tokens = 8",
@@ -357,7 +373,8 @@ def test_student_copy_runs_apart_from_its_exercises(stem, monkeypatch):
     params = next(c for c in nb.cells if c.source.startswith("# Parameters"))
     params.source += "\n" + SMALL_RUNS[stem]
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH",
+                       os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     failed = {i: f"{o.ename}: {o.evalue}" for i, c in enumerate(nb.cells) if c.cell_type == "code"
@@ -365,6 +382,7 @@ def test_student_copy_runs_apart_from_its_exercises(stem, monkeypatch):
     exercise_cells = {i for e in exercises for i in (e.cell_index, e.check_index)}
     stray = {i: err for i, err in failed.items() if i not in exercise_cells}
     assert not stray, (f"assignments/{stem}.ipynb: cells outside the exercises fail when the "
-                       f"exercises are unanswered (use the library's version after a check): {stray}")
+                       f"exercises are unanswered (use the library's version after a check): "
+                       f"{stray}")
     passed = [e.id for e in exercises if e.check_index not in failed]
     assert not passed, f"check cells that pass on an unanswered exercise: {passed}"

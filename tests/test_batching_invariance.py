@@ -38,7 +38,8 @@ def expected(smollm, requests):
     ("continuous", 16, None, {"block_size": 8, "num_blocks": 40, "attention": "flex"}),
     # chapter 09's fast path: decodes through the decode buffers (the kernel's reference on the
     # CPU), prefill chunks through FlexAttention
-    ("continuous", 8, None, {"max_num_batched_tokens": 24, "block_size": 16, "attention": "kernel"}),
+    ("continuous", 8, None,
+     {"max_num_batched_tokens": 24, "block_size": 16, "attention": "kernel"}),
     ("continuous", 16, None, {"block_size": 8, "num_blocks": 40, "attention": "kernel"}),
 ])
 def test_engine_says_what_hf_generate_says_alone(smollm, requests, expected, engine, max_batch,

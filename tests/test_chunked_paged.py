@@ -46,7 +46,8 @@ def test_preempted_requests_are_recomputed_and_say_the_same():
 
 
 def test_a_request_that_can_never_fit_is_refused_and_the_others_served():
-    rs = [Request("huge", [7] * 30 + [9], max_new_tokens=40), Request("ok", [7, 7, 5], max_new_tokens=8)]
+    rs = [Request("huge", [7] * 30 + [9], max_new_tokens=40),
+          Request("ok", [7, 7, 5], max_new_tokens=8)]
     log = engine(max_batch=2, block_size=4, num_blocks=10).run(rs)
     by = {r.id: r for r in log.requests}
     assert by["huge"].finish_reason == "refused"
@@ -106,7 +107,8 @@ def test_step_plots_and_budget_explorer(monkeypatch):
     import matplotlib
     matplotlib.use("Agg")
     from course_lib.lab import plots, widgets
-    log = engine(max_batch=2, block_size=4, max_num_batched_tokens=4).run([req("a", 4, prompt_len=9)])
+    log = engine(max_batch=2, block_size=4, max_num_batched_tokens=4).run(
+        [req("a", 4, prompt_len=9)])
     ax = plots.step_composition(log)
     assert len(ax.patches) == 2 * len(log.steps)
     assert len(plots.token_gaps(log).lines) == 1
@@ -122,7 +124,8 @@ def test_interference_workload_sends_long_prompts_mid_stream(smollm):
     from course_lib.requests import interference_workload
     rs = interference_workload(smollm.tokenizer, 49152, n_chat=3, n_long=2, long_len=100)
     assert [r.arrival_s for r in rs] == [0, 0, 0, 1.0, 2.0]
-    assert [len(r.prompt_tokens) for r in rs[3:]] == [100, 100] and all(r.ignore_eos for r in rs[3:])
+    assert [len(r.prompt_tokens) for r in rs[3:]] == [100, 100]
+    assert all(r.ignore_eos for r in rs[3:])
 
 
 def test_block_map_shows_every_owner():
@@ -147,6 +150,7 @@ def test_long_prompts_chunked_into_a_tight_cache_all_finish():
 
 def test_a_memory_budget_in_bytes_becomes_blocks():
     per_token = kv_bytes_per_token(FakeLlama().shape, 4)
-    assert engine(max_batch=2, block_size=4, kv_memory_bytes=10 * 4 * per_token + 5).num_blocks == 10
+    budget = 10 * 4 * per_token + 5
+    assert engine(max_batch=2, block_size=4, kv_memory_bytes=budget).num_blocks == 10
     with pytest.raises(ValueError, match="not both"):
         engine(max_batch=2, block_size=4, num_blocks=3, kv_memory_bytes=10 * 4 * per_token)

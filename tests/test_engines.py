@@ -19,8 +19,9 @@ def test_sequential_equals_hf_generate_on_the_tiny_model(tiny):
     requests = reqs()
     log = make_engine("sequential", tiny).run(requests)
     for req, rec in zip(requests, log.requests):
-        out = tiny.model.generate(torch.tensor([req.prompt_tokens]), max_new_tokens=req.max_new_tokens,
-                                  do_sample=False, pad_token_id=2)
+        out = tiny.model.generate(torch.tensor([req.prompt_tokens]),
+                                  max_new_tokens=req.max_new_tokens, do_sample=False,
+                                  pad_token_id=2)
         assert rec.output_tokens == out[0, len(req.prompt_tokens):].tolist()
 
 
@@ -30,7 +31,7 @@ def test_step_log_accounts_for_every_token(tiny, engine):
     log = make_engine(engine, tiny, max_batch=2).run(requests)
     out = sum(len(r.output_tokens) for r in log.requests)
     assert sum(s.prefill_tokens for s in log.steps) == sum(len(r.prompt_tokens) for r in requests)
-    assert sum(s.decode_tokens for s in log.steps) == out - len(requests)   # last token not fed back
+    assert sum(s.decode_tokens for s in log.steps) == out - len(requests)   # last: not fed back
     assert all(s.slots >= s.useful for s in log.steps)
     assert all(s.end_s >= s.start_s for s in log.steps)
 
@@ -70,7 +71,8 @@ def test_hf_cb_counts_the_warmups_hf_gives_up_on(tiny, monkeypatch):
     real = ContinuousBatchingManager.warmup
 
     def warmup(self):                  # as HF's model runner does when a warm-up runs out of memory
-        logging.getLogger("ContinuousBatchingLogger").warning("Failed to warm up: CUDA out of memory.")
+        logging.getLogger("ContinuousBatchingLogger").warning(
+            "Failed to warm up: CUDA out of memory.")
         real(self)
 
     engine = make_engine("hf-cb", tiny, max_batch=2)

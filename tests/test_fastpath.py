@@ -48,7 +48,8 @@ def test_batch_buckets_cover_every_batch_with_little_padding():
 
 def test_decode_buffers_give_the_reference_tokens(tiny):
     """Decode steps through the fixed buffers (pad rows included) = the gather reference."""
-    eng = make_engine("continuous", tiny, max_batch=3, block_size=4, num_blocks=40, attention="kernel")
+    eng = make_engine("continuous", tiny, max_batch=3, block_size=4, num_blocks=40,
+                      attention="kernel")
     reqs = [Request(f"r{i}", list(range(5, 9 + 3 * i)), max_new_tokens=5) for i in range(3)]
     ref = make_engine("continuous", tiny, max_batch=3, block_size=4, num_blocks=40).run(reqs)
     log = eng.run(reqs)
@@ -59,7 +60,8 @@ def test_decode_buffers_give_the_reference_tokens(tiny):
     assert decode and all(s.slots == graphs.bucket(s.rows) for s in decode)   # pad rows counted
     # a second run reuses the cache and the buffers, emptied
     cache = eng.cache
-    assert [r.output_tokens for r in eng.run(reqs).requests] == [r.output_tokens for r in ref.requests]
+    assert [r.output_tokens for r in eng.run(reqs).requests] == \
+        [r.output_tokens for r in ref.requests]
     assert eng.cache is cache and eng.runner.graphs is graphs and cache.blocks.n_free == 40
     with pytest.raises(ValueError, match="1 to 3 sequences"):
         graphs.step([])
@@ -127,7 +129,8 @@ def test_overlapped_steps_give_the_answers_of_waited_ones(attention):
     runs = {}
     for overlap in (False, True):
         e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=5, block_size=2,
-                        num_blocks=24, max_num_batched_tokens=8, attention=attention, overlap=overlap)
+                        num_blocks=24, max_num_batched_tokens=8, attention=attention,
+                        overlap=overlap)
         order = []
         for obj, name in ((e.runner, "launch"), (e, "complete")):
             method = getattr(obj, name)
@@ -149,7 +152,8 @@ def test_overlapped_steps_give_the_answers_of_waited_ones(attention):
 
 
 def test_overlap_keeps_the_real_model_s_greedy_answers(tiny):
-    reqs = load_workload("anyscale:prompt_len=32,cap=32,mean=8", n=10, vocab_size=tiny.config.vocab_size)
+    reqs = load_workload("anyscale:prompt_len=32,cap=32,mean=8", n=10,
+                         vocab_size=tiny.config.vocab_size)
     outs = []
     for overlap in (False, True):
         e = make_engine("continuous", tiny, max_batch=6, block_size=8, num_blocks=20,
@@ -167,7 +171,8 @@ def test_a_watermark_keeps_room_to_grow_and_preempts_less():
         e = make_engine("continuous", LOADED, model=FakeLlama(), max_batch=12, block_size=4,
                         num_blocks=60, watermark=wm)
         log = e.run(reqs)
-        runs[wm] = (e.preemptions, [r.output_tokens for r in log.requests], max(s.rows for s in log.steps))
+        runs[wm] = (e.preemptions, [r.output_tokens for r in log.requests],
+                    max(s.rows for s in log.steps))
     assert runs[0.0][0] > 0 and runs[0.25][0] < runs[0.0][0]       # fewer prompts recomputed
     assert runs[0.0][1] == runs[0.25][1]                            # the same answers
     assert parse_rung("fast:watermark=0.05", {"rows": 1, "big": 8, "max_num_batched_tokens": 64,
@@ -178,7 +183,8 @@ def test_a_watermark_keeps_room_to_grow_and_preempts_less():
 def test_a_victim_already_in_the_step_is_taken_out_of_it(tiny):
     """Preemption during the decode pass may pick a sequence scheduled earlier in the same pass
     (the running order changes once sequences are readmitted): it must leave the step."""
-    reqs = load_workload("anyscale:prompt_len=32,cap=32,mean=8", n=12, vocab_size=tiny.config.vocab_size)
+    reqs = load_workload("anyscale:prompt_len=32,cap=32,mean=8", n=12,
+                         vocab_size=tiny.config.vocab_size)
     e = make_engine("continuous", tiny, max_batch=8, block_size=16, num_blocks=12)
     log = e.run(reqs)
     assert e.preemptions > 0
@@ -201,7 +207,8 @@ def test_the_physical_floor_adds_prefill_flops_and_decode_bytes():
     peaks = Peaks("test", "float32", bandwidth=1e9, flops=1e12, method="given")
     f = workload_floor(shape, 4, [10, 20], [3, 1], peaks)
     pre = sum(step_work(shape, 4, n, attended_pairs(0, n), 0, 1).flops for n in (10, 20)) / 1e12
-    steps = [step_work(shape, 4, 1, 11, 10, 1), step_work(shape, 4, 1, 12, 11, 1)]   # only the first decodes
+    # only the first sequence decodes
+    steps = [step_work(shape, 4, 1, 11, 10, 1), step_work(shape, 4, 1, 12, 11, 1)]
     dec = sum(max(w.bytes / 1e9, w.flops / 1e12) for w in steps)
     assert f["prefill_s"] == pytest.approx(pre) and f["decode_s"] == pytest.approx(dec)
     assert f["output_tokens_per_s"] == pytest.approx(4 / (pre + dec))
@@ -214,16 +221,19 @@ def test_big_decode_steps_are_summarised_apart():
              Step(1, 2, 4, 4, 0, 4, 200, 196, 4), Step(2, 4, 200, 300, 100, 200, 0, 0, 200)]
     m = summarize(RunLog("x", [], steps, 4.0), shape, 4, peaks)
     w = step_work(shape, 4, 128, 128 * 50, 128 * 49, 128)
-    assert m["decode_b128"]["steps"] == 1 and m["decode_b128"]["mbu"] == pytest.approx(w.bytes / 1e9)
+    assert m["decode_b128"]["steps"] == 1
+    assert m["decode_b128"]["mbu"] == pytest.approx(w.bytes / 1e9)
 
 
 def test_rungs_are_parsed_with_their_settings():
     settings = {"rows": 1000, "big": 512, "max_num_batched_tokens": 2048, "max_batch": 64}
     assert parse_rung("static", settings) == ("static", "static", 64, {})
-    name, engine, batch, opts = parse_rung("fast:kv_memory_mib=2,max_num_batched_tokens=8192", settings)
+    name, engine, batch, opts = parse_rung("fast:kv_memory_mib=2,max_num_batched_tokens=8192",
+                                           settings)
     assert (engine, batch) == ("fast", 512)
-    assert opts == {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True, "overlap": True,
-                    "watermark": 0.0, "kv_memory_bytes": 2 * 2**20, "max_num_batched_tokens": 8192}
+    assert opts == {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True,
+                    "overlap": True, "watermark": 0.0, "kv_memory_bytes": 2 * 2**20,
+                    "max_num_batched_tokens": 8192}
     _, engine, batch, opts = parse_rung("chunked", settings)       # the rung's budget, said
     assert (engine, batch, opts["max_num_batched_tokens"], opts["kv_memory_bytes"]) == (
         "chunked", 512, 2048, 1000)
@@ -232,29 +242,34 @@ def test_rungs_are_parsed_with_their_settings():
 
 
 def test_a_ladder_run_names_its_rungs_keeps_going_and_has_a_floor(tiny):
-    r = run_ladder(tiny, "tiny", "anyscale:prompt_len=16,cap=8,mean=4", ["static", "fast",
-                   "fast:cuda_graphs=0,fused=0"], n=6, max_batch=2, big_batch=4, max_num_batched_tokens=32,
-                   dtype="float32",
-                   device="cpu", progress=False, echo=lambda *a: None)
+    r = run_ladder(tiny, "tiny", "anyscale:prompt_len=16,cap=8,mean=4",
+                   ["static", "fast", "fast:cuda_graphs=0,fused=0"], n=6, max_batch=2,
+                   big_batch=4, max_num_batched_tokens=32, dtype="float32", device="cpu",
+                   progress=False, echo=lambda *a: None)
     assert [x["rung"] for x in r["runs"]] == ["static", "fast", "fast:cuda_graphs=0,fused=0"]
     assert "cuda_graphs needs a CUDA device" in r["runs"][1]["error"]     # recorded, not fatal
-    assert r["runs"][2]["engine_options"]["attention"] == "kernel" and r["runs"][2]["engine"] == "fast"
-    assert r["floor"]["output_tokens"] == sum(q["n_output_tokens"] for q in r["runs"][0]["requests"])
+    assert r["runs"][2]["engine_options"]["attention"] == "kernel"
+    assert r["runs"][2]["engine"] == "fast"
+    assert r["floor"]["output_tokens"] == sum(q["n_output_tokens"]
+                                              for q in r["runs"][0]["requests"])
     rows = table(r)
-    assert [x["rung"] for x in rows] == ["static", "fast:cuda_graphs=0,fused=0"] and rows[0]["x_static"] == 1
+    assert [x["rung"] for x in rows] == ["static", "fast:cuda_graphs=0,fused=0"]
+    assert rows[0]["x_static"] == 1
     assert label(rows[1]["rung"]) == "fast, eager decode, unfused elementwise"
 
 
 def test_load_result_reads_gzipped_earlier_runs(tmp_path, monkeypatch):
     from course_lib.lab import nbtools
-    for commit in ("6d68f09", "60263e9", "c5c0509", "b9a376f", "be142bd"):   # notebook 09's earlier runs
-        earlier = nbtools.load_result(f"ladder09-{commit}_anyscale_llama-1b-dummy_nvidia-h200.json")
+    card = "anyscale_llama-1b-dummy_nvidia-h200.json"
+    for commit in ("6d68f09", "60263e9", "c5c0509", "b9a376f", "be142bd"):   # notebook 09's runs
+        earlier = nbtools.load_result(f"ladder09-{commit}_{card}")
         assert earlier["versions"]["course_lib_commit"] == commit and earlier["runs"]
-    for commit in ("1d37b55", "8d0d0de", "404b43b"):              # the peers runs, each on its own card
-        peers = nbtools.load_result(f"ladder09-peers-{commit}_anyscale_llama-1b-dummy_nvidia-h200.json")
+    for commit in ("1d37b55", "8d0d0de", "404b43b"):              # the peers, each on its own card
+        peers = nbtools.load_result(f"ladder09-peers-{commit}_{card}")
         assert peers["versions"]["course_lib_commit"] == commit and peers["versions"]["gpu"]["uuid"]
         assert {"hf-cb", "hf-cb:max_memory_percent=0.5",
-                "fast:kv_memory_mib=16384,max_num_batched_tokens=16384"} <= {r["rung"] for r in peers["runs"]}
+                "fast:kv_memory_mib=16384,max_num_batched_tokens=16384"} <= \
+            {r["rung"] for r in peers["runs"]}
     monkeypatch.setattr(nbtools, "RESULTS", tmp_path)
     (tmp_path / "a.json.gz").write_bytes(gzip.compress(b'{"x": 1}'))
     assert nbtools.load_result("a.json") == {"x": 1}
@@ -274,7 +289,8 @@ def test_chapter_09_rung_lists_parse_and_reproduce_the_stored_run():
         assert engine in ENGINES and max_batch in (64, 512), spec
     assert LADDER_09[:2] == ["static", "hf-cb"] and set(SHORT_09) < set(LADDER_09)
     assert len(set(LADDER_09)) == len(LADDER_09)
-    stored = {r["rung"] for r in load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")["runs"]}
+    stored = {r["rung"]
+              for r in load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")["runs"]}
     assert stored <= set(LADDER_09)                 # the list reproduces the stored run
     assert "LADDER_09" in (ROOT / "bench" / "gpu" / "gpu_ladder09.sh").read_text()
 
@@ -287,12 +303,16 @@ def test_the_ratio_to_quote_is_to_the_fastest_hf_cb():
         m = {"output_tokens_per_s": tps, "mbu": 0, "mfu": 0, "nvml_gpu_util": None,
              "ttft_s": {"p50": 1}, "tpot_s": {"p50": 1}, **extra}
         return {"rung": rung, "engine": rung.partition(":")[0], "max_batch": 64, "metrics": m}
-    result = {"runs": [run("static", 10), run("hf-cb", 20), run("hf-cb:max_memory_percent=0.5", 50, warmup_failures=0),
-                       run("fast", 1000), {"rung": "hf-cb:max_batch=512", "engine": "hf-cb", "error": "OOM"}]}
-    assert fastest_peer(result) == ("hf-cb:max_memory_percent=0.5", 50)       # not the first, not the failed one
+    result = {"runs": [run("static", 10), run("hf-cb", 20),
+                       run("hf-cb:max_memory_percent=0.5", 50, warmup_failures=0),
+                       run("fast", 1000),
+                       {"rung": "hf-cb:max_batch=512", "engine": "hf-cb", "error": "OOM"}]}
+    # not the first, not the failed one
+    assert fastest_peer(result) == ("hf-cb:max_memory_percent=0.5", 50)
     rows = {r["rung"]: r for r in table(result)}
     assert rows["fast"]["x_hf_cb"] == 50 and rows["fast"]["x_fastest_hf_cb"] == 20
-    assert rows["hf-cb:max_memory_percent=0.5"]["warmup_failures"] == 0 and rows["hf-cb"]["warmup_failures"] is None
+    assert rows["hf-cb:max_memory_percent=0.5"]["warmup_failures"] == 0
+    assert rows["hf-cb"]["warmup_failures"] is None
     stored = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
     assert fastest_peer(stored)[0] == "hf-cb"          # at 512 requests per batch it was slower
 
@@ -306,7 +326,8 @@ def test_chapter_09_pictures_draw_the_stored_results():
     assert names[-len(peers):] == peers and peers[0] == "hf-generate" and "hf-cb" in peers
     assert all(p == "hf-generate" or p.startswith("hf-cb") for p in peers)
     assert "fast:watermark=0.05" in names
-    fast = next(r for r in result["runs"] if r["rung"] == "fast:kv_memory_mib=16384,max_num_batched_tokens=8192")
+    fast = next(r for r in result["runs"]
+                if r["rung"] == "fast:kv_memory_mib=16384,max_num_batched_tokens=8192")
     split = time_split(fast)
     assert sum(split[k] for k in ("prefill", "mixed", "decode", "between")) == pytest.approx(
         fast["metrics"]["makespan_s"], rel=0.05)
@@ -314,17 +335,20 @@ def test_chapter_09_pictures_draw_the_stored_results():
     assert ax.get_yscale() == "log" and len(ax.patches) == len(result["runs"])
     assert [line.get_ydata()[0] for line in ax.lines] == [result["floor"]["output_tokens_per_s"]]
     assert len(plots.utilisation_by_rung(result).patches) == 3 * len(result["runs"])
-    assert label("fast:kv_memory_mib=16384,max_num_batched_tokens=8192") == "fast, 16 GiB KV, budget 8192"
+    assert label("fast:kv_memory_mib=16384,max_num_batched_tokens=8192") == \
+        "fast, 16 GiB KV, budget 8192"
     steps = [json.loads((RESULTS / f"decode_step_{m}_nvidia-h200.json").read_text())
              for m in ("llama-1b-dummy", "smollm2-135m")]
     assert len(plots.decode_step_curve(steps).lines) == 8       # 4 curves per model
     assert plots.run_steps(result["runs"][-3]).get_yscale() == "log"
     from course_lib.measure.metrics import prefill_rows
-    rows = prefill_rows([json.loads((RESULTS / f"profile_decode_llama-1b-dummy_nvidia-h200_gathered_{t}.json").read_text())
+    name = "profile_decode_llama-1b-dummy_nvidia-h200_gathered_{}.json"
+    rows = prefill_rows([json.loads((RESULTS / name.format(t)).read_text())
                          for t in ("default_tiles", "BLOCK_M64_BLOCK_N64")])
     assert {(r["prefill"], r["blocks"]) for r in rows} == {(p, b) for p in ("gathered", "in-place")
                                                            for b in ("fresh", "scattered")}
-    assert all((r["copy_ms"] > 0) == (r["prefill"] == "gathered") and 0 < r["flex_ms"] < r["step_ms"] for r in rows)
+    assert all((r["copy_ms"] > 0) == (r["prefill"] == "gathered") for r in rows)
+    assert all(0 < r["flex_ms"] < r["step_ms"] for r in rows)
     assert len(plots.prefill_attention(rows).patches) == 2 * len(rows)
     if importlib.util.find_spec("ipywidgets"):      # CI has it; a bare GPU machine may not
         assert widgets.ladder_explorer(result) is not None
@@ -350,7 +374,8 @@ def test_the_simulator_replays_the_gpu_runs_scheduling_decisions():
 def test_cuda_graphs_say_what_eager_launches_say():
     loaded = models.load("tiny", dtype="float32", device="cuda")
     reqs = [Request(f"r{i}", list(range(5, 9 + 3 * i)), max_new_tokens=6) for i in range(5)]
-    ref = make_engine("continuous", loaded, max_batch=5, block_size=4, num_blocks=64, attention="gather")
+    ref = make_engine("continuous", loaded, max_batch=5, block_size=4, num_blocks=64,
+                      attention="gather")
     outs = [[r.output_tokens for r in ref.run(reqs).requests]]       # the reference, eager
     for graphs, fused, overlap in ((False, False, False), (True, False, False), (True, True, False),
                                    (True, True, True)):
@@ -393,14 +418,15 @@ def test_a_prepared_run_compiles_no_triton_kernel(graphs):
     mixed step: a small cache had skipped precompiling it)."""
     loaded = models.load("tiny", dtype="float32", device="cuda")
     reqs = [Request(f"r{i}", list(range(5, 9 + 5 * i)), max_new_tokens=9) for i in range(7)]
-    e = make_engine("continuous", loaded, max_batch=6, block_size=4, num_blocks=80, attention="kernel",
-                    cuda_graphs=graphs, fused=True, max_num_batched_tokens=24)
+    e = make_engine("continuous", loaded, max_batch=6, block_size=4, num_blocks=80,
+                    attention="kernel", cuda_graphs=graphs, fused=True, max_num_batched_tokens=24)
     e.prepare(reqs)
     before = compiled_triton_kernels()
     assert before
     e.run(reqs)
     new = compiled_triton_kernels() - before
-    assert not new, "compiled in the run:\n" + "\n".join(f"{k}: {key[:600]}" for k, key in sorted(new))
+    assert not new, "compiled in the run:\n" + "\n".join(f"{k}: {key[:600]}"
+                                                          for k, key in sorted(new))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -410,8 +436,8 @@ def test_a_launch_never_waits_for_the_gpu():
     debug mode turns any such wait inside ``launch`` into an error."""
     loaded = models.load("tiny", dtype="float32", device="cuda")
     reqs = [Request(f"r{i}", list(range(5, 30 + 7 * i)), max_new_tokens=12) for i in range(6)]
-    e = make_engine("continuous", loaded, max_batch=4, block_size=4, num_blocks=40,   # tight: preempts
-                    max_num_batched_tokens=40, attention="kernel")
+    e = make_engine("continuous", loaded, max_batch=4, block_size=4,
+                    num_blocks=40, max_num_batched_tokens=40, attention="kernel")   # preempts
     e.prepare(reqs)
     e.run(reqs)                                   # compiles what prepare did not
     launch, kinds, waits = e.runner.launch, set(), Counter()
@@ -427,7 +453,8 @@ def test_a_launch_never_waits_for_the_gpu():
         return out
     e.runner.launch = strict
     log = e.run(reqs)
-    assert not waits, "launch waited for the GPU at:\n" + "\n".join(f"{n}x {w}" for w, n in sorted(waits.items()))
+    assert not waits, "launch waited for the GPU at:\n" + "\n".join(
+        f"{n}x {w}" for w, n in sorted(waits.items()))
     assert e.overlap and e.preemptions > 0 and kinds == {"decode", "packed"}
     assert all(len(r.output_tokens) == 12 for r in log.requests)
 
@@ -443,16 +470,20 @@ def test_precompiling_the_kernel_path_leaves_the_cache_empty():
 
 def test_host_summary_takes_medians_per_step_kind_and_batch_range():
     from course_lib.measure.metrics import host_summary, host_table
-    rec = lambda kind, rows, launch, schedule=1.0: {"kind": kind, "rows": rows, "schedule_ms": schedule,   # noqa: E731
-                                                    "launch_ms": launch, "wait_ms": 2.0, "retire_ms": 0.5}
+    def rec(kind, rows, launch, schedule=1.0):
+        return {"kind": kind, "rows": rows, "schedule_ms": schedule, "launch_ms": launch,
+                "wait_ms": 2.0, "retire_ms": 0.5}
     records = [rec("packed", 40, 20.0, None), rec("packed", 50, 30.0), rec("packed", 60, 25.0),
-               rec("decode", 300, 1.0), rec("decode", 512, 3.0), {"kind": "decode", "rows": 8, "launch_ms": 9.0,
-                                                                   "schedule_ms": 0.1}]   # never completed
+               rec("decode", 300, 1.0), rec("decode", 512, 3.0),
+               {"kind": "decode", "rows": 8, "launch_ms": 9.0, "schedule_ms": 0.1}]  # not done
     rows = host_summary(records)
-    assert [(r["kind"], r["rows"], r["steps"]) for r in rows] == [("packed", "33-128", 3), ("decode", "257-max", 2)]
-    assert rows[0]["launch_ms"] == 25.0 and rows[0]["schedule_ms"] == 1.0 and rows[1]["launch_ms"] == 2.0
-    assert host_summary([rec("packed", 3, 5.0, None)])[0]["schedule_ms"] is None
-    assert "25.00" in host_table(rows) and host_table(host_summary([rec("packed", 3, 5.0, None)])).split()[-4] == "-"
+    assert [(r["kind"], r["rows"], r["steps"]) for r in rows] == [("packed", "33-128", 3),
+                                                                  ("decode", "257-max", 2)]
+    assert rows[0]["launch_ms"] == 25.0 and rows[0]["schedule_ms"] == 1.0
+    assert rows[1]["launch_ms"] == 2.0
+    first = host_summary([rec("packed", 3, 5.0, None)])
+    assert first[0]["schedule_ms"] is None
+    assert "25.00" in host_table(rows) and host_table(first).split()[-4] == "-"
 
 
 @pytest.fixture

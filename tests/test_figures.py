@@ -1,4 +1,5 @@
-"""`make figures` regenerates vis/ from runs: the same code on the tiny model, into a temp folder."""
+"""`make figures` regenerates vis/ from runs: the same code on the tiny model, into a temp
+folder."""
 from course_lib.lab import figures
 
 

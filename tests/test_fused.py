@@ -1,7 +1,7 @@
 """The fused elementwise kernels of chapter 09 (``course_lib.kernels.fused``) against the PyTorch
-references of ``course_lib.model.llama``: in Triton's interpreter on the CPU (in a subprocess, because
-the interpreter must be chosen before Triton is imported), and on a GPU in bf16, kernel by kernel
-and as a whole model."""
+references of ``course_lib.model.llama``: in Triton's interpreter on the CPU (in a subprocess,
+because the interpreter must be chosen before Triton is imported), and on a GPU in bf16, kernel by
+kernel and as a whole model."""
 import importlib.util
 import json
 import os
@@ -18,7 +18,7 @@ from course_lib.model.llama import REFERENCE_OPS, Llama, add_rms_norm, rms_norm
 
 def test_the_reference_of_add_rms_norm_is_the_residual_add_then_the_norm():
     g = torch.Generator().manual_seed(0)
-    x, d, w = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+    x, d, w = (torch.randn(*size, generator=g) for size in ((3, 8), (3, 8), (8,)))
     x2, h = add_rms_norm(x, d, w, 1e-5)
     torch.testing.assert_close(x2, x + d)
     torch.testing.assert_close(h, rms_norm(x + d, w, 1e-5))
@@ -41,7 +41,8 @@ def test_stacked_projections_give_the_same_model(tiny):
             for w in model.layers:
                 w.stack()
                 # from here on only the stacked copies may be read: zero the originals
-                w.wq, w.wk, w.wv, w.w_gate, w.w_up = (torch.zeros_like(t) for t in (w.wq, w.wk, w.wv, w.w_gate, w.w_up))
+                w.wq, w.wk, w.wv, w.w_gate, w.w_up = (
+                    torch.zeros_like(t) for t in (w.wq, w.wk, w.wv, w.w_gate, w.w_up))
         cache = PagedKVCache(model.shape, BlockManager(8, 16), model.dtype)
         cache.grow("a", len(tokens))
         attn = PagedAttention(cache, [("a", 0, len(tokens))])
@@ -50,14 +51,15 @@ def test_stacked_projections_give_the_same_model(tiny):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bf16 test runs the real kernels")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the bf16 test runs the real kernels")
 def test_the_fused_kernels_in_the_interpreter():
-    r = subprocess.run([sys.executable, "-m", "course_lib.kernels.fused"], capture_output=True, text=True,
-                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    r = subprocess.run([sys.executable, "-m", "course_lib.kernels.fused"], capture_output=True,
+                       text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert {row["kernel"].split()[0] for row in rows} == {"add_rms_norm", "rms_norm", "rope_qk", "rope_qk_store",
-                                                          "silu_mul"}
+    assert {row["kernel"].split()[0] for row in rows} == {
+        "add_rms_norm", "rms_norm", "rope_qk", "rope_qk_store", "silu_mul"}
     assert {row["tokens"] for row in rows} == {1, 7, 64}
     for row in rows:                 # NaN (an unwritten element can hold it) fails the comparison
         assert row["max_abs_error"] < 1e-5, row
@@ -89,13 +91,14 @@ for fused in (False, True):
     c.k, c.v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
     attn = KernelPagedAttention(c, seqs)
     out[fused] = (model(tokens, attn.positions, attn), c.k, c.v)
-print(max((a - b).abs().max().item() for a, b in zip([out[False][0], *out[False][1], *out[False][2]],
-                                                      [out[True][0], *out[True][1], *out[True][2]])))
+ref, fused = ([o[0], *o[1], *o[2]] for o in (out[False], out[True]))
+print(max((a - b).abs().max().item() for a, b in zip(ref, fused)))
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the model test runs the real kernels")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the model test runs the real kernels")
 def test_the_fused_model_writes_the_cache_in_rope_as_the_reference_does():
     """Fused, RoPE writes the keys and values into the cache and attention only reads it: a mixed
     step (two decodes through the decode kernel, a prompt through FlexAttention) must give the

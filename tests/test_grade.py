@@ -36,10 +36,12 @@ CU = """def cu_seqlens(lengths):
 def reference() -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# Two exercises"),
-                nbformat.v4.new_code_cell("from course_lib.lab.exercises import check_cu_seqlens, check_fits"),
+                nbformat.v4.new_code_cell(
+                    "from course_lib.lab.exercises import check_cu_seqlens, check_fits"),
                 nbformat.v4.new_code_cell(FITS), nbformat.v4.new_code_cell("check_fits(fits)"),
                 nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell(CU), nbformat.v4.new_code_cell("check_cu_seqlens(cu_seqlens)")]
+                nbformat.v4.new_code_cell(CU),
+                nbformat.v4.new_code_cell("check_cu_seqlens(cu_seqlens)")]
     return nb
 
 
@@ -61,7 +63,8 @@ def graded(tmp_path_factory):
     class_ = {
         "ada": reference(),                                      # the solutions: complete
         "bob": make_student_copy(reference()),                   # untouched
-        "cy": answered(reference(), "def fits(prompt_len, max_new_tokens, cursor, cache_len)\n    return True"),
+        "cy": answered(reference(),
+                       "def fits(prompt_len, max_new_tokens, cursor, cache_len)\n    return True"),
         "dee": answered(reference(), "def fits(*a):\n    return True\nwhile True:\n    pass"),
         "eve": answered(reference(), "def fits(prompt_len, max_new_tokens, cursor, cache_len):\n"
                                      "    return prompt_len < cursor"),             # a wrong answer

@@ -40,7 +40,8 @@ def imports(path: Path) -> set:
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("course_lib"):
             subs = {f"{node.module}.{a.name}" for a in node.names} & modules
             found |= subs or {node.module}
-    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(ast.parse(path.read_text()))), \
+    tree = ast.parse(path.read_text())
+    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree)), \
         f"{path.name}: relative import (the library imports absolutely)"
     return {m for m in found if m in modules}
 

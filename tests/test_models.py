@@ -8,7 +8,8 @@ from course_lib.model import models
 
 
 def test_unknown_model_names_the_presets():
-    with pytest.raises(models.ModelError, match="smollm2-135m, llama-1b-dummy, llama-8b-dummy, tiny"):
+    presets = "smollm2-135m, llama-1b-dummy, llama-8b-dummy, tiny"
+    with pytest.raises(models.ModelError, match=presets):
         models.load("gpt-5")
 
 

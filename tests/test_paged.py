@@ -30,8 +30,10 @@ def test_packed_paged_attention_gives_hf_logits(smollm, smollm_ours, block_size,
     for r in reqs:
         cache.grow(r.id, len(r.prompt_tokens))
     attn = PagedAttention(cache, [(r.id, 0, len(r.prompt_tokens)) for r in reqs])
-    logits = smollm_ours(torch.tensor([t for r in reqs for t in r.prompt_tokens]), attn.positions, attn)
-    assert attn.cu_seqlens.tolist() == [0] + list(torch.tensor([len(r.prompt_tokens) for r in reqs]).cumsum(0))
+    logits = smollm_ours(torch.tensor([t for r in reqs for t in r.prompt_tokens]), attn.positions,
+                         attn)
+    lengths = torch.tensor([len(r.prompt_tokens) for r in reqs])
+    assert attn.cu_seqlens.tolist() == [0] + list(lengths.cumsum(0))
     nxt = []
     for i, r in enumerate(reqs):                     # prefill: every position of every prompt
         a, b = attn.cu_seqlens[i], attn.cu_seqlens[i + 1]
@@ -52,7 +54,8 @@ WIDE = LlamaShape(100, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, 0, 4096)     # 4 query h
 
 def scattered_cache(block_size):
     """A paged cache whose sequences grew side by side (their blocks interleave), then lost one
-    (``b``) and took two prompts (``e``, 300 tokens, and ``f``, 700: tiles of it see whole tiles)."""
+    (``b``) and took two prompts (``e``, 300 tokens, and ``f``, 700: tiles of it see whole
+    tiles)."""
     cache = PagedKVCache(WIDE, BlockManager(6000 // block_size, block_size))
     for step in range(40):
         for sid in "abcd":
@@ -65,7 +68,8 @@ def scattered_cache(block_size):
 
 def listed_full(bm):
     """The tiles a block mask lists as *full* (run without the mask), as a dense boolean."""
-    full = torch.zeros(bm.full_kv_num_blocks.shape[-1], bm.full_kv_indices.shape[-1], dtype=torch.bool)
+    full = torch.zeros(bm.full_kv_num_blocks.shape[-1], bm.full_kv_indices.shape[-1],
+                       dtype=torch.bool)
     for qt in range(full.shape[0]):
         full[qt, bm.full_kv_indices[0, 0, qt, :bm.full_kv_num_blocks[0, 0, qt]].long()] = True
     return full
@@ -98,7 +102,8 @@ def test_flex_block_mask_lists_every_tile_a_query_can_see(block_size, TILE, monk
     full = listed_full(bm)
     n_pad, n_slots = bm.seq_lengths
     ok = torch.zeros(n_pad, full.shape[1] * TILE, dtype=torch.bool)
-    ok[:, :n_slots] = bm.mask_mod(0, 0, torch.arange(n_pad)[:, None], torch.arange(n_slots)[None, :])
+    ok[:, :n_slots] = bm.mask_mod(0, 0, torch.arange(n_pad)[:, None],
+                                  torch.arange(n_slots)[None, :])
     tiles = ok.view(full.shape[0], TILE, full.shape[1], TILE).all(-1).all(1)   # every pair visible
     assert not (full & ~tiles).any() and full.any()
 
@@ -111,7 +116,8 @@ def test_the_gathered_flex_mask_lists_every_visible_pair_and_full_tiles_are_whol
     Then its output equals the gather reference's, blocks scattered over the cache."""
     from course_lib.model.attention import TILE, GatheredFlexAttention, PagedAttention
     cache, shape = scattered_cache(block_size), WIDE
-    seqs = [("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("a", cache.lengths["a"] - 1, 1), ("f", 0, 700)]
+    seqs = [("e", 0, 300), ("d", cache.lengths["d"] - 20, 20), ("a", cache.lengths["a"] - 1, 1),
+            ("f", 0, 700)]
     attn = GatheredFlexAttention(cache, seqs)
     bm = attn.block_mask
     n_pad, m_pad = bm.seq_lengths
@@ -132,7 +138,8 @@ def test_the_gathered_flex_mask_lists_every_visible_pair_and_full_tiles_are_whol
     whole = rule.view(n_pad // TILE, TILE, m_pad // TILE, TILE).all(-1).all(1)
     assert not (full & ~whole).any() and full.any()
     # the keys it copies are each sequence's, in order
-    assert attn.read[:len(k_seq)].tolist() == [s for sid, c, n in seqs for s in cache.slots(sid, 0, c + n)]
+    assert attn.read[:len(k_seq)].tolist() == [s for sid, c, n in seqs
+                                               for s in cache.slots(sid, 0, c + n)]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(attn.n, shape.n_heads, shape.head_dim, generator=g)
     k, v = (torch.randn(attn.n, shape.n_kv_heads, shape.head_dim, generator=g) for _ in range(2))
@@ -176,7 +183,7 @@ def test_the_host_time_bench_times_only_steps_where_every_sequence_decodes():
     before = [vars(c).copy() for c in (Scheduler, ModelRunner, PagedEngine)]
     row = host_time.round_ms(batch=12, new_tokens=30, repeats=1)
     assert [vars(c) for c in (Scheduler, ModelRunner, PagedEngine)] == before
-    assert row["batch"] == 12 and 20 <= row["steps"] <= 30            # the shortest answer: 30 tokens
+    assert row["batch"] == 12 and 20 <= row["steps"] <= 30            # the shortest answer: 30
     assert all(row[k] > 0 for k in ("schedule", "launch", "complete"))
     assert row["round"] == pytest.approx(row["schedule"] + row["launch"] + row["complete"])
     assert host_time.fill_ms(8, context=40, repeat=2) > 0

@@ -50,8 +50,9 @@ def test_splits_keep_the_gpu_busy_and_vanish_at_large_batch():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bf16 test runs the real kernel "
                     "(and older Tritons' interpreters fail there with numpy 2)")
 def test_the_triton_kernel_in_the_interpreter():
-    r = subprocess.run([sys.executable, "-m", "course_lib.kernels.paged_decode"], capture_output=True, text=True,
-                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    r = subprocess.run([sys.executable, "-m", "course_lib.kernels.paged_decode"],
+                       capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"),
+                       timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 4 and {row["splits"] > 1 for row in rows} == {True, False}   # both grids

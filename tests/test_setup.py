@@ -24,7 +24,8 @@ def environment() -> dict:
 
 
 def environment_pip_pins() -> list[str]:
-    pip_sections = [d["pip"] for d in environment()["dependencies"] if isinstance(d, dict) and "pip" in d]
+    pip_sections = [d["pip"] for d in environment()["dependencies"]
+                    if isinstance(d, dict) and "pip" in d]
     assert len(pip_sections) == 1, "environment.yml needs exactly one `- pip:` section"
     return [str(p).strip() for p in pip_sections[0]]
 
@@ -38,7 +39,8 @@ def test_environment_yml_pip_pins_equal_requirements_txt():
         f"environment.yml's pip section differs from requirements.txt: "
         f"missing in environment.yml {missing}, not in requirements.txt {extra}"
     )
-    assert env == req, "same pins but in another order; keep environment.yml in requirements.txt's order"
+    assert env == req, ("same pins but in another order; keep environment.yml in "
+                        "requirements.txt's order")
 
 
 def test_environment_yml_conda_part():

@@ -17,8 +17,9 @@ from course_lib.measure.simulator import CostBook, path_of, simulate
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import Request, chat_workload, poisson_arrivals
 
-SHAPE = LlamaShape.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2,
+SHAPE = LlamaShape.from_config(LlamaConfig(hidden_size=64, intermediate_size=128,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2,
                                            vocab_size=100, eos_token_id=2))
 
 
@@ -59,7 +60,8 @@ def test_simulated_runs_serve_every_request_with_its_length(engine, options):
     reqs = [Request(f"r{i}", [3] * (2 + i % 5), max_new_tokens=1 + (7 * i) % 9) for i in range(20)]
     reqs = poisson_arrivals(reqs, rate=100.0, seed=1)
     t = time.perf_counter()
-    eng, log = simulate(engine, reqs, flat_cost(0.01, per_row=1e-3), SHAPE, 2, max_batch=4, **options)
+    eng, log = simulate(engine, reqs, flat_cost(0.01, per_row=1e-3), SHAPE, 2, max_batch=4,
+                        **options)
     assert time.perf_counter() - t < 10                          # simulated seconds are free
     by = {r.id: r for r in log.requests}
     assert all(len(by[q.id].output_tokens) == q.max_new_tokens for q in reqs)
@@ -97,12 +99,13 @@ def test_bench_simulate_writes_the_same_json_marked_simulated(tmp_path):
     CostBook({"padded": flat_cost(0.02), "gather": flat_cost(0.01)}).save(cost)
     out = tmp_path / "sim.json"
     bench.main(["--engine", "continuous", "--model", "llama-1b-dummy", "--dtype", "bfloat16",
-                "--workload", "anyscale:prompt_len=32,cap=16,mean=8", "--n", "12", "--max-batch", "4",
-                "--arrival-rate", "20", "--simulate", str(cost), "--json", str(out)])
+                "--workload", "anyscale:prompt_len=32,cap=16,mean=8", "--n", "12",
+                "--max-batch", "4", "--arrival-rate", "20", "--simulate", str(cost),
+                "--json", str(out)])
     r = json.loads(out.read_text())
     assert r["simulated"] is True and r["device"]["type"] == "simulated"
     assert r["arrival_rate"] == 20 and r["metrics"]["served"] == 12
-    assert r["metrics"]["step_time_s"]["p50"] == pytest.approx(0.02)     # every step, as the model says
+    assert r["metrics"]["step_time_s"]["p50"] == pytest.approx(0.02)     # every step: the model's
     assert {"engine", "model", "metrics", "requests", "versions", "command"} <= set(r)
 
 
@@ -131,8 +134,8 @@ def test_a_model_fitted_to_real_runs_predicts_another(smollm):
 
 def test_a_kv_memory_budget_counts_the_simulated_models_bytes():
     per_token = 2 * SHAPE.n_layers * SHAPE.n_kv_heads * SHAPE.head_dim * 2     # bf16, GQA
-    eng, _ = simulate("continuous", [Request("a", [3] * 4, max_new_tokens=2)], flat_cost(), SHAPE, 2,
-                      max_batch=1, block_size=4, kv_memory_bytes=10 * 4 * per_token)
+    eng, _ = simulate("continuous", [Request("a", [3] * 4, max_new_tokens=2)], flat_cost(),
+                      SHAPE, 2, max_batch=1, block_size=4, kv_memory_bytes=10 * 4 * per_token)
     assert eng.num_blocks == 10
 
 
@@ -150,7 +153,8 @@ def test_the_simulated_gpu_runs_overlapped_steps_back_to_back():
     assert [(s.start_s, s.end_s, s.rows) for s in overlapped.steps] == \
         [(s.start_s, s.end_s, s.rows) for s in waited.steps]
     assert [r.token_times for r in overlapped.requests] == [r.token_times for r in waited.requests]
-    assert all(a.end_s == pytest.approx(b.start_s) for a, b in zip(overlapped.steps, overlapped.steps[1:]))
+    steps = overlapped.steps
+    assert all(a.end_s == pytest.approx(b.start_s) for a, b in zip(steps, steps[1:]))
     # tight: the simulation makes the decisions the overlapped engine itself makes (fake model)
     from dataclasses import replace
 

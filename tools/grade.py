@@ -58,7 +58,8 @@ def run(nb, timeout: int, cwd: Path) -> dict:
             try:
                 client.execute_cell(nb.cells[i], i)
             except (CellTimeoutError, DeadKernelError, TimeoutError, RuntimeError) as e:
-                outcome[i] = "timeout" if not isinstance(e, DeadKernelError) else f"kernel died: {e}"
+                died = isinstance(e, DeadKernelError)
+                outcome[i] = f"kernel died: {e}" if died else "timeout"
                 client.km.restart_kernel(now=True)          # a fresh kernel, set up as before
                 client.kc.wait_for_ready(timeout=60)
                 for j in code[:code.index(i)]:

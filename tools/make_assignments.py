@@ -86,7 +86,8 @@ def _where(notebook: str, cell_index: int | None) -> str:
     return notebook if cell_index is None else f"{notebook}, cell index {cell_index}"
 
 
-def strip_solutions(source: str, notebook: str = "<notebook>", cell_index: int | None = None) -> tuple[str, int]:
+def strip_solutions(source: str, notebook: str = "<notebook>",
+                    cell_index: int | None = None) -> tuple[str, int]:
     """Replace every solution block in ``source``; return (new source, number of blocks).
 
     Raises AssignmentError on a malformed, nested or unpaired marker.
@@ -100,22 +101,23 @@ def strip_solutions(source: str, notebook: str = "<notebook>", cell_index: int |
         stripped = body.strip()
         if _MARKER_LIKE.match(body) and stripped not in (BEGIN_MARKER, END_MARKER):
             raise AssignmentError(
-                f"{_where(notebook, cell_index)}, line {lineno}: malformed solution marker {stripped!r}; "
-                f"write exactly {BEGIN_MARKER!r} or {END_MARKER!r} on a line of its own"
+                f"{_where(notebook, cell_index)}, line {lineno}: malformed solution marker "
+                f"{stripped!r}; write exactly {BEGIN_MARKER!r} or {END_MARKER!r} on a line of "
+                "its own"
             )
         if stripped == BEGIN_MARKER:
             if begin_line is not None:
                 raise AssignmentError(
-                    f"{_where(notebook, cell_index)}, line {lineno}: {BEGIN_MARKER!r} inside the solution "
-                    f"block opened at line {begin_line} (missing {END_MARKER!r}?)"
+                    f"{_where(notebook, cell_index)}, line {lineno}: {BEGIN_MARKER!r} inside the "
+                    f"solution block opened at line {begin_line} (missing {END_MARKER!r}?)"
                 )
             begin_line = lineno
             indent = body[: len(body) - len(body.lstrip())]
         elif stripped == END_MARKER:
             if begin_line is None:
                 raise AssignmentError(
-                    f"{_where(notebook, cell_index)}, line {lineno}: {END_MARKER!r} without a preceding "
-                    f"{BEGIN_MARKER!r}"
+                    f"{_where(notebook, cell_index)}, line {lineno}: {END_MARKER!r} without a "
+                    f"preceding {BEGIN_MARKER!r}"
                 )
             newline = line[len(body):]
             out.append(indent + PLACEHOLDER + newline)
@@ -125,7 +127,8 @@ def strip_solutions(source: str, notebook: str = "<notebook>", cell_index: int |
             out.append(line)
     if begin_line is not None:
         raise AssignmentError(
-            f"{_where(notebook, cell_index)}, line {begin_line}: {BEGIN_MARKER!r} without a matching {END_MARKER!r}"
+            f"{_where(notebook, cell_index)}, line {begin_line}: {BEGIN_MARKER!r} without a "
+            f"matching {END_MARKER!r}"
         )
     return "".join(out), blocks
 
@@ -142,13 +145,14 @@ def find_exercises(nb: nbformat.NotebookNode, notebook: str = "<notebook>") -> l
             continue
         if i + 1 >= len(cells):
             raise AssignmentError(
-                f"{_where(notebook, i)}: exercise cell is the last cell; it needs a check cell right after it"
+                f"{_where(notebook, i)}: exercise cell is the last cell; it needs a check cell "
+                "right after it"
             )
         check = cells[i + 1]
         if check.cell_type != "code":
             raise AssignmentError(
-                f"{_where(notebook, i)}: the cell after an exercise cell must be its check (code) cell, "
-                f"but cell index {i + 1} is a {check.cell_type} cell"
+                f"{_where(notebook, i)}: the cell after an exercise cell must be its check "
+                f"(code) cell, but cell index {i + 1} is a {check.cell_type} cell"
             )
         if strip_solutions(check.source, notebook, i + 1)[1]:
             raise AssignmentError(
@@ -169,7 +173,8 @@ def find_exercises(nb: nbformat.NotebookNode, notebook: str = "<notebook>") -> l
     return exercises
 
 
-def make_student_copy(nb: nbformat.NotebookNode, notebook: str = "<notebook>") -> nbformat.NotebookNode:
+def make_student_copy(nb: nbformat.NotebookNode,
+                      notebook: str = "<notebook>") -> nbformat.NotebookNode:
     """Return a student copy of ``nb`` (``nb`` itself is not modified)."""
     find_exercises(nb, notebook)  # validates the convention (check cells etc.)
     student = copy.deepcopy(nb)
@@ -234,7 +239,8 @@ def write(notebooks_dir: Path, out_dir: Path) -> int:
         for stale in sorted(out_dir.glob("*.ipynb")):
             if stale.name not in copies:
                 stale.unlink()
-                print(f"removed   {_rel(stale)} (no notebook with exercises in {_rel(notebooks_dir)})")
+                print(f"removed   {_rel(stale)} "
+                      f"(no notebook with exercises in {_rel(notebooks_dir)})")
     return 0
 
 
@@ -250,22 +256,28 @@ def check(notebooks_dir: Path, out_dir: Path) -> int:
     if out_dir.is_dir():
         for committed in sorted(out_dir.glob("*.ipynb")):
             if committed.name not in copies:
-                why = "has no exercises" if (notebooks_dir / committed.name).exists() else "does not exist"
-                problems.append(f"{_rel(committed)}: no source notebook ({_rel(notebooks_dir / committed.name)} {why})")
+                source = notebooks_dir / committed.name
+                why = "has no exercises" if source.exists() else "does not exist"
+                problems.append(f"{_rel(committed)}: no source notebook ({_rel(source)} {why})")
     if problems:
-        print("Student copies are stale; run `make assignments` (python tools/make_assignments.py):", file=sys.stderr)
+        print("Student copies are stale; run `make assignments` "
+              "(python tools/make_assignments.py):", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return 1
-    print(f"{len(copies)} student cop{'y' if len(copies) == 1 else 'ies'} in {_rel(out_dir)} up to date.")
+    print(f"{len(copies)} student cop{'y' if len(copies) == 1 else 'ies'} in {_rel(out_dir)} "
+          "up to date.")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--notebooks", type=Path, default=DEFAULT_NOTEBOOKS, help="source notebooks (default: notebooks/)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="student copies (default: assignments/)")
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the copies in --out are stale")
+    parser.add_argument("--notebooks", type=Path, default=DEFAULT_NOTEBOOKS,
+                        help="source notebooks (default: notebooks/)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="student copies (default: assignments/)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if the copies in --out are stale")
     args = parser.parse_args(argv)
     try:
         return (check if args.check else write)(args.notebooks, args.out)

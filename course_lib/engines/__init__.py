@@ -1,35 +1,18 @@
-"""The engines of the course, by name: one registry for the bench CLI, the ladder, the simulator
-and the notebooks.
+"""The engines of the course by name, with their defaults: one registry for the bench CLI, the
+ladder, the simulator and the notebooks.
 
-  sequential, static, dynamic, continuous
-            the padded engines of chapters 02-04 (``max_batch`` rows of one KV-cache).
-  chunked   chapter 05: packed steps under a token budget over a paged KV-cache with room for
-            every request (no preemption). Defaults: ``max_num_batched_tokens=2048`` (the
-            ladder's budget: prompts are cut into chunks, decodes are never held back long),
-            ``block_size=16``, attention ``gather`` (the reference), no CUDA graphs, fused
-            kernels or overlap.
-  paged     chapter 07: + a bounded paged KV-cache (``num_blocks``, or ``kv_memory_bytes``: as
-            many blocks as fit), and preemption when it is full. Defaults: no token budget (whole
-            prompts per step: the chapter is about the cache, not the budget), ``block_size=16``,
-            attention ``flex`` on CUDA (reads the blocks in place) and ``gather`` elsewhere; without
-            ``num_blocks`` or ``kv_memory_bytes`` the cache has room for every request.
-  fast      chapter 09: + the Triton decode kernel (attention ``kernel``; its eager reference off
-            CUDA), decode steps replayed as CUDA graphs, fused elementwise kernels, the host
-            scheduling the next step while the GPU runs this one (``overlap``) and 5% of the
-            blocks kept free when admitting (``watermark``): each of the last four on where CUDA
-            is present, off elsewhere. ``max_num_batched_tokens=16384``, the fastest budget
-            chapter 09 measured (mixed steps of 8192 tokens left the GPU waiting on the host).
-  hf-generate, hf-cb
-            the Hugging Face peers (``generate`` on static batches; its continuous batching).
-  vllm      vLLM's offline ``LLM.generate`` in a process of its own (CUDA and vLLM only).
+* sequential, static, dynamic, continuous: the padded engines of chapters 02-04.
+* chunked (chapter 05: packed steps under a token budget, over a paged KV-cache with room for
+  every request), paged (chapter 07: a bounded cache, ``num_blocks`` or ``kv_memory_bytes``, and
+  preemption when it is full) and fast (chapter 09: the Triton decode kernel, CUDA graphs, fused
+  kernels, overlap and a watermark, each on where CUDA is present) are one class,
+  ``PagedEngine``, with different defaults. Any of its options may be given to any of the three;
+  an option given as None takes the engine's default.
+* hf-generate, hf-cb: Hugging Face's ``generate`` on static batches, and its continuous batching.
+* vllm: vLLM's offline ``LLM.generate`` in a process of its own (CUDA and vLLM only).
 
-chunked, paged and fast are one class, ``PagedEngine``, with different defaults; any of its
-options may be given to any of the three. An option given as None takes the engine's default.
-
-Compatibility: ``continuous`` given any option of the paged engine (``max_num_batched_tokens``,
-``block_size``, ``num_blocks``, ...) builds ``PagedEngine`` exactly as before (its own defaults),
-named by what it is: ``fast`` if its attention resolves to ``kernel``, else ``paged`` with a
-bounded cache, an attention choice or an SLO, else ``chunked``. The engine's ``name`` records it.
+``continuous`` given an option of the paged engine builds ``PagedEngine`` with that class's own
+defaults, named by what it is (``legacy_name``).
 """
 from __future__ import annotations
 
@@ -56,11 +39,10 @@ def _cuda_on(value_on, value_off):
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """A registered engine: its class, its chapter and its default options (a value, or a
-    function of ``cuda``: whether the model is on a CUDA device)."""
+    """A registered engine: its class and its default options (a value, or a function of
+    ``cuda``: whether the model is on a CUDA device)."""
     name: str
     cls: type
-    chapter: str
     defaults: dict = field(default_factory=dict)
 
     @property
@@ -73,24 +55,26 @@ class EngineSpec:
         return {k: v(cuda) if callable(v) else v for k, v in self.defaults.items()}
 
 
+_PAGED = {"block_size": 16, "cuda_graphs": False, "fused": False, "overlap": False,
+          "watermark": 0.0}
 REGISTRY = {s.name: s for s in (
-    EngineSpec("sequential", SequentialEngine, "02"),
-    EngineSpec("static", StaticEngine, "02"),
-    EngineSpec("dynamic", DynamicEngine, "03"),
-    EngineSpec("continuous", ContinuousEngine, "04"),
-    EngineSpec("chunked", PagedEngine, "05",
-               {"max_num_batched_tokens": 2048, "block_size": 16, "attention": "gather",
-                "cuda_graphs": False, "fused": False, "overlap": False, "watermark": 0.0}),
-    EngineSpec("paged", PagedEngine, "07",
-               {"block_size": 16, "attention": _cuda_on("flex", "gather"),
-                "cuda_graphs": False, "fused": False, "overlap": False, "watermark": 0.0}),
-    EngineSpec("fast", PagedEngine, "09",
+    EngineSpec("sequential", SequentialEngine),
+    EngineSpec("static", StaticEngine),
+    EngineSpec("dynamic", DynamicEngine),
+    EngineSpec("continuous", ContinuousEngine),
+    # the budget: prompts are cut into chunks, and decodes are never held back long
+    EngineSpec("chunked", PagedEngine,
+               {**_PAGED, "max_num_batched_tokens": 2048, "attention": "gather"}),
+    # no budget (whole prompts per step: the chapter is about the cache); FlexAttention on CUDA
+    EngineSpec("paged", PagedEngine, {**_PAGED, "attention": _cuda_on("flex", "gather")}),
+    # the fastest budget chapter 09 measured (bench/FINDINGS.md)
+    EngineSpec("fast", PagedEngine,
                {"max_num_batched_tokens": 16384, "block_size": 16, "attention": "kernel",
                 "cuda_graphs": _cuda_on(True, False), "fused": _cuda_on(True, False),
                 "overlap": _cuda_on(True, False), "watermark": _cuda_on(0.05, 0.0)}),
-    EngineSpec("hf-generate", HFGenerateEngine, "01"),
-    EngineSpec("hf-cb", HFContinuousEngine, "01"),
-    EngineSpec("vllm", VllmEngine, "09"),
+    EngineSpec("hf-generate", HFGenerateEngine),
+    EngineSpec("hf-cb", HFContinuousEngine),
+    EngineSpec("vllm", VllmEngine),
 )}
 
 ENGINES = {name: spec.cls for name, spec in REGISTRY.items()}
@@ -116,8 +100,8 @@ def legacy_name(options: dict, attention: str | None = None) -> str:
     attention = attention or options.get("attention")
     if attention == "kernel":
         return "fast"
-    if any(options.get(k) is not None for k in ("num_blocks", "kv_memory_bytes", "attention",
-                                                  "slo")):
+    bounded = ("num_blocks", "kv_memory_bytes", "attention", "slo")
+    if any(options.get(k) is not None for k in bounded):
         return "paged"
     return "chunked"
 
@@ -134,7 +118,7 @@ def resolve(name: str, options: dict) -> tuple:
     unknown = [k for k in given if k not in spec.options]
     if unknown:
         raise EngineOptionError(f"engine {name!r} does not take {', '.join(map(repr, unknown))}; "
-                         f"it takes: {', '.join(spec.options)}")
+                                f"it takes: {', '.join(spec.options)}")
     return spec.name, spec, given
 
 

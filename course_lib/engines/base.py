@@ -1,8 +1,6 @@
-"""What every engine shares: requests in, a ``RunLog`` out.
-
-An engine refuses a bad request (with the reason) and serves the others; it keeps one clock that
-starts when ``run`` is called, so that a request's ``arrival_s`` is "seconds after the start".
-Subclasses write ``_serve(requests)``: the scheduling rule they teach, and nothing else.
+"""What every engine shares: requests in, a ``RunLog`` out. An engine refuses a bad request (with
+the reason) and serves the others, on one clock that starts when ``run`` is called (``arrival_s``
+is "seconds after the start"). Subclasses write ``_serve(requests)``: the rule they teach.
 """
 from __future__ import annotations
 

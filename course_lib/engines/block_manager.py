@@ -1,8 +1,7 @@
-"""The paged KV-cache's bookkeeping (chapter 07). The cache is cut into blocks of ``block_size``
-tokens; each sequence owns a *block table*, its blocks in order: token ``p`` lives in block
-``table[p // block_size]`` at offset ``p % block_size``. Blocks are allocated as a sequence grows
-and freed when it finishes or is preempted, so memory follows the tokens that exist. The keys
-and values live in ``course_lib.model.kv_cache.PagedKVCache``, which reads these tables."""
+"""The paged KV-cache's bookkeeping (chapter 07): blocks of ``block_size`` tokens; each sequence
+owns a *block table*, its blocks in order (token ``p`` lives in block ``table[p // block_size]``
+at offset ``p % block_size``), allocated as it grows and freed when it finishes or is preempted.
+The keys and values live in ``course_lib.model.kv_cache.PagedKVCache``."""
 from __future__ import annotations
 
 

@@ -1,9 +1,7 @@
-"""Dynamic batching: refill at the level of requests. When a sequence finishes, a waiting request
-takes its slot, but the batch keeps one padded layout: all rows share one column cursor, so a
-newcomer is left-padded to the batch's current length and prefilled on its own (the batch waits).
-Padding stays in the batch, and a newcomer that does not fit the layout (a prompt longer than the
-batch so far, or not enough columns left) waits until the batch drains: the batch size changes
-over time.
+"""Dynamic batching: refill at the level of requests. A waiting request takes a finished
+sequence's slot, but the batch keeps one padded layout (one column cursor for all rows): a
+newcomer is left-padded to the cursor and prefilled on its own while the batch waits, and one
+that does not fit the layout waits until the batch drains.
 """
 from __future__ import annotations
 
@@ -44,7 +42,8 @@ class DynamicEngine(PaddedEngine):
                 cursor = width
             else:
                 # request-level refill: a waiting request takes a free slot, padded to the cursor
-                while queue and free and queue[0].arrival_s <= self.now() and self.fits(queue[0], cursor):
+                while (queue and free and queue[0].arrival_s <= self.now()
+                       and self.fits(queue[0], cursor)):
                     req = queue.popleft()
                     n = len(req.prompt_tokens)
                     seq = Seq(req, free.pop(0), start=cursor - n)

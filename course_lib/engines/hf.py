@@ -19,7 +19,6 @@ from transformers.generation.streamers import BaseStreamer
 from course_lib.engines.base import Engine
 from course_lib.engines.runner import left_pad
 from course_lib.measure.metrics import Step
-from course_lib.measure.roofline import attended_pairs
 
 
 class _WarmupFailures(logging.Handler):
@@ -73,10 +72,7 @@ class HFGenerateEngine(Engine):
         start = self.now()
         out = self.hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                                generation_config=config, streamer=clock)
-        new = out[:, T:].tolist()
-        times = clock.times[1:]                                    # one per generated position
-        n_steps = len(new[0])
-        keep = []
+        new, times, keep = out[:, T:].tolist(), clock.times[1:], []   # a time per position
         for req, row in zip(batch, new):
             rec, n = self.records[req.id], 0
             for n, token in enumerate(row[:req.max_new_tokens], start=1):
@@ -88,18 +84,13 @@ class HFGenerateEngine(Engine):
             self._bar.update(1)
             keep.append(n)
         # The step log: step 0 is the prefill, step i > 0 feeds output token i - 1 back in.
-        for i in range(n_steps):
+        for i in range(len(new[0])):
             live = [r for r, k in enumerate(keep) if i < k]
-            if i == 0:
-                counts = dict(prefill_tokens=sum(lens), decode_tokens=0, kv_read=0,
-                              attended=sum(attended_pairs(0, n) for n in lens), slots=B * T)
-            else:
-                counts = dict(prefill_tokens=0, decode_tokens=len(live), slots=B,
-                              kv_read=sum(lens[r] + i - 1 for r in live),
-                              attended=sum(attended_pairs(lens[r] + i - 1, 1) for r in live))
-            self.steps.append(Step(times[i - 1] if i else start, times[i], rows=B,
-                                   logit_rows=len(live), active=[batch[r].id for r in live],
-                                   **counts))
+            pairs = [(0, n) for n in lens] if i == 0 else [(lens[r] + i - 1, 1) for r in live]
+            self.steps.append(Step.of(times[i - 1] if i else start, times[i], pairs,
+                                      decode_tokens=i and len(live), rows=B,
+                                      slots=B if i else B * T, logit_rows=len(live),
+                                      active=[batch[r].id for r in live]))
 
 
 class HFContinuousEngine(Engine):
@@ -123,7 +114,8 @@ class HFContinuousEngine(Engine):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                eos_token_id=eos, pad_token_id=self.eos)
-        memory = {} if self.max_memory_percent is None else {"max_memory_percent": self.max_memory_percent}
+        memory = ({} if self.max_memory_percent is None
+                  else {"max_memory_percent": self.max_memory_percent})
         cb = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch,
                                       use_cuda_graph=self.use_cuda_graph,
                                       num_blocks=self.num_blocks,
@@ -148,8 +140,7 @@ class HFContinuousEngine(Engine):
                 hf_log.removeHandler(failures)
             self.warmup_failures = failures.count     # in the run's metrics (bench.run)
         manager.start()
-        self._t0 = time.perf_counter()   # the clock starts once HF's manager is up (as HF's own
-        # timestamps, it reads time.perf_counter())
+        self._t0 = time.perf_counter()   # once HF's manager is up; HF's timestamps read this clock
         by_id, pending, done = {r.id: r for r in requests}, list(requests), {}
         try:
             while len(done) < len(requests):
@@ -179,7 +170,6 @@ class HFContinuousEngine(Engine):
                        times[-1] if times else self.now())
         self.steps = rebuild_steps(list(by_id.values()), self.records)
 
-
     def _shared_eos(self, requests):
         """The manager's EOS: -1 (none) when every request ignores EOS."""
         return -1 if all(r.ignore_eos for r in requests) else self.eos
@@ -193,16 +183,10 @@ def rebuild_steps(requests, records, gap_s: float = 2e-4) -> list:
     steps, group = [], []
 
     def close(group, start):
-        prefill = [req for _, i, req in group if i == 0]
-        decode = [(i, req) for _, i, req in group if i > 0]
-        lens = {req.id: len(req.prompt_tokens) for _, _, req in group}
-        p = sum(lens[r.id] for r in prefill)
-        steps.append(Step(start, group[-1][0], rows=len(group), slots=len(group) + p - len(prefill),
-                          prefill_tokens=p, decode_tokens=len(decode),
-                          attended=sum(attended_pairs(0, lens[r.id]) for r in prefill)
-                          + sum(attended_pairs(lens[r.id] + i - 1, 1) for i, r in decode),
-                          kv_read=sum(lens[r.id] + i - 1 for i, r in decode),
-                          logit_rows=len(group), active=[req.id for _, _, req in group]))
+        pairs = [(len(r.prompt_tokens) + i - 1, 1) if i else (0, len(r.prompt_tokens))
+                 for _, i, r in group]
+        steps.append(Step.of(start, group[-1][0], pairs, active=[req.id for _, _, req in group],
+                             decode_tokens=sum(i > 0 for _, i, _ in group)))
         return group[-1][0]
 
     start = min((r.arrival_s for r in requests), default=0.0)

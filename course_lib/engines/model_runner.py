@@ -1,12 +1,8 @@
 """Runs a scheduled step (chapters 05-09): its tokens packed into one tensor, one forward pass
-with attention through the block tables, the next tokens sampled on the device, its metrics.
-
-On CUDA (chapter 09) the fast path is on by default: decodes through the Triton paged decode
-kernel, prompt chunks through FlexAttention (``attention="kernel"``), decode-only steps replayed
-as CUDA graphs (``course_lib.kernels.cuda_graphs``), fused elementwise kernels, and *overlap*:
-``launch`` queues a step and returns; its sampled tokens stay on the device (``last``), where the
-next step's decodes read them, and reach the host through a pinned buffer that ``collect`` reads
-after the next step is launched.
+with attention through the block tables, the next tokens sampled on the device, its record. With
+*overlap* (chapter 09) ``launch`` queues a step and returns; its sampled tokens stay on the
+device (``last``), where the next step reads them, and reach the host through a pinned buffer
+that ``collect`` reads once the next step is launched.
 """
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ from course_lib.kernels.cuda_graphs import DecodeGraphs
 from course_lib.kernels.fused import OPS as FUSED_OPS
 from course_lib.kernels.paged_decode import KernelPagedAttention
 from course_lib.measure.metrics import Step
-from course_lib.measure.roofline import attended_pairs
 from course_lib.model.attention import FlexPagedAttention, GatheredFlexAttention, PagedAttention
 from course_lib.model.kv_cache import to_device
 from course_lib.model.llama import REFERENCE_OPS
@@ -49,15 +44,14 @@ def packed_inputs(rows, last):
     return tokens
 
 
-def step_work(plan, computed: int) -> dict:
+def step_counts(plan, computed: int) -> dict:
     """What a step computes, for its ``Step`` record (read before its tokens count as cached).
     A decode feeds an answer token back; prompts and recomputed answers are prefill."""
-    seqs, cached = plan.seqs, [s.cached for s in plan.seqs]
-    decode_tokens = sum(s.cached >= len(s.req.prompt_tokens) for s in seqs
-                        if plan.decode_only or s.pending == 1)
-    return dict(rows=len(seqs), slots=computed, prefill_tokens=sum(plan.sizes) - decode_tokens,
-                decode_tokens=decode_tokens, attended=sum(map(attended_pairs, cached, plan.sizes)),
-                kv_read=sum(cached), logit_rows=len(plan.sampled), active=[s.req.id for s in seqs])
+    seqs = plan.seqs
+    decodes = sum(s.cached >= len(s.req.prompt_tokens) for s in seqs
+                  if plan.decode_only or s.pending == 1)
+    return dict(pairs=[(s.cached, n) for s, n in plan], decode_tokens=decodes, slots=computed,
+                logit_rows=len(plan.sampled), active=[s.req.id for s in seqs])
 
 
 @dataclass
@@ -87,8 +81,9 @@ class ModelRunner:
             raise ValueError("cuda_graphs needs a CUDA device and attention='kernel'")
         # decode-only steps through fixed buffers (graphs on CUDA, eager elsewhere)
         self.decode_path = attention == "kernel"
-        self.cuda_graphs = cuda and self.decode_path if cuda_graphs is None else cuda_graphs
-        self.fused = cuda and self.decode_path if fused is None else fused
+        on = cuda and self.decode_path                  # the default of chapter 09's switches
+        self.cuda_graphs, self.fused, self.overlap = (
+            on if x is None else x for x in (cuda_graphs, fused, overlap))
         if self.fused and not cuda:
             raise ValueError("fused needs a CUDA device (the kernels are Triton)")
         if hasattr(model, "use_ops"):
@@ -96,7 +91,6 @@ class ModelRunner:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.temperature = temperature
-        self.overlap = cuda and self.decode_path if overlap is None else overlap
         # the tokens each step samples stay on the device, where the next step reads them; two
         # pinned host buffers for their copies, as the step before may not be read yet
         self.last = torch.zeros(max_batch, dtype=torch.long, device=model.device)
@@ -168,7 +162,7 @@ class ModelRunner:
             event.record()
         else:                                     # elsewhere the step ran inside this call
             end = self.now()
-        return InFlight(plan, host, start, end, event, step_work(plan, computed))
+        return InFlight(plan, host, start, end, event, step_counts(plan, computed))
 
     def collect(self, step: InFlight) -> tuple:
         """Wait for a launched step: ``(its sampled tokens, its Step record)``."""
@@ -184,6 +178,6 @@ class ModelRunner:
         tokens = step.host[:len(step.plan.sampled)].tolist()
         # steps run back to back on the device: one starts when it is launched or when the one
         # before it ends, whichever is later
-        record = Step(max(step.start, self._last_end), max(end, step.start), **step.work)
+        record = Step.of(max(step.start, self._last_end), max(end, step.start), **step.work)
         self._last_end = record.end_s
         return tokens, record

@@ -1,10 +1,5 @@
-"""What the three batching engines of chapters 02-04 share: sequences in cache slots, and a
-padded forward pass that records what it computed.
-
-A ``Seq`` is a request being served: the cache slot it occupies, the column where its real tokens
-start (left of it: padding), and the column its next token goes to. ``PaddedEngine.forward`` runs
-one step for some sequences and logs it: every token slot computed, and which of them were useful.
-"""
+"""What the batching engines of chapters 02-04 share: sequences (``Seq``) in cache slots, and a
+padded forward pass that logs every token slot it computed and which of them were useful."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +7,6 @@ from dataclasses import dataclass
 from course_lib.engines.base import Engine
 from course_lib.engines.runner import PaddedRunner
 from course_lib.measure.metrics import Step
-from course_lib.measure.roofline import attended_pairs
 from course_lib.model.llama import Llama
 
 
@@ -44,7 +38,8 @@ class PaddedEngine(Engine):
 
     def _serve(self, requests):
         if requests:
-            self.runner = PaddedRunner(self.model, self.max_batch, self.cache_len(requests), self.eos)
+            self.runner = PaddedRunner(self.model, self.max_batch, self.cache_len(requests),
+                                       self.eos)
             self.schedule(requests)
 
     def schedule(self, requests):
@@ -55,21 +50,16 @@ class PaddedEngine(Engine):
         start = self.now()
         tokens = self.runner.step(rows, pad_left)
         now = self.now()
-        width = max(len(r.tokens) for r in rows)
         live = [(s, r) for s, r in zip(seqs, rows) if not s.done]
-        useful = sum(self._real(s, r) for s, r in live)
-        ctx = [(s.context if not prefill else 0, self._real(s, r)) for s, r in live]
-        self.steps.append(Step(
-            start, now, rows=len(rows), slots=len(rows) * width,
-            prefill_tokens=useful if prefill else 0, decode_tokens=0 if prefill else useful,
-            attended=sum(attended_pairs(c, n) for c, n in ctx),
-            kv_read=sum(c for c, _ in ctx), logit_rows=len(live), active=[s.req.id for s, _ in live],
-            held=[s.req.id for s in seqs if s.done]))
-        for (s, r), token in zip(zip(seqs, rows), tokens):
+        pairs = [(0 if prefill else s.context, self._real(s, r)) for s, r in live]
+        self.steps.append(Step.of(
+            start, now, pairs, decode_tokens=0 if prefill else sum(n for _, n in pairs),
+            rows=len(rows), slots=len(rows) * max(len(r.tokens) for r in rows),
+            active=[s.req.id for s, _ in live], held=[s.req.id for s in seqs if s.done]))
+        for s, r, token in zip(seqs, rows, tokens):
             if s.done:
                 continue                         # a finished row computed padding
-            s.next_col = r.first_col + len(r.tokens)
-            s.last = token
+            s.next_col, s.last = r.first_col + len(r.tokens), token
             self.records[s.req.id].emit(token, now)
             reason = self.is_done(s.req, token)
             if reason:

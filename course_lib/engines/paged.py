@@ -1,10 +1,7 @@
 """Continuous batching the way servers do it (chapters 05-09): packed steps under a token budget,
-over a paged KV-cache, with preemption when the cache is full.
-
-``PagedEngine`` wires the parts and runs the loop: take in arrivals, ask the scheduler for a step
-(``scheduler``), have the model runner run it (``model_runner``), hand the sampled tokens back to
-the scheduler. The cache's bookkeeping is the ``block_manager``'s; ``slo`` admission and the
-``watermark`` are ``policies`` the scheduler asks.
+over a paged KV-cache, with preemption when it is full. ``PagedEngine`` runs the loop: take in
+arrivals, ask the ``scheduler`` for a step, have the ``model_runner`` run it, hand the sampled
+tokens back to the scheduler.
 """
 from __future__ import annotations
 
@@ -33,12 +30,10 @@ class PagedEngine(Engine):
                  trace_blocks: bool | None = None, watermark: float = 0.0,
                  fused: bool | None = None, overlap: bool | None = None):
         super().__init__(loaded, max_batch)
-        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1 token, got {block_size}")
-        if num_blocks is not None and num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        for name, value in (("max_num_batched_tokens", max_num_batched_tokens),
+                            ("block_size", block_size), ("num_blocks", num_blocks)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size, self.num_blocks = block_size, num_blocks
         self.model = model if model is not None else Llama.from_hf(loaded.model)
@@ -58,8 +53,8 @@ class PagedEngine(Engine):
         self.attention, self.overlap = self.runner.attention, self.runner.overlap
         self.watermark = Watermark(watermark)
         # block tables after every step, for the pictures of chapter 07 (memory grows with steps)
-        cuda = self.model.device.type == "cuda"
-        self.trace_blocks = not cuda if trace_blocks is None else trace_blocks
+        self.trace_blocks = self.model.device.type != "cuda" if trace_blocks is None \
+            else trace_blocks
         self.slo, self.step_cost = slo, step_cost        # admission control, and its prior model
         self.cache = self.scheduler = self.admission = None
 
@@ -70,13 +65,13 @@ class PagedEngine(Engine):
     def blocks_for(self, requests) -> int:
         """The cache's blocks: ``num_blocks`` (or the memory budget), else room for every
         request at once (no preemption)."""
-        return self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens)
-                                        // self.block_size) for r in requests)
+        bs = self.block_size
+        return self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens) // bs)
+                                      for r in requests)
 
     def new_cache(self, requests) -> PagedKVCache:
-        return PagedKVCache(self.model.shape, self.block_manager_class(self.blocks_for(requests),
-                                                                      self.block_size),
-                            self.model.dtype, self.model.device)
+        blocks = self.block_manager_class(self.blocks_for(requests), self.block_size)
+        return PagedKVCache(self.model.shape, blocks, self.model.dtype, self.model.device)
 
     def setup(self, requests):
         """The cache for a run, kept from run to run while it fits and emptied at the start of
@@ -109,9 +104,8 @@ class PagedEngine(Engine):
         for req in requests:
             need = blocks.blocks_needed(len(req.prompt_tokens) + req.max_new_tokens)
             if need > blocks.n_blocks:      # could never fit, even alone: refuse it, serve the rest
-                rec = self.records[req.id]
-                rec.finish_reason = "refused"
-                rec.error = str(RequestError(
+                self.records[req.id].finish_reason = "refused"
+                self.records[req.id].error = str(RequestError(
                     f"request {req.id!r} needs {need} KV-cache blocks of {self.block_size} tokens, "
                     f"the cache has {blocks.n_blocks}"))
                 self._bar.update(1)

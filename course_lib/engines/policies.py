@@ -1,23 +1,13 @@
-"""The scheduler's admission policies: latency targets (chapter 08), a free-block watermark
+"""The scheduler's admission policies: latency targets (chapter 08) and a free-block watermark
 (chapter 09). Each has ``admit(seq, scheduler) -> bool``, asked before the head of the queue
 joins; one may also ``shed(scheduler)``: refuse waiting requests for good.
 
-A server that admits every request keeps its throughput but, past its capacity, lets the queue
-grow without bound: every request then misses its time-to-first-token target, and a batch grown
-too large misses the time-per-output-token target too. An admission controller decides, for each
-waiting request, one of three things:
-
-* **admit** it now;
-* **queue** it (the batch is as large as the TPOT target allows: one more sequence would make
-  every decode step too slow);
-* **refuse** it, with the reason, when it can no longer meet its TTFT target even if admitted
-  now (it has waited too long, or its prompt alone takes too long to prefill). Refusing early is
-  what keeps the others on time: served late is as useless as not served, and costs capacity.
-
-Its predictions come from the step-cost model of ``course_lib.measure.simulator``, fitted online to
-the steps this engine has run so far (and, until there are enough of them, from a given model).
-*Goodput* is what the controller tries to maximise: requests served within both targets, per
-second (``course_lib.measure.metrics.goodput``).
+Past its capacity a server that admits everything lets its queue grow without bound, and every
+request misses its targets. The ``AdmissionController`` *admits* a request, *queues* it (one more
+sequence would make every decode step slower than the TPOT target) or *refuses* it, with the
+reason, when it can no longer meet its TTFT target: served late is as useless as not served, and
+costs capacity. It predicts step times with the step-cost model, fitted online to the engine's
+own steps. What it maximises is *goodput*: requests served within both targets, per second.
 """
 from __future__ import annotations
 
@@ -26,7 +16,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from course_lib.measure.costmodel import StepCost, features
-from course_lib.measure.roofline import attended_pairs
+from course_lib.measure.metrics import Step
 
 ONLINE = SimpleNamespace(device="online", bandwidth=float("inf"), flops=float("inf"))
 
@@ -45,10 +35,9 @@ class SLO:
 
     def met(self, record) -> bool:
         """Did a served request meet both targets?"""
-        ttft_ok = self.ttft_s is None or (record.ttft_s is not None
-                                          and record.ttft_s <= self.ttft_s)
-        tpot_ok = self.tpot_s is None or record.tpot_s is None or record.tpot_s <= self.tpot_s
-        return ttft_ok and tpot_ok
+        ttft, tpot = record.ttft_s, record.tpot_s
+        return ((self.ttft_s is None or (ttft is not None and ttft <= self.ttft_s))
+                and (self.tpot_s is None or tpot is None or tpot <= self.tpot_s))
 
 
 class StepTimeModel:
@@ -94,18 +83,20 @@ class AdmissionController:
         self.slo, self.model, self.clock = slo, model, clock
         self.admitted = set()      # ids admitted once: a preempted sequence is not judged again
 
+    def step_time(self, pairs) -> float | None:
+        """Predicted time of a step in which each sequence feeds ``new`` tokens after ``cached``
+        ones (``(cached, new)`` pairs)."""
+        s = Step.of(0.0, 0.0, pairs)
+        return self.model.predict(s.rows, s.slots, s.attended, s.kv_read)
+
     def decode_time(self, contexts: list) -> float | None:
         """Predicted time of one decode step of sequences with these many cached tokens."""
-        n = len(contexts)
-        return self.model.predict(n, n, sum(c + 1 for c in contexts), sum(contexts))
+        return self.step_time([(c, 1) for c in contexts])
 
     def prefill_time(self, prompt_len: int, contexts: list) -> float | None:
         """Predicted time of a step that prefills a prompt next to one decode for each running
         sequence (the step in which a newcomer gets its first token)."""
-        n = len(contexts)
-        return self.model.predict(n + 1, n + prompt_len,
-                                  sum(c + 1 for c in contexts) + attended_pairs(0, prompt_len),
-                                  sum(contexts))
+        return self.step_time([(c, 1) for c in contexts] + [(0, prompt_len)])
 
     def decide(self, prompt_len: int, waited_s: float, contexts: list) -> tuple:
         """``("admit", "")``, ``("queue", why)`` or ``("refuse", why)`` for a request with a

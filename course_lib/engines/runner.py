@@ -1,9 +1,6 @@
-"""The model runner: one forward pass over a padded batch, and the next token of every row.
-
-The batching engines decide *what* runs in each step (which requests, which tokens, where their
-keys and values go in the cache); the runner only executes it. Keeping the two apart lets the
-scheduler tests swap the model for a fake one and check the exact schedule in milliseconds.
-"""
+"""The model runner: one forward pass over a padded batch, and the next token of every row. The
+engines decide *what* runs in each step; the runner only executes it, so that the scheduler
+tests can swap the model for a fake one and check the exact schedule in milliseconds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,15 +50,16 @@ class PaddedRunner:
                         for r, p in zip(rows, pads.tolist())]
             last = [T - 1] * len(rows)
         else:
-            tokens = torch.tensor([list(r.tokens) + [self.pad_id] * (T - len(r.tokens)) for r in rows])
+            tokens = torch.tensor([list(r.tokens) + [self.pad_id] * (T - len(r.tokens))
+                                   for r in rows])
             write_at = [list(range(r.first_col, r.first_col + T)) for r in rows]
             last = [len(r.tokens) - 1 for r in rows]
-        if min(min(w) for w in write_at) < 0 or max(max(w) for w in write_at) >= self.cache.max_len:
+        lo, hi = min(min(w) for w in write_at), max(max(w) for w in write_at)
+        if lo < 0 or hi >= self.cache.max_len:
             raise ValueError("a row's tokens fall outside the KV-cache")
-        write_at_t = torch.tensor(write_at, device=dev)
         start = torch.tensor([r.start for r in rows], device=dev)
-        attn = PaddedAttention(self.cache, [r.slot for r in rows], start, write_at_t,
-                               n_cols=max(max(w) for w in write_at) + 1)
+        attn = PaddedAttention(self.cache, [r.slot for r in rows], start,
+                               torch.tensor(write_at, device=dev), n_cols=hi + 1)
         hidden = self.model.hidden_states(tokens.to(dev), attn.positions, attn)
-        rows_idx = torch.arange(len(rows), device=dev)
-        return self.model.logits(hidden[rows_idx, torch.tensor(last, device=dev)]).argmax(-1).tolist()
+        ends = hidden[torch.arange(len(rows), device=dev), torch.tensor(last, device=dev)]
+        return self.model.logits(ends).argmax(-1).tolist()

@@ -1,9 +1,9 @@
 """The paged engine's scheduler (chapters 05, 07): which sequences feed how many tokens next.
-
-Decodes first, then prompt chunks while the step has tokens left (``max_num_batched_tokens``).
-When a decode needs a block and none is free, a sequence is *preempted*: its blocks are freed and
-it goes back to the front of the queue, to be recomputed later, never lost. Whether a newcomer
-may join is for the *policies* to say (``course_lib.engines.policies``)."""
+Decodes first; then prompt chunks while the step has tokens left (``max_num_batched_tokens``),
+prompts half fed before newcomers, whom the *policies* may hold back. When a decode needs a block
+and none is free, a running sequence is *preempted*: its blocks are freed and it goes back to
+the front of the queue, to be recomputed later, never lost.
+"""
 from __future__ import annotations
 
 from collections import deque

@@ -8,7 +8,6 @@ import torch
 
 from course_lib.engines.base import Engine
 from course_lib.measure.metrics import Step
-from course_lib.measure.roofline import attended_pairs
 from course_lib.model.attention import PaddedAttention
 from course_lib.model.kv_cache import ContiguousKVCache
 from course_lib.model.llama import Llama
@@ -33,23 +32,20 @@ class SequentialEngine(Engine):
     def generate(self, req, cache):
         """Prefill the prompt, then decode greedily until EOS or ``max_new_tokens``."""
         dev = self.model.device
-        tokens = torch.tensor([req.prompt_tokens], device=dev)                 # (1, T)
-        n = tokens.shape[1]
-        write_at = torch.arange(n, device=dev)[None]
-        kind = dict(prefill_tokens=n, decode_tokens=0, attended=attended_pairs(0, n), kv_read=0)
         zero = torch.zeros(1, dtype=torch.long, device=dev)
+        tokens, cached = list(req.prompt_tokens), 0     # fed in this step; in the cache before it
         while True:
+            n = len(tokens)
+            ids = torch.tensor([tokens], device=dev)                                # (1, n)
+            write_at = torch.arange(cached, cached + n, device=dev)[None]
             start = self.now()
-            attn = PaddedAttention(cache, [0], zero, write_at, n_cols=n)
-            hidden = self.model.hidden_states(tokens, attn.positions, attn)
-            token = int(self.model.logits(hidden[0, -1]).argmax())             # greedy
+            attn = PaddedAttention(cache, [0], zero, write_at, n_cols=cached + n)
+            hidden = self.model.hidden_states(ids, attn.positions, attn)
+            token = int(self.model.logits(hidden[0, -1]).argmax())                 # greedy
             self.records[req.id].emit(token, self.now())
-            self.steps.append(Step(start, self.now(), rows=1, slots=tokens.numel(), logit_rows=1,
-                                   active=[req.id], **kind))
+            self.steps.append(Step.of(start, self.now(), [(cached, n)],
+                                      decode_tokens=int(cached > 0), active=[req.id]))
             reason = self.is_done(req, token)
             if reason:
                 return self.finish(req, reason)
-            c, n = n, n + 1                     # c tokens in the cache before this one, n after
-            tokens = torch.tensor([[token]], device=dev)
-            write_at = torch.tensor([[c]], device=dev)
-            kind = dict(prefill_tokens=0, decode_tokens=1, attended=attended_pairs(c, 1), kv_read=c)
+            tokens, cached = [token], cached + n

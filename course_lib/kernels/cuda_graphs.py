@@ -1,30 +1,16 @@
-"""Decode steps as CUDA graphs (chapter 09).
-
-A decode step of a 1B model is a few hundred small kernels (16 layers x norms, matmuls, RoPE,
-the cache write, attention, the MLP). Launched one by one from Python, each costs the host a few
-microseconds, and at small batch the GPU finishes them faster than Python can launch them: the
-step is *launch-bound*. A CUDA graph records the whole step once and replays it with one launch.
-
-A graph replays fixed kernels on fixed memory, so:
-* the batch size is fixed: one graph per *bucket* (1, 2, 4, ... 32, then every 32 up to the
-  largest batch); a step of ``B`` sequences runs the smallest bucket ``>= B``, and the extra rows
-  are padding that writes to the cache's pad block and is never read;
-* the inputs live in one fixed buffer on the device (tokens, positions, cache slots, lengths,
-  block tables), refilled from the host with *one* copy per step;
-* the next token is chosen inside the graph (``course_lib.model.sampling``): ``B`` integers come back,
-  not ``B x vocab`` logits. They are written to ``last``, a buffer on the device where the next
-  step can read its input tokens (``src``) before the host has seen them: so the host can
-  launch step ``k + 1`` while step ``k`` runs (``ModelRunner(overlap=True)``).
-Attention reads the cache through the block tables with the course's Triton kernel, whose loop
-runs to each sequence's length read from memory, so the same graph serves any context length.
-
-Without CUDA (or with ``graphs=False``) the same buffers run eagerly: what the tests check on the
-CPU.
+"""Decode steps as CUDA graphs (chapter 09). A decode step is a few hundred small kernels, which
+at small batch the GPU runs faster than Python launches them: a graph records the step once and
+replays it with one launch. It replays fixed kernels on fixed memory, so the batch size is fixed
+(one graph per *bucket*, the extra rows padding that writes to the cache's pad block), the inputs
+live in one device buffer refilled with one copy per step, and the next token is chosen inside
+the graph: it lands in ``last``, where the next step reads it (``src``) before the host has seen
+it (``ModelRunner(overlap=True)``). The Triton decode kernel reads each sequence's length from
+memory, so one graph serves any context. Without CUDA (or ``graphs=False``) the same buffers run
+eagerly.
 
 ``split_from`` (an experiment, off by default): from that bucket up, a step runs as two halves of
-the batch on two CUDA streams inside the graph, so that one half's attention (memory-bound) can
-run next to the other half's matmuls (compute-bound at a few hundred rows) instead of after them.
-The price is that each half reads the layers' weights. Elsewhere the halves run one after the other.
+the batch on two CUDA streams, so that one half's attention can run next to the other half's
+matmuls; each half then reads the layers' weights.
 """
 from __future__ import annotations
 
@@ -62,10 +48,11 @@ class DecodeGraphs:
         B = self.buckets[-1]
         # the tokens of the last step, on the device (the engine's, if it shares one)
         self.last = torch.zeros(B, dtype=torch.long, device=self.device) if last is None else last
-        # one int64 buffer: tokens | positions | slots | lengths | src | block tables (B x max_blocks)
+        # one int64 buffer: tokens | positions | slots | lengths | src | block tables
         n = 5 * B + B * max_blocks
         self.inputs = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.tokens, self.positions, self.slots, self.lengths, self.src = self.inputs[:5 * B].view(5, B)
+        self.tokens, self.positions, self.slots, self.lengths, self.src = \
+            self.inputs[:5 * B].view(5, B)
         self.tables = self.inputs[5 * B:].view(B, max_blocks)
         # two host buffers, filled in turns: while the GPU has not yet copied one (its step
         # waits behind the one running), the host fills the other. Each remembers which block

@@ -1,30 +1,19 @@
-"""Kernel fusion: the layer's elementwise work in three Triton kernels (chapter 09).
+"""Kernel fusion (chapter 09): the layer's elementwise work in three Triton kernels.
 
-Between its matrix products a Llama layer does small elementwise jobs: the residual adds, two
-RMSNorms (in float32), RoPE on the queries and keys, and SwiGLU's ``silu(gate) * up``. Written in
-PyTorch, each is several kernels (RoPE alone: a slice, a negation, a concatenation, two products
-and a sum, for q and again for k), and each kernel reads its inputs from memory and writes its
-result back. At decode batch sizes these tensors are tiny and the cost is the *launches*: about a
-third of a decode step (see the profile in notebook 09). At prefill sizes the cost is the *bytes*:
-``8192 x 2048`` activations are 32 MiB, read and written a dozen times per layer.
-
-A fused kernel does a job in one pass: it loads its inputs once, does every step in registers,
-and stores the result once:
+Between its matrix products a layer does small elementwise jobs; in PyTorch each is several
+kernels, and each kernel reads its inputs from memory and writes its result back (at decode sizes
+the cost is the launches, at prefill sizes the bytes). A fused kernel loads its inputs once, does
+every step in registers and stores the result once:
 
 * ``add_rms_norm(x, delta, w)``: the residual add and the next RMSNorm, one program per token;
-* ``rope_qk(q, k, cos, sin)``: the rotation of every query and key head of a token at once;
-  ``rope_qk_store`` also writes the rotated keys and the values into the paged KV-cache;
+* ``rope_qk(q, k, cos, sin)``: RoPE on every query and key head of a token at once;
+  ``rope_qk_store`` also writes the rotated keys and the values into the paged KV-cache, in
+  place of the attention's own cache write (two kernels fewer per layer);
 * ``silu_mul(gate, up)``: SwiGLU's product.
 
-In the model's layer loop, when the attention object can attend to what the cache already holds
-(``attend``), ``rope_qk_store`` replaces RoPE and the attention's own cache write: two kernels fewer
-per layer (``Llama.hidden_states``).
-
-Each one rounds where PyTorch's version rounds (to the model's dtype after every operation that
-PyTorch does in that dtype), so the fused model follows the reference closely; the references
-are the functions of ``course_lib.model.llama``. On the CPU the model uses those references; the
-kernels are checked against them in Triton's interpreter (``python -m course_lib.kernels.fused`` with
-``TRITON_INTERPRET=1``) and on a GPU in bf16.
+Each rounds where PyTorch's version rounds, so the fused model follows the references
+(``course_lib.model.llama``) closely. ``python -m course_lib.kernels.fused`` checks them against
+the references (on a CPU in Triton's interpreter, with ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -82,27 +71,25 @@ if triton is not None:
         tl.store(out_ptr + at + HALF, o2, mask=mask)
 
     @triton.jit
-    def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slots_ptr,
-                        H, HKV, stride_q, stride_k, stride_v, stride_cache_head,
+    def _rope_qk_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr,
+                        slots_ptr, H, HKV, stride_q, stride_k, stride_v, stride_cache_head,
                         HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr):
         tok = tl.program_id(0)                           # one token per program, all its heads
-        i = tl.arange(0, HALF)
-        c = tl.load(cos_ptr + tok.to(tl.int64) * (2 * HALF) + i).to(tl.float32)[None, :]
-        s = tl.load(sin_ptr + tok.to(tl.int64) * (2 * HALF) + i).to(tl.float32)[None, :]
-        _rotate(q_ptr, q_out_ptr, tok, H, stride_q, tok.to(tl.int64) * H * (2 * HALF), 2 * HALF, c, s,
-                HALF, BLOCK_H)
+        i, D, row = tl.arange(0, HALF), 2 * HALF, tok.to(tl.int64)
+        c = tl.load(cos_ptr + row * D + i).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + row * D + i).to(tl.float32)[None, :]
+        _rotate(q_ptr, q_out_ptr, tok, H, stride_q, row * H * D, D, c, s, HALF, BLOCK_H)
         if STORE:        # the rotated key and the value straight into the token's cache slot
             slot = tl.load(slots_ptr + tok).to(tl.int64)
-            _rotate(k_ptr, k_out_ptr, tok, HKV, stride_k, slot * (2 * HALF), stride_cache_head, c, s,
+            _rotate(k_ptr, k_out_ptr, tok, HKV, stride_k, slot * D, stride_cache_head, c, s,
                     HALF, BLOCK_H)
-            h, d = tl.arange(0, BLOCK_H), tl.arange(0, 2 * HALF)
+            h, d = tl.arange(0, BLOCK_H), tl.arange(0, D)
             mask = (h < HKV)[:, None]
-            v = tl.load(v_ptr + tok.to(tl.int64) * stride_v + h[:, None] * (2 * HALF) + d[None, :], mask=mask)
-            tl.store(v_out_ptr + slot * (2 * HALF) + h[:, None].to(tl.int64) * stride_cache_head + d[None, :],
-                     v, mask=mask)
+            v = tl.load(v_ptr + row * stride_v + h[:, None] * D + d[None, :], mask=mask)
+            at = slot * D + h[:, None].to(tl.int64) * stride_cache_head + d[None, :]
+            tl.store(v_out_ptr + at, v, mask=mask)
         else:
-            _rotate(k_ptr, k_out_ptr, tok, HKV, stride_k, tok.to(tl.int64) * HKV * (2 * HALF), 2 * HALF, c, s,
-                    HALF, BLOCK_H)
+            _rotate(k_ptr, k_out_ptr, tok, HKV, stride_k, row * HKV * D, D, c, s, HALF, BLOCK_H)
 
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, BLOCK: tl.constexpr):
@@ -129,7 +116,8 @@ def add_rms_norm(x, delta, weight, eps):
     n = rows.shape[-1]
     _add_rms_norm_kernel[(rows.shape[0],)](
         rows, rows if delta is None else _rows(delta), weight, x_out, h, n, eps,
-        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 1024 else 8)
+        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n),
+        num_warps=4 if n <= 1024 else 8)
     return (x if delta is None else x_out.view(x.shape)), h.view(x.shape)
 
 
@@ -137,6 +125,15 @@ def _heads(x):
     """``(tokens, heads, d)`` rows whose heads are contiguous: a view where it can be."""
     rows = x.reshape(-1, *x.shape[-2:]) if x.dim() != 3 else x
     return rows if rows.stride(-1) == 1 and rows.stride(-2) == x.shape[-1] else rows.contiguous()
+
+
+def _cos_sin(cos, sin, d: int):
+    return cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous()
+
+
+def _rope_consts(q, k) -> dict:
+    return {"HALF": q.shape[-1] // 2,
+            "BLOCK_H": triton.next_power_of_2(max(q.shape[-2], k.shape[-2]))}
 
 
 def rope_qk(q, k, cos, sin):
@@ -148,9 +145,8 @@ def rope_qk(q, k, cos, sin):
     q_out = torch.empty(q_rows.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k_rows.shape, dtype=k.dtype, device=k.device)
     _rope_qk_kernel[(q_rows.shape[0],)](
-        q_rows, k_rows, k_rows, cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous(),
-        q_out, k_out, k_out, q_out, q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0), 0, 0,
-        HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(q.shape[-2], k.shape[-2])), STORE=False)
+        q_rows, k_rows, k_rows, *_cos_sin(cos, sin, d), q_out, k_out, k_out, q_out, q.shape[-2],
+        k.shape[-2], q_rows.stride(0), k_rows.stride(0), 0, 0, **_rope_consts(q, k), STORE=False)
     return q_out.view(q.shape), k_out.view(k.shape)
 
 
@@ -161,13 +157,12 @@ def rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, slots):
     (the two cache writes), and the keys are not written to memory and read back in between."""
     d = q.shape[-1]
     q_rows, k_rows, v_rows = _heads(q), _heads(k), _heads(v)
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and k_cache.stride(-2) == d
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride()[-2:] == (d, 1)
     q_out = torch.empty(q_rows.shape, dtype=q.dtype, device=q.device)
     _rope_qk_kernel[(q_rows.shape[0],)](
-        q_rows, k_rows, v_rows, cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous(),
-        q_out, k_cache, v_cache, slots, q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0),
-        v_rows.stride(0), k_cache.stride(0),
-        HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(q.shape[-2], k.shape[-2])), STORE=True)
+        q_rows, k_rows, v_rows, *_cos_sin(cos, sin, d), q_out, k_cache, v_cache, slots,
+        q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0), v_rows.stride(0),
+        k_cache.stride(0), **_rope_consts(q, k), STORE=True)
     return q_out.view(q.shape)
 
 
@@ -177,7 +172,8 @@ def silu_mul(gate, up, block: int = 1024):
     g, u = (x.reshape(-1, n) for x in (gate, up))
     g, u = (x if x.stride(-1) == 1 else x.contiguous() for x in (g, u))
     out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
-    _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), BLOCK=block)
+    _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0),
+                                                           BLOCK=block)
     return out.view(gate.shape)
 
 
@@ -185,20 +181,25 @@ def silu_mul(gate, up, block: int = 1024):
 OPS = ElementwiseOps(add_rms_norm, rope_qk, silu_mul, rope_qk_store)
 
 
+def errors(out, ref) -> dict:
+    """The max abs error and the relative error of ``out`` over every element (one left
+    unwritten holds whatever the memory held, NaN included, and shows here)."""
+    err = out.float() - ref.float()
+    return {"max_abs_error": err.abs().max().item(),
+            "relative_error": (err.norm() / ref.float().norm()).item()}
+
+
 def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, heads=6,
               kv_heads=2, head_dim=16, seed=0) -> list:
     """Each kernel against its reference on fresh random inputs: one row per (kernel, tokens)
-    with the max abs error and the relative error over every element of the output (an element
-    left unwritten holds whatever the memory held, NaN included, and shows there). On the CPU,
-    set ``TRITON_INTERPRET=1`` before Triton is first imported."""
+    with the ``errors`` over every element of the output. On the CPU, set
+    ``TRITON_INTERPRET=1`` before Triton is first imported."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)    # noqa: E731
     rows = []
 
     def row(name, n, out, ref):
-        err = out.float() - ref.float()
-        rows.append({"kernel": name, "tokens": n, "max_abs_error": err.abs().max().item(),
-                     "relative_error": (err.norm() / ref.float().norm()).item()})
+        rows.append({"kernel": name, "tokens": n, **errors(out, ref)})
 
     inv_freq = rope_frequencies(head_dim, 1e4, device)
     for n in tokens:
@@ -207,13 +208,16 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
         x_ref, h_ref = add_rms_norm_reference(x, delta, w, 1e-5)
         row("add_rms_norm (residual)", n, x_out, x_ref)
         row("add_rms_norm (norm)", n, h, h_ref)
-        row("rms_norm", n, add_rms_norm(x, None, w, 1e-5)[1], add_rms_norm_reference(x, None, w, 1e-5)[1])
-        if n == 7:        # separate tensors; otherwise slices of one stacked projection, as the model has them
-            q, k, v = rnd(n, heads, head_dim), rnd(n, kv_heads, head_dim), rnd(n, kv_heads, head_dim)
+        row("rms_norm", n, add_rms_norm(x, None, w, 1e-5)[1],
+            add_rms_norm_reference(x, None, w, 1e-5)[1])
+        widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        if n == 7:        # separate tensors; otherwise slices of one stacked projection
+            q, k, v = (rnd(n, w // head_dim, head_dim) for w in widths)
         else:
-            q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in rnd(n, (heads + 2 * kv_heads) * head_dim).split(
-                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
-        cos, sin = rope_cos_sin(torch.randint(0, 4096, (n,), generator=g).to(device), inv_freq, dtype)
+            q, k, v = (t.unflatten(-1, (-1, head_dim))
+                       for t in rnd(n, sum(widths)).split(widths, dim=-1))
+        positions = torch.randint(0, 4096, (n,), generator=g).to(device)
+        cos, sin = rope_cos_sin(positions, inv_freq, dtype)
         (qo, ko), (qr, kr) = rope_qk(q, k, cos, sin), rope_qk_reference(q, k, cos, sin)
         row("rope_qk (q)", n, qo, qr)
         row("rope_qk (k)", n, ko, kr)
@@ -225,11 +229,12 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
         row("rope_qk_store (q)", n, rope_qk_store(q, k, v, cos, sin, *caches, slots), qr)
         row("rope_qk_store (k cache)", n, caches[0], k_ref)
         row("rope_qk_store (v cache)", n, caches[1], v_ref)
-        gate, up = (rnd(n, 3 * hidden), rnd(n, 3 * hidden)) if n == 7 else rnd(n, 6 * hidden).chunk(2, dim=-1)
+        gate, up = (rnd(n, 3 * hidden), rnd(n, 3 * hidden)) if n == 7 \
+            else rnd(n, 6 * hidden).chunk(2, dim=-1)
         row("silu_mul", n, silu_mul(gate, up, block=128), silu_mul_reference(gate, up))
     return rows
 
 
-if __name__ == "__main__":       # python -m course_lib.kernels.fused (TRITON_INTERPRET=1 on a CPU)
+if __name__ == "__main__":       # TRITON_INTERPRET=1 on a CPU
     for r in selfcheck():
         print(json.dumps(r))

@@ -1,23 +1,15 @@
-"""Paged decode attention: one new token per sequence attends to its keys and values, read in
-place through its block table. The course's own Triton kernel (chapter 09), and the plain PyTorch
+"""Paged decode attention (chapter 09): one new token per sequence attends to its keys and values,
+read in place through its block table. The course's own Triton kernel, and the PyTorch
 reference it is checked against.
 
-Work per call: every cached key and value of every sequence is read once (``2 x tokens x
-kv_heads x head_dim x bytes``); the FLOPs are tiny (``4 x tokens x heads x head_dim``). So the
-kernel is memory-bound, and what it must do well is keep enough bytes in flight: read each key
-once for all the query heads that share it (grouped-query attention), in large tiles, from
-enough programs at once to fill the GPU.
-
-* One program per (sequence, KV head, *split*). A split is a stretch of the sequence's tokens:
-  with few sequences (small batch) the context is cut into several splits, so that there are
-  still hundreds of programs running ("split-K", as in flash-decoding); with many, one split.
-* Each loop iteration handles ``BLOCK_N`` tokens (several cache blocks): it looks up each token's
-  block in the block table, ``slot = table[t // block_size] * block_size + t % block_size``,
-  loads those keys for all ``G = heads / kv_heads`` query heads at once (one small matrix
-  product), and keeps a running softmax (max, sum, weighted values) in float32, so that no
-  score matrix is ever stored. Tokens past the sequence's length are masked.
-* With several splits, each writes its unnormalised partial result and its (max, sum); a second
-  small kernel combines them: ``out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``.
+Every cached key and value is read once and the FLOPs are tiny, so the kernel is memory-bound:
+what it must do well is keep enough bytes in flight. One program per (sequence, KV head,
+*split*): with few sequences the context is cut into splits, so that hundreds of programs still
+run ("split-K", as in flash-decoding). Each loop iteration reads ``BLOCK_N`` tokens through the
+block table for all ``G = heads / kv_heads`` query heads at once, and keeps a running softmax
+(max, sum, weighted values) in float32, so that no score matrix is ever stored. With several
+splits, a second kernel combines the partial results: ``out = sum_s e^(m_s - M) o_s / sum_s
+e^(m_s - M) l_s``.
 """
 from __future__ import annotations
 
@@ -29,11 +21,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from course_lib.kernels.fused import errors
 from course_lib.model.attention import (
     GatheredFlexAttention,
     PagedAttention,
     cu_seqlens,
-    write_cache,
 )
 from course_lib.model.kv_cache import PagedKVCache, to_device
 from course_lib.model.llama import LlamaShape
@@ -108,7 +100,8 @@ if triton is not None:
             total = total * alpha + tl.sum(p, axis=1)
             m = m_new
         if SPLIT:        # partial results, combined by _combine_kernel
-            out = o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+            out = o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os \
+                + d[None, :]
             tl.store(out, acc, mask=gd_mask)
             ml = (b * H + heads) * S + split                                      # (B, H, S)
             tl.store(m_ptr + ml, m, mask=g < G)
@@ -129,7 +122,8 @@ if triton is not None:
                        mask=(s < S)[:, None] & (d < D)[None, :], other=0.0)      # (S, D)
         w = tl.exp(m - tl.max(m, axis=0))                                        # empty split: 0
         o = tl.sum(w[:, None] * part, axis=0) / tl.sum(w * l, axis=0)
-        tl.store(o_ptr + b * stride_ob + h * stride_oh + d, o.to(o_ptr.dtype.element_ty), mask=d < D)
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + d, o.to(o_ptr.dtype.element_ty),
+                 mask=d < D)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None):
@@ -143,8 +137,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int
 BLOCK_N = 64          # tokens per loop iteration of the kernel
 PROGRAMS = 512        # programs that keep an H100/H200 busy (132 SMs, a few programs each)
 TRITON_LAUNCH = {"num_warps": 4, "num_stages": 3}   # Triton's own defaults, which a call keeps
-# the settings a call takes when it names none: these, and TRITON_LAUNCH; bench/tune_decode_kernel.py
-# sweeps them all, and bench/decode_step.py --knobs tries one
+# the settings a call takes when it names none: these, and TRITON_LAUNCH
 TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS}
 
 
@@ -157,13 +150,11 @@ def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
 
 def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None, **knobs):
     """The Triton kernel; same arguments and result as ``paged_decode_reference`` (``out``: where
-    to write it). The splits are chosen from the batch and the block tables' width (the longest
-    a sequence may be), not from the lengths, so that nothing is read back from the GPU and a
-    CUDA graph can hold the call. ``knobs``: ``block_n``, ``programs`` and Triton's launch
-    settings ``num_warps`` and ``num_stages``; those not given come from ``TUNING``.
-    On the CPU it runs in Triton's interpreter
-    (``TRITON_INTERPRET=1`` set before Triton is imported): slow, but the same code, so the tests
-    check it without a GPU."""
+    to write it). The splits come from the batch and the block tables' width, not from the
+    lengths, so that nothing is read back from the GPU and a CUDA graph can hold the call.
+    ``knobs``: ``block_n``, ``programs``, ``num_warps``, ``num_stages`` (default: ``TUNING``).
+    On the CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is
+    imported): slow, but the same code."""
     if triton is None:
         raise RuntimeError("the paged decode kernel needs Triton (it ships with CUDA builds of "
                            "PyTorch); use paged_decode_reference on the CPU")
@@ -180,26 +171,27 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     S = n_splits(B, kv_heads, max_tokens, block_n, programs)
     split_tokens = -(-max_tokens // S // block_n) * block_n
     # S and split_tokens are plain arguments, not compile-time constants: a step with another
-    # batch or table width must not compile a new kernel (that stalled the first mixed steps)
+    # batch or table width must not compile a new kernel
     consts = dict(H=heads, G=G, D=d, BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
                   BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, SPLIT=S > 1,
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch)
+    inputs = (q, k_cache, v_cache, block_tables, lengths)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+               block_tables.stride(0))
     if S == 1:
-        _paged_decode_kernel[(B, kv_heads, 1)](
-            q, k_cache, v_cache, block_tables, lengths, out, out, out, d ** -0.5,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-            out.stride(0), out.stride(1), 0, S, split_tokens, **consts, **launch)
+        _paged_decode_kernel[(B, kv_heads, 1)](*inputs, out, out, out, d ** -0.5, *strides,
+                                               out.stride(0), out.stride(1), 0, S, split_tokens,
+                                               **consts)
         return out
     part = torch.empty(B, heads, S, d, dtype=torch.float32, device=q.device)
     m = torch.empty(B, heads, S, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    _paged_decode_kernel[(B, kv_heads, S)](
-        q, k_cache, v_cache, block_tables, lengths, part, m, l, d ** -0.5,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), S, split_tokens, **consts, **launch)
+    _paged_decode_kernel[(B, kv_heads, S)](*inputs, part, m, l, d ** -0.5, *strides,
+                                           *part.stride()[:3], S, split_tokens, **consts)
+    most = n_splits(1, kv_heads, 1 << 30, block_n, programs)     # the most splits: one kernel
     _combine_kernel[(B * heads,)](part, m, l, out, out.stride(0), out.stride(1), S, H=heads, D=d,
-                                  BLOCK_S=triton.next_power_of_2(n_splits(1, kv_heads, 1 << 30, block_n, programs)),
-                                  BLOCK_D=triton.next_power_of_2(d))   # the most splits: one kernel
+                                  BLOCK_S=triton.next_power_of_2(most),
+                                  BLOCK_D=triton.next_power_of_2(d))
     return out
 
 
@@ -225,42 +217,34 @@ def random_decode_step(shape, B=5, block_size=16, device="cpu", dtype=torch.floa
 
 
 # a small GQA shape (4 query heads per KV head) for the checks
-SELFCHECK_SHAPE = LlamaShape(100, 64, 128, 1, n_heads=8, n_kv_heads=2, head_dim=32, rope_theta=1e4,
-                             eps=1e-5, eos_token_id=0, max_context=4096)
+SELFCHECK_SHAPE = LlamaShape(100, 64, 128, 1, n_heads=8, n_kv_heads=2, head_dim=32,
+                             rope_theta=1e4, eps=1e-5, eos_token_id=0, max_context=4096)
 
 
-def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu", dtype=torch.float32):
+def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu",
+              dtype=torch.float32):
     """Run the kernel against the reference on fresh random caches, one row per ``(B,
-    block_size)`` case: splits used, max abs error, relative error, every element written.
-    On the CPU, set ``TRITON_INTERPRET=1`` before Triton is first imported."""
+    block_size)`` case: splits used, every element written, the ``errors``. On the CPU, set
+    ``TRITON_INTERPRET=1`` before Triton is first imported."""
     rows = []
     for seed, (B, block_size) in enumerate(cases):
         cache, q, tables, lengths = random_decode_step(shape, B, block_size, device, dtype, seed)
         out = torch.full_like(q, float("nan"))
         paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size, out=out)
         ref = paged_decode_reference(q, cache.k[0], cache.v[0], tables, lengths, block_size)
-        err = (out.float() - ref.float())
         rows.append({"batch": B, "block_size": block_size,
                      "splits": n_splits(B, shape.n_kv_heads, tables.shape[1] * block_size),
-                     "all_written": not out.isnan().any().item(),
-                     "max_abs_error": err.abs().max().item(),
-                     "relative_error": (err.norm() / ref.float().norm()).item()})
+                     "all_written": not out.isnan().any().item(), **errors(out, ref)})
     return rows
 
 
-
 # ---------------------------------------------------------------- the kernel as attention
-class DecodeAttention:
-    """One new token per sequence (a decode step, chapter 09): store each token's key and value
-    in its slot, then the course's Triton kernel reads every sequence's keys and values in place
-    through its block table (``decode_attention``: the reference where Triton cannot run).
-
-    slots:   ``(B,)`` cache slot of each new token
-    tables:  ``(B, max_blocks)`` block tables, padded past each sequence's blocks
-    lengths: ``(B,)`` tokens of each sequence in the cache, the new one included
-    All three are tensors on the model's device, so a CUDA graph can keep them as its inputs and
-    only their contents change from step to step (``course_lib.kernels.cuda_graphs``).
-    """
+class DecodeAttention(PagedAttention):
+    """One new token per sequence (a decode step): its key and value stored in its slot, then the
+    Triton kernel reads every sequence's keys and values in place through its block table
+    (``decode_attention``). ``slots`` ``(B,)``, ``tables`` ``(B, max_blocks)`` and ``lengths``
+    ``(B,)`` (the new token included) are device tensors, so that a CUDA graph can keep them as
+    its inputs and only their contents change from step to step."""
 
     def __init__(self, cache, slots, tables, lengths):
         self.cache, self.slots, self.tables, self.lengths = cache, slots, tables, lengths
@@ -273,10 +257,6 @@ class DecodeAttention:
                    cache.table_tensor([sid for sid, _, _ in seqs], device),
                    to_device([cached + 1 for _, cached, _ in seqs], device))
 
-    def __call__(self, layer, q, k, v):
-        write_cache(self.cache, layer, self.slots, k, v)
-        return self.attend(layer, q)
-
     def attend(self, layer, q):
         """The kernel over the cache, which already holds the new tokens' keys and values."""
         return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables,
@@ -284,11 +264,10 @@ class DecodeAttention:
 
 
 class KernelPagedAttention(PagedAttention):
-    """A packed step the fast way: its decodes (sequences with one new token, which the
-    scheduler puts first) through the paged decode kernel, its prefill chunks through
-    FlexAttention over a packed copy of their keys (``prefill_cls``). FlexAttention alone is slow
-    for decodes: they share 128-query tiles, and each tile reads the keys of all its sequences
-    for every query in it."""
+    """A packed step the fast way: its decodes (first in the step) through the decode kernel, its
+    prefill chunks through FlexAttention over a packed copy of their keys (``prefill_cls``).
+    FlexAttention alone is slow for decodes: each tile of queries reads the keys of all its
+    sequences for every query in it."""
 
     prefill_cls = GatheredFlexAttention      # FlexPagedAttention reads the cache in place instead
 
@@ -339,6 +318,6 @@ class KernelPagedAttention(PagedAttention):
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-if __name__ == "__main__":       # python -m course_lib.kernels.paged_decode (TRITON_INTERPRET=1 on a CPU)
+if __name__ == "__main__":       # TRITON_INTERPRET=1 on a CPU
     for row in selfcheck():
         print(json.dumps(row))

@@ -135,8 +135,8 @@ def check_admit(fn):
         q1, f1, q2, f2 = deque(reqs), list(free), deque(reqs), list(free)
         want = [(r.id, s) for r, s in admit(q1, f1, now)]
         got = [(r.id, s) for r, s in (fn(q2, f2, now) or [])]
-        assert got == want, (f"queue arrivals {[r.arrival_s for r in reqs]}, free {free}, now {now:.2f}:"
-                             f" got {got}, expected {want}")
+        assert got == want, (f"queue arrivals {[r.arrival_s for r in reqs]}, free {free}, "
+                             f"now {now:.2f}: got {got}, expected {want}")
         assert list(q2) == list(q1) and sorted(f2) == sorted(f1), "update the queue and free list"
     _ok("admit: arrived requests, oldest first, into the lowest free slots")
 
@@ -308,8 +308,9 @@ def check_chunk_sizes(fn):
     for pending, budget in cases:
         want = chunk_sizes(pending, budget)
         got = fn(list(pending), budget)
-        assert list(got or []) == want, (f"pending {pending}, budget {budget}: got {got}, expected "
-                                         f"{want} (in order, each takes what it needs or what is left)")
+        assert list(got or []) == want, (f"pending {pending}, budget {budget}: got {got}, "
+                                         f"expected {want} (in order, each takes what it needs "
+                                         f"or what is left)")
     _ok("chunk_sizes: the token budget, filled in order")
 
 
@@ -321,7 +322,8 @@ def check_steps_to_prefill(fn):
         want = math.ceil(p / (b - d))
         got = fn(p, b, d)
         assert got == want, (f"prompt {p}, budget {b}, {d} decoding: got {got}, expected {want}. "
-                             "Hint: the decodes go first, the prompt gets what is left of each step")
+                             "Hint: the decodes go first, the prompt gets what is left of each "
+                             "step")
     _ok("steps_to_prefill: a bigger budget, fewer but longer steps")
 
 
@@ -570,9 +572,9 @@ def check_goodput(fn):
         want = goodput(RunLog("x", recs, [], 0.0), SLO(ttft, tpot))["goodput_rps"]
         got = fn(recs, ttft, tpot)
         assert (got is None) == (want is None) and (want is None or math.isclose(got, want)), (
-            f"got {got}, expected {want}: count served requests with TTFT <= {ttft:.3g} and TPOT <= "
-            f"{tpot:.3g} (a one-token answer has no TPOT: it meets that target), over the time "
-            "from the first arrival to the last finish of a served request")
+            f"got {got}, expected {want}: count served requests with TTFT <= {ttft:.3g} "
+            f"and TPOT <= {tpot:.3g} (a one-token answer has no TPOT: it meets that target), "
+            "over the time from the first arrival to the last finish of a served request")
     _ok("goodput: what a user counts, not what the GPU does")
 
 
@@ -656,7 +658,8 @@ def check_tile_slots(fn):
                 assert slots.shape == (block_n,) and valid.shape == (block_n,), \
                     f"shapes {tuple(slots.shape)}, {tuple(valid.shape)}; expected ({block_n},) each"
                 assert torch.equal(valid.bool(), want_valid), "valid: the tokens before `end`"
-                want = torch.tensor(cache.slots(sid, start, min(n, start + block_n)), dtype=torch.long)
+                want = torch.tensor(cache.slots(sid, start, min(n, start + block_n)),
+                                    dtype=torch.long)
                 assert torch.equal(slots[want_valid].long(), want), (
                     f"block size {block_size}, tokens {start}..: slot = table[t // block_size] * "
                     f"block_size + t % block_size")
@@ -714,9 +717,10 @@ def check_packed_inputs(fn):
         if seed == 0:       # written out, so that the check does not rest on the engine alone
             assert want.tolist() == [last[5].item(), last[2].item(), 7, 8, 9]
         got = torch.as_tensor(got).long()
-        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}: one per new token"
-        assert torch.equal(got, want), (f"rows {rows}: the known tokens in order, and last[src] where a "
-                                        f"token is None")
+        assert got.shape == want.shape, (f"shape {tuple(got.shape)}, expected "
+                                         f"{tuple(want.shape)}: one per new token")
+        assert torch.equal(got, want), (f"rows {rows}: the known tokens in order, and last[src] "
+                                        f"where a token is None")
     _ok("packed inputs: the tokens still on the device taken from where they are")
 
 
@@ -731,36 +735,42 @@ def check_tiles_to_read(fn):
     for seed in range(6):
         rng = random.Random(seed)
         T = rng.choice((2, 4, 8))
-        # sequences one after another in the copy: some whole prompts, some chunks after earlier ones
-        seqs = [(rng.choice((0, 0, rng.randrange(1, 20))), rng.randrange(1, 25)) for _ in range(rng.randrange(1, 6))]
+        # sequences one after another in the copy: whole prompts, and chunks after earlier ones
+        seqs = [(rng.choice((0, 0, rng.randrange(1, 20))), rng.randrange(1, 25))
+                for _ in range(rng.randrange(1, 6))]
         if seed == 0:
             seqs, T = [(0, 3), (2, 2)], 2
         total = [c + n for c, n in seqs]
         k_start = np.cumsum(total) - total
         lo = np.concatenate([np.full(n, s) for s, (c, n) in zip(k_start, seqs)])
         hi = np.concatenate([s + np.arange(c, c + n) for s, (c, n) in zip(k_start, seqs)])
-        n_kv_tiles = -(-sum(total) // T) + (rng.randrange(2) if seed else 0)   # sometimes a padding tile
+        # sometimes a padding tile
+        n_kv_tiles = -(-sum(total) // T) + (rng.randrange(2) if seed else 0)
         got = fn(lo.copy(), hi.copy(), T, n_kv_tiles)
         assert got is not None, "your function returns nothing"
         got = np.asarray(got).astype(bool)
         q_tiles = -(-len(lo) // T)
-        assert got.shape == (q_tiles, n_kv_tiles), f"shape {got.shape}, expected {(q_tiles, n_kv_tiles)}"
+        assert got.shape == (q_tiles, n_kv_tiles), (f"shape {got.shape}, expected "
+                                                    f"{(q_tiles, n_kv_tiles)}")
         keys = np.arange(n_kv_tiles * T)
         pairs = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])   # (queries, keys)
         pairs = np.pad(pairs, ((0, q_tiles * T - len(lo)), (0, 0)))
         want = pairs.reshape(q_tiles, T, n_kv_tiles, T).any(axis=(1, 3))
-        if seed == 0:       # written out: queries 0, 1, 2 see keys 0-0, 0-1, 0-2; then a chunk after
-            # 2 cached tokens: queries 3, 4 see keys 3-5, 3-6
+        if seed == 0:   # written out: queries 0, 1, 2 see keys 0-0, 0-1, 0-2; then a chunk
+            # after 2 cached tokens: queries 3, 4 see keys 3-5, 3-6
             assert want.astype(int).tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
         missing, extra = want & ~got, got & ~want
-        assert not missing.any(), (f"T={T}, sequences {seqs}: query tile {np.argwhere(missing)[0][0]} sees "
-                                   f"key tile {np.argwhere(missing)[0][1]} and you skip it")
-        assert not extra.any(), (f"T={T}, sequences {seqs}: you list key tile {np.argwhere(extra)[0][1]} "
-                                 f"for query tile {np.argwhere(extra)[0][0]}, whose queries see none of it")
+        assert not missing.any(), (f"T={T}, sequences {seqs}: query tile "
+                                   f"{np.argwhere(missing)[0][0]} sees key tile "
+                                   f"{np.argwhere(missing)[0][1]} and you skip it")
+        assert not extra.any(), (f"T={T}, sequences {seqs}: you list key tile "
+                                 f"{np.argwhere(extra)[0][1]} for query tile "
+                                 f"{np.argwhere(extra)[0][0]}, whose queries see none of it")
         (n_part, part), (n_full, full) = GatheredFlexAttention.tiles(lo, hi, q_tiles, n_kv_tiles, T)
         listed = np.zeros_like(want)
         for q in range(q_tiles):
             listed[q, part[q, :n_part[q]]] = True
             listed[q, full[q, :n_full[q]]] = True
         assert (listed == want).all(), "the engine's block mask and the rule disagree"
-    _ok("tiles to read: each query tile reads one run of key tiles, from its first query's lo to its last one's hi")
+    _ok("tiles to read: each query tile reads one run of key tiles, from its first query's lo "
+        "to its last one's hi")

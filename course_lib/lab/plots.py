@@ -5,11 +5,34 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def _ax(ax, figsize, *grid, **kwargs):
+    """``ax``, or a new figure's axes of ``figsize`` (``grid``: rows and columns of them)."""
+    return ax if ax is not None else plt.subplots(*grid, figsize=figsize, **kwargs)[1]
+
+
+def _finish(ax, xlabel=None, ylabel=None, title=None, legend=None, grid=False, **legend_kw):
+    """Label ``ax``; ``legend``: its font size (None: no legend); ``grid``: a light grid."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=legend, **legend_kw)
+    if grid:
+        ax.grid(alpha=0.3)
+    return ax
+
+
+def _mode(row) -> str:
+    return row.get("mode", "eager")
+
+
 def step_time_vs_batch(series: dict, ax=None):
     """Decode-step time and tokens/s against batch size. ``series``: label -> rows of
     ``roofline.batch_sweep`` (decode rows are used)."""
-    if ax is None:
-        _, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax = _ax(ax, (11, 4), 1, 2)
     for label, rows in series.items():
         rows = [r for r in rows if r["kind"] == "decode"]
         b = [r["batch"] for r in rows]
@@ -17,23 +40,18 @@ def step_time_vs_batch(series: dict, ax=None):
         ax[1].plot(b, [r["tokens_per_s"] for r in rows], "o-", label=label)
     for a in ax:
         a.set_xscale("log", base=2)
-        a.set_xlabel("batch size (sequences per decode step)")
-        a.grid(alpha=0.3)
-    ax[0].set_ylabel("decode step time (ms)")
-    ax[0].set_yscale("log")
-    ax[0].set_title("While memory-bound, a step costs about the same\nfor 1 or many sequences...")
-    ax[1].set_yscale("log")
-    ax[1].set_ylabel("tokens / s")
-    ax[1].set_title("...so throughput grows with the batch")
-    ax[0].legend(fontsize=8)
+        a.set_yscale("log")
+        _finish(a, "batch size (sequences per decode step)", grid=True)
+    _finish(ax[0], ylabel="decode step time (ms)", legend=8,
+            title="While memory-bound, a step costs about the same\nfor 1 or many sequences...")
+    _finish(ax[1], ylabel="tokens / s", title="...so throughput grows with the batch")
     plt.tight_layout()
     return ax
 
 
 def roofline(peaks, rows, ax=None, label=None):
     """The roofline of a device (measured peaks) with the timed steps placed on it."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax = _ax(ax, (6.5, 4.5))
     x = np.logspace(-1, 4, 200)
     ax.plot(x, np.minimum(x * peaks.bandwidth, peaks.flops) / 1e12, "k-", lw=1.5,
             label=f"roofline of {peaks.device} ({peaks.dtype})")
@@ -42,39 +60,34 @@ def roofline(peaks, rows, ax=None, label=None):
                 rotation=90, color="grey", ha="right", fontsize=8)
     markers = {("eager", "decode"): "o", ("eager", "prefill"): "s",
                ("graph", "decode"): "^", ("graph", "prefill"): "D"}
-    for mode in dict.fromkeys(r.get("mode", "eager") for r in rows):
+    for mode in dict.fromkeys(map(_mode, rows)):
         for kind in ("decode", "prefill"):
-            sel = [r for r in rows if r["kind"] == kind and r.get("mode", "eager") == mode]
-            if not sel:
-                continue
-            ax.scatter([r["intensity"] for r in sel], [r["flops"] / r["step_s"] / 1e12 for r in sel],
-                       marker=markers[mode, kind], zorder=3,
-                       label=f"{label + ': ' if label else ''}{kind} steps, {mode}")
-            for r in sel:
+            sel = [r for r in rows if r["kind"] == kind and _mode(r) == mode]
+            at = [(r["intensity"], r["flops"] / r["step_s"] / 1e12) for r in sel]
+            if sel:
+                ax.scatter(*zip(*at), marker=markers[mode, kind], zorder=3,
+                           label=f"{label + ': ' if label else ''}{kind} steps, {mode}")
+            for r, xy in zip(sel, at):
                 ax.annotate(f"B={r['batch']}" if kind == "decode" else f"{r['new_tokens']} tok",
-                            (r["intensity"], r["flops"] / r["step_s"] / 1e12), fontsize=7,
-                            xytext=(3, -9), textcoords="offset points")
+                            xy, fontsize=7, xytext=(3, -9), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
-    ax.set_ylabel("achieved TFLOP/s")
-    ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, which="both")
-    return ax
+    return _finish(ax, "arithmetic intensity (FLOP per byte moved)", "achieved TFLOP/s",
+                   legend=8, loc="lower right")
 
 
 def by_mode(rows, label: str) -> dict:
     """Split sweep rows into series by timing mode ("eager", "graph") for the plots."""
-    modes = dict.fromkeys(r.get("mode", "eager") for r in rows)
-    return {f"{label}, {m}": [r for r in rows if r.get("mode", "eager") == m] for m in modes}
+    return {f"{label}, {m}": [r for r in rows if _mode(r) == m]
+            for m in dict.fromkeys(map(_mode, rows))}
 
 
 def utilisation_bars(rows, batches=(1, 8, 64), ax=None, title=None, mode="eager"):
     """MBU and MFU of the decode steps at a few batch sizes."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax = _ax(ax, (5.5, 3.5))
     sel = [r for r in rows if r["kind"] == "decode" and r["batch"] in batches
-           and r.get("mode", "eager") == mode]
+           and _mode(r) == mode]
     x = np.arange(len(sel))
     ax.bar(x - 0.2, [100 * r["mbu"] for r in sel], 0.4, label="MBU (bandwidth)")
     ax.bar(x + 0.2, [100 * r["mfu"] for r in sel], 0.4, label="MFU (compute)")
@@ -90,27 +103,31 @@ COLOURS = {"waiting": "#d9d9d9", "prefill": "#1f4e79", "decode": "#5b9bd5", "hel
            "stalled": "#c9a0dc"}
 LABELS = {"waiting": "waiting", "prefill": "prefill", "decode": "decode",
           "held": "finished, row still held", "stalled": "stalled by another's prefill"}
+RUN_TIME = "time since the run started (s)"
 
 
 def _intervals(log):
     """(request id, kind) -> [(start, end)], from the step log and the request records."""
     spans, first = {}, {}
-    first_token = {r.id: (r.token_times[0] if r.token_times else float("inf")) for r in log.requests}
+    first_token = {r.id: r.token_times[0] if r.token_times else float("inf")
+                   for r in log.requests}
+
+    def add(rid, kind, s):
+        spans.setdefault((rid, kind), []).append((s.start_s, s.end_s))
     for s in log.steps:
         for rid in s.active:
             # a request computes its prompt until its first token comes out, then decodes
-            kind = "prefill" if s.end_s <= first_token[rid] else "decode"
-            spans.setdefault((rid, kind), []).append((s.start_s, s.end_s))
+            add(rid, "prefill" if s.end_s <= first_token[rid] else "decode", s)
             first.setdefault(rid, s.start_s)
         for rid in s.held:
-            spans.setdefault((rid, "held"), []).append((s.start_s, s.end_s))
+            add(rid, "held", s)
     done = {r.id: r.finish_s for r in log.requests}
     for s in log.steps:
         if s.kind == "prefill":      # sequences already running, idle while newcomers prefill
             busy = set(s.active) | set(s.held)
             for rid, t0 in first.items():
                 if rid not in busy and t0 < s.start_s < (done[rid] or 0):
-                    spans.setdefault((rid, "stalled"), []).append((s.start_s, s.end_s))
+                    add(rid, "stalled", s)
     for r in log.requests:
         if r.id in first and first[r.id] > r.arrival_s:
             spans[(r.id, "waiting")] = [(r.arrival_s, first[r.id])]
@@ -124,8 +141,7 @@ def timeline(log, ax=None, title=None, max_requests: int = 40, xmax=None):
     held: finished, but its row still occupies a slot of the batch (static batching);
     stalled: running, but the step was another request's prefill."""
     served = [r for r in log.requests if r.finish_reason != "refused"][:max_requests]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 0.22 * len(served) + 1.2))
+    ax = _ax(ax, (10, 0.22 * len(served) + 1.2))
     spans = _intervals(log)
     for y, r in enumerate(served):
         for kind in ("waiting", "held", "stalled", "decode", "prefill"):
@@ -134,124 +150,90 @@ def timeline(log, ax=None, title=None, max_requests: int = 40, xmax=None):
                 ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=COLOURS[kind], linewidth=0)
     ax.set_yticks(range(len(served)), [r.id for r in served], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("time since the run started (s)")
     ax.set_xlim(0, xmax or max((r.finish_s or 0) for r in served) * 1.01)
     ax.legend([plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()],
               [LABELS[k] for k in COLOURS], fontsize=7, loc="lower right", ncol=5)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _finish(ax, RUN_TIME, title=title)
 
 
 def batch_over_time(logs: dict, ax=None):
     """Rows per step (and how many of them did useful work) against time."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3))
+    ax = _ax(ax, (10, 3))
     for label, log in logs.items():
         steps = [s for s in log.steps if s.kind == "decode"]
-        line, = ax.step([s.start_s for s in steps], [s.rows for s in steps], where="post",
-                        label=f"{label}: rows computed")
-        ax.step([s.start_s for s in steps], [len(s.active) for s in steps], where="post",
-                ls=":", color=line.get_color(), label=f"{label}: rows with useful work")
-    ax.set_xlabel("time since the run started (s)")
-    ax.set_ylabel("sequences per decode step")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return ax
+        t = [s.start_s for s in steps]
+        line, = ax.step(t, [s.rows for s in steps], where="post", label=f"{label}: rows computed")
+        ax.step(t, [len(s.active) for s in steps], where="post", ls=":", color=line.get_color(),
+                label=f"{label}: rows with useful work")
+    return _finish(ax, RUN_TIME, "sequences per decode step", legend=7, grid=True)
 
 
 def ladder(runs, ax=None, metric="output_tokens_per_s", label="output tokens / s", names=None):
-    """A bar per engine of a ladder run (the bench JSON of each), named by engine or by ``names``."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 3.5))
+    """A bar per engine of a ladder run (the bench JSON of each), named by engine or ``names``."""
+    ax = _ax(ax, (8, 3.5))
     names = names or [r["engine"] for r in runs]
-    values = [r["metrics"][metric] or 0 for r in runs]
-    bars = ax.bar(names, values, color=["#9e9e9e" if n.startswith("hf-") else "#5b9bd5" for n in names])
+    bars = ax.bar(names, [r["metrics"][metric] or 0 for r in runs],
+                  color=["#9e9e9e" if n.startswith("hf-") else "#5b9bd5" for n in names])
     ax.bar_label(bars, fmt="%.3g", fontsize=8)
-    ax.set_ylabel(label)
-    return ax
+    return _finish(ax, ylabel=label)
 
 
 def step_composition(log, ax=None, title=None):
     """Each step as a bar: its prefill tokens and its decode tokens, at the time it ran. Without
     a token budget a long prompt is one tall bar; with one it is spread over many steps."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3))
+    ax = _ax(ax, (10, 3))
     x = [s.start_s for s in log.steps]
     w = [max(s.seconds, 1e-4) for s in log.steps]
     pre = [s.prefill_tokens for s in log.steps]
-    dec = [s.decode_tokens for s in log.steps]
     ax.bar(x, pre, width=w, align="edge", color=COLOURS["prefill"], label="prefill tokens")
-    ax.bar(x, dec, width=w, bottom=pre, align="edge", color=COLOURS["decode"], label="decode tokens")
-    ax.set_xlabel("time since the run started (s)")
-    ax.set_ylabel("tokens in the step")
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return ax
+    ax.bar(x, [s.decode_tokens for s in log.steps], width=w, bottom=pre, align="edge",
+           color=COLOURS["decode"], label="decode tokens")
+    return _finish(ax, RUN_TIME, "tokens in the step", title, legend=8)
 
 
 def token_gaps(log, ax=None, title=None, prefix=None):
     """The wait before each token of each request, at the time the token came out: a decode
     stalled by a long step shows as a spike."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3))
+    ax = _ax(ax, (10, 3))
     for r in log.requests:
-        if prefix and not r.id.startswith(prefix):
-            continue
-        if len(r.token_times) > 1:
+        if len(r.token_times) > 1 and not (prefix and not r.id.startswith(prefix)):
             ax.plot(r.token_times[1:], [1e3 * g for g in r.gaps_s], ".-", lw=0.8, ms=3, label=r.id)
-    ax.set_xlabel("time since the run started (s)")
-    ax.set_ylabel("wait for this token (ms)")
-    ax.legend(fontsize=7, ncol=4)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _finish(ax, RUN_TIME, "wait for this token (ms)", title, legend=7, grid=True, ncol=4)
 
 
 def block_map(trace, n_blocks: int, ax=None, title=None):
     """Which sequence owns each block of the paged cache after each step (white: free).
     Blocks are taken as sequences grow and handed back when they finish or are preempted."""
-    import numpy as np
     owners = sorted({sid for snap in trace for sid in snap}, key=str)
     index = {sid: i for i, sid in enumerate(owners)}
     grid = np.full((n_blocks, len(trace)), np.nan)
     for step, snap in enumerate(trace):
         for sid, table in snap.items():
             grid[table, step] = index[sid]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3.5))
+    ax = _ax(ax, (10, 3.5))
     cmap = plt.get_cmap("tab20").with_extremes(bad="white")
     ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=cmap,
               vmin=0, vmax=max(len(owners) - 1, 1))
-    ax.set_xlabel("step")
-    ax.set_ylabel("block")
-    if title:
-        ax.set_title(title)
-    return ax
+    return _finish(ax, "step", "block", title)
 
 
-# ---------------------------------------------------------------- chapter 08: metrics and trade-offs
+# ------------------------------------------------------------ chapter 08: metrics and trade-offs
 def latency_distributions(logs: dict, axes=None):
     """TTFT, TPOT and end-to-end latency of every served request, as cumulative distributions
     (the p50 and p99 are read off where a curve crosses 0.5 and 0.99)."""
-    if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    kinds = (("ttft_s", "time to first token (s)"), ("tpot_s", "time per output token (s)"),
-             ("e2e_s", "end-to-end latency (s)"))
+    axes = _ax(axes, (13, 3.5), 1, 3)
+    kinds = {"ttft_s": "time to first token (s)", "tpot_s": "time per output token (s)",
+             "e2e_s": "end-to-end latency (s)"}
     for label, log in logs.items():
         served = [r for r in log.requests if r.finish_reason in ("eos", "length")]
-        for ax, (attr, _) in zip(axes, kinds):
+        for ax, attr in zip(axes, kinds):
             v = np.sort([getattr(r, attr) for r in served if getattr(r, attr) is not None])
             ax.step(v, np.arange(1, len(v) + 1) / max(len(v), 1), where="post", label=label)
-    for ax, (_, name) in zip(axes, kinds):
-        ax.set_xlabel(name)
+    for ax, name in zip(axes, kinds.values()):
         ax.axhline(0.5, color="grey", lw=0.6, ls=":")
         ax.axhline(0.99, color="grey", lw=0.6, ls=":")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("share of requests")
-    axes[0].legend(fontsize=8)
+        _finish(ax, name, grid=True)
+    _finish(axes[0], ylabel="share of requests", legend=8)
     plt.tight_layout()
     return axes
 
@@ -261,65 +243,48 @@ def throughput_latency(rows, ax=None, latency="tpot_p50", measured=None, title=N
     """The trade-off: throughput (x) against a latency (y), one curve per ``max_batch`` through
     increasing arrival rates. ``real_sweep``: rows of a real sweep, drawn dashed in the same
     colours; ``measured``: single real runs, drawn as black markers."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7.5, 4.5))
-    colours = {}
-    for b in sorted({r["max_batch"] for r in rows}):
-        pts = sorted((r for r in rows if r["max_batch"] == b), key=lambda r: r["rate"] or 1e9)
-        line, = ax.plot([r["tokens_per_s"] for r in pts], [r[latency] for r in pts], "o-", ms=3,
-                        label=f"max_batch {b} ({label})")
-        colours[b] = line.get_color()
-    for b in sorted({r["max_batch"] for r in real_sweep or []}):
-        pts = sorted((r for r in real_sweep if r["max_batch"] == b), key=lambda r: r["rate"])
-        ax.plot([r["tokens_per_s"] for r in pts], [r[latency] for r in pts], "s--", ms=5, mfc="none",
-                color=colours.get(b), label=f"max_batch {b} (measured sweep)")
+    ax, colours = _ax(ax, (7.5, 4.5)), {}
+
+    def curves(rows, style, name, **kw):
+        for b in sorted({r["max_batch"] for r in rows}):
+            pts = sorted((r for r in rows if r["max_batch"] == b), key=lambda r: r["rate"] or 1e9)
+            line, = ax.plot([r["tokens_per_s"] for r in pts], [r[latency] for r in pts], style,
+                            color=colours.get(b), label=f"max_batch {b} ({name})", **kw)
+            colours.setdefault(b, line.get_color())
+    curves(rows, "o-", label, ms=3)
+    curves(real_sweep or [], "s--", "measured sweep", ms=5, mfc="none")
     for r in measured or []:
         ax.plot(r["tokens_per_s"], r[latency], "kx", ms=9, mew=2)
         ax.annotate(f"B={r['max_batch']}, {r['rate'] or 'all'}/s", (r["tokens_per_s"], r[latency]),
                     fontsize=7, xytext=(4, 4), textcoords="offset points")
     if measured:
         ax.plot([], [], "kx", ms=9, mew=2, label="measured here")
-    ax.set_xlabel("output tokens / s")
-    ax.set_ylabel(latency.replace("_", " ") + " (s)")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title or "each point: one arrival rate; further right = more load")
-    return ax
+    return _finish(ax, "output tokens / s", latency.replace("_", " ") + " (s)",
+                   title or "each point: one arrival rate; further right = more load",
+                   legend=7, grid=True)
 
 
 def queue_depth(logs: dict, ax=None):
     """Requests waiting for their first step, over time, for each run."""
     from course_lib.measure.metrics import queue_depth as depth
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3))
+    ax = _ax(ax, (10, 3))
     for label, log in logs.items():
-        t, d = depth(log)
-        ax.step(t, d, where="post", label=label)
-    ax.set_xlabel("time since the first arrival (s)")
-    ax.set_ylabel("requests waiting")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return ax
+        ax.step(*depth(log), where="post", label=label)
+    return _finish(ax, "time since the first arrival (s)", "requests waiting", legend=8, grid=True)
 
 
 def goodput_vs_load(rows, ax=None, title=None):
     """Goodput (requests served within the SLO per second) against the arrival rate, with and
     without admission control."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 4))
+    ax = _ax(ax, (7, 4))
     for adm in (False, True):
         pts = sorted((r for r in rows if r.get("admission") == adm), key=lambda r: r["rate"])
         if pts:
             ax.plot([r["rate"] for r in pts], [r["goodput_rps"] or 0 for r in pts], "o-",
                     label="with admission control" if adm else "admit everything")
-    ax.set_xlabel("arrival rate (requests / s)")
-    ax.set_ylabel("goodput (requests / s within the SLO)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _finish(ax, "arrival rate (requests / s)", "goodput (requests / s within the SLO)",
+                   title, legend=8, grid=True)
 
 
 # ---------------------------------------------------------------- chapter 09
@@ -334,10 +299,9 @@ def _rung_names(result):
 
 
 def ladder_vs_floor(result, ax=None):
-    """The ladder's bars (``ladder``) for every rung of a ladder result (``course_lib.measure.ladder``),
-    on a log scale, with the workload's physical floor on the same card as a line."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 4.5))
+    """The ladder's bars (``ladder``) for every rung of a ladder result, on a log scale, with the
+    workload's physical floor on the same card as a line."""
+    ax = _ax(ax, (10, 4.5))
     ladder(_runs(result), ax=ax, label="output tokens / s (log scale)", names=_rung_names(result))
     if result.get("floor"):
         f = result["floor"]["output_tokens_per_s"]
@@ -345,36 +309,32 @@ def ladder_vs_floor(result, ax=None):
         ax.text(0, f, f"physical floor: {f:,.0f} tok/s", color="#c00000", fontsize=8, va="bottom")
     ax.set_yscale("log")
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    ax.set_title(f"{result['model']} on {result['device']['device']}, {result['n']} requests")
-    return ax
+    return _finish(ax, title=f"{result['model']} on {result['device']['device']}, "
+                             f"{result['n']} requests")
 
 
 def utilisation_by_rung(result, ax=None):
     """MBU and MFU (from the bytes and FLOPs every step must move and do) next to NVML's 'GPU
     utilisation' (the share of time any kernel ran), per rung."""
-    runs = _runs(result)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3.5))
+    runs, ax = _runs(result), _ax(ax, (10, 3.5))
     x = np.arange(len(runs))
     for i, (key, label, colour) in enumerate([("mbu", "MBU", "#1f4e79"), ("mfu", "MFU", "#5b9bd5"),
                                               ("nvml_gpu_util", "NVML utilisation", "#f4b183")]):
         vals = [(r["metrics"][key] or 0) * (1 if key == "nvml_gpu_util" else 100) for r in runs]
         ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=label, color=colour)
     ax.set_xticks(x, _rung_names(result), rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("% of the card")
-    ax.legend(fontsize=8)
-    return ax
+    return _finish(ax, ylabel="% of the card", legend=8)
 
 
 def decode_step_curve(results, ax=None):
     """MBU of one whole decode step against batch size (``bench/decode_step.py`` results): the
     CUDA graph's replay on the GPU, the same without the fused elementwise kernels, the whole step
     as the engine sees it, and eager launches."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 3.5))
+    ax = _ax(ax, (8, 3.5))
     styles = [("mbu_gpu", "graph replay (GPU time)", "-"),
               ("mbu_unfused", "graph replay, unfused elementwise", "-."),
-              ("mbu_step", "graph step (wall time)", "--"), ("mbu_eager", "eager step (wall time)", ":")]
+              ("mbu_step", "graph step (wall time)", "--"),
+              ("mbu_eager", "eager step (wall time)", ":")]
     for res, marker in zip(results, "os^"):
         b = [r["batch"] for r in res["rows"]]
         for key, label, ls in styles:
@@ -382,28 +342,21 @@ def decode_step_curve(results, ax=None):
                 ax.plot(b, [100 * r[key] for r in res["rows"]], ls=ls, marker=marker,
                         label=f"{res['model']}: {label}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequences in the decode step")
-    ax.set_ylabel("MBU (%)")
-    ax.legend(fontsize=7)
-    return ax
+    return _finish(ax, "sequences in the decode step", "MBU (%)", legend=7)
 
 
 def run_steps(run, ax=None):
     """The steps of one stored run (a bench JSON with ``steps``): each step's duration at the time
     it started, coloured by kind, with its batch size on a second axis."""
     from course_lib.measure.metrics import steps_of
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3.5))
-    steps = steps_of(run)
+    ax, steps = _ax(ax, (10, 3.5)), steps_of(run)
     colour = {"prefill": COLOURS["prefill"], "decode": COLOURS["decode"], "mixed": "#f4b183"}
     for kind in ("prefill", "mixed", "decode"):
         pts = [(s.start_s, 1e3 * s.seconds) for s in steps if s.kind == kind]
         if pts:
             ax.scatter(*zip(*pts), s=6, color=colour[kind], label=f"{kind} steps ({len(pts)})")
     ax.set_yscale("log")
-    ax.set_xlabel("time since the run started (s)")
-    ax.set_ylabel("step time (ms)")
-    ax.legend(fontsize=8, loc="upper left")
+    _finish(ax, RUN_TIME, "step time (ms)", legend=8, loc="upper left")
     twin = ax.twinx()
     twin.plot([s.start_s for s in steps], [s.rows for s in steps], color="#7f7f7f", lw=0.8)
     twin.set_ylabel("sequences in the step", color="#7f7f7f")
@@ -413,15 +366,12 @@ def run_steps(run, ax=None):
 def prefill_attention(rows, ax=None):
     """The prompts' attention in a mixed step (``metrics.prefill_rows``): FlexAttention and the
     copy before it, GPU ms per step, for each way of reading the keys and each kind of blocks."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
+    ax = _ax(ax, (8, 0.45 * len(rows) + 1))
     y = np.arange(len(rows))
     flex, copy = [r["flex_ms"] for r in rows], [r["copy_ms"] for r in rows]
     ax.barh(y, flex, color="#1f4e79", label="FlexAttention")
     ax.barh(y, copy, left=flex, color="#f4b183", label="the copy out of the cache")
-    ax.set_yticks(y, [f"{'packed copy' if r['prefill'] == 'gathered' else 'in place'}, {r['blocks']} blocks, "
-                      f"tiles {r['tiles']}" for r in rows], fontsize=8)
+    ax.set_yticks(y, [f"{'packed copy' if r['prefill'] == 'gathered' else 'in place'}, "
+                      f"{r['blocks']} blocks, tiles {r['tiles']}" for r in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("GPU ms per mixed step (16 prompts of 512 tokens, 16 layers)")
-    ax.legend(fontsize=8)
-    return ax
+    return _finish(ax, "GPU ms per mixed step (16 prompts of 512 tokens, 16 layers)", legend=8)

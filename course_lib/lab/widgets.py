@@ -1,9 +1,6 @@
-"""Sliders over cached, tested measurements.
-
-Nothing runs until the learner clicks Run, so a headless run of a notebook never pays for it. On
-a click the output first says what runs and for which setting (with a progress bar over the
-runs), and the result replaces that line. A stored output that cannot show the slider (a notebook
-not run yet, or not trusted) shows a one-line hint instead of the widget's repr.
+"""Sliders over cached, tested measurements. Nothing runs until the learner clicks Run (a headless
+run of a notebook never pays for it); a click first says what runs, then the result replaces
+that line. A stored output that cannot show the slider shows a one-line hint instead.
 """
 from __future__ import annotations
 
@@ -98,17 +95,20 @@ def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, rep
     return Explorer(compute, draw, say, log2_batch=slider)
 
 
-def _cached_runs(requests, make):
-    """``run(*key)``: the RunLog (and engine) of ``make(*key)`` on ``requests``, run once per key
-    with a progress bar over the requests; ``run.done(*key)`` says whether it is cached."""
+def _cached_runs(requests, make, name: str, what: str):
+    """``run(key)``: ``make(key)`` and its RunLog on ``requests``, run once per key with a
+    progress bar over the requests; ``run.say(key)``: the line a click prints first (``what``,
+    formatted with the key, says the setting)."""
     done = {}
 
-    def run(*key):
+    def run(key):
         if key not in done:
-            engine = make(*key)
+            engine = make(key)
             done[key] = engine, engine.run(requests, progress=True)
         return done[key]
-    run.done = lambda *key: key in done
+    run.say = lambda key: (f"Drawing {what.format(key)} (run before) ..." if key in done else
+                           f"Running the {name} engine on {len(requests)} requests with "
+                           f"{what.format(key)} ...")
     return run
 
 
@@ -117,19 +117,21 @@ def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4,
     draw their timelines with their throughput and slot utilisation."""
     from course_lib.engines import make_engine
     from course_lib.measure.metrics import summarize
-
-    run = _cached_runs(requests,
-                       lambda engine, b: make_engine(engine, loaded, max_batch=b))
+    done = {}
 
     def say(max_batch):
-        todo = [e for e in engines if not run.done(e, max_batch)]
+        todo = [e for e in engines if (e, max_batch) not in done]
         if not todo:
             return f"Drawing max_batch={max_batch} (run before) ..."
         return (f"Running {_and(todo)} on {len(requests)} requests with max_batch={max_batch} "
                 f"(each setting runs once, then redraws from the cache) ...")
 
     def compute(max_batch):
-        return [(e, run(e, max_batch)[1]) for e in engines]
+        for e in engines:
+            if (e, max_batch) not in done:
+                done[e, max_batch] = make_engine(e, loaded, max_batch=max_batch).run(
+                    requests, progress=True)
+        return [(e, done[e, max_batch]) for e in engines]
 
     def draw(logs, max_batch):
         _, axes = plt.subplots(len(logs), 1, figsize=(10, 3.2 * len(logs)), squeeze=False)
@@ -151,19 +153,9 @@ def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), bloc
     then cached) and see its steps and its worst decode stall."""
     from course_lib.engines import make_engine
     from course_lib.measure.metrics import summarize
-
     run = _cached_runs(requests, lambda budget: make_engine(
         "chunked", loaded, max_batch=max_batch, block_size=block_size,
-        max_num_batched_tokens=budget))
-
-    def say(budget):
-        if run.done(budget):
-            return f"Drawing budget {budget} (run before) ..."
-        return (f"Running the chunked engine on {len(requests)} requests with a budget of "
-                f"{budget} tokens per step ...")
-
-    def compute(budget):
-        return run(budget)[1]
+        max_num_batched_tokens=budget), "chunked", "a budget of {} tokens per step")
 
     def draw(log, budget):
         m = summarize(log)
@@ -174,7 +166,8 @@ def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), bloc
         plots.step_composition(log, title=line)
         plt.show()
 
-    return _pick(compute, draw, say, budgets, "budget")
+    return _pick(lambda budget: run(budget)[1], draw, lambda budget: run.say(budget), budgets,
+                 "budget")
 
 
 def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int = 8):
@@ -182,29 +175,21 @@ def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int =
     the memory it reserves holds no token, and how many blocks it manages."""
     from course_lib.engines import make_engine
     from course_lib.measure.metrics import summarize
-
     run = _cached_runs(requests, lambda block_size: make_engine(
-        "paged", loaded, max_batch=max_batch, block_size=block_size, trace_blocks=True))
-
-    def say(block_size):
-        if run.done(block_size):
-            return f"Drawing blocks of {block_size} tokens (run before) ..."
-        return (f"Running the paged engine on {len(requests)} requests with blocks of "
-                f"{block_size} tokens ...")
-
-    def compute(block_size):
-        return run(block_size)
+        "paged", loaded, max_batch=max_batch, block_size=block_size, trace_blocks=True),
+        "paged", "blocks of {} tokens")
 
     def draw(ran, block_size):
         engine, log = ran
-        m = summarize(log)
-        line = (f"blocks of {block_size} tokens: {engine.cache.allocator.n_blocks} blocks, "
-                f"{100 * m['kv_waste']:.1f}% of the reserved places empty on average")
+        n_blocks = engine.cache.allocator.n_blocks
+        line = (f"blocks of {block_size} tokens: {n_blocks} blocks, "
+                f"{100 * summarize(log)['kv_waste']:.1f}% of the reserved places empty on average")
         print(line)
-        plots.block_map(engine.block_trace, engine.cache.allocator.n_blocks, title=line)
+        plots.block_map(engine.block_trace, n_blocks, title=line)
         plt.show()
 
-    return _pick(compute, draw, say, sizes, "block size")
+    return _pick(lambda block_size: run(block_size), draw, lambda block_size: run.say(block_size),
+                 sizes, "block size")
 
 
 def operating_point_explorer(run, rates, batches, ttft_slos):
@@ -251,12 +236,6 @@ def ladder_explorer(result):
     time."""
     runs = {r["rung"]: r for r in result["runs"] if "error" not in r and r.get("steps")}
 
-    def say(rung):
-        return f"Drawing the stored steps of the {rung} rung ..."
-
-    def compute(rung):
-        return runs[rung]
-
     def draw(r, rung):
         m = r["metrics"]
         print(f"{rung}: {m['output_tokens_per_s']:.0f} tok/s, {m['steps']} steps, "
@@ -265,4 +244,6 @@ def ladder_explorer(result):
         plots.run_steps(r, ax=plt.subplots(figsize=(10, 3.5))[1])
         plt.show()
 
-    return _pick(compute, draw, say, list(runs), "rung")
+    return _pick(lambda rung: runs[rung], draw,
+                 lambda rung: f"Drawing the stored steps of the {rung} rung ...", list(runs),
+                 "rung")

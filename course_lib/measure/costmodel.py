@@ -4,14 +4,12 @@ policy predicts with it online; the simulator runs whole workloads on it."""
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
 
-from course_lib.measure.metrics import run_label
+from course_lib.measure.metrics import Step, run_label
 from course_lib.measure.roofline import step_work, weight_bytes
 
 FEATURES = ("overhead", "per_row", "per_byte", "per_flop", "per_pair")
@@ -25,12 +23,11 @@ def features(shape, dtype_bytes: int, rows: int, tokens: int, attended: int, kv_
     return np.array([1.0, rows, w.bytes - weights, w.flops, attended * shape.n_layers, weights])
 
 
-def step_features(step: dict, shape, dtype_bytes: int) -> np.ndarray:
-    """Features of a logged step (a ``Step`` or a row of a bench JSON's ``steps``). Every token
-    position computed counts, padding included: it costs time even when it is waste."""
-    g = step.get if isinstance(step, dict) else lambda k: getattr(step, k)
-    return features(shape, dtype_bytes, g("rows"), g("slots"), g("attended"), g("kv_read"),
-                    g("logit_rows"))
+def step_features(step, shape, dtype_bytes: int) -> np.ndarray:
+    """Features of a logged ``Step``. Every token position computed counts, padding included: it
+    costs time even when it is waste."""
+    return features(shape, dtype_bytes, step.rows, step.slots, step.attended, step.kv_read,
+                    step.logit_rows)
 
 
 def nonnegative_fit(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -84,7 +81,8 @@ class StepCost:
     def floor(cls, device: str, bandwidth: float, flops: float) -> "StepCost":
         """The physical floor: every byte at the full bandwidth, every FLOP at the full rate,
         no host time. No engine is faster; how far one is from it is its overhead."""
-        coef = dict(overhead=0.0, per_row=0.0, per_byte=1 / bandwidth, per_flop=1 / flops, per_pair=0.0)
+        coef = dict(overhead=0.0, per_row=0.0, per_byte=1 / bandwidth, per_flop=1 / flops,
+                    per_pair=0.0)
         return cls(coef, device, bandwidth, flops, ["the roofline"])
 
     @classmethod
@@ -92,11 +90,12 @@ class StepCost:
         """Fit to logged steps (``Step`` records, or the ``steps`` rows of a bench JSON) measured
         on a device with ``peaks`` (``device``, ``bandwidth``, ``flops``; an infinite bandwidth
         leaves the weights to the fitted fixed cost)."""
+        steps = [Step(**s) if isinstance(s, dict) else s for s in steps]
         X = np.array([step_features(s, shape, dtype_bytes) for s in steps])
-        seconds = np.array([s["end_s"] - s["start_s"] if isinstance(s, dict) else s.seconds for s in steps])
-        y = seconds - X[:, -1] / peaks.bandwidth                                # beyond the weights
+        y = np.array([s.seconds for s in steps]) - X[:, -1] / peaks.bandwidth   # beyond the weights
+        names = name if isinstance(name, list) else [name] if name else []
         return cls(dict(zip(FEATURES, nonnegative_fit(X[:, :-1], y).tolist())), peaks.device,
-                   peaks.bandwidth, peaks.flops, name if isinstance(name, list) else [name] if name else [])
+                   peaks.bandwidth, peaks.flops, names)
 
     @classmethod
     def fit(cls, runs: list, shape, dtype_bytes: int) -> "StepCost":
@@ -108,17 +107,6 @@ class StepCost:
         peaks = SimpleNamespace(device=d["device"], bandwidth=d["bandwidth"], flops=d["flops"])
         return cls.fit_steps([s for r in runs for s in r["steps"]], shape, dtype_bytes, peaks,
                              [run_name(r) for r in runs])
-
-    def save(self, path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path) -> "StepCost":
-        return cls(**json.loads(Path(path).read_text()))
-
-
 
 
 def run_name(result: dict) -> str:

@@ -1,18 +1,9 @@
 """Chapter 09's ladder: named rungs, each an engine with settings, run one after the other on the
-same loaded model, the same requests and the same device, with the workload's physical floor.
-
-A rung's name is the engine it runs (``course_lib.engines.REGISTRY``), with the settings below:
-
-  static, dynamic, continuous   the padded engines of chapters 02-04, at ``max_batch``
-  paged       + paged KV-cache: FlexAttention over blocks of 16, up to ``big_batch`` sequences in
-              the KV memory the continuous engine's rows reserve at ``max_batch``
-  chunked     + chunked prefill: the same, under a budget of ``max_num_batched_tokens`` tokens
-              per step
-  fast        + the Triton decode kernel, fused elementwise kernels, CUDA graphs, sampling on
-              the GPU, and the host scheduling step k+1 while step k runs (chapter 09)
-  hf-generate, hf-cb, vllm      the peers, at ``max_batch``
-
-Options after a colon override a rung's settings: ``fast:kv_memory_mib=16384``.
+same loaded model, requests and device, with the workload's physical floor. A rung is named by
+its engine (``course_lib.engines.REGISTRY``); the padded engines and the peers run at
+``max_batch``, the paged ones (``RUNGS``) up to ``big_batch`` sequences in the KV memory the
+padded rows reserve at ``max_batch``. Options after a colon override a rung's settings:
+``fast:kv_memory_mib=16384``.
 """
 from __future__ import annotations
 
@@ -28,24 +19,20 @@ from course_lib.model.kv_cache import kv_bytes_per_token
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import load_workload
 
-RUNGS = {   # engine -> its options on the ladder ("rows": the rows' KV memory; "big": big_batch;
-            # "max_num_batched_tokens": the ladder's budget). Every option is said, so that a
-            # rung stays what it measured whatever the engine's defaults.
-    "paged": {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows", "max_batch": "big",
-              "max_num_batched_tokens": None, "cuda_graphs": False, "fused": False,
-              "overlap": False, "watermark": 0.0},
-    "chunked": {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows",
-                "max_batch": "big", "max_num_batched_tokens": "max_num_batched_tokens",
-                "cuda_graphs": False, "fused": False, "overlap": False, "watermark": 0.0},
-    "fast": {"block_size": 16, "attention": "kernel", "cuda_graphs": True, "fused": True,
-             "overlap": True, "watermark": 0.0, "kv_memory_bytes": "rows", "max_batch": "big",
-             "max_num_batched_tokens": "max_num_batched_tokens"},
-}
+# engine -> its options on the ladder ("rows": the rows' KV memory; "big": big_batch;
+# "max_num_batched_tokens": the ladder's budget). Every option is said, so that a rung stays what
+# it measured whatever the engine's defaults.
+_PAGED = {"block_size": 16, "attention": "flex", "kv_memory_bytes": "rows", "max_batch": "big",
+          "max_num_batched_tokens": None, "cuda_graphs": False, "fused": False, "overlap": False,
+          "watermark": 0.0}
+RUNGS = {"paged": _PAGED,
+         "chunked": {**_PAGED, "max_num_batched_tokens": "max_num_batched_tokens"},
+         "fast": {**_PAGED, "max_num_batched_tokens": "max_num_batched_tokens",
+                  "attention": "kernel", "cuda_graphs": True, "fused": True, "overlap": True}}
 
-# Chapter 09's complete run on a GPU (bench/gpu/gpu_ladder09.sh; notebook 09 with full_ladder), most
-# telling first: the peer on a clean card, the fast rungs, then the rest. hf-cb runs at the padded
-# engines' batch and at the fast rungs', each also with its KV-cache at half the free memory (room
-# for its CUDA-graph warm-up). SHORT_09 is the notebook's live default, on fewer requests.
+# Chapter 09's complete run on a GPU, most telling first: the peer on a clean card, the fast
+# rungs, then the rest; hf-cb also with its KV-cache at half the free memory (room for its CUDA
+# graphs' warm-up). SHORT_09: the notebook's live default, on fewer requests.
 LADDER_09 = ["static", "hf-cb", "hf-cb:max_batch=512", "hf-cb:max_memory_percent=0.5",
              "hf-cb:max_batch=512,max_memory_percent=0.5",
              "fast:kv_memory_mib=16384,max_num_batched_tokens=16384",
@@ -118,7 +105,7 @@ def ordered(runs) -> list:
     def key(r):
         name = r["rung"].partition(":")[0]
         tput = (r.get("metrics") or {}).get("output_tokens_per_s") or 0
-        return (ORDER.index(name) if name in ORDER else len(ORDER), tput)   # variants: slowest first
+        return (ORDER.index(name) if name in ORDER else len(ORDER), tput)   # slowest variant first
     return sorted(runs, key=key)
 
 
@@ -134,10 +121,11 @@ def free_device_memory(device) -> int | None:
     return torch.cuda.memory_allocated(device)
 
 
-def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int, big_batch: int = 512,
-               max_num_batched_tokens: int = 2048, dtype: str = "bfloat16", device: str = "cuda",
-               max_new_tokens: int | None = None, tokens: bool = False, sequential_n: int | None = None,
-               progress: bool = True, echo=print, after_each=None) -> dict:
+def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
+               big_batch: int = 512, max_num_batched_tokens: int = 2048, dtype: str = "bfloat16",
+               device: str = "cuda", max_new_tokens: int | None = None, tokens: bool = False,
+               sequential_n: int | None = None, progress: bool = True, echo=print,
+               after_each=None) -> dict:
     """Run every rung; return one JSON object: settings, the floor and ``runs`` (the bench JSON of
     each rung, with its ``rung`` name; a rung that fails holds its ``error`` and the rest go on).
     ``after_each(result so far)`` is called after every rung (to save partial results)."""
@@ -152,7 +140,8 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
                            [r.max_new_tokens for r in requests], peaks) \
         if all(r.ignore_eos for r in requests) else None      # with EOS the lengths are unknown
     if floor:
-        echo(f"{'physical floor':>24} | {floor['seconds']:.2f} s, {floor['output_tokens_per_s']:.0f} tok/s")
+        echo(f"{'physical floor':>24} | {floor['seconds']:.2f} s, "
+             f"{floor['output_tokens_per_s']:.0f} tok/s")
     result = {"model": model, "workload": workload, "n": n, "max_batch": max_batch,
               "big_batch": big_batch, "max_num_batched_tokens": max_num_batched_tokens,
               "kv_memory_rows_bytes": settings["rows"],
@@ -174,7 +163,8 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
         if held is not None:
             r["memory_held_at_start_bytes"] = held
         failed = (r.get("metrics") or {}).get("warmup_failures")       # hf-cb: warm-ups HF skipped
-        echo(f"{rung:>24} | " + describe(r) + ("" if held is None else f" | held at start {held / 2**30:.2f} GiB")
+        echo(f"{rung:>24} | " + describe(r)
+             + ("" if held is None else f" | held at start {held / 2**30:.2f} GiB")
              + (f" | HF warm-ups failed: {failed}" if failed else ""))
         runs.append(r)
         result.update(device=r["device"], versions=r["versions"])
@@ -200,35 +190,39 @@ def table(result) -> list:
     fastest_cb = fastest_peer(result)[1] if "hf-cb" in tput else None
     rows = []
     for name, r in runs.items():
-        m = r["metrics"]
-        rows.append({"rung": name, "label": label(name), "max_batch": r["max_batch"], "tokens_per_s": tput[name],
-                     "x_static": tput[name] / tput["static"] if "static" in tput else None,
-                     "x_hf_cb": tput[name] / tput["hf-cb"] if "hf-cb" in tput else None,
-                     "x_fastest_hf_cb": tput[name] / fastest_cb if fastest_cb else None,
-                     "x_hf_generate": tput[name] / tput["hf-generate"] if "hf-generate" in tput else None,
-                     "of_floor": tput[name] / floor if floor else None,
+        m, t = r["metrics"], tput[name]
+
+        def x(base):
+            return t / base if base else None
+        rows.append({"rung": name, "label": label(name), "max_batch": r["max_batch"],
+                     "tokens_per_s": t, "x_static": x(tput.get("static")),
+                     "x_hf_cb": x(tput.get("hf-cb")), "x_fastest_hf_cb": x(fastest_cb),
+                     "x_hf_generate": x(tput.get("hf-generate")), "of_floor": x(floor),
                      "mbu": m["mbu"], "mfu": m["mfu"], "nvml": m["nvml_gpu_util"],
                      "ttft_p50_s": m["ttft_s"]["p50"], "tpot_p50_s": m["tpot_s"]["p50"],
                      "decode_b128_mbu": (m.get("decode_b128") or {}).get("mbu"),
-                     "preemptions": m.get("preemptions"), "warmup_failures": m.get("warmup_failures")})
+                     "preemptions": m.get("preemptions"),
+                     "warmup_failures": m.get("warmup_failures")})
     return rows
 
 
 def print_table(result):
     """The ladder table, as the notebook and the closing note show it."""
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
     print(f"{'rung':<30} {'B':>4} {'tok/s':>8} {'x static':>8} {'x hf-cb':>8} {'of floor':>8} "
           f"{'MBU':>6} {'MFU':>6} {'NVML':>5} {'TTFT p50':>9} {'TPOT p50':>9}")
     for r in table(result):
-        def f(x, fmt):
-            return "-" if x is None else format(x, fmt)
-        print(f"{r['label']:<30} {r['max_batch']:>4} {r['tokens_per_s']:>8.0f} {f(r['x_static'], '>8.2f')} "
-              f"{f(r['x_hf_cb'], '>8.2f')} {f(r['of_floor'], '>8.1%')} {f(r['mbu'], '>6.1%')} "
-              f"{f(r['mfu'], '>6.1%')} {f(r['nvml'], '>4.0f')}% {f(r['ttft_p50_s'], '>8.2f')}s "
-              f"{f(r['tpot_p50_s'] and r['tpot_p50_s'] * 1e3, '>7.1f')}ms")
+        tpot_ms = r["tpot_p50_s"] and r["tpot_p50_s"] * 1e3
+        print(f"{r['label']:<30} {r['max_batch']:>4} {r['tokens_per_s']:>8.0f} "
+              f"{f(r['x_static'], '>8.2f')} {f(r['x_hf_cb'], '>8.2f')} {f(r['of_floor'], '>8.1%')} "
+              f"{f(r['mbu'], '>6.1%')} {f(r['mfu'], '>6.1%')} {f(r['nvml'], '>4.0f')}% "
+              f"{f(r['ttft_p50_s'], '>8.2f')}s {f(tpot_ms, '>7.1f')}ms")
     if result.get("floor"):
         fl = result["floor"]
-        print(f"physical floor: {fl['seconds']:.2f} s ({fl['prefill_s']:.2f} s prefill at the matmul peak, "
-              f"{fl['decode_s']:.2f} s decode at the copy peak), {fl['output_tokens_per_s']:,.0f} tok/s")
+        print(f"physical floor: {fl['seconds']:.2f} s ({fl['prefill_s']:.2f} s prefill at the "
+              f"matmul peak, {fl['decode_s']:.2f} s decode at the copy peak), "
+              f"{fl['output_tokens_per_s']:,.0f} tok/s")
 
 
 def between_steps_s(run) -> float:

@@ -1,9 +1,6 @@
-"""What a run records and the numbers computed from it.
-
-Every engine returns a :class:`RunLog`: one :class:`RequestRecord` per request (its arrival, the
-time of every output token, how it finished) and one :class:`Step` per forward pass (how many
-token slots it computed and how many of them were useful). Everything the course reports is
-computed here from those records:
+"""What a run records, and the numbers computed from it. Every engine returns a ``RunLog``: one
+``RequestRecord`` per request (its arrival, the time of every output token, how it finished) and
+one ``Step`` per forward pass (the token slots it computed, and which were useful).
 
 * TTFT (time to first token) = first token time - arrival
 * TPOT (time per output token) = (last token time - first token time) / (output tokens - 1)
@@ -18,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from course_lib.measure.roofline import step_work
+from course_lib.measure.roofline import pair_counts, step_work
 from course_lib.model.kv_cache import kv_bytes_per_token
 
 
@@ -77,6 +74,19 @@ class Step:
     kv_used: int = 0          # tokens held in the KV-cache after the step, live sequences
     kv_reserved: int = 0      # token places reserved for them (rows, or allocated blocks)
 
+    @classmethod
+    def of(cls, start_s: float, end_s: float, pairs, decode_tokens: int = 0, rows=None,
+           slots=None, logit_rows=None, **more) -> "Step":
+        """The step in which each sequence with useful work feeds ``new`` tokens after ``cached``
+        ones (``pairs``: one ``(cached, new)`` per sequence), ``decode_tokens`` of them generated
+        tokens fed back and the rest prompt. ``rows`` and ``slots`` (padding included) default to
+        the sequences and their tokens, ``logit_rows`` to one per sequence."""
+        pairs = list(pairs)
+        tokens, attended, kv_read = pair_counts(pairs)
+        return cls(start_s, end_s, len(pairs) if rows is None else rows,
+                   tokens if slots is None else slots, tokens - decode_tokens, decode_tokens,
+                   attended, kv_read, len(pairs) if logit_rows is None else logit_rows, **more)
+
     @property
     def useful(self) -> int:
         return self.prefill_tokens + self.decode_tokens
@@ -89,6 +99,11 @@ class Step:
     def kind(self) -> str:
         return "mixed" if self.prefill_tokens and self.decode_tokens else (
             "prefill" if self.prefill_tokens else "decode")
+
+    def work(self, shape, dtype_bytes: int):
+        """The bytes and FLOPs the step must move and do (``roofline.step_work``)."""
+        return step_work(shape, dtype_bytes, self.useful, self.attended, self.kv_read,
+                         self.logit_rows)
 
 
 @dataclass
@@ -111,23 +126,28 @@ def percentiles(values) -> dict:
 
 
 def step_utilisation(step: Step, shape, dtype_bytes: int, peaks) -> dict:
-    w = step_work(shape, dtype_bytes, step.useful, step.attended, step.kv_read, step.logit_rows)
-    t = step.seconds
+    w, t = step.work(shape, dtype_bytes), step.seconds
     return {"bytes": w.bytes, "flops": w.flops,
             "mbu": w.bytes / t / peaks.bandwidth if t > 0 else None,
             "mfu": w.flops / t / peaks.flops if t > 0 else None}
 
 
+def served(log: RunLog) -> tuple:
+    """The requests served (not refused), and the span of the run: ``(served, first arrival,
+    last finish of a served request)``."""
+    done = [r for r in log.requests if r.finish_reason in ("eos", "length")]
+    start = min((r.arrival_s for r in log.requests), default=0.0)
+    return done, start, max((r.finish_s for r in done), default=start)
+
+
 def goodput(log: RunLog, slo) -> dict:
     """Requests served within the SLO (``admission.SLO``), per second of the run, and as a share
     of all requests (refused ones count as missed)."""
-    served = [r for r in log.requests if r.finish_reason in ("eos", "length")]
-    good = [r for r in served if slo.met(r)]
-    start = min((r.arrival_s for r in log.requests), default=0.0)
-    end = max((r.finish_s for r in served), default=start)
-    return {"ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s, "met": len(good),
-            "goodput_rps": len(good) / (end - start) if end > start else None,
-            "attainment": len(good) / len(log.requests) if log.requests else None}
+    done, start, end = served(log)
+    good = sum(slo.met(r) for r in done)
+    return {"ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s, "met": good,
+            "goodput_rps": good / (end - start) if end > start else None,
+            "attainment": good / len(log.requests) if log.requests else None}
 
 
 def queue_depth(log: RunLog) -> tuple:
@@ -150,55 +170,46 @@ def queue_depth(log: RunLog) -> tuple:
     return times, depth
 
 
-def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=None, slo=None) -> dict:
+def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=None,
+              slo=None) -> dict:
     """The metrics block of the bench JSON (with ``slo``: goodput and the largest queue too)."""
-    served = [r for r in log.requests if r.finish_reason in ("eos", "length")]
-    n_out = sum(len(r.output_tokens) for r in served)
-    start = min((r.arrival_s for r in log.requests), default=0.0)
-    end = max((r.finish_s for r in served), default=start)
-    makespan = end - start
-    m = {
-        "requests": len(log.requests),
-        "served": len(served),
-        "refused": sum(r.finish_reason == "refused" for r in log.requests),
-        "output_tokens": n_out,
-        "makespan_s": makespan,
-        "output_tokens_per_s": n_out / makespan if makespan > 0 else None,
-        "ttft_s": percentiles(r.ttft_s for r in served),
-        "tpot_s": percentiles(r.tpot_s for r in served),
-        "e2e_s": percentiles(r.e2e_s for r in served),
-        "itl_s": {**percentiles(g for r in served for g in r.gaps_s),
-                  "max": max((g for r in served for g in r.gaps_s), default=None)},
-        "steps": len(log.steps),
-        "slot_utilisation": None, "mbu": None, "mfu": None,
-    }
-    if log.steps and log.step_source != "timestamps":   # padding is unknown when rebuilt
-        slots = sum(s.slots for s in log.steps)
-        m["slot_utilisation"] = sum(s.useful for s in log.steps) / slots if slots else None
-    reserved = sum(s.kv_reserved for s in log.steps)
+    done, start, end = served(log)
+    n_out, makespan, steps = sum(len(r.output_tokens) for r in done), end - start, log.steps
+    gaps = [g for r in done for g in r.gaps_s]
+    m = {"requests": len(log.requests), "served": len(done),
+         "refused": sum(r.finish_reason == "refused" for r in log.requests),
+         "output_tokens": n_out, "makespan_s": makespan,
+         "output_tokens_per_s": n_out / makespan if makespan > 0 else None,
+         "ttft_s": percentiles(r.ttft_s for r in done),
+         "tpot_s": percentiles(r.tpot_s for r in done),
+         "e2e_s": percentiles(r.e2e_s for r in done),
+         "itl_s": {**percentiles(gaps), "max": max(gaps, default=None)},
+         "steps": len(steps), "slot_utilisation": None, "mbu": None, "mfu": None}
+    slots = sum(s.slots for s in steps)
+    if slots and log.step_source != "timestamps":   # padding is unknown when rebuilt
+        m["slot_utilisation"] = sum(s.useful for s in steps) / slots
+    reserved = sum(s.kv_reserved for s in steps)
     if reserved:
-        m["kv_tokens_used_peak"] = max(s.kv_used for s in log.steps)
-        m["kv_tokens_reserved_peak"] = max(s.kv_reserved for s in log.steps)
-        m["kv_waste"] = 1 - sum(s.kv_used for s in log.steps) / reserved   # averaged over steps
+        m["kv_tokens_used_peak"] = max(s.kv_used for s in steps)
+        m["kv_tokens_reserved_peak"] = max(s.kv_reserved for s in steps)
+        m["kv_waste"] = 1 - sum(s.kv_used for s in steps) / reserved   # averaged over steps
         if shape is not None:
             per_token = kv_bytes_per_token(shape, dtype_bytes)
             m["kv_bytes_used_peak"] = m["kv_tokens_used_peak"] * per_token
             m["kv_bytes_reserved_peak"] = m["kv_tokens_reserved_peak"] * per_token
-    if log.steps and shape is not None and peaks is not None:
-        busy = sum(s.seconds for s in log.steps)
-        work = [step_work(shape, dtype_bytes, s.useful, s.attended, s.kv_read, s.logit_rows)
-                for s in log.steps]
-        if busy > 0:
-            # time-weighted over the steps: total bytes (FLOPs) over total step time
-            m["mbu"] = sum(w.bytes for w in work) / busy / peaks.bandwidth
-            m["mfu"] = sum(w.flops for w in work) / busy / peaks.flops
-        m["step_time_s"] = percentiles(s.seconds for s in log.steps)
+    if steps and shape is not None and peaks is not None:
+        work = [(s, s.work(shape, dtype_bytes)) for s in steps]
+
+        def rate(pairs, of: str, peak: float):   # time-weighted: total bytes over total time
+            t = sum(s.seconds for s, _ in pairs)
+            return sum(getattr(w, of) for _, w in pairs) / t / peak if t > 0 else None
+        m["mbu"] = rate(work, "bytes", peaks.bandwidth)
+        m["mfu"] = rate(work, "flops", peaks.flops)
+        m["step_time_s"] = percentiles(s.seconds for s in steps)
         # decode-only steps of 128 sequences or more: how close the big decode steps come to
         # the copy bandwidth (chapter 09's target), wall time per step, host work included
-        big = [(s, w) for s, w in zip(log.steps, work) if s.kind == "decode" and s.rows >= 128]
-        t = sum(s.seconds for s, _ in big)
-        m["decode_b128"] = {"steps": len(big), "mbu": sum(w.bytes for _, w in big) / t / peaks.bandwidth
-                            if t > 0 else None,
+        big = [(s, w) for s, w in work if s.kind == "decode" and s.rows >= 128]
+        m["decode_b128"] = {"steps": len(big), "mbu": rate(big, "bytes", peaks.bandwidth),
                             "step_time_s": percentiles(s.seconds for s, _ in big)["p50"]}
     if slo is not None:
         m["slo"] = goodput(log, slo)
@@ -234,7 +245,7 @@ HOST_TIMES = ("schedule_ms", "launch_ms", "wait_ms", "retire_ms")
 
 def host_summary(records: list) -> list:
     """Median host times per step kind and batch range, from ``bench/host_overlap.py``'s records
-    (one per launch: ``kind``, ``rows`` and the ``HOST_TIMES``; the first step has no schedule time)."""
+    (one per launch: ``kind``, ``rows`` and the ``HOST_TIMES``; the first has no schedule time)."""
     rows = []
     for kind in ("packed", "decode"):
         for lo, hi in ((1, 32), (33, 128), (129, 256), (257, None)):
@@ -249,9 +260,12 @@ def host_summary(records: list) -> list:
 
 def host_table(rows: list) -> str:
     """``host_summary``'s rows as a text table (median ms)."""
-    lines = [f"{'kind':7s} {'rows':>8s} {'steps':>6s} {'schedule':>9s} {'launch':>8s} {'wait':>8s} {'retire':>8s}  (median ms)"]
+    widths = (9, 8, 8, 8)
+    head = " ".join(f"{k.removesuffix('_ms'):>{w}s}" for k, w in zip(HOST_TIMES, widths))
+    lines = [f"{'kind':7s} {'rows':>8s} {'steps':>6s} {head}  (median ms)"]
     for r in rows:
-        ms = " ".join(f"{'-' if r[k] is None else f'{r[k]:.2f}':>{w}}" for k, w in zip(HOST_TIMES, (9, 8, 8, 8)))
+        ms = " ".join(f"{'-' if r[k] is None else f'{r[k]:.2f}':>{w}}"
+                      for k, w in zip(HOST_TIMES, widths))
         lines.append(f"{r['kind']:7s} {r['rows']:>8s} {r['steps']:6d} {ms}")
     return "\n".join(lines)
 
@@ -271,38 +285,35 @@ def prefill_rows(profiles: list) -> list:
     for res in profiles:
         n = res["steps_profiled"]
         for m in res["mixed_steps"]:
-            tiles = res["flex_options"] if m["prefill"] == "in-place" else res.get("gathered_options")
-            rows.append({"prefill": m["prefill"], "blocks": "scattered" if m["scattered"] else "fresh",
-                         "tiles": f"{tiles['BLOCK_M']} x {tiles['BLOCK_N']}" if tiles else "FlexAttention's own",
+            in_place = m["prefill"] == "in-place"
+            tiles = res["flex_options"] if in_place else res.get("gathered_options")
+            rows.append({"prefill": m["prefill"],
+                         "blocks": "scattered" if m["scattered"] else "fresh",
+                         "tiles": f"{tiles['BLOCK_M']} x {tiles['BLOCK_N']}" if tiles
+                         else "FlexAttention's own",
                          "flex_ms": kernel_ms(m["top"], n, "flex_attention"),
                          "copy_ms": kernel_ms(m["top"], n, "index_elementwise"),
-                         "step_ms": m["cuda_total_ms"] / n, "commit": res["versions"]["course_lib_commit"]})
+                         "step_ms": m["cuda_total_ms"] / n,
+                         "commit": res["versions"]["course_lib_commit"]})
     return rows
 
 
 def run_label(result: dict) -> str:
     """A short name for a run from its recorded engine and options, e.g. ``paged, flex, blocks
     of 16, 2048 blocks, B=256`` or ``fast, kernel, budget 16384, 16 GiB KV, B=512``."""
-    o = result.get("engine_options") or {}
-    parts = [result["engine"]]
-    if o.get("attention"):
-        parts.append(o["attention"])
-    if o.get("block_size"):
-        parts.append(f"blocks of {o['block_size']}")
-    if o.get("max_num_batched_tokens"):
-        parts.append(f"budget {o['max_num_batched_tokens']}")
+    o, engine = result.get("engine_options") or {}, result["engine"]
+    words = {"attention": "{}", "block_size": "blocks of {}", "max_num_batched_tokens": "budget {}"}
+    parts = [engine] + [text.format(o[k]) for k, text in words.items() if o.get(k)]
     if o.get("kv_memory_bytes"):
         parts.append(f"{o['kv_memory_bytes'] / 2**30:g} GiB KV")
     elif o.get("num_blocks"):
         parts.append(f"{o['num_blocks']} blocks")
-    for key in ("cuda_graphs", "fused", "overlap"):      # said only where they differ by engine
-        if key in o and result["engine"] in ("chunked", "paged", "fast"):
-            default = result["engine"] == "fast" and result.get("device", {}).get("type") == "cuda"
-            if bool(o[key]) != default:
-                parts.append(f"{key}={'on' if o[key] else 'off'}")
+    if engine in ("chunked", "paged", "fast"):       # switches said only where not the default
+        default = engine == "fast" and result.get("device", {}).get("type") == "cuda"
+        parts += [f"{k}={'on' if o[k] else 'off'}" for k in ("cuda_graphs", "fused", "overlap")
+                  if k in o and bool(o[k]) != default]
     if o.get("watermark"):
         parts.append(f"{o['watermark']:.0%} kept free")
     if o.get("slo"):
         parts.append("admission")
-    parts.append(f"B={result['max_batch']}")
-    return ", ".join(parts)
+    return ", ".join(parts + [f"B={result['max_batch']}"])

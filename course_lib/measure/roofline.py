@@ -1,10 +1,6 @@
-"""Measuring how well a step uses the machine.
-
-* ``measure_peaks(device, dtype)``: the device's copy bandwidth and matrix-multiply rate, measured
-  (never copied from a datasheet) and cached per device, dtype and torch version.
-* ``step_work(shape, dtype_bytes, ...)``: the bytes a forward pass *must* read and the FLOPs it
-  *must* do, derived from the model config and the tokens it computes.
-* ``NvmlSampler``: NVML's "GPU utilisation" (what nvidia-smi shows), sampled during a run.
+"""Measuring how well a step uses the machine: the device's peaks, measured (never copied from a
+datasheet); the bytes a forward pass *must* move and the FLOPs it *must* do (``step_work``);
+NVML's "GPU utilisation", sampled during a run.
 
 MBU (model bandwidth utilisation) = bytes a step must move / step time / peak bandwidth.
 MFU (model FLOPs utilisation)     = FLOPs a step must do  / step time / peak FLOP/s.
@@ -21,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from course_lib.model.kv_cache import kv_bytes_per_token
+from course_lib.model.llama import matmul_params_per_token
 from course_lib.model.models import cache_dir
 
 
@@ -39,24 +36,22 @@ class Peaks:
         return self.flops / self.bandwidth
 
 
+def cpu_model() -> str | None:
+    """The host CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    return f"{cpu_model() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def time_fn(fn, device, repeat: int = 10, warmup: int = 2) -> float:
@@ -114,15 +109,8 @@ def weight_bytes(shape, dtype_bytes: int) -> int:
     """Weights a forward pass reads once: every layer's matrices and norms, the final norm and the
     output head. The embedding table is not read whole (only the rows of the tokens)."""
     s = shape
-    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    per_layer = s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate + 2 * s.hidden
-    return (s.n_layers * per_layer + s.vocab_size * s.hidden + s.hidden) * dtype_bytes
-
-
-def matmul_params_per_token(shape) -> int:
-    s = shape
-    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-    return s.n_layers * (s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate)
+    norms = (2 * s.n_layers + 1) * s.hidden
+    return (matmul_params_per_token(s) + norms + s.vocab_size * s.hidden) * dtype_bytes
 
 
 def attended_pairs(cached: int, new: int) -> int:
@@ -139,70 +127,68 @@ class Work:
 
 def step_work(shape, dtype_bytes: int, tokens: int, attended: int, kv_read: int,
               logit_rows: int) -> Work:
-    """What a forward pass must do.
-
-    tokens:     tokens whose hidden states are needed (no padding, no finished rows)
-    attended:   (query, key) pairs those tokens attend to, summed (causal: a prompt of n tokens
-                has n(n+1)/2; a decode token at context c has c)
-    kv_read:    cached tokens whose K and V must be read (each sequence's context, once)
-    logit_rows: tokens whose logits over the vocabulary are computed
-    """
+    """What a forward pass must do: ``tokens`` whose hidden states are needed (no padding), the
+    (query, key) pairs they ``attended`` (``attended_pairs``), the cached tokens whose K and V it
+    must read (``kv_read``), the tokens whose logits it computes (``logit_rows``)."""
     s = shape
     flops = (2 * matmul_params_per_token(s) * tokens
              + 4 * s.n_layers * s.n_heads * s.head_dim * attended
              + 2 * s.vocab_size * s.hidden * logit_rows)
     kv = kv_bytes_per_token(s, dtype_bytes)
-    moved = weight_bytes(s, dtype_bytes) + kv * (kv_read + tokens)   # read the cache, write new K, V
+    moved = weight_bytes(s, dtype_bytes) + kv * (kv_read + tokens)   # read the cache, write K, V
     return Work(moved, flops)
+
+
+def pair_counts(pairs) -> tuple:
+    """``(tokens, attended, kv_read)`` of a step in which each sequence feeds ``new`` tokens after
+    ``cached`` ones (``pairs``: one ``(cached, new)`` per sequence)."""
+    pairs = list(pairs)
+    return (sum(n for _, n in pairs), sum(attended_pairs(c, n) for c, n in pairs),
+            sum(c for c, _ in pairs))
+
+
+def pairs_work(shape, dtype_bytes: int, pairs) -> Work:
+    """``step_work`` of such a step (``pair_counts``), each sequence getting one row of logits."""
+    pairs = list(pairs)
+    return step_work(shape, dtype_bytes, *pair_counts(pairs), len(pairs))
 
 
 def prefill_work(shape, dtype_bytes: int, lengths, padded: bool) -> Work:
     """The work of prefilling prompts of ``lengths`` in one step: padded to the longest (every
     row computes ``max(lengths)`` positions and attends over all of them, the padding masked but
     computed) or packed (each prompt's own tokens, attention within each prompt only)."""
-    if padded:
-        T = max(lengths)
-        n, attended = len(lengths) * T, len(lengths) * T * T
-    else:
-        n, attended = sum(lengths), sum(attended_pairs(0, x) for x in lengths)
-    return step_work(shape, dtype_bytes, tokens=n, attended=attended, kv_read=0,
-                     logit_rows=len(lengths))
+    if not padded:
+        return pairs_work(shape, dtype_bytes, [(0, n) for n in lengths])
+    B, T = len(lengths), max(lengths)
+    return step_work(shape, dtype_bytes, tokens=B * T, attended=B * T * T, kv_read=0,
+                     logit_rows=B)
 
 
 def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> dict:
-    """The physical floor of a workload on a device: no engine can serve it faster.
-
-    Prefill: every prompt's FLOPs (matmuls, causal attention within the prompt, the logits of its
-    first output token) at the measured matmul rate. Decode: every sequence decodes side by side
-    from the start (the largest batch there is), one step per output token after the first; a
-    step reads the weights once and the K and V of every sequence still running, at the measured
-    copy bandwidth (or does its FLOPs at the matmul rate, if that takes longer).
-    Returns seconds for each part, the total, and output tokens per second at the floor.
-    """
+    """The physical floor of a workload on a device: no engine can serve it faster. Prefill:
+    every prompt's FLOPs at the measured matmul rate. Decode: every sequence side by side from
+    the start, one step per output token after the first, each step reading the weights once and
+    the K and V of every sequence still running at the measured copy bandwidth (or doing its
+    FLOPs at the matmul rate, if that takes longer). Seconds of each part, and tokens/s."""
     prompt_lens, output_lens = list(prompt_lens), list(output_lens)
     prefill_flops = prefill_work(shape, dtype_bytes, prompt_lens, padded=False).flops
     prefill_s = prefill_flops / peaks.flops
     decode_s, decode_bytes = 0.0, 0.0
     for t in range(1, max(output_lens, default=1)):       # step t feeds each sequence's t-th token
-        ctx = [p + t - 1 for p, n in zip(prompt_lens, output_lens) if n > t]
-        w = step_work(shape, dtype_bytes, tokens=len(ctx), attended=sum(ctx) + len(ctx),
-                      kv_read=sum(ctx), logit_rows=len(ctx))
+        w = pairs_work(shape, dtype_bytes, [(p + t - 1, 1) for p, n in
+                                            zip(prompt_lens, output_lens) if n > t])
         decode_s += max(w.bytes / peaks.bandwidth, w.flops / peaks.flops)
         decode_bytes += w.bytes
-    total = prefill_s + decode_s
+    total, out = prefill_s + decode_s, sum(output_lens)
     return {"prefill_s": prefill_s, "decode_s": decode_s, "seconds": total,
-            "prefill_flops": prefill_flops, "decode_bytes": decode_bytes,
-            "output_tokens": sum(output_lens),
-            "output_tokens_per_s": sum(output_lens) / total if total > 0 else None}
+            "prefill_flops": prefill_flops, "decode_bytes": decode_bytes, "output_tokens": out,
+            "output_tokens_per_s": out / total if total > 0 else None}
 
 
 # ---------------------------------------------------------------- NVML
 class NvmlSampler:
-    """Samples NVML's GPU utilisation (percent of time a kernel was running) in a thread.
-
-    ``with NvmlSampler() as s: ...`` then ``s.samples``; on a machine without NVML,
-    ``s.available`` is False and ``s.mean`` is None.
-    """
+    """Samples NVML's GPU utilisation (percent of time a kernel was running) in a thread:
+    ``with NvmlSampler() as s: ...``, then ``s.samples`` (without NVML: ``s.mean`` is None)."""
 
     def __init__(self, index: int = 0, interval_s: float = 0.05):
         self.index, self.interval_s, self.samples = index, interval_s, []
@@ -240,12 +226,9 @@ class NvmlSampler:
 def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int = 5,
               warmup: int = 2, graph: bool = False) -> float:
     """Median seconds of one forward pass of ``batch`` sequences, each with ``context`` tokens
-    already cached and ``new_tokens`` new ones (1 = a decode step; a whole prompt = a prefill).
-
-    ``graph=False`` times what a Python engine pays: the batch's attention masks are built and
-    every kernel is launched from Python. ``graph=True`` (CUDA only) records the step once as a
-    CUDA graph and times its replays: what the GPU itself needs, without the launch overhead.
-    """
+    already cached and ``new_tokens`` new ones. ``graph=False``: what a Python engine pays, masks
+    built and kernels launched from Python; ``graph=True`` (CUDA): the replays of a CUDA graph of
+    the step, what the GPU itself needs."""
     from course_lib.model.attention import PaddedAttention
     from course_lib.model.kv_cache import ContiguousKVCache
     dev = model.device
@@ -284,9 +267,7 @@ def step_row(model, peaks, batch: int, context: int, new_tokens: int, seconds: f
              mode: str = "eager") -> dict:
     """Bytes, FLOPs, MBU and MFU of one timed step."""
     n = new_tokens
-    w = step_work(model.shape, model.dtype.itemsize, tokens=batch * n,
-                  attended=batch * attended_pairs(context, n),
-                  kv_read=batch * context, logit_rows=batch)
+    w = pairs_work(model.shape, model.dtype.itemsize, [(context, n)] * batch)
     return {"kind": "decode" if n == 1 else "prefill", "mode": mode, "batch": batch,
             "context": context, "new_tokens": n, "step_s": seconds,
             "tokens_per_s": batch * n / seconds, "bytes": w.bytes, "flops": w.flops,
@@ -314,11 +295,9 @@ def batch_sweep(model, peaks, batch_sizes=(1, 2, 4, 8, 16, 32, 64), context: int
 # ---------------------------------------------------------------- the seed's back-of-envelope
 def memory_bound_utilisation(n_params: float, bytes_per_param: float, batch: int,
                              bandwidth: float, flops: float) -> dict:
-    """The seed chapter's "load 14 GB -> 1 token: ~1%" argument, made explicit.
-
-    Assume a decode step is memory-bound: its time is the weights over the bandwidth. In that time
-    the chip could do ``flops x time`` operations; the step needs ``2 x n_params x batch``.
-    """
+    """The seed chapter's "load 14 GB -> 1 token: ~1%" argument: a memory-bound decode step takes
+    the weights over the bandwidth, in which the chip could do ``flops x time`` operations; the
+    step needs ``2 x n_params x batch``."""
     step_s = n_params * bytes_per_param / bandwidth
     needed = 2 * n_params * batch
     return {"step_s": step_s, "tokens_per_s": batch / step_s,

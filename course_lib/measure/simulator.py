@@ -1,33 +1,23 @@
-"""A step-cost model fitted to measured steps, and a simulator that runs the course's own
-schedulers on a virtual clock with that model in place of the hardware.
-
-The cost of one forward pass, in seconds:
+"""A simulator that runs the course's own schedulers on a virtual clock, with a step-cost model
+fitted to measured steps in place of the hardware. The cost of one forward pass, in seconds:
 
     t = weights / bandwidth + overhead + per_row x rows + per_byte x kv_bytes + per_flop x flops
         + per_pair x pairs
 
-Reading the weights (``weights`` bytes, the same every step) is taken to run at the device's
-measured copy bandwidth: a single model's steps cannot tell a fixed cost per step from a fixed
-number of bytes per step, and this assumption is what lets the model move to a bigger model.
-``kv_bytes`` and ``flops`` are the rest of what the step must move and compute
-(``roofline.step_work``: the KV-cache it reads and writes, the matrix products and attention);
-``rows`` is the number of
-sequences in the step (host-side work grows with it: index lists, masks); ``pairs`` is the number
-of (query, key) pairs attention looks at, whose cost an implementation may pay well beyond its
-FLOPs and bytes (a dense mask, a gather, a kernel that skips nothing). The five coefficients
-are fitted, none negative, to the step logs of real runs on one device. ``1 / per_byte`` is an
-effective bandwidth and ``1 / per_flop`` an effective FLOP rate; divided by the device's measured
-peaks they are efficiencies, which is what carries over to another device (``StepCost.on``).
+The weights are read at the device's measured copy bandwidth: one model's steps cannot tell a
+fixed cost per step from a fixed number of bytes per step, and this is what lets the model move
+to a bigger model. ``kv_bytes`` and ``flops`` are the rest of what the step must move and compute
+(``roofline.step_work``); ``rows``, its sequences (host work grows with them); ``pairs``, the
+(query, key) pairs attention looks at, whose cost an implementation may pay beyond their FLOPs
+and bytes (a dense mask, a gather). The five coefficients are fitted, none negative, to the step
+logs of real runs on one device. ``1 / per_byte`` and ``1 / per_flop`` over the measured peaks
+are efficiencies, which is what carries over to another device (``StepCost.on``). A ``CostBook``
+holds one ``StepCost`` per implementation *path*, named by the attention backend the run took:
+``padded``, ``gather``, ``flex``, ``kernel``.
 
-Each implementation has its own costs (the padded engines build dense masks; the paged engine's
-gather reference lists every cached token; FlexAttention does neither), so a ``CostBook`` holds
-one ``StepCost`` per *path*, named by the attention backend the run took: ``padded``, ``gather``,
-``flex``, ``kernel``.
-
-The simulator runs the real engines (static, dynamic, continuous, chunked, paged, fast) unchanged. Only the
-model is replaced: ``SimModel`` computes nothing, moves the engine's clock on by the predicted
-time of the step it is handed, and answers a token that is never EOS, so each request produces
-exactly ``max_new_tokens`` tokens (the lengths of the workload being replayed).
+The engines run unchanged; only the model is replaced: ``SimModel`` computes nothing, moves the
+engine's clock on by the predicted time of each step, and never answers EOS, so each request
+produces exactly ``max_new_tokens`` tokens (the lengths of the workload being replayed).
 """
 from __future__ import annotations
 
@@ -39,8 +29,10 @@ from types import SimpleNamespace
 import torch
 
 from course_lib.measure.costmodel import StepCost, features, run_name
+from course_lib.measure.roofline import attended_pairs
 from course_lib.model.attention import cu_seqlens
 from course_lib.model.llama import LlamaShape
+from course_lib.model.models import preset_shape
 from course_lib.requests import Request
 
 PATHS = ("padded", "gather", "flex", "kernel")
@@ -76,8 +68,8 @@ class CostBook:
     def for_run(self, engine: str, options: dict | None) -> StepCost:
         path = path_of(engine, options, self.cuda)
         if path not in self.paths:
-            raise ValueError(f"no cost model for the {path!r} path (have: {', '.join(self.paths)}); "
-                             f"fit one to runs that took it")
+            raise ValueError(f"no cost model for the {path!r} path (have: "
+                             f"{', '.join(self.paths)}); fit one to runs that took it")
         return self.paths[path]
 
     @classmethod
@@ -103,8 +95,10 @@ class CostBook:
         return path
 
     @classmethod
-    def load(cls, path) -> "CostBook":
-        return cls({k: StepCost(**v) for k, v in json.loads(Path(path).read_text()).items()})
+    def load(cls, path, key: str | None = None) -> "CostBook":
+        """A stored book (``key``: the entry of a stored result that holds it)."""
+        book = json.loads(Path(path).read_text())
+        return cls({k: StepCost(**v) for k, v in (book[key] if key else book).items()})
 
 
 # Cards to replay a workload on: memory in bytes, and the peaks the cost model is moved to.
@@ -117,7 +111,7 @@ NAMED_GPUS = {
 
 def stored_cost_book(path) -> CostBook:
     """The ``CostBook`` stored by ``bench/simulator_validation.py``."""
-    return CostBook({k: StepCost(**v) for k, v in json.loads(Path(path).read_text())["cost_book"].items()})
+    return CostBook.load(path, "cost_book")
 
 
 # ---------------------------------------------------------------- the simulated model
@@ -157,8 +151,9 @@ class SimModel:
         else:                                 # packed: positions of each sequence's new tokens
             starts = attn.cu_seqlens[:-1]
             rows, kv_read = len(starts), int(positions[starts].sum())
-        x = features(self.cost_shape, self.dtype_bytes, rows, tokens.numel(),
-                     int((positions + 1).sum()), kv_read, rows)
+        attended = int(attended_pairs(positions, 1).sum())     # each token after its position
+        x = features(self.cost_shape, self.dtype_bytes, rows, tokens.numel(), attended, kv_read,
+                     rows)
         if self.asynchronous:
             self.gpu_free = max(self.gpu_free, self.clock()) + self.cost.predict(x)
         else:
@@ -176,7 +171,7 @@ class PackedPositions:
     positions and ``cu_seqlens`` of the packed tokens (no index lists, no mask)."""
 
     def __init__(self, cache, seqs, device="cpu"):
-        self.positions = torch.tensor([p for _, cached, new in seqs for p in range(cached, cached + new)])
+        self.positions = torch.tensor([p for _, c, new in seqs for p in range(c, c + new)])
         self.cu_seqlens = torch.tensor(cu_seqlens(new for _, _, new in seqs))
 
 
@@ -194,7 +189,8 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
         from course_lib.engines.policies import SLO
         options["slo"] = SLO(**options["slo"])
     clock = VirtualClock()
-    config = SimpleNamespace(eos_token_id=shape.eos_token_id, max_position_embeddings=shape.max_context)
+    config = SimpleNamespace(eos_token_id=shape.eos_token_id,
+                             max_position_embeddings=shape.max_context)
     loaded = SimpleNamespace(model=SimpleNamespace(config=config))
     model = SimModel(shape, dtype_bytes, cost, clock)
     eng = make_engine(engine, loaded, max_batch=max_batch, model=model, **options)
@@ -268,21 +264,19 @@ def runs_in(stored: dict) -> list:
 
 def shape_of(result: dict) -> LlamaShape:
     """The shape of a stored run's model preset."""
-    from transformers import LlamaConfig
-
-    from course_lib.model.models import PRESETS
-    return LlamaShape.from_config(LlamaConfig(**PRESETS[result["model"]].config))
+    return preset_shape(result["model"])
 
 
 def dtype_bytes_of(result: dict) -> int:
-    return torch.finfo(getattr(torch, result["dtype"])).bits // 8
+    return getattr(torch, result["dtype"]).itemsize
 
 
 def main(argv=None):
     """python -m course_lib.measure.simulator fit --out COST.json RESULT.json ...
     python -m course_lib.measure.simulator validate --cost COST.json RESULT.json ..."""
     import argparse
-    p = argparse.ArgumentParser(prog="python -m course_lib.measure.simulator", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m course_lib.measure.simulator",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit a step-cost model to the steps of stored runs")
@@ -298,9 +292,9 @@ def main(argv=None):
         book.save(a.out)
         for path, c in book.paths.items():
             eff = c.efficiency
-            print(f"{path}: " + ", ".join(f"{k} {v:.3g}" for k, v in c.coef.items()) +
-                  f" | effective bandwidth {eff['bandwidth'] or 0:.0%} and FLOP rate {eff['flops'] or 0:.0%} "
-                  f"of the peaks ({len(c.fitted_on)} runs on {c.device})")
+            print(f"{path}: " + ", ".join(f"{k} {v:.3g}" for k, v in c.coef.items())
+                  + f" | effective bandwidth {eff['bandwidth'] or 0:.0%} and FLOP rate "
+                  f"{eff['flops'] or 0:.0%} of the peaks ({len(c.fitted_on)} runs on {c.device})")
     else:
         cost = CostBook.load(a.cost)
         for r in runs:

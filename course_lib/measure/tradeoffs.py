@@ -1,10 +1,7 @@
-"""The throughput-latency trade-off (chapter 08): one row of metrics per (arrival rate, max batch)
-operating point, from real runs or from the calibrated simulator.
-
-A server has two knobs it cannot escape: how much traffic it accepts (the arrival rate) and how
-many sequences it runs at once (``max_batch``). More of either buys throughput and costs latency;
-past the server's capacity the queue grows and time-to-first-token explodes. ``sweep`` measures
-that frontier; ``simulated`` makes each point cost a fraction of a second instead of a real run.
+"""The throughput-latency trade-off (chapter 08): one row of metrics per operating point (arrival
+rate, max batch), from real runs or from the calibrated simulator (``simulated``: a fraction of a
+second a point). More of either knob buys throughput and costs latency; past capacity the queue
+grows and time-to-first-token explodes.
 """
 from __future__ import annotations
 

@@ -1,17 +1,15 @@
 """Attention variants. The model calls ``attn(layer, q, k, v)`` once per layer; the attention
 object stores the new keys and values in its KV-cache and attends over everything visible.
 
-``PaddedAttention`` is the textbook layout: a batch of ``B`` rows, ``T`` new tokens per row, and a
-contiguous cache in which row ``r`` holds its tokens in columns ``start[r] ...``. Columns before
-``start[r]`` are left padding; a boolean mask hides them.
-
-``PagedAttention`` (chapters 05-07) takes *packed* tokens and a paged cache: the reference gathers
-K/V through the block tables; ``FlexPagedAttention`` reads them in place with FlexAttention.
-Chapter 09's ``GatheredFlexAttention`` runs prompt chunks through FlexAttention over a packed copy
-of their keys; ``course_lib.kernels.paged_decode`` sends decode tokens through the course's Triton
-kernel (``DecodeAttention``) and splits a step between the two (``KernelPagedAttention``).
+``PaddedAttention``: a batch of ``B`` rows of ``T`` new tokens over a contiguous cache, left
+padding hidden by a mask. ``PagedAttention`` (chapters 05-07): *packed* tokens over a paged cache,
+K/V gathered through the block tables (the reference); ``FlexPagedAttention`` reads them in place
+with FlexAttention; ``GatheredFlexAttention`` (chapter 09's prefill) runs FlexAttention over a
+packed copy of them. Decodes through the Triton kernel: ``course_lib.kernels.paged_decode``.
 """
 from __future__ import annotations
+
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -33,14 +31,10 @@ def padded_visibility(start, write_at, n_cols):
 
 
 class PaddedAttention:
-    """Attention for one forward pass over a padded batch.
-
-    cache:    a ``ContiguousKVCache``
-    slots:    which cache rows the ``B`` batch rows use (a list of ints)
-    start:    ``(B,)`` first real column of each row (= its amount of left padding)
-    write_at: ``(B, T)`` cache column of each new token
-    n_cols:   columns to attend over (``write_at.max() + 1``; pass it to spare a device sync)
-    """
+    """Attention for one forward pass over a padded batch: the cache rows (``slots``) of the ``B``
+    batch rows of a ``ContiguousKVCache``, the first real column of each row (``start``, ``(B,)``),
+    the cache column of each new token (``write_at``, ``(B, T)``), and the columns to attend over
+    (``n_cols``: ``write_at.max() + 1``; given, it spares a device sync)."""
 
     def __init__(self, cache, slots, start, write_at, n_cols: int | None = None):
         self.cache, self.write_at = cache, write_at
@@ -48,7 +42,8 @@ class PaddedAttention:
         B = len(slots)
         # Consecutive slots are a view of the cache; any other set of rows must be gathered.
         consecutive = slots == list(range(slots[0], slots[0] + B))
-        self.rows = slice(slots[0], slots[0] + B) if consecutive else torch.tensor(slots, device=write_at.device)
+        self.rows = slice(slots[0], slots[0] + B) if consecutive else \
+            torch.tensor(slots, device=write_at.device)
         self.slot_index = torch.tensor(slots, device=write_at.device)[:, None]
         self.n_cols = int(write_at.max()) + 1 if n_cols is None else n_cols
         self.visible = padded_visibility(start, write_at, self.n_cols)[:, None]   # (B, 1, T, S)
@@ -68,10 +63,7 @@ class PaddedAttention:
 def cu_seqlens(lengths) -> list:
     """Where each sequence starts in a packed list of tokens (and where the last one ends):
     ``[0, l0, l0 + l1, ...]``, the index varlen attention kernels take."""
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return out
+    return [0, *accumulate(lengths)]
 
 
 def block_diagonal_causal(q_seq, q_pos, k_seq, k_pos):
@@ -81,26 +73,23 @@ def block_diagonal_causal(q_seq, q_pos, k_seq, k_pos):
 
 
 def write_cache(cache, layer, slots, k, v):
-    """Write the new tokens' keys and values ``(N, Hkv, d)`` into their ``slots`` of one layer's cache."""
+    """Write the new tokens' keys and values ``(N, Hkv, d)`` at their ``slots`` of one layer."""
     K, V = cache.k[layer], cache.v[layer]                    # (Hkv, blocks * block_size, d)
     K[:, slots], V[:, slots] = k.transpose(0, 1), v.transpose(0, 1)
 
 
 class PagedAttention:
     """Attention for one forward pass over *packed* tokens: the new tokens of several sequences
-    concatenated into one list, no padding, with each sequence's keys and values in a paged cache.
+    in one list, no padding, each sequence's keys and values in a paged cache.
 
     cache: a ``PagedKVCache`` whose block tables already hold room for the new tokens
-    seqs:  ``(seq_id, n_cached, n_new)`` per sequence, in the order of the packed tokens:
-           ``n_cached`` tokens are already in the cache, ``n_new`` come in this pass (a whole
-           prompt, a chunk of one, or the one token of a decode step)
+    seqs:  ``(seq_id, n_cached, n_new)`` per sequence, in the order of the packed tokens
+           (a whole prompt, a chunk of one, or the one token of a decode step)
 
-    ``cu_seqlens`` marks where each sequence starts in the packed list, as varlen kernels take it.
-    This is the *reference*: it gathers each sequence's keys through its block table into one
-    packed list and runs one masked attention over it. ``FlexPagedAttention`` below computes the
-    same thing without the copy. Every packed attention is called the same way: write the new
-    keys and values at their ``slots``, then ``attend``; the fused model (chapter 09) writes them
-    itself, from its RoPE kernel, and calls ``attend`` alone.
+    The reference: each sequence's keys are gathered through its block table into one list, and
+    one masked attention runs over it. Every packed attention writes the new keys and values at
+    their ``slots``, then ``attend``s; the fused model (chapter 09) writes them from its RoPE
+    kernel and calls ``attend`` alone. ``cu_seqlens``: where each sequence starts in the list.
     """
 
     def __init__(self, cache, seqs, device="cpu"):
@@ -126,7 +115,7 @@ class PagedAttention:
 
     def attend(self, layer, q):
         """Attention of the new tokens' queries over the cache, which already holds their keys."""
-        K, V = self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]   # (Hkv, M, d): a copy
+        K, V = self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]   # a copy
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None],
                                            attn_mask=self.mask[None, None], enable_gqa=True)
         return o[0].transpose(0, 1)                               # (N, H, d)
@@ -169,27 +158,21 @@ FLEX_OPTIONS: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
 def mask_tile(device) -> int:
-    """The block mask's tile: the kernel's own on CUDA (``FLEX_OPTIONS``), else FlexAttention's 128."""
-    if torch.device(device).type == "cuda" and FLEX_OPTIONS.get("BLOCK_M") == FLEX_OPTIONS.get("BLOCK_N"):
-        return FLEX_OPTIONS["BLOCK_M"]
-    return TILE
+    """The block mask's tile: the kernel's own on CUDA (``FLEX_OPTIONS``), else 128."""
+    m, n = FLEX_OPTIONS.get("BLOCK_M"), FLEX_OPTIONS.get("BLOCK_N")
+    return m if torch.device(device).type == "cuda" and m == n else TILE
 
 
 class FlexPagedAttention(PagedAttention):
     """The same packed, paged attention, reading keys and values *in place*, with FlexAttention.
 
-    Instead of gathering each sequence's keys, it labels every physical slot of the cache with
-    the sequence of this step that owns it (``owner``, -1 for none) and the position it holds
-    there (``slot_pos``). The mask is then the block-diagonal causal mask over physical slots:
-
-        query i sees slot j  <=>  owner[j] == q_seq[i]  and  slot_pos[j] <= position[i]
-
-    FlexAttention works in tiles of 128 queries x 128 slots (64 x 64 on CUDA: ``mask_tile``)
-    and skips a tile that its *block mask* does not list. The block tables say which tiles
-    hold a sequence's blocks, so the block mask is built from them directly (once per step,
-    shared by all layers), and the kernel reads only the tiles where this step's sequences live.
-    The queries are padded to a power of two (padding belongs to no sequence and sees nothing)
-    and the keys are the whole cache, so that the compiled kernel is reused from step to step.
+    Every physical slot of the cache is labelled with the sequence of this step that owns it
+    (``owner``, -1 for none) and the position it holds (``slot_pos``); the mask is the
+    block-diagonal causal mask over slots: query i sees slot j <=> owner[j] == q_seq[i] and
+    slot_pos[j] <= position[i]. FlexAttention skips the tiles (``mask_tile``) its *block mask*
+    does not list; built from the block tables (once per step, for all layers), it lists only
+    the tiles where this step's sequences live. The queries are padded to a power of two and the
+    keys are the whole cache, so that the compiled kernel is reused from step to step.
     """
 
     # the mask's tensors are made in inference mode, as ``precompile`` makes them: made outside
@@ -222,7 +205,8 @@ class FlexPagedAttention(PagedAttention):
         # the block mask: query tile -> the key tiles holding its sequences' blocks
         q_tiles, kv_tiles = n_pad // tile, -(-n_slots // tile)
         first = torch.arange(q_tiles, device=device)[:, None] * tile
-        seq_in_tile = ((first < self.cu_seqlens[1:]) & (first + tile > self.cu_seqlens[:-1])).float()
+        cu = self.cu_seqlens
+        seq_in_tile = ((first < cu[1:]) & (first + tile > cu[:-1])).float()
         tiles_of_seq = torch.zeros(len(seqs), kv_tiles, device=device)           # (seqs, KV tiles)
         one = torch.ones((), device=device)          # a host scalar here would be a blocking copy
         for end in [*range(0, bs, tile), bs - 1]:   # a block may straddle tiles
@@ -264,10 +248,8 @@ class FlexPagedAttention(PagedAttention):
     @torch.inference_mode()          # as the model runs: a change of grad mode would recompile
     def precompile(cls, cache, max_tokens: int, shape, dtype):
         """Compile the kernel for every shape a run's steps may take, before its clock starts:
-        each query bucket up to the most tokens a step holds (``max_tokens``, and never more than
-        the cache), with each of ``key_multiples``. Only the shapes matter: one token of one
-        sequence stands in for a bucket's queries, padding makes up the rest, so a cache too
-        small for the bucket's real tokens compiles it all the same."""
+        each query bucket up to ``max_tokens`` (and the cache), with each of ``key_multiples``.
+        Only the shapes matter: one token stands in for a bucket's queries, padding the rest."""
         device, capacity = cache.k[0].device, cache.blocks.n_blocks * cache.block_size
         if not cache.can_grow("precompile", 1):
             return
@@ -284,7 +266,7 @@ class FlexPagedAttention(PagedAttention):
         cache.release("precompile")
 
     def keys(self, layer):
-        """The keys and values FlexAttention reads, ``(Hkv, slots, d)``: the whole cache, in place."""
+        """The keys and values FlexAttention reads: the whole cache, in place."""
         return self.cache.k[layer], self.cache.v[layer]
 
     def attend(self, layer, q):
@@ -292,29 +274,25 @@ class FlexPagedAttention(PagedAttention):
         K, V = self.keys(layer)
         n_pad = self.block_mask.shape[-2]
         q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
-        options = {"kernel_options": dict(self.kernel_options)} if q.is_cuda and self.kernel_options else {}
-        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True, **options)
+        options = {"kernel_options": dict(self.kernel_options)} \
+            if q.is_cuda and self.kernel_options else {}
+        o = flex_attention(q, K[None], V[None], block_mask=self.block_mask, enable_gqa=True,
+                           **options)
         return o[0, :, :self.n].transpose(0, 1)                   # (N, H, d)
 
 
 class GatheredFlexAttention(FlexPagedAttention):
-    """Packed, paged attention for prefill chunks: first *copy* the keys and values of the step's
-    sequences out of the cache into one packed list (as the reference does), then FlexAttention
-    over that list with a block-diagonal causal mask (the fast path's prefill, chapter 09).
+    """Packed, paged attention for prefill chunks (chapter 09): *copy* the keys and values of the
+    step's sequences out of the cache into one packed list, then FlexAttention over it.
 
-    Reading in place (``FlexPagedAttention``) pays when a sequence's blocks lie side by side. In
-    a cache that has served for a while they do not: blocks are handed out from a free list that
-    finished sequences returned in any order, so a 512-token prompt's 32 blocks of 16 land in up
-    to 32 different tiles, each shared with other sequences, each read whole and masked element
-    by element. The copy costs one read of the step's keys per layer; after it each sequence's
-    keys are contiguous, and almost every tile is *full* (no mask to apply).
-
-    In the packed list, sequence ``s``'s keys are ``k_start[s] ...`` in position order, so query
-    ``i`` (position ``p`` of sequence ``s``) sees exactly the keys ``lo[i] <= j <= hi[i]`` with
-    ``lo = k_start[s]`` and ``hi = k_start[s] + p``. Both grow with ``i``, so a tile of queries
-    sees one run of key tiles, and the block mask is a few comparisons per tile, made on the
-    host. Queries and keys are padded to powers of two (``bucket``) so that the compiled kernel
-    is reused; padding queries see nothing (``lo > hi``), padding keys are seen by nobody.
+    Reading in place pays when a sequence's blocks lie side by side; in a cache that has served a
+    while they do not (the free list comes back in any order), and each tile they touch is
+    shared with other sequences and masked element by element. After the copy each sequence's
+    keys are contiguous: sequence ``s``'s are ``k_start[s] ...``, so query ``i`` (position ``p``
+    of ``s``) sees the keys ``lo[i] = k_start[s] <= j <= hi[i] = k_start[s] + p``. Both grow with
+    ``i``, so the block mask is a few comparisons per tile, made on the host, and almost every
+    tile is *full* (no mask to apply). Queries and keys are padded to powers of two (``bucket``);
+    padding queries see nothing (``lo > hi``), padding keys are seen by nobody.
     """
 
     tile = TILE               # the block mask's tiles: keys are contiguous, no need for smaller
@@ -329,7 +307,8 @@ class GatheredFlexAttention(FlexPagedAttention):
         return {"n_pad": n, "m_pad": m * n}
 
     @torch.inference_mode()        # as FlexPagedAttention: the mask's tensors must not fail a guard
-    def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None, m_pad: int | None = None):
+    def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None,
+                 m_pad: int | None = None):
         self.cache, bs, T = cache, cache.block_size, self.tile
         layout = cache.packed_layout(seqs)
         cached = np.array([c for _, c, _ in seqs], dtype=np.int64)
@@ -351,7 +330,8 @@ class GatheredFlexAttention(FlexPagedAttention):
         partial, full = self.tiles(lo[:self.n], hi[:self.n], n_pad // T, m_pad // T, T)
         parts = [layout["positions"], layout["write"], read, lo, hi, *partial, *full]
         on = to_device(np.concatenate([x.ravel() for x in parts]), device)          # one copy
-        self.positions, self.slots, self.read, self.lo, self.hi, *mask = on.split([x.size for x in parts])
+        self.positions, self.slots, self.read, self.lo, self.hi, *mask = on.split(
+            [x.size for x in parts])
         self.cu_seqlens = to_device(cu_seqlens(n for _, _, n in seqs), device)
         mask = [x.int().view(1, 1, *y.shape) for x, y in zip(mask, partial + full)]
         lo_, hi_ = self.lo, self.hi
@@ -361,7 +341,8 @@ class GatheredFlexAttention(FlexPagedAttention):
 
         from torch.nn.attention.flex_attention import BlockMask
         self.block_mask = BlockMask.from_kv_blocks(*mask, BLOCK_SIZE=T, mask_mod=visible,
-                                                   seq_lengths=(n_pad, m_pad), compute_q_blocks=False)
+                                                   seq_lengths=(n_pad, m_pad),
+                                                   compute_q_blocks=False)
 
     @staticmethod
     def tiles(lo, hi, q_tiles: int, kv_tiles: int, T: int = TILE):
@@ -376,7 +357,8 @@ class GatheredFlexAttention(FlexPagedAttention):
         first, last = np.minimum(first, n - 1), np.maximum(last, 0)
         cols = np.arange(kv_tiles)[None, :]
         # a key tile is needed if some query of the tile sees some key of it
-        needed = real[:, None] & (cols >= (lo[first] // T)[:, None]) & (cols <= (hi[last] // T)[:, None])
+        needed = real[:, None] & (cols >= (lo[first] // T)[:, None]) \
+            & (cols <= (hi[last] // T)[:, None])
         # full: all the tile's queries are real and each sees every key of the key tile
         whole = (real & (first + T <= n))[:, None]
         full = whole & (cols * T >= lo[last][:, None]) & ((cols + 1) * T - 1 <= hi[first][:, None])
@@ -387,5 +369,5 @@ class GatheredFlexAttention(FlexPagedAttention):
         return listed_first(partial), listed_first(full)
 
     def keys(self, layer):
-        """The step's keys and values, copied out of the cache into one packed list ``(Hkv, m_pad, d)``."""
+        """The step's keys and values, copied out of the cache into one packed list."""
         return self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]

@@ -1,16 +1,11 @@
 """The KV-cache: the keys and values of every token seen so far, kept so that each new token
-attends to them without recomputing them.
+attends to them without recomputing them. A token keeps, in every layer, one key and one value
+vector per *KV head*: ``layers x 2 x n_kv_heads x head_dim x bytes per number``. With
+grouped-query attention several query heads share a KV head (SmolLM2-135M: 9 query heads, 3 KV
+heads), so the cache is smaller than the textbook ``layers x 2 x d_model``.
 
-How big is it? Every token keeps, in every layer, one key and one value vector per *KV head*:
-
-    bytes per token = layers x 2 (K and V) x n_kv_heads x head_dim x bytes per number
-
-With grouped-query attention (GQA) several query heads share one KV head, so n_kv_heads x head_dim
-is smaller than d_model: SmolLM2-135M has 9 query heads but 3 KV heads, a third of the cache the
-textbook formula ``layers x 2 x d_model`` predicts.
-
-This module holds the *contiguous* cache (one row per batch slot, each row as long as the longest
-sequence it may ever hold) and the tensors of the paged one (chapter 07).
+The *contiguous* cache: one row per batch slot, each as long as the longest sequence it may
+hold; the *paged* one (chapter 07): blocks, found through block tables.
 """
 from __future__ import annotations
 
@@ -21,12 +16,9 @@ import torch
 
 
 def to_device(x, device):
-    """A host list or NumPy array (block tables, slots, a packed layout) as a tensor on
-    ``device``, without waiting for the device. A plain ``torch.tensor(x, device="cuda")`` copies
-    and then *synchronises* the stream: the host would wait there for every step already queued on
-    the GPU, which is what ``PagedEngine(overlap=True)`` must avoid (chapter 09). So on CUDA the
-    values go through pinned memory (PyTorch's caching host allocator keeps the buffer until the
-    copy is done) and the copy is asynchronous."""
+    """A host list or NumPy array as a tensor on ``device``, without waiting for the device (a
+    plain ``torch.tensor(x, device="cuda")`` synchronises the stream, which overlap must avoid):
+    on CUDA through pinned memory, with an asynchronous copy."""
     t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x)
     if torch.device(device).type != "cuda":
         return t.to(device)
@@ -51,19 +43,13 @@ class ContiguousKVCache:
         self.v = torch.zeros(size, dtype=dtype, device=device)
         self.n_slots, self.max_len = n_slots, max_len
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
 
 # ---------------------------------------------------------------- the paged cache (chapter 07)
 class PagedKVCache:
     """K and V in blocks of ``block_size`` tokens: per layer, ``(kv_heads, (n_blocks + 1) *
-    block_size, d)``. Which blocks hold which sequence's tokens is the business of ``blocks``
-    (``course_lib.engines.block_manager.BlockManager``: ``tables``, ``lengths``, ``grow``,
-    ``release``...): the cache reads its tables to lay out a step for attention, and passes any
-    other attribute it lacks on to it (``cache.grow(...)`` is ``cache.blocks.grow(...)``).
-    """
+    block_size, d)``. Which blocks hold which tokens is for ``blocks`` (a ``BlockManager``) to say:
+    the cache reads its tables, and passes on to it any attribute it lacks (``cache.grow(...)``
+    is ``cache.blocks.grow(...)``)."""
 
     def __init__(self, shape, blocks, dtype=torch.float32, device="cpu"):
         self.blocks, self.block_size = blocks, blocks.block_size
@@ -82,29 +68,26 @@ class PagedKVCache:
             raise AttributeError(name)
         return getattr(self.blocks, name)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
     def table_tensor(self, seq_ids, device="cpu"):
         """The block tables of ``seq_ids`` as one ``(len(seq_ids), longest)`` int32 tensor, each
         row padded with 0 past its own blocks: what a kernel reads."""
         tables = [self.tables[s] for s in seq_ids]
         lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
         out = np.zeros((len(tables), lengths.max()), dtype=np.int32)
-        out[np.arange(out.shape[1]) < lengths[:, None]] = list(chain.from_iterable(tables))   # row by row
+        out[np.arange(out.shape[1]) < lengths[:, None]] = list(chain.from_iterable(tables))
         return to_device(out, device)
 
     def packed_layout(self, seqs) -> dict:
         """For a packed step of ``(seq_id, n_cached, n_new)`` sequences, as int64 arrays: per new
         token its ``positions``, cache slot (``write``) and sequence index (``q_seq``); per block
         of the step's sequences the ``blocks``, their sequence (``block_seq``) and index in its
-        table (``block_index``). The same as looping over ``slots``, without a Python loop per token."""
+        table (``block_index``). What ``slots`` gives, without a Python loop per token."""
         cached = np.array([c for _, c, _ in seqs], dtype=np.int64)
         new = np.array([n for _, _, n in seqs], dtype=np.int64)
         tables = [self.tables[sid][:-(-(c + n) // self.block_size)] for sid, c, n in seqs]
         n_blocks = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
-        blocks = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(n_blocks.sum()))
+        blocks = np.fromiter(chain.from_iterable(tables), dtype=np.int64,
+                             count=int(n_blocks.sum()))
         first_block = np.cumsum(n_blocks) - n_blocks            # where each table starts in blocks
         q_seq = np.repeat(np.arange(len(seqs)), new)
         positions = np.arange(int(new.sum())) - np.repeat(np.cumsum(new) - new - cached, new)
@@ -112,7 +95,8 @@ class PagedKVCache:
             + positions % self.block_size
         block_seq = np.repeat(np.arange(len(seqs)), n_blocks)
         return {"positions": positions, "write": write, "q_seq": q_seq, "blocks": blocks,
-                "block_seq": block_seq, "block_index": np.arange(len(blocks)) - first_block[block_seq]}
+                "block_seq": block_seq,
+                "block_index": np.arange(len(blocks)) - first_block[block_seq]}
 
     def slots(self, seq_id, start: int, stop: int) -> list:
         """Physical rows of tokens ``start .. stop - 1`` of a sequence."""

@@ -1,13 +1,10 @@
-"""The course's own compact Llama forward pass, reading the weights of a Hugging Face model.
+"""The course's own compact Llama forward pass, reading the weights of a Hugging Face model: one
+function per idea (RMSNorm, RoPE, grouped-query attention, the SwiGLU MLP), shapes as comments,
+``...`` for any leading dimensions (a padded batch ``(B, T)`` or a packed one ``(N,)``).
 
-One function per idea: RMSNorm, rotary position embeddings (RoPE), grouped-query attention and the
-SwiGLU MLP. Shapes are written as comments; ``...`` is "any leading dimensions": a padded batch
-``(B, T)`` or a packed batch ``(N,)`` of tokens.
-
-Everything except attention works token by token, so the model does not care how a batch is laid
-out. Attention is the one place where tokens meet, and it is *passed in*: an object with
-``attn(layer, q, k, v) -> out`` that owns the KV-cache and knows the batch layout (padded now;
-packed and paged in later chapters). See ``course_lib.model.attention``.
+Everything but attention works token by token, so the model does not care how a batch is laid
+out. Attention, where tokens meet, is *passed in*: ``attn(layer, q, k, v) -> out`` owns the
+KV-cache and knows the layout (``course_lib.model.attention``).
 """
 from __future__ import annotations
 
@@ -45,6 +42,14 @@ class LlamaShape:
                    float(theta), float(c.rms_norm_eps), int(eos), int(c.max_position_embeddings))
 
 
+def matmul_params_per_token(shape) -> int:
+    """Weights every token multiplies by: the layers' projections (not the embedding, nor the
+    output head)."""
+    s = shape
+    q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    return s.n_layers * (s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate)
+
+
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor   # (hidden,)
@@ -56,11 +61,11 @@ class LayerWeights:
     w_gate: torch.Tensor      # (intermediate, hidden)
     w_up: torch.Tensor        # (intermediate, hidden)
     w_down: torch.Tensor      # (hidden, intermediate)
-    wqkv: torch.Tensor | None = None        # wq, wk, wv stacked (``stack``): one matmul instead of three
+    wqkv: torch.Tensor | None = None        # wq, wk, wv stacked (``stack``): one matmul
     w_gate_up: torch.Tensor | None = None   # w_gate, w_up stacked: one matmul instead of two
 
     def qkv(self, h):
-        """The query, key and value projections of ``h``: (..., H*d), (..., Hkv*d), (..., Hkv*d)."""
+        """The query, key and value projections of ``h``: (..., H*d), (..., Hkv*d) twice."""
         if self.wqkv is None:
             return F.linear(h, self.wq), F.linear(h, self.wk), F.linear(h, self.wv)
         return F.linear(h, self.wqkv).split([len(self.wq), len(self.wk), len(self.wv)], dim=-1)
@@ -136,11 +141,9 @@ REFERENCE_OPS = ElementwiseOps(add_rms_norm, rope_qk, silu_mul)
 
 
 class Llama:
-    """A Llama decoder over weights borrowed (not copied) from a Hugging Face model.
-
-    ``ops`` does the elementwise work (residual adds with the norms, RoPE, SwiGLU's gate): the
-    PyTorch functions above, or, through ``use_ops(course_lib.kernels.fused.OPS)``, fused Triton
-    kernels, with the projections that share an input stacked (chapter 09's fast path on CUDA)."""
+    """A Llama decoder over weights borrowed (not copied) from a Hugging Face model. ``ops`` does
+    the elementwise work: the PyTorch functions above, or fused Triton kernels
+    (``use_ops(course_lib.kernels.fused.OPS)``, chapter 09), with the projections stacked."""
 
     def __init__(self, shape: LlamaShape, embed, layers, final_norm, lm_head):
         self.shape, self.embed, self.layers = shape, embed, layers
@@ -168,11 +171,10 @@ class Llama:
         layers = []
         for i in range(shape.n_layers):
             p = f"model.layers.{i}."
-            layers.append(LayerWeights(
-                s[p + "input_layernorm.weight"], s[p + "self_attn.q_proj.weight"],
-                s[p + "self_attn.k_proj.weight"], s[p + "self_attn.v_proj.weight"],
-                s[p + "self_attn.o_proj.weight"], s[p + "post_attention_layernorm.weight"],
-                s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"], s[p + "mlp.down_proj.weight"]))
+            layers.append(LayerWeights(*(s[p + name + ".weight"] for name in (
+                "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+                "mlp.down_proj"))))
         embed = s["model.embed_tokens.weight"]
         return cls(shape, embed, layers, s["model.norm.weight"], s.get("lm_head.weight", embed))
 
@@ -193,10 +195,10 @@ class Llama:
         store = rope_qk_store is not None and getattr(attn, "attend", None) is not None
         x = F.embedding(tokens, self.embed)                                   # (..., hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        norms = [w.attn_norm for w in self.layers[1:]] + [self.final_norm]    # the norm after each layer
+        norms = [w.attn_norm for w in self.layers[1:]] + [self.final_norm]    # after each layer
         x, h = add_norm(x, None, self.layers[0].attn_norm, s.eps)             # h = the norm of x
         for i, w in enumerate(self.layers):
-            q, k, v = (t.unflatten(-1, (n, s.head_dim)) for t, n in                 # (..., heads, d)
+            q, k, v = (t.unflatten(-1, (n, s.head_dim)) for t, n in          # (..., heads, d)
                        zip(w.qkv(h), (s.n_heads, s.n_kv_heads, s.n_kv_heads)))
             if store:
                 q = rope_qk_store(q, k, v, cos, sin, attn.cache.k[i], attn.cache.v[i], attn.slots)
@@ -204,7 +206,7 @@ class Llama:
             else:
                 q, k = rope(q, k, cos, sin)
                 o = attn(i, q, k, v)                                          # (..., H, d)
-            x, h = add_norm(x, F.linear(o.flatten(-2), w.wo), w.mlp_norm, s.eps)   # x += attention
+            x, h = add_norm(x, F.linear(o.flatten(-2), w.wo), w.mlp_norm, s.eps)  # x += attention
             mlp = F.linear(gate(*w.gate_up(h)), w.w_down)                       # SwiGLU
             x, h = add_norm(x, mlp, norms[i], s.eps)                          # x += MLP
         return h

