@@ -165,7 +165,8 @@ def prefill_work(shape, dtype_bytes: int, lengths, padded: bool) -> Work:
 
 
 def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> dict:
-    """The physical floor of a workload on a device: no engine can serve it faster. Prefill:
+    """The physical floor of a workload on a device: the time it would take at the measured
+    peaks (so a bound only as good as those peaks: kernels that beat them beat it). Prefill:
     every prompt's FLOPs at the measured matmul rate. Decode: every sequence side by side from
     the start, one step per output token after the first, each step reading the weights once and
     the K and V of every sequence still running at the measured copy bandwidth (or doing its
