@@ -334,17 +334,25 @@ def _rung_names(result):
 
 
 def ladder_vs_floor(result, ax=None):
-    """The ladder's bars (``ladder``) for every rung of a ladder result (``course_lib.measure.ladder``),
-    on a log scale, with the workload's physical floor on the same card as a line."""
+    """A bar per rung of a ladder result (``course_lib.measure.ladder``), the peers in grey, each
+    labelled with its tokens/s, on a log scale, with the workload's physical floor on the same card
+    as a line."""
+    runs = _runs(result)
     if ax is None:
-        _, ax = plt.subplots(figsize=(10, 4.5))
-    ladder(_runs(result), ax=ax, label="output tokens / s (log scale)", names=_rung_names(result))
+        _, ax = plt.subplots(figsize=(10, 5))
+    values = [r["metrics"]["output_tokens_per_s"] or 0 for r in runs]
+    x = np.arange(len(runs))
+    bars = ax.bar(x, values, color=["#9e9e9e" if r["rung"].startswith("hf-") else "#5b9bd5" for r in runs])
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+    ax.set_xticks(x, _rung_names(result), rotation=35, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("output tokens / s (log scale)")
     if result.get("floor"):
         f = result["floor"]["output_tokens_per_s"]
         ax.axhline(f, color="#c00000", ls="--")
-        ax.text(0, f, f"physical floor: {f:,.0f} tok/s", color="#c00000", fontsize=8, va="bottom")
-    ax.set_yscale("log")
-    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.text(x[-1] + 0.4, f * 1.05, f"physical floor: {f:,.0f} tok/s", color="#c00000", fontsize=8,
+                ha="right", va="bottom")
+        ax.set_ylim(top=f * 1.6)
     ax.set_title(f"{result['model']} on {result['device']['device']}, {result['n']} requests")
     return ax
 
@@ -360,7 +368,7 @@ def utilisation_by_rung(result, ax=None):
                                               ("nvml_gpu_util", "NVML utilisation", "#f4b183")]):
         vals = [(r["metrics"][key] or 0) * (1 if key == "nvml_gpu_util" else 100) for r in runs]
         ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=label, color=colour)
-    ax.set_xticks(x, _rung_names(result), rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(x, _rung_names(result), rotation=35, ha="right", rotation_mode="anchor", fontsize=8)
     ax.set_ylabel("% of the card")
     ax.legend(fontsize=8)
     return ax
@@ -382,9 +390,12 @@ def decode_step_curve(results, ax=None):
                 ax.plot(b, [100 * r[key] for r in res["rows"]], ls=ls, marker=marker,
                         label=f"{res['model']}: {label}")
     ax.set_xscale("log", base=2)
+    batches = sorted({r["batch"] for res in results for r in res["rows"]})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
     ax.set_xlabel("sequences in the decode step")
     ax.set_ylabel("MBU (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return ax
 
 
