@@ -299,18 +299,26 @@ def _rung_names(result):
 
 
 def ladder_vs_floor(result, ax=None):
-    """The ladder's bars (``ladder``) for every rung of a ladder result, on a log scale, with the
-    workload's physical floor on the same card as a line."""
-    ax = _ax(ax, (10, 4.5))
-    ladder(_runs(result), ax=ax, label="output tokens / s (log scale)", names=_rung_names(result))
+    """A bar per rung of a ladder result (``course_lib.measure.ladder``), the peers in grey, each
+    labelled with its tokens/s, on a log scale, with the workload's physical floor on the same card
+    as a line."""
+    runs, ax = _runs(result), _ax(ax, (10, 5))
+    values = [r["metrics"]["output_tokens_per_s"] or 0 for r in runs]
+    x = np.arange(len(runs))
+    peer = [r["rung"].startswith(("hf-", "vllm")) for r in runs]
+    bars = ax.bar(x, values, color=["#9e9e9e" if p else "#5b9bd5" for p in peer])
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+    ax.set_xticks(x, _rung_names(result), rotation=35, ha="right", rotation_mode="anchor",
+                  fontsize=8)
+    ax.set_yscale("log")
     if result.get("floor"):
         f = result["floor"]["output_tokens_per_s"]
         ax.axhline(f, color="#c00000", ls="--")
-        ax.text(0, f, f"physical floor: {f:,.0f} tok/s", color="#c00000", fontsize=8, va="bottom")
-    ax.set_yscale("log")
-    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    return _finish(ax, title=f"{result['model']} on {result['device']['device']}, "
-                             f"{result['n']} requests")
+        ax.text(x[-1] + 0.4, f * 1.05, f"physical floor: {f:,.0f} tok/s", color="#c00000",
+                fontsize=8, ha="right", va="bottom")
+        ax.set_ylim(top=f * 1.6)
+    title = f"{result['model']} on {result['device']['device']}, {result['n']} requests"
+    return _finish(ax, ylabel="output tokens / s (log scale)", title=title)
 
 
 def utilisation_by_rung(result, ax=None):
@@ -322,7 +330,8 @@ def utilisation_by_rung(result, ax=None):
                                               ("nvml_gpu_util", "NVML utilisation", "#f4b183")]):
         vals = [(r["metrics"][key] or 0) * (1 if key == "nvml_gpu_util" else 100) for r in runs]
         ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=label, color=colour)
-    ax.set_xticks(x, _rung_names(result), rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(x, _rung_names(result), rotation=35, ha="right", rotation_mode="anchor",
+                  fontsize=8)
     return _finish(ax, ylabel="% of the card", legend=8)
 
 
@@ -342,7 +351,11 @@ def decode_step_curve(results, ax=None):
                 ax.plot(b, [100 * r[key] for r in res["rows"]], ls=ls, marker=marker,
                         label=f"{res['model']}: {label}")
     ax.set_xscale("log", base=2)
-    return _finish(ax, "sequences in the decode step", "MBU (%)", legend=7)
+    batches = sorted({r["batch"] for res in results for r in res["rows"]})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    return _finish(ax, "sequences in the decode step", "MBU (%)", legend=7, loc="upper left",
+                   bbox_to_anchor=(1.01, 1))
 
 
 def run_steps(run, ax=None):
