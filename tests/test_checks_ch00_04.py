@@ -83,15 +83,19 @@ SIMPLE = {   # check: (right answer, {wrong answer: what is wrong with it})
 }
 
 
-@pytest.mark.parametrize("check", SIMPLE)
-def test_check_accepts_the_right_answer_and_rejects_wrong_ones(check, capsys):
-    right, wrongs = SIMPLE[check]
+def accepts_right_rejects_wrong(check, cases, capsys):
+    right, wrongs = cases[check]
     getattr(ex, check)(right)
     assert capsys.readouterr().out.startswith("✓")
     for why, wrong in wrongs.items():
         with pytest.raises(AssertionError):
             getattr(ex, check)(wrong)
             pytest.fail(f"{check} accepts a wrong answer: {why}")
+
+
+@pytest.mark.parametrize("check", SIMPLE)
+def test_check_accepts_the_right_answer_and_rejects_wrong_ones(check, capsys):
+    accepts_right_rejects_wrong(check, SIMPLE, capsys)
 
 
 # ------------------------------------------------- the batch loops, on the real model (slower)
@@ -155,10 +159,4 @@ LOOPS = {
 
 @pytest.mark.parametrize("check", LOOPS)
 def test_loop_check_accepts_the_right_loop_and_rejects_wrong_ones(check, capsys):
-    right, wrongs = LOOPS[check]
-    getattr(ex, check)(right)
-    assert capsys.readouterr().out.startswith("✓")
-    for why, wrong in wrongs.items():
-        with pytest.raises(AssertionError):
-            getattr(ex, check)(wrong)
-            pytest.fail(f"{check} accepts a wrong loop: {why}")
+    accepts_right_rejects_wrong(check, LOOPS, capsys)
