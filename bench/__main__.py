@@ -13,6 +13,7 @@ EXPERIMENTS = {     # module in bench/ -> what it measures
     "profile_decode": "ch 09: torch.profiler of decode steps and one mixed step, by kernel",
     "tune_decode_kernel": "ch 09: the Triton decode kernel's knobs swept per batch size",
     "thin_matmuls": "ch 09: the decode step's matmuls alone: cuBLAS, cuBLASLt, Inductor",
+    "gpu_correctness": "ch 09: the fast engine's float32 tokens on a GPU against HF generate",
     "smollm2_gpu": "ch 09: SmolLM2 on the fast path against HF generate, with/without graphs",
     "host_overlap": "ch 09: the fastest rung's host time per step (launch, wait, retire)",
     "host_time": "ch 09: the engine's host cost alone on the CPU, with the tests' fake model",

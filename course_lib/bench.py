@@ -186,7 +186,8 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         device_type, nvml_mean, step_source = "simulated", None, "simulated"
     metrics = summarize(log, shape, dtype_t.itemsize, peaks, slo=slo)
     metrics["nvml_gpu_util"] = nvml_mean
-    for key in ("preemptions", "warmup_failures"):   # hf-cb: warm-ups HF gave up on (memory)
+    # hf-cb's warm-ups HF gave up on (memory); the prompt tokens a prefix cache saved
+    for key in ("preemptions", "warmup_failures", "prefix_hit_tokens"):
         if hasattr(runner, key):
             metrics[key] = getattr(runner, key)
     out = {"engine": runner.name, "model": model, "workload": workload, "n": len(requests),
@@ -230,7 +231,7 @@ def engine_options_of(a) -> dict:
             "num_blocks": a.num_blocks, "attention": a.attention,
             "kv_memory_bytes": None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20),
             "cuda_graphs": a.cuda_graphs, "fused": a.fused, "overlap": a.overlap,
-            "watermark": a.watermark}
+            "watermark": a.watermark, "prefix_caching": a.prefix_caching}
 
 
 # what a user can get wrong: one line on stderr and exit status 2, no traceback
@@ -246,7 +247,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", metavar="MODEL",
                    help="one of: " + ", ".join(models.PRESETS) + " (default smollm2-135m)")
     p.add_argument("--workload", default="chat",
-                   help="chat, anyscale, anyscale:prompt_len=64,cap=128,mean=64, or a .jsonl file")
+                   help="chat, anyscale, lognormal, prefix (each with settings, e.g. "
+                        "anyscale:prompt_len=64,cap=128,mean=64), or a .jsonl file")
     p.add_argument("--n", type=int, default=None, help="number of requests")
     p.add_argument("--max-batch", type=int, default=8,
                    help="most sequences at once (vllm: max_num_seqs)")
@@ -269,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
         ("--cuda-graphs", "replay decode steps as CUDA graphs (needs CUDA and attention kernel)"),
         ("--fused", "fused Triton elementwise kernels (needs CUDA)"),
         ("--overlap", "schedule step k+1 while step k runs on the GPU"),
+        ("--prefix-caching", "share the KV blocks of identical prompt prefixes (also vllm's)"),
     ):
         g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     g.add_argument("--watermark", type=float, default=None, metavar="F",

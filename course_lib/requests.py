@@ -14,6 +14,7 @@ The course uses three kinds:
                   drawn number of tokens.
 * ``lognormal`` -- random prompts with prompt and output lengths spread as a chat service's
                   (lognormal), end-of-sequence ignored.
+* ``prefix``   -- random questions after one of a few shared system prompts (prefix caching).
 * a ``.jsonl`` file of your own, one request per line (see :func:`load_jsonl`).
 
 :func:`load_workload` picks one of them from a short text spec, and
@@ -360,6 +361,23 @@ def lognormal_workload(n: int, vocab_size: int, prompt_median: float = 300,
     return _synthetic("lognormal", _random_prompts(rng, n, lengths[0], vocab_size), lengths[1])
 
 
+def prefix_workload(n: int, vocab_size: int, prefixes: int = 8, prefix_len: int = 1024,
+                    question_len: int = 64, mean_output: float = 128, cap: int = 512,
+                    seed: int = 0) -> list[Request]:
+    """``n`` requests that each start with one of ``prefixes`` system prompts of ``prefix_len``
+    random tokens (drawn in turn), then a question of ``question_len`` random tokens of its own;
+    output lengths as ``anyscale_workload``'s. Seeded; end-of-sequence ignored."""
+    if min(prefixes, question_len) < 1 or prefix_len < 0:
+        raise ValueError(f"need prefixes >= 1, prefix_len >= 0 and question_len >= 1; got "
+                         f"{prefixes}, {prefix_len}, {question_len}")
+    rng = np.random.default_rng(seed)
+    systems = _random_prompts(rng, prefixes, [prefix_len] * prefixes, vocab_size)
+    questions = _random_prompts(rng, n, [question_len] * n, vocab_size)
+    outputs = anyscale_workload(n, vocab_size, 1, mean_output, cap, seed)
+    return _synthetic("prefix", [systems[i % prefixes] + q for i, q in enumerate(questions)],
+                      [r.max_new_tokens for r in outputs])
+
+
 def poisson_arrivals(requests: list[Request], rate: float, seed: int = 0) -> list[Request]:
     """Copies of ``requests`` arriving as a Poisson process of ``rate`` requests/s: independent
     exponential gaps of mean ``1 / rate``, the first request at time 0 (no idle start)."""
@@ -380,10 +398,13 @@ SYNTHETIC = {
     "lognormal": (lognormal_workload, {k: (k, t) for k, t in (
         ("prompt_median", float), ("output_median", float), ("sigma", float),
         ("prompt_cap", int), ("output_cap", int))}),
+    "prefix": (prefix_workload, {k: (k, int) for k in ("prefixes", "prefix_len", "question_len",
+                                                       "cap")} | {"mean": ("mean_output", float)}),
 }
 _SPEC_FORMS = ("'chat', 'anyscale', 'anyscale:prompt_len=64,cap=128,mean=64', 'lognormal', "
                "'lognormal:prompt_median=300,output_median=180,sigma=0.6,prompt_cap=2048,"
-               "output_cap=1024' (every key optional), or a path to a .jsonl file")
+               "output_cap=1024', 'prefix:prefixes=8,prefix_len=1024,question_len=64,mean=128,"
+               "cap=512' (every key optional), or a path to a .jsonl file")
 
 
 def _parse_params(spec: str, text: str, keys: dict) -> dict:
@@ -413,9 +434,10 @@ def load_workload(spec: str, tokenizer=None, n: int | None = None, vocab_size: i
 
     * ``"chat"``: :func:`chat_workload` (needs ``tokenizer``); ``n`` prompts (all when None),
       each generating up to ``max_new_tokens`` (default 128).
-    * ``"anyscale"``, ``"lognormal"``, optionally with settings (``"anyscale:mean=64"``): the
-      synthetic workloads of ``SYNTHETIC``, ``n`` requests (default 512), token ids below
-      ``vocab_size`` (default: ``len(tokenizer)``), drawn with ``seed``.
+    * ``"anyscale"``, ``"lognormal"``, ``"prefix"``, optionally with settings
+      (``"anyscale:mean=64"``): the synthetic workloads of ``SYNTHETIC``, ``n`` requests
+      (default 512), token ids below ``vocab_size`` (default: ``len(tokenizer)``), drawn with
+      ``seed``.
     * ``"path/to/file.jsonl"``: :func:`load_jsonl`, truncated to the first ``n`` requests.
 
     For synthetic and ``.jsonl`` workloads a given ``max_new_tokens`` is an upper limit.

@@ -11,13 +11,19 @@
 #   bash bench/gpu/gpu_peers.sh run          # carries .vllm_p3 (and .gpucarry): installs, starts
 #   bash bench/gpu/gpu_peers.sh --collect    # waits for the rest, copies the JSON to $OUT
 # The runs take longer than one call's 10 minutes, so they go in the background (setsid).
-# WORKLOADS="anyscale" or "lognormal" runs one; MODEL=llama-8b-dummy the bigger model.
+# WORKLOADS="anyscale" or "lognormal" runs one, "prefix" the shared-prefix workload (PREFIX_RUNGS);
+# MODEL=llama-8b-dummy the bigger model.
 set -uo pipefail
 source "$(dirname "$0")/background.sh"
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT" /tmp/vparts
 RUN=/tmp/peers WAIT=${WAIT:-560} MODEL=${MODEL:-llama-1b-dummy}
 RUNGS=("vllm:max_batch=1024,in_process=0" "vllm:max_batch=1024" "vllm:max_batch=512"
        "fast:kv_memory_mib=16384,max_num_batched_tokens=16384" "hf-cb")
+# shared prefixes (8 system prompts of 1,024 tokens, 64-token questions): each engine with and
+# without prefix caching
+PREFIX_RUNGS=("vllm:max_batch=1024,prefix_caching=1" "vllm:max_batch=1024,prefix_caching=0"
+              "fast:kv_memory_mib=16384,max_num_batched_tokens=16384,prefix_caching=1"
+              "fast:kv_memory_mib=16384,max_num_batched_tokens=16384,prefix_caching=0" "hf-cb")
 case ${1:?carry N, run or --collect} in
   carry) cp ".vllm_p$2"/* /tmp/vparts/ && ls -l /tmp/vparts; exit ;;
   run)
@@ -33,10 +39,13 @@ case ${1:?carry N, run or --collect} in
     rm -rf "$RUN" && mkdir -p "$RUN"
     cat > "$RUN/go.sh" <<GO
 for w in ${WORKLOADS:-anyscale lognormal}; do
+  rungs="${RUNGS[*]}"
   case \$w in anyscale) spec="anyscale:prompt_len=512,cap=512,mean=128" n=512 ;;
+              prefix) spec="prefix:prefixes=8,prefix_len=1024,question_len=64" n=512
+                      rungs="${PREFIX_RUNGS[*]}" ;;
               *) spec=lognormal n=500 ;; esac
   python3 -m bench run_ladder --model $MODEL --dtype bfloat16 --device cuda --workload "\$spec" \
-    --n \$n --max-batch 64 --big-batch 512 --no-tokens --rungs ${RUNGS[*]} \
+    --n \$n --max-batch 64 --big-batch 512 --no-tokens --rungs \$rungs \
     --out "$RUN/peers_\${w}_$MODEL.json"
 done
 GO

@@ -56,7 +56,7 @@ class EngineSpec:
 
 
 _PAGED = {"block_size": 16, "cuda_graphs": False, "fused": False, "overlap": False,
-          "watermark": 0.0}
+          "watermark": 0.0, "prefix_caching": False}
 REGISTRY = {s.name: s for s in (
     EngineSpec("sequential", SequentialEngine),
     EngineSpec("static", StaticEngine),
@@ -148,7 +148,8 @@ def engine_settings(engine) -> dict:
         out = {"max_num_batched_tokens": engine.max_num_batched_tokens,
                "block_size": engine.block_size, "attention": run.attention,
                "cuda_graphs": bool(run.cuda_graphs), "fused": bool(run.fused),
-               "overlap": bool(run.overlap), "watermark": engine.watermark.fraction}
+               "overlap": bool(run.overlap), "watermark": engine.watermark.fraction,
+               "prefix_caching": engine.prefix_caching}
         if engine.num_blocks is not None:
             out["num_blocks"] = engine.num_blocks
         return out

@@ -11,6 +11,7 @@ from course_lib.engines.base import Engine
 from course_lib.engines.block_manager import BlockManager
 from course_lib.engines.model_runner import ModelRunner
 from course_lib.engines.policies import AdmissionController, StepTimeModel, Watermark
+from course_lib.engines.prefix_cache import PrefixCachingBlockManager
 from course_lib.engines.scheduler import Scheduler
 from course_lib.engines.sequence import Sequence
 from course_lib.model.kv_cache import PagedKVCache, kv_bytes_per_token
@@ -28,7 +29,8 @@ class PagedEngine(Engine):
                  kv_memory_bytes: int | None = None, slo=None, step_cost=None, model=None,
                  cuda_graphs: bool | None = None, temperature: float = 0.0,
                  trace_blocks: bool | None = None, watermark: float = 0.0,
-                 fused: bool | None = None, overlap: bool | None = None):
+                 fused: bool | None = None, overlap: bool | None = None,
+                 prefix_caching: bool = False):
         super().__init__(loaded, max_batch)
         for name, value in (("max_num_batched_tokens", max_num_batched_tokens),
                             ("block_size", block_size), ("num_blocks", num_blocks)):
@@ -51,7 +53,9 @@ class PagedEngine(Engine):
         self.runner = ModelRunner(self.model, max_batch, attention, cuda_graphs, fused, overlap,
                                   temperature)
         self.attention, self.overlap = self.runner.attention, self.runner.overlap
-        self.watermark = Watermark(watermark)
+        self.watermark, self.prefix_caching = Watermark(watermark), bool(prefix_caching)
+        if prefix_caching:                  # chapter 07: shared prefixes share their blocks
+            self.block_manager_class = PrefixCachingBlockManager
         # block tables after every step, for the pictures of chapter 07 (memory grows with steps)
         self.trace_blocks = self.model.device.type != "cuda" if trace_blocks is None \
             else trace_blocks
@@ -61,6 +65,11 @@ class PagedEngine(Engine):
     @property
     def preemptions(self) -> int:
         return self.scheduler.preemptions if self.scheduler else 0
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Prompt tokens a run took from the prefix cache instead of computing them."""
+        return getattr(self.cache.blocks, "hit_tokens", 0) if self.cache else 0
 
     def blocks_for(self, requests) -> int:
         """The cache's blocks: ``num_blocks`` (or the memory budget), else room for every

@@ -1,9 +1,9 @@
 """The paged engine's scheduler (chapters 05, 07): which sequences feed how many tokens next.
 Decodes first; then prompt chunks while the step has tokens left (``max_num_batched_tokens``),
-prompts half fed before newcomers, whom the *policies* may hold back. When a decode needs a block
-and none is free, a running sequence is *preempted*: its blocks are freed and it goes back to
-the front of the queue, to be recomputed later, never lost.
-"""
+prompts half fed before newcomers, whom the *policies* may hold back; over a prefix cache a
+newcomer starts from the cached blocks of its prefix. When a decode needs a block and none is
+free, a running sequence is *preempted*: its blocks are freed, and it goes back to the front of
+the queue to be recomputed, never lost."""
 from __future__ import annotations
 
 from collections import deque
@@ -15,8 +15,7 @@ def chunk_sizes(pending: list, budget) -> list:
     takes what it still needs, until the budget is spent (later prompts get 0 this step)."""
     sizes = []
     for n in pending:
-        take = int(min(n, budget))
-        sizes.append(take)
+        sizes.append(take := int(min(n, budget)))
         budget -= take
     return sizes
 
@@ -48,8 +47,7 @@ class Scheduler:
     """Waiting and running sequences over a ``BlockManager``; rules: ``budget_step``, ``victim``."""
     budget_step = staticmethod(budget_step)
 
-    def __init__(self, blocks, max_batch: int, max_num_batched_tokens: int | None = None,
-                 policies=()):
+    def __init__(self, blocks, max_batch: int, max_num_batched_tokens=None, policies=()):
         self.blocks, self.max_batch = blocks, max_batch
         self.max_num_batched_tokens, self.policies = max_num_batched_tokens, list(policies)
         self.waiting, self.running, self.preemptions = deque(), [], 0
@@ -76,7 +74,9 @@ class Scheduler:
         # newcomers, as the policies allow (one whose last token is still on the device waits)
         while (waiting and len(running) < self.max_batch and waiting[0].tokens[-1] is not None
                and all(p.admit(waiting[0], self) for p in self.policies)):
-            running.append(waiting.popleft())
+            running.append(seq := waiting.popleft())
+            if hasattr(blocks, "match"):          # a prefix cache: its prefix's blocks, if any
+                seq.cached = blocks.match(seq.req.id, seq.tokens)
         seqs, sizes, decode_only, grown = [], [], True, {id(s) for s in grown}
         for seq, n in self.budget_step(running, budget):
             if id(seq) not in grown:          # a chunk (or a decode the blocks lacked): what fits
@@ -99,10 +99,9 @@ class Scheduler:
 
     def preempt(self, seq):
         self.blocks.release(seq.req.id)
-        seq.cached = 0
+        seq.cached, self.preemptions = 0, self.preemptions + 1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
-        self.preemptions += 1
 
     def shed(self) -> list:
         """Waiting sequences a policy refuses now, out of the queue: ``[(seq, why)]``."""
@@ -117,6 +116,8 @@ class Scheduler:
         its blocks serve the next step, which the device runs after this one."""
         for s, n in plan:
             s.cached += n
+            if hasattr(self.blocks, "written"):
+                self.blocks.written(s.req.id, s.tokens, s.cached)
         places, seqs = [], plan.seqs
         for j, i in enumerate(plan.sampled):
             seq, tokens = seqs[i], seqs[i].tokens
@@ -142,9 +143,8 @@ class Scheduler:
             if reason:
                 seq.finished = True
                 self.blocks.release(seq.req.id)
-                if seq in self.running:
-                    self.running.remove(seq)
-                elif seq in self.waiting:
-                    self.waiting.remove(seq)
+                for queue in (self.running, self.waiting):
+                    if seq in queue:
+                        queue.remove(seq)
                 done.append((seq, reason))
         return done

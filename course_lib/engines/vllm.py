@@ -63,7 +63,7 @@ class VllmEngine(Engine):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]: {gpu_memory_utilization}")
         self.options = {"max_num_seqs": max_batch, "max_num_batched_tokens": max_num_batched_tokens,
                         "gpu_memory_utilization": gpu_memory_utilization,
-                        "prefix_caching": prefix_caching, "enforce_eager": enforce_eager,
+                        "prefix_caching": bool(prefix_caching), "enforce_eager": enforce_eager,
                         "in_process": in_process, "warmup": warmup}
         self.model_dir, self.settings = model_dir, {}
 

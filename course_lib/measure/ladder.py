@@ -96,7 +96,9 @@ def label(rung: str) -> str:
              "watermark": lambda v: f"{v:.0%} kept free",
              "cuda_graphs": lambda v: "CUDA graphs" if v not in (0, "False") else "eager decode",
              "fused": lambda v: "fused" if v not in (0, "False") else "unfused elementwise",
-             "overlap": lambda v: "host overlapped" if v not in (0, "False") else "host waited for"}
+             "overlap": lambda v: "host overlapped" if v not in (0, "False") else "host waited for",
+             "prefix_caching": lambda v: ("" if v not in (0, "False") else "no ")
+             + "prefix caching"}
     return ", ".join([name] + [words[k](v) if k in words else f"{k}={v}" for k, v in overrides])
 
 
