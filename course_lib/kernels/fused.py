@@ -75,7 +75,8 @@ if triton is not None:
                         slots_ptr, H, HKV, stride_q, stride_k, stride_v, stride_cache_head,
                         HALF: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr):
         tok = tl.program_id(0)                           # one token per program, all its heads
-        i, D, row = tl.arange(0, HALF), 2 * HALF, tok.to(tl.int64)
+        i, row = tl.arange(0, HALF), tok.to(tl.int64)
+        D: tl.constexpr = 2 * HALF               # tl.arange needs it known at compile time
         c = tl.load(cos_ptr + row * D + i).to(tl.float32)[None, :]
         s = tl.load(sin_ptr + row * D + i).to(tl.float32)[None, :]
         _rotate(q_ptr, q_out_ptr, tok, H, stride_q, row * H * D, D, c, s, HALF, BLOCK_H)
