@@ -33,6 +33,7 @@ def check_invariants(blocks, tokens_of):
     assert a.n_free == len(a.free_list) + len(a.idle) == blocks.n_free
     for key, b in a.by_key.items():
         assert a.content[b][0] == key
+    assert a.repeats == sum(max(0, n - 1) for n in holders.values())
     for sid, table in blocks.tables.items():     # a shared block holds this sequence's tokens
         tokens = tokens_of[sid]
         for i, b in enumerate(table):

@@ -183,5 +183,5 @@ class PagedEngine(Engine):
         if self.admission:
             self.admission.model.update(self.steps[-512:])
         # memory: tokens held against the token places of the blocks allocated for them
-        record.kv_used = sum(blocks.lengths.values())
+        record.kv_used = getattr(blocks, "tokens_held", None) or sum(blocks.lengths.values())
         record.kv_reserved = (blocks.n_blocks - blocks.n_free) * blocks.block_size

@@ -22,6 +22,7 @@ class CachingAllocator(BlockAllocator):
     def __init__(self, n_blocks: int):
         super().__init__(n_blocks)
         self.by_key: dict = {}                 # key -> block
+        self.repeats = 0                       # holdings of a block beyond its first holder
         self.content: dict = {}                # block -> (key, its tokens)
         self.idle: OrderedDict = OrderedDict()   # blocks only the cache holds, oldest first
 
@@ -37,6 +38,7 @@ class CachingAllocator(BlockAllocator):
         return super().allocate()
 
     def free(self, block: int):
+        self.repeats -= self.refs[block] - (block in self.content) > 1
         super().free(block)
         if self.refs[block] == 1 and block in self.content:
             self.idle[block] = None
@@ -54,6 +56,7 @@ class CachingAllocator(BlockAllocator):
         if block is None or self.content[block][1] != tokens:
             return None
         self.idle.pop(block, None)
+        self.repeats += self.refs[block] > 1           # a sequence holds it already
         return self.share(block)
 
 
@@ -104,6 +107,11 @@ class PrefixCachingBlockManager(BlockManager):
         for key, block in self.blocks_of(known, len(keys), keys[-1] if keys else None):
             self.allocator.remember(table[len(keys)], key, block)
             keys.append(key)
+
+    @property
+    def tokens_held(self) -> int:
+        """Tokens in the cache, a shared block's counted once."""
+        return sum(self.lengths.values()) - self.allocator.repeats * self.block_size
 
     def release(self, seq_id):
         self.keys.pop(seq_id, None)

@@ -255,9 +255,12 @@ class FlexPagedAttention(PagedAttention):
             return
         cache.grow("precompile", 1)
         q = torch.zeros(1, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+        multiples = cls.key_multiples
+        if hasattr(cache.blocks, "match"):     # a prefix cache: chunks after long cached prefixes
+            multiples = getattr(cls, "prefix_key_multiples", multiples)
         n = TILE
         while n <= bucket(min(max_tokens, capacity)):
-            for m in cls.key_multiples:
+            for m in multiples:
                 if m * n <= bucket(capacity):          # no step has more keys than the cache
                     attn = cls(cache, [("precompile", 0, 1)], device, **cls.padding(n, m))
                     for layer in range(len(cache.k)):
@@ -301,6 +304,8 @@ class GatheredFlexAttention(FlexPagedAttention):
     # the keys are the step's own: as many as the queries (whole prompts), or more (a chunk after
     # earlier ones); keys up to twice the query bucket are compiled before the clock starts
     key_multiples = (1, 2)
+    # over a prefix cache a question of a few tokens follows a long cached prefix: up to 64 times
+    prefix_key_multiples = tuple(2 ** i for i in range(7))
 
     @staticmethod
     def padding(n: int, m: int) -> dict:
