@@ -100,8 +100,9 @@ def check_token_ids(tokens, vocab_size: int) -> str | None:
     return None
 
 
-def encode_chat(tokenizer, message: str) -> list[int]:
-    """Token ids of ``message`` as a single user turn, ready for the assistant's answer.
+def encode_chat(tokenizer, message: str, system: str | None = None) -> list[int]:
+    """Token ids of ``message`` as a single user turn, ready for the assistant's answer, after
+    ``system`` as the system prompt (None: the template's own).
 
     The tokenizer's chat template wraps the message (for SmolLM2:
     ``<|im_start|>system ... <|im_end|> <|im_start|>user\\n{message}<|im_end|>
@@ -112,7 +113,8 @@ def encode_chat(tokenizer, message: str) -> list[int]:
     version.
     """
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": message}],
+        [{"role": "system", "content": system}] * (system is not None)
+        + [{"role": "user", "content": message}],
         add_generation_prompt=True,
         tokenize=False,
     )

@@ -18,3 +18,20 @@ def test_the_ladder_figure_is_drawn_from_the_stored_gpu_run(tmp_path):
     (path,) = figures.chapter09(tmp_path)
     svg = path.read_text()
     assert path.name == "ladder_vs_floor.svg" and "physical floor" in svg and "hf-cb" in svg
+
+
+def test_the_block_pictures_mark_what_they_say():
+    import matplotlib
+    matplotlib.use("Agg")
+    from course_lib.lab import plots
+    # a is preempted after step 1 and back at step 3; b never leaves; c finishes
+    trace = [{"a": [0], "b": [1], "c": [2]}, {"a": [0, 3], "b": [1]}, {"b": [1]},
+             {"a": [4], "b": [1, 0]}]
+    assert plots.preemptions_in(trace) == [(2, "a")]
+    ax = plots.block_map(trace, 5, follow="a")
+    assert len(ax.lines) == 1 and ax.lines[0].get_color() == "#d62728"
+    ax = plots.block_tables({"x": [7, 8, 2], "y": [7, 8, 5], "z": [3]})
+    shared = {p.get_facecolor() for p in ax.patches[:2]}
+    assert len(ax.patches) == 7 and len(shared) == 2 and ax.patches[2].get_facecolor() not in shared
+    ax = plots.memory_map({"one": {"weights": 2e9, "KV-cache": 1e9}}, capacity=4e9)
+    assert [round(p.get_width(), 3) for p in ax.patches] == [2.0, 1.0]

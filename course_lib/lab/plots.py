@@ -172,9 +172,11 @@ def ladder(runs, ax=None, metric="output_tokens_per_s", label="output tokens / s
     """A bar per engine of a ladder run (the bench JSON of each), named by engine or ``names``."""
     ax = _ax(ax, (8, 3.5))
     names = names or [r["engine"] for r in runs]
-    bars = ax.bar(names, [r["metrics"][metric] or 0 for r in runs],
-                  color=["#9e9e9e" if n.startswith("hf-") else "#5b9bd5" for n in names])
-    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    values = [r["metrics"][metric] or 0 for r in runs]
+    bars = ax.bar(names, values,
+                  color=["#9e9e9e" if n.startswith(("hf-", "vllm")) else "#5b9bd5" for n in names])
+    ax.bar_label(bars, labels=[f"{v / 1e3:.1f}k" if v >= 1e4 else f"{v:,.3g}" for v in values],
+                 fontsize=8)
     return _finish(ax, ylabel=label)
 
 
@@ -201,20 +203,82 @@ def token_gaps(log, ax=None, title=None, prefix=None):
     return _finish(ax, RUN_TIME, "wait for this token (ms)", title, legend=7, grid=True, ncol=4)
 
 
-def block_map(trace, n_blocks: int, ax=None, title=None):
-    """Which sequence owns each block of the paged cache after each step (white: free).
-    Blocks are taken as sequences grow and handed back when they finish or are preempted."""
+def memory_map(rows: dict, capacity: float | None = None, ax=None, title=None):
+    """A card's memory, one bar per case: ``rows`` maps a label to ``{part: bytes}`` (weights,
+    KV-cache, activations...), stacked left to right in GB; ``capacity``: the card's, a line."""
+    ax = _ax(ax, (10, 0.6 + 0.55 * len(rows)))
+    colours = {}
+    for y, (label, parts) in enumerate(rows.items()):
+        left = 0.0
+        for part, nbytes in parts.items():
+            c = colours.setdefault(part, plt.get_cmap("tab10")(len(colours)))
+            ax.barh(y, nbytes / 1e9, left=left, color=c, label=part if y == 0 else None)
+            left += nbytes / 1e9
+    if capacity:
+        ax.axvline(capacity / 1e9, color="black", ls="--", lw=1, label="the card's memory")
+    ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
+    ax.invert_yaxis()
+    return _finish(ax, "GB", None, title, legend=8, loc="lower right")
+
+
+def preemptions_in(trace) -> list:
+    """``(step, sequence)`` for each preemption in a block trace: a sequence's blocks gone while
+    it is unfinished (they come back later, when it is recomputed)."""
+    out, seen = [], {}
+    for step, snap in enumerate(trace):
+        for sid in snap:
+            if sid in seen and seen[sid] < step - 1:       # back after a gap
+                out.append((seen[sid] + 1, sid))
+            seen[sid] = step
+    return out
+
+
+def block_map(trace, n_blocks: int, ax=None, title=None, follow=None):
+    """Which sequence owns each block of the paged cache after each step (white: free). Blocks
+    are taken as sequences grow and handed back when they finish or are preempted. ``follow``:
+    one sequence in red, the others in grey; triangles above the map mark preemptions (red:
+    the followed sequence's)."""
     owners = sorted({sid for snap in trace for sid in snap}, key=str)
     index = {sid: i for i, sid in enumerate(owners)}
     grid = np.full((n_blocks, len(trace)), np.nan)
     for step, snap in enumerate(trace):
         for sid, table in snap.items():
-            grid[table, step] = index[sid]
+            grid[table, step] = index[sid] if follow is None else float(sid == follow)
     ax = _ax(ax, (10, 3.5))
-    cmap = plt.get_cmap("tab20").with_extremes(bad="white")
-    ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=cmap,
-              vmin=0, vmax=max(len(owners) - 1, 1))
+    if follow is None:
+        cmap, top = plt.get_cmap("tab20"), max(len(owners) - 1, 1)
+    else:
+        cmap, top = plt.matplotlib.colors.ListedColormap(["#c8c8c8", "#d62728"]), 1
+    ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
+              cmap=cmap.with_extremes(bad="white"), vmin=0, vmax=top)
+    for step, sid in preemptions_in(trace):
+        ax.plot(step, -1.5, "v", color="#d62728" if sid == follow else "black", ms=6,
+                clip_on=False)
+    ax.set_ylim(n_blocks - 0.5, -0.5)
     return _finish(ax, "step", "block", title)
+
+
+def block_tables(tables: dict, ax=None, title=None):
+    """Block tables as rows, one per sequence: its logical blocks left to right, each cell
+    labelled with the physical block that holds it. A block that several sequences hold (a
+    shared prefix) has a colour of its own; the others are light grey."""
+    holders: dict = {}
+    for table in tables.values():
+        for b in table:
+            holders[b] = holders.get(b, 0) + 1
+    shared = sorted(b for b, n in holders.items() if n > 1)
+    colour = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(shared)}
+    width = max(map(len, tables.values()), default=1)
+    ax = _ax(ax, (min(1 + 0.45 * width, 14), 0.5 + 0.45 * len(tables)))
+    for row, (sid, table) in enumerate(tables.items()):
+        for col, b in enumerate(table):
+            ax.add_patch(plt.Rectangle((col, row), 0.95, 0.9, color=colour.get(b, "#e6e6e6")))
+            ax.text(col + 0.47, row + 0.45, str(b), ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, width)
+    ax.set_ylim(len(tables), 0)
+    ax.set_yticks(np.arange(len(tables)) + 0.45, [str(s) for s in tables], fontsize=8)
+    ax.set_xticks([])
+    return _finish(ax, "logical block (the sequence's tokens, block by block)", None, title)
 
 
 # ------------------------------------------------------------ chapter 08: metrics and trade-offs
