@@ -66,8 +66,9 @@ def gpu_identity() -> dict | None:
 
 
 def commit() -> str | None:
-    """The repository's commit, ``+dirty`` if the code that measures has changes
-    (``$COURSE_COMMIT`` where the checkout has no .git, e.g. a GPU box)."""
+    """The repository's commit, ``+dirty`` if the code that measures has changes (not the
+    results it writes: ``bench/results``) (``$COURSE_COMMIT`` where the checkout has no .git,
+    e.g. a GPU box)."""
     if os.environ.get("COURSE_COMMIT"):
         return os.environ["COURSE_COMMIT"]
     git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
@@ -75,8 +76,8 @@ def commit() -> str | None:
         out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5)
         dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--",
-                                      "course_lib", "bench"], capture_output=True, text=True,
-                               timeout=5).stdout.strip()
+                                      "course_lib", "bench", ":(exclude)bench/results"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None

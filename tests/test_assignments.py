@@ -351,7 +351,7 @@ def test_committed_assignments_are_fresh():
 
 # The student copies run top to bottom: every cell but the exercises and their checks, with the
 # exercises unanswered. Smaller runs than the lessons' (the parameters cell's values, appended to
-# it): chapters 00-04, each in well under a minute on two cores.
+# it), each chapter in well under a minute on two cores.
 SMALL_RUNS = {
     "00_model_and_one_request": "max_new_tokens = 8",
     "01_memory_bound_inference":
@@ -359,6 +359,12 @@ SMALL_RUNS = {
     "02_static_batching": "n_requests = 4\nmax_new_tokens = 8\nn_sequential = 1",
     "03_dynamic_batching": "n_requests = 4\nmax_new_tokens = 8",
     "04_continuous_batching": "n_requests = 4\nmax_new_tokens = 8",
+    "05_prefill_decode_chunked": "n_chat = 2\nn_long = 1\nlong_len = 64\nbudget = 32\n"
+                                 "max_new_tokens = 8",
+    "06_padding_packing_ragged": "n_prompts = 2",
+    "07_paged_kv_cache": "n_requests = 4\nmax_new_tokens = 8\nbudget_tokens = 128",
+    "08_metrics_and_tradeoffs": "n_requests = 6\nmax_new_tokens = 8\nmax_batch = 4",
+    "09_cuda_engine": "n_check = 2",
 }
 
 
