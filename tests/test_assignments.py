@@ -361,10 +361,10 @@ SMALL_RUNS = {
     "04_continuous_batching": "n_requests = 4\nmax_new_tokens = 8",
     "05_prefill_decode_chunked": "n_chat = 2\nn_long = 1\nlong_len = 64\nbudget = 32\n"
                                  "max_new_tokens = 8",
-    "06_padding_packing_ragged": "n_prompts = 2",
+    "06_padding_packing_ragged": "n_prompts = 3",
     "07_paged_kv_cache": "n_requests = 4\nmax_new_tokens = 8\nbudget_tokens = 128",
     "08_metrics_and_tradeoffs": "n_requests = 6\nmax_new_tokens = 8\nmax_batch = 4",
-    "09_cuda_engine": "n_check = 2",
+    "09_cuda_engine": "n_check = 4",  # fewer would not preempt in its 18 blocks
 }
 
 
