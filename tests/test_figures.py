@@ -25,11 +25,12 @@ def test_the_block_pictures_mark_what_they_say():
     matplotlib.use("Agg")
     from course_lib.lab import plots
     # a is preempted after step 1 and back at step 3; b never leaves; c finishes
-    trace = [{"a": [0], "b": [1], "c": [2]}, {"a": [0, 3], "b": [1]}, {"b": [1]},
-             {"a": [4], "b": [1, 0]}]
-    assert plots.preemptions_in(trace) == [(2, "a")]
-    ax = plots.block_map(trace, 5, follow="a")
-    assert len(ax.lines) == 1 and ax.lines[0].get_color() == "#d62728"
+    # and c is preempted and recomputed within step 2 (its table starts elsewhere)
+    trace = [{"a": [0], "b": [1], "c": [2, 5]}, {"a": [0, 3], "b": [1], "c": [2, 5]},
+             {"b": [1], "c": [6]}, {"a": [4], "b": [1, 0], "c": [6, 2]}]
+    assert plots.preemptions_in(trace) == [(2, "c"), (2, "a")]
+    ax = plots.block_map(trace, 7, follow="a")
+    assert [line.get_color() for line in ax.lines] == ["black", "#d62728"]
     ax = plots.block_tables({"x": [7, 8, 2], "y": [7, 8, 5], "z": [3]})
     shared = {p.get_facecolor() for p in ax.patches[:2]}
     assert len(ax.patches) == 7 and len(shared) == 2 and ax.patches[2].get_facecolor() not in shared

@@ -222,14 +222,17 @@ def memory_map(rows: dict, capacity: float | None = None, ax=None, title=None):
 
 
 def preemptions_in(trace) -> list:
-    """``(step, sequence)`` for each preemption in a block trace: a sequence's blocks gone while
-    it is unfinished (they come back later, when it is recomputed)."""
-    out, seen = [], {}
+    """``(step, sequence)`` for each preemption a block trace shows: an unfinished sequence's
+    blocks taken back, so that it is gone for a while, or back at once with a table that no
+    longer starts as before (recomputed from its first token)."""
+    out, last = [], {}
     for step, snap in enumerate(trace):
-        for sid in snap:
-            if sid in seen and seen[sid] < step - 1:       # back after a gap
-                out.append((seen[sid] + 1, sid))
-            seen[sid] = step
+        for sid, table in snap.items():
+            if sid in last:
+                seen, old = last[sid]
+                if seen < step - 1 or len(table) < len(old) or table[:1] != old[:1]:
+                    out.append((seen + 1 if seen < step - 1 else step, sid))
+            last[sid] = step, table
     return out
 
 
@@ -255,7 +258,8 @@ def block_map(trace, n_blocks: int, ax=None, title=None, follow=None):
         ax.plot(step, -1.5, "v", color="#d62728" if sid == follow else "black", ms=6,
                 clip_on=False)
     ax.set_ylim(n_blocks - 0.5, -0.5)
-    return _finish(ax, "step", "block", title)
+    ax.set_title(title or "", pad=14)              # above the triangles
+    return _finish(ax, "step", "block")
 
 
 def block_tables(tables: dict, ax=None, title=None):
