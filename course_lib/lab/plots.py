@@ -218,7 +218,7 @@ def memory_map(rows: dict, capacity: float | None = None, ax=None, title=None):
         ax.axvline(capacity / 1e9, color="black", ls="--", lw=1, label="the card's memory")
     ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
     ax.invert_yaxis()
-    return _finish(ax, "GB", None, title, legend=8, loc="lower right")
+    return _finish(ax, "GB", None, title, legend=8, loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
 def preemptions_in(trace) -> list:
