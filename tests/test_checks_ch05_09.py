@@ -11,6 +11,7 @@ import torch
 from course_lib.engines.block_manager import BlockAllocator, BlockManager
 from course_lib.engines.model_runner import packed_inputs
 from course_lib.engines.policies import SLO, admission_rule
+from course_lib.engines.prefix_cache import block_key
 from course_lib.engines.scheduler import budget_step, chunk_sizes
 from course_lib.lab import exercises as ex
 from course_lib.measure.metrics import RunLog, goodput
@@ -150,6 +151,12 @@ RIGHT_AND_WRONG = {
         lambda running, budget: budget_step(running, budget)[::-1],       # the decodes last
         free_decodes]),
     "check_block_manager": (BlockManager, [LeakingBlocks, OneBlockTooMany, GrowEachHalfway]),
+    "check_block_key": (block_key, [
+        lambda prev, tokens: hash(tuple(tokens)),                          # not chained
+        lambda prev, tokens: hash((prev, tokens[0])),                      # the first token only
+        # chained only where the check's first question looks: the engine's answers change
+        lambda prev, tokens: hash((prev, tuple(tokens)) if tuple(tokens) == (1, 2, 3, 4)
+                                  else tuple(tokens))]),
     "check_victim": (lambda running: running[-1], [
         lambda running: running[0],                                       # the oldest
         lambda running: running[-2] if len(running) > 1 else running[0]]),  # one off

@@ -15,6 +15,12 @@ from collections import OrderedDict
 from course_lib.engines.block_manager import BlockAllocator, BlockManager
 
 
+def block_key(prev, tokens) -> int:
+    """A full block's name: a hash of its tokens with the name of the block before it (``prev``,
+    None for a sequence's first block), so that equal names mean equal prefixes."""
+    return hash((prev, tuple(tokens)))
+
+
 class CachingAllocator(BlockAllocator):
     """Blocks with a known content (``key``) stay allocated to the cache; those only the cache
     holds (``idle``) count as free and are evicted, oldest first, when the free list is empty."""
@@ -62,6 +68,7 @@ class CachingAllocator(BlockAllocator):
 
 class PrefixCachingBlockManager(BlockManager):
     """A ``BlockManager`` whose sequences start from the cached blocks of their prefix."""
+    block_key = staticmethod(block_key)
 
     def __init__(self, n_blocks: int, block_size: int):
         super().__init__(n_blocks, block_size)
@@ -78,7 +85,7 @@ class PrefixCachingBlockManager(BlockManager):
         bs = self.block_size
         for i in range(start, len(tokens) // bs):
             block = tuple(tokens[i * bs:(i + 1) * bs])
-            key = hash((key, block))
+            key = self.block_key(key, block)
             yield key, block
 
     def match(self, seq_id, tokens) -> int:

@@ -531,6 +531,51 @@ def check_victim(fn):
     _ok(f"victim: {eng.preemptions} preemptions of the newest, the same answers")
 
 
+def check_block_key(fn):
+    """``fn(prev, tokens)`` -> the name of a full block: the same for the same tokens after the
+    same prefix (``prev``: the name of the block before, None for the first), different when
+    either differs. Plugged into the prefix cache of the paged engine on SmolLM2: prompts that
+    share a block of tokens after different prefixes must keep Hugging Face's answers, and a
+    prompt that repeats an earlier one's prefix must find it in the cache."""
+    from course_lib.engines import make_engine
+    from course_lib.engines.prefix_cache import PrefixCachingBlockManager
+    from course_lib.requests import Request
+    a, b, x = [5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]
+    assert fn(None, a) == fn(None, list(a)), "the same tokens must get the same name"
+    assert fn(None, a) != fn(None, b) and fn(None, a) != fn(None, a[:-1] + [99]), (
+        "different tokens must get different names (all of them count)")
+    assert fn(fn(None, a), x) != fn(fn(None, b), x), (
+        "the same block after different prefixes got the same name: their keys and values "
+        "differ (attention saw different tokens before). Chain prev into the name")
+
+    class Mine(PrefixCachingBlockManager):
+        block_key = staticmethod(fn)
+    loaded, _, _ = _chat_reference()
+
+    def words(text):
+        return loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:8]
+    first = words("The library opens at nine on weekdays and at ten on Saturdays")
+    second = words("Our museum closes early on Sundays and on every public holiday")
+    shared = words("and the reading room stays quiet for those who study there all day")
+    ask = words("What time is it now, please?")
+    prompts = [first + shared + ask, second + shared + ask, second + shared + words("Who are you")]
+    assert {len(first), len(second), len(shared)} == {8}, "the check is broken: 8-token parts"
+    reqs = [Request(f"p{i}", p, max_new_tokens=6) for i, p in enumerate(prompts)]
+    eng = make_engine("paged", loaded, max_batch=1, block_size=4)    # one at a time: each
+    eng.block_manager_class = Mine                                    # finds the ones before
+    log = eng.run(reqs)
+    for r, rec in zip(reqs, log.requests):
+        want = loaded.model.generate(torch.tensor([r.prompt_tokens]), max_new_tokens=6,
+                                     do_sample=False)[0, len(r.prompt_tokens):].tolist()
+        assert rec.output_tokens == want, (
+            f"with your names in the prefix cache, {r.id} answers {rec.output_tokens}, Hugging "
+            f"Face {want}: a block was shared that holds other keys and values")
+    assert eng.prefix_hit_tokens >= len(second + shared), (
+        f"the last prompt repeats the second's first {len(second + shared)} tokens, and found "
+        f"{eng.prefix_hit_tokens} in the cache")
+    _ok(f"block_key: {eng.prefix_hit_tokens} prompt tokens from the cache, the same answers")
+
+
 # ---------------------------------------------------------------- chapter 08
 def check_percentile_latency(fn):
     """``fn(values, q)``: the q-th percentile (0-100) with linear interpolation between ranks,
