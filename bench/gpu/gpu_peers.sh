@@ -3,7 +3,7 @@
 # (bf16) on anyscale (512 requests) and on the lognormal workload (500 requests). vLLM runs first
 # and in a process of its own (course_lib.engines.vllm), at its H200 defaults (1024 sequences, a
 # budget of 16384 tokens, engine core in a second process), with its engine core in-process, and
-# at 512 sequences; then `fast` with 16 GiB of KV-cache, then hf-cb.
+# at 512 sequences; then `fast` (KV-cache: 16 GiB for the 1B, 80 GiB for the 8B), then hf-cb.
 # vLLM's wheels travel in three parts made here by bench/gpu/make_vllm_parts.sh, one per call, in
 # consecutive calls (the machine keeps /tmp while it is held):
 #   bash bench/gpu/gpu_peers.sh carry 1      # carries .vllm_p1
@@ -17,13 +17,16 @@ set -uo pipefail
 source "$(dirname "$0")/background.sh"
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT" /tmp/vparts
 RUN=/tmp/peers WAIT=${WAIT:-560} MODEL=${MODEL:-llama-1b-dummy}
+# the fast engine's KV-cache, per model: 16 GiB hold 512k tokens of the 1B (32 KiB each) but only
+# 128k of the 8B (128 KiB each), where it fell to 3,427 tok/s; 80 GiB sit beside the 8B's 15 GiB
+case $MODEL in llama-8b-dummy) KV=${KV_MIB:-81920} ;; *) KV=${KV_MIB:-16384} ;; esac
 RUNGS=("vllm:max_batch=1024,in_process=0" "vllm:max_batch=1024" "vllm:max_batch=512"
-       "fast:kv_memory_mib=16384,max_num_batched_tokens=16384" "hf-cb")
+       "fast:kv_memory_mib=$KV,max_num_batched_tokens=16384" "hf-cb")
 # shared prefixes (8 system prompts of 1,024 tokens, 64-token questions): each engine with and
 # without prefix caching
 PREFIX_RUNGS=("vllm:max_batch=1024,prefix_caching=1" "vllm:max_batch=1024,prefix_caching=0"
-              "fast:kv_memory_mib=16384,max_num_batched_tokens=16384,prefix_caching=1"
-              "fast:kv_memory_mib=16384,max_num_batched_tokens=16384,prefix_caching=0" "hf-cb")
+              "fast:kv_memory_mib=$KV,max_num_batched_tokens=16384,prefix_caching=1"
+              "fast:kv_memory_mib=$KV,max_num_batched_tokens=16384,prefix_caching=0" "hf-cb")
 case ${1:?carry N, run or --collect} in
   carry) cp ".vllm_p$2"/* /tmp/vparts/ && ls -l /tmp/vparts; exit ;;
   run)
