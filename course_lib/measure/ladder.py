@@ -208,25 +208,6 @@ def table(result) -> list:
     return rows
 
 
-def print_table(result):
-    """The ladder table, as the notebook and the closing note show it."""
-    def f(x, fmt):
-        return "-" if x is None else format(x, fmt)
-    print(f"{'rung':<30} {'B':>4} {'tok/s':>8} {'x static':>8} {'x hf-cb':>8} {'of floor':>8} "
-          f"{'MBU':>6} {'MFU':>6} {'NVML':>5} {'TTFT p50':>9} {'TPOT p50':>9}")
-    for r in table(result):
-        tpot_ms = r["tpot_p50_s"] and r["tpot_p50_s"] * 1e3
-        print(f"{r['label']:<30} {r['max_batch']:>4} {r['tokens_per_s']:>8.0f} "
-              f"{f(r['x_static'], '>8.2f')} {f(r['x_hf_cb'], '>8.2f')} {f(r['of_floor'], '>8.1%')} "
-              f"{f(r['mbu'], '>6.1%')} {f(r['mfu'], '>6.1%')} {f(r['nvml'], '>4.0f')}% "
-              f"{f(r['ttft_p50_s'], '>8.2f')}s {f(tpot_ms, '>7.1f')}ms")
-    if result.get("floor"):
-        fl = result["floor"]
-        print(f"physical floor: {fl['seconds']:.2f} s ({fl['prefill_s']:.2f} s prefill at the "
-              f"matmul peak, {fl['decode_s']:.2f} s decode at the copy peak), "
-              f"{fl['output_tokens_per_s']:,.0f} tok/s")
-
-
 def between_steps_s(run) -> float:
     """Seconds of a run's makespan spent between its steps (the host deciding what to run next,
     with the GPU idle), from its step log."""

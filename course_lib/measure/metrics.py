@@ -125,13 +125,6 @@ def percentiles(values) -> dict:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean())}
 
 
-def step_utilisation(step: Step, shape, dtype_bytes: int, peaks) -> dict:
-    w, t = step.work(shape, dtype_bytes), step.seconds
-    return {"bytes": w.bytes, "flops": w.flops,
-            "mbu": w.bytes / t / peaks.bandwidth if t > 0 else None,
-            "mfu": w.flops / t / peaks.flops if t > 0 else None}
-
-
 def served(log: RunLog) -> tuple:
     """The requests served (not refused), and the span of the run: ``(served, first arrival,
     last finish of a served request)``."""

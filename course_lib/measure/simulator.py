@@ -109,11 +109,6 @@ NAMED_GPUS = {
 }
 
 
-def stored_cost_book(path) -> CostBook:
-    """The ``CostBook`` stored by ``bench/simulator_validation.py``."""
-    return CostBook.load(path, "cost_book")
-
-
 # ---------------------------------------------------------------- the simulated model
 class VirtualClock:
     """Simulated seconds: reading the clock costs nothing, sleeping jumps ahead."""
