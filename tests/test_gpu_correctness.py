@@ -30,4 +30,4 @@ def test_the_stored_gpu_run_gives_hugging_face_s_tokens():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_fast_engine_on_this_gpu_gives_hugging_face_s_tokens():
     loaded = models.load("smollm2-135m", dtype="float32", device="cuda")
-    assert_agree(check(loaded, 12, 48, echo=lambda *_: None))
+    assert_agree(check(loaded, 20, 64, echo=lambda *_: None))   # the stored run's size
