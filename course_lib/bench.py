@@ -30,9 +30,10 @@ import torch
 
 from course_lib.engines import REGISTRY, EngineOptionError, engine_settings, make_engine, resolve
 from course_lib.engines.policies import SLO
-from course_lib.engines.vllm import EngineUnavailable
+from course_lib.engines.vllm import EngineUnavailable, check_available
+from course_lib.measure import simulator
 from course_lib.measure.metrics import request_rows, step_rows, summarize
-from course_lib.measure.roofline import NvmlSampler, cpu_model, measure_peaks
+from course_lib.measure.roofline import NvmlSampler, Peaks, cpu_model, measure_peaks
 from course_lib.model import models
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import RequestError, WorkloadError, load_workload, poisson_arrivals
@@ -66,9 +67,8 @@ def gpu_identity() -> dict | None:
 
 
 def commit() -> str | None:
-    """The repository's commit, ``+dirty`` if the code that measures has changes (not the
-    results it writes: ``bench/results``) (``$COURSE_COMMIT`` where the checkout has no .git,
-    e.g. a GPU box)."""
+    """The repository's commit, ``+dirty`` if the code that measures (not ``bench/results``) has
+    changes; ``$COURSE_COMMIT`` where the checkout has no .git (e.g. a GPU box)."""
     if os.environ.get("COURSE_COMMIT"):
         return os.environ["COURSE_COMMIT"]
     git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
@@ -125,12 +125,11 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
           admission: bool = False) -> dict:
     """Run one benchmark and return the JSON object (also what the CLI writes).
 
-    ``arrival_rate``: requests arrive as a Poisson process of that many per second instead of all
-    at once. ``simulate``: a fitted ``StepCost`` or ``CostBook`` (or the path of a stored
-    ``CostBook``): the engine's scheduler runs as usual, but every step takes the time the cost
-    model predicts and nothing is computed; the JSON is marked ``"simulated": true``. ``slo``: an
-    ``SLO``, against which goodput is reported; ``admission``: the engine admits, queues or
-    refuses requests to meet it.
+    ``arrival_rate``: Poisson arrivals, that many per second (None: all at once). ``simulate``: a
+    fitted ``StepCost`` or ``CostBook`` (or a stored ``CostBook``'s path): the scheduler runs as
+    usual but nothing is computed, each step taking the time the cost model predicts (the JSON
+    says ``"simulated": true``). ``slo``: an ``SLO`` for goodput; ``admission``: the engine
+    admits, queues or refuses requests to meet it.
     """
     if admission:
         if slo is None:
@@ -143,7 +142,6 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     _, spec, _ = resolve(engine, {"max_batch": max_batch, **engine_options})
     own_process = getattr(spec.cls, "own_process", False)      # vllm: nothing of ours on the GPU
     if own_process:
-        from course_lib.engines.vllm import check_available
         check_available()
         if simulate is not None:
             raise EngineOptionError(f"engine {engine!r} cannot be simulated")
@@ -160,7 +158,8 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
                              seed=seed, max_new_tokens=max_new_tokens)
     if arrival_rate is not None:
         requests = poisson_arrivals(requests, arrival_rate, seed)
-    options = json_options(engine_options)
+    options = {k: asdict(v) if k == "slo" else v for k, v in engine_options.items()
+               if k != "step_cost"}           # as the JSON stores them: an SLO as its targets
     if simulate is None:
         peaks = measure_peaks(device, dtype_t)
         runner = make_engine(engine, loaded, max_batch=max_batch, **engine_options)
@@ -175,14 +174,11 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         device_type, nvml_mean, step_source = torch.device(device).type, nvml.mean, log.step_source
         options.update(engine_settings(runner))      # the settings as the engine resolved them
     else:
-        from course_lib.measure.roofline import Peaks
-        from course_lib.measure.simulator import CostBook
-        from course_lib.measure.simulator import simulate as run_simulated
-        cost = CostBook.load(simulate) if isinstance(simulate, (str, Path)) else simulate
-        if isinstance(cost, CostBook):
+        cost = simulator.CostBook.load(simulate) if isinstance(simulate, (str, Path)) else simulate
+        if isinstance(cost, simulator.CostBook):
             cost = cost.for_run(engine, engine_options)
-        runner, log = run_simulated(engine, requests, cost, shape, dtype_t.itemsize, max_batch,
-                                    **engine_options)
+        runner, log = simulator.simulate(engine, requests, cost, shape, dtype_t.itemsize,
+                                         max_batch, **engine_options)
         peaks = Peaks(cost.device, dtype, cost.bandwidth, cost.flops, "simulated")
         device_type, nvml_mean, step_source = "simulated", None, "simulated"
     metrics = summarize(log, shape, dtype_t.itemsize, peaks, slo=slo)
@@ -205,12 +201,6 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
     return out
 
 
-def json_options(options: dict | None) -> dict:
-    """Engine options as the JSON stores them (an SLO as its targets)."""
-    return {k: asdict(v) if k == "slo" else v for k, v in (options or {}).items()
-            if k != "step_cost"}
-
-
 def describe(result: dict) -> str:
     m = result["metrics"]
 
@@ -224,20 +214,6 @@ def describe(result: dict) -> str:
             f"B={result['max_batch']} | {m['output_tokens_per_s'] or 0:.1f} tok/s | "
             f"TTFT p50 {ms(m['ttft_s']['p50'])} | TPOT p50 {ms(m['tpot_s']['p50'])} | "
             f"slots {pct(m['slot_utilisation'])} | MBU {pct(m['mbu'])} | MFU {pct(m['mfu'])}")
-
-
-def engine_options_of(a) -> dict:
-    """The engine options the CLI's flags give (None: the engine's default)."""
-    return {"max_num_batched_tokens": a.max_num_batched_tokens, "block_size": a.block_size,
-            "num_blocks": a.num_blocks, "attention": a.attention,
-            "kv_memory_bytes": None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20),
-            "cuda_graphs": a.cuda_graphs, "fused": a.fused, "overlap": a.overlap,
-            "watermark": a.watermark, "prefix_caching": a.prefix_caching}
-
-
-# what a user can get wrong: one line on stderr and exit status 2, no traceback
-USER_ERRORS = (WorkloadError, RequestError, EngineOptionError, EngineUnavailable,
-               models.ModelError)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -299,23 +275,23 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()     # stderr holds the run's own progress, and errors alone
     slo = None if a.ttft_slo is None and a.tpot_slo is None else SLO(a.ttft_slo, a.tpot_slo)
+    options = {"max_num_batched_tokens": a.max_num_batched_tokens, "block_size": a.block_size,
+               "num_blocks": a.num_blocks, "attention": a.attention,   # None: the engine's own
+               "kv_memory_bytes": None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20),
+               "cuda_graphs": a.cuda_graphs, "fused": a.fused, "overlap": a.overlap,
+               "watermark": a.watermark, "prefix_caching": a.prefix_caching}
     try:
         result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device,
                        a.tokens, a.max_new_tokens, a.seed, progress=True, steps=a.steps,
-                       engine_options=engine_options_of(a), arrival_rate=a.arrival_rate,
+                       engine_options=options, arrival_rate=a.arrival_rate,
                        simulate=a.simulate, admission=a.admission, slo=slo)
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+    except (WorkloadError, RequestError, EngineOptionError, EngineUnavailable,
+            models.ModelError) as e:  # a user's mistake: first line only, exit status 2
+        print(f"error: {(str(e).strip() or type(e).__name__).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     save_result(result, a.json, "python -m course_lib.bench " + " ".join(
         shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)))
     print(describe(result))
-
-
-def one_line(e: Exception) -> str:
-    """An error's message on one line (the first line: the rest is detail)."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 if __name__ == "__main__":

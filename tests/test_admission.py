@@ -7,6 +7,7 @@ from test_simulator import SHAPE, flat_cost
 
 from course_lib import bench
 from course_lib.engines.policies import SLO, AdmissionController, StepTimeModel
+from course_lib.measure.costmodel import StepCost
 from course_lib.measure.metrics import RequestRecord, RunLog, Step, goodput, queue_depth, summarize
 from course_lib.measure.simulator import CostBook, simulate
 from course_lib.requests import Request, poisson_arrivals
@@ -62,6 +63,18 @@ def test_the_online_model_learns_the_step_cost_without_a_prior():
     assert eng.admission.model.cost is not None
     assert eng.admission.model.cost.coef["per_row"] == pytest.approx(0.002, rel=1e-6)
     assert goodput(log, slo)["goodput_rps"] > goodput(run(), slo)["goodput_rps"]
+
+
+def test_the_online_model_keeps_refitting_past_its_window(monkeypatch):
+    fitted = []                  # the number of steps each fit saw
+    monkeypatch.setattr(StepCost, "fit_steps",
+                        classmethod(lambda cls, steps, *a: fitted.append(len(steps)) or COST))
+    model, log = StepTimeModel(SHAPE, 2), []
+    for _ in range(1200):        # the engine calls update after each step, with its whole log
+        log.append(None)
+        model.update(log)
+    assert fitted[0] == model.min_steps and max(fitted) == model.window
+    assert len(fitted) == 1 + (1200 - model.min_steps) // model.refit_every
 
 
 def test_decide_explains_itself():

@@ -1,19 +1,15 @@
-"""The engines of the course by name, with their defaults: one registry for the bench CLI, the
-ladder, the simulator and the notebooks.
+"""The course's engines by name, with their defaults (for the bench, ladder, simulator, notebooks).
 
 * sequential, static, dynamic, continuous: the padded engines of chapters 02-04.
-* chunked (chapter 05: packed steps under a token budget, over a paged KV-cache with room for
-  every request), paged (chapter 07: a bounded cache, ``num_blocks`` or ``kv_memory_bytes``, and
-  preemption when it is full) and fast (chapter 09: the Triton decode kernel, CUDA graphs, fused
-  kernels, overlap and a watermark, each on where CUDA is present) are one class,
-  ``PagedEngine``, with different defaults. Any of its options may be given to any of the three;
-  an option given as None takes the engine's default.
+* chunked (chapter 05: packed steps under a token budget, a cache with room for every request),
+  paged (chapter 07: a bounded cache, ``num_blocks`` or ``kv_memory_bytes``, and preemption) and
+  fast (chapter 09: the Triton decode kernel, CUDA graphs, fused kernels, overlap, a watermark,
+  each on where CUDA is) are one class, ``PagedEngine``, with different defaults.
 * hf-generate, hf-cb: Hugging Face's ``generate`` on static batches, and its continuous batching.
 * vllm: vLLM's offline ``LLM.generate`` in a process of its own (CUDA and vLLM only).
 
-``continuous`` given an option of the paged engine builds ``PagedEngine`` with that class's own
-defaults, named by what it is (``legacy_name``).
-"""
+An option given as None takes the engine's default. ``continuous`` given an option of the paged
+engine builds ``PagedEngine`` with that class's own defaults, named by ``legacy_name``."""
 from __future__ import annotations
 
 import inspect
@@ -39,8 +35,7 @@ def _cuda_on(value_on, value_off):
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """A registered engine: its class and its default options (a value, or a function of
-    ``cuda``: whether the model is on a CUDA device)."""
+    """A registered engine: its class and default options (values, or functions of ``cuda``)."""
     name: str
     cls: type
     defaults: dict = field(default_factory=dict)
@@ -79,8 +74,7 @@ REGISTRY = {s.name: s for s in (
 
 ENGINES = {name: spec.cls for name, spec in REGISTRY.items()}
 
-# the options of the paged engine that the padded continuous engine lacks: given to
-# ``continuous``, they select the paged engine (see the module's docstring)
+# the paged engine's options that the padded continuous engine lacks (given, they select it)
 PAGED_OPTIONS = tuple(o for o in REGISTRY["chunked"].options
                       if o not in REGISTRY["continuous"].options)
 
@@ -93,11 +87,9 @@ def on_cuda(loaded, model=None) -> bool:
     return getattr(device, "type", str(device)) == "cuda"
 
 
-def legacy_name(options: dict, attention: str | None = None) -> str:
-    """The engine that ``continuous`` with paged ``options`` is: ``fast`` when its attention
-    (``attention``, as resolved) is the kernel, ``paged`` with a bounded cache, an attention choice
-    or an SLO, ``chunked`` otherwise."""
-    attention = attention or options.get("attention")
+def legacy_name(options: dict, attention: str) -> str:
+    """What ``continuous`` with paged ``options`` is: ``fast`` when its (resolved) ``attention`` is
+    the kernel, ``paged`` with a bounded cache, an attention or an SLO, else ``chunked``."""
     if attention == "kernel":
         return "fast"
     bounded = ("num_blocks", "kv_memory_bytes", "attention", "slo")
@@ -123,17 +115,13 @@ def resolve(name: str, options: dict) -> tuple:
 
 
 def make_engine(name: str, loaded, **options):
-    """An engine by name (see the module's docstring for the names and their defaults), built on
-    ``loaded``. ``options`` are the engine's constructor keywords; one it does not take, or a value
-    it refuses, raises ``EngineOptionError`` (a ValueError) naming it.
-    The engine's ``name`` is the registry's name of what was built."""
+    """An engine by name, built on ``loaded`` with ``options`` (its constructor's keywords): one it
+    does not take, or a value it refuses, raises ``EngineOptionError`` naming it."""
     _, spec, given = resolve(name, options)
     legacy = name == "continuous" and spec.cls is PagedEngine   # compatibility: as it was built
     defaults = {} if legacy else spec.resolved_defaults(on_cuda(loaded, given.get("model")))
     try:
         engine = spec.cls(loaded, **{**defaults, **given})
-    except EngineOptionError:
-        raise
     except ValueError as e:                       # the engine refused a value: say which engine
         raise EngineOptionError(f"engine {spec.name!r}: {e}") from e
     engine.name = legacy_name(given, engine.attention) if legacy else spec.name
@@ -141,8 +129,7 @@ def make_engine(name: str, loaded, **options):
 
 
 def engine_settings(engine) -> dict:
-    """The settings an engine resolved, as a result records them (the paged engine's budget,
-    blocks, attention and chapter 09 switches; the vllm engine's own record; else nothing)."""
+    """The settings an engine resolved, as its result records them (paged and vllm engines)."""
     if isinstance(engine, PagedEngine):
         run = engine.runner
         out = {"max_num_batched_tokens": engine.max_num_batched_tokens,

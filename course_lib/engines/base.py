@@ -1,7 +1,6 @@
 """What every engine shares: requests in, a ``RunLog`` out. An engine refuses a bad request (with
 the reason) and serves the others, on one clock that starts when ``run`` is called (``arrival_s``
-is "seconds after the start"). Subclasses write ``_serve(requests)``: the rule they teach.
-"""
+counts from there). Subclasses write ``_serve(requests)``: the rule they teach."""
 from __future__ import annotations
 
 import time
@@ -26,7 +25,6 @@ class Engine:
         self.eos = self.hf.config.eos_token_id
         self.max_context = self.hf.config.max_position_embeddings
 
-    # ------------------------------------------------------------------ the clock
     def now(self) -> float:
         return self.clock() - self._t0
 
@@ -36,10 +34,8 @@ class Engine:
         if delay > 0:
             self.sleep(delay)
 
-    # ------------------------------------------------------------------ the run
     def prepare(self, requests):
-        """Compile or set up what a run of ``requests`` needs, before a clock starts (the bench
-        calls it during its warm-up). Most engines need nothing."""
+        """Set up what a run of ``requests`` needs before a clock starts (the bench's warm-up)."""
 
     def run(self, requests, progress: bool = False) -> RunLog:
         ids = [r.id for r in requests]

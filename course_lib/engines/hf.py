@@ -1,11 +1,10 @@
 """The peers: what a practitioner reaches for first, measured with the same instruments.
 
 * ``hf-generate``: Hugging Face ``generate`` on left-padded static batches of ``max_batch``
-  requests. A batch runs until its longest request is done; per-step times come from a streamer.
-* ``hf-cb``: Hugging Face continuous batching (``init_continuous_batching``, the engine behind
+  requests, each run until its longest request is done; step times come from a streamer.
+* ``hf-cb``: Hugging Face continuous batching (``init_continuous_batching``, behind
   ``generate_batch``), requests added as they arrive. Its step log is rebuilt from per-token
-  timestamps, so its slot utilisation is unknown (reported as null).
-"""
+  timestamps, so its slot utilisation is unknown (null)."""
 from __future__ import annotations
 
 import inspect
@@ -97,40 +96,33 @@ class HFContinuousEngine(Engine):
     name = "hf-cb"
     step_source = "timestamps"
 
-    def __init__(self, loaded, max_batch: int = 1, use_cuda_graph: bool | None = None,
-                 num_blocks: int | None = None, max_batch_tokens: int | None = None,
-                 max_memory_percent: float | None = None):
+    def __init__(self, loaded, max_batch: int = 1, max_memory_percent: float | None = None):
         super().__init__(loaded, max_batch)
         # HF sizes its KV-cache from the free memory (``max_memory_percent`` of it, its default when
         # None); on an H200 its CUDA-graph warm-up then runs out of memory and it serves without.
         self.max_memory_percent = max_memory_percent
-        cuda = self.hf.device.type == "cuda"
-        self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
-        # On the CPU the default would reserve 60% of RAM for the KV-cache: size it instead.
-        self.num_blocks = num_blocks if num_blocks is not None or cuda else 256
-        self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None or cuda else 512
 
     def _manager(self, max_new_tokens, eos):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                eos_token_id=eos, pad_token_id=self.eos)
-        memory = ({} if self.max_memory_percent is None
-                  else {"max_memory_percent": self.max_memory_percent})
-        cb = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch,
-                                      use_cuda_graph=self.use_cuda_graph,
-                                      num_blocks=self.num_blocks,
-                                      max_batch_tokens=self.max_batch_tokens, **memory)
+        cuda = self.hf.device.type == "cuda"
+        # on the CPU HF's default would reserve 60% of RAM for the KV-cache: size it instead
+        sizes = {} if cuda else {"num_blocks": 256, "max_batch_tokens": 512}
+        if self.max_memory_percent is not None:
+            sizes["max_memory_percent"] = self.max_memory_percent
+        cb = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch, use_cuda_graph=cuda,
+                                      **sizes)
         return self.hf.init_continuous_batching(generation_config=gen,
                                                 continuous_batching_config=cb)
 
     def _serve(self, requests):      # not under inference_mode: HF's thread sets its own mode
         if not requests:
             return
-        # Newer transformers take an EOS per request; older ones only the manager's.
-        manager = self._manager(max(r.max_new_tokens for r in requests), self._shared_eos(requests))
+        # Newer transformers take an EOS per request; older ones only the manager's (-1: none).
+        shared_eos = -1 if all(r.ignore_eos for r in requests) else self.eos
+        manager = self._manager(max(r.max_new_tokens for r in requests), shared_eos)
         per_request_eos = "eos_token_id" in inspect.signature(manager.add_request).parameters
-        extra = (lambda req: {"eos_token_id": -1 if req.ignore_eos else self.eos}) \
-            if per_request_eos else (lambda req: {})
         if hasattr(manager, "warmup") and not getattr(manager, "warmed_up", True):
             failures, hf_log = _WarmupFailures(), logging.getLogger("ContinuousBatchingLogger")
             hf_log.addHandler(failures)
@@ -146,9 +138,10 @@ class HFContinuousEngine(Engine):
             while len(done) < len(requests):
                 while pending and pending[0].arrival_s <= self.now():
                     req = pending.pop(0)
+                    eos = {"eos_token_id": -1 if req.ignore_eos else self.eos}
                     manager.add_request(req.prompt_tokens, request_id=req.id,
                                         max_new_tokens=req.max_new_tokens, record_timestamps=True,
-                                        **extra(req))
+                                        **(eos if per_request_eos else {}))
                 wait = pending[0].arrival_s - self.now() if pending else 0.5
                 result = manager.get_result(timeout=max(min(wait, 0.5), 0.001))
                 if result is not None and result.is_finished():
@@ -170,31 +163,22 @@ class HFContinuousEngine(Engine):
                        times[-1] if times else self.now())
         self.steps = rebuild_steps(list(by_id.values()), self.records)
 
-    def _shared_eos(self, requests):
-        """The manager's EOS: -1 (none) when every request ignores EOS."""
-        return -1 if all(r.ignore_eos for r in requests) else self.eos
-
 
 def rebuild_steps(requests, records, gap_s: float = 2e-4) -> list:
     """A step log from per-token timestamps: tokens stamped within ``gap_s`` of each other came out
     of the same forward pass. A request's first token closes its prefill; the others are decodes."""
-    events = sorted((t, i, req) for req in requests
-                    for i, t in enumerate(records[req.id].token_times))
-    steps, group = [], []
-
-    def close(group, start):
+    groups = []         # of (time, index of the token in its request, request)
+    for ev in sorted((t, i, req) for req in requests
+                     for i, t in enumerate(records[req.id].token_times)):
+        if groups and ev[0] - groups[-1][-1][0] <= gap_s:
+            groups[-1].append(ev)
+        else:
+            groups.append([ev])
+    steps, start = [], min((r.arrival_s for r in requests), default=0.0)
+    for group in groups:
         pairs = [(len(r.prompt_tokens) + i - 1, 1) if i else (0, len(r.prompt_tokens))
                  for _, i, r in group]
         steps.append(Step.of(start, group[-1][0], pairs, active=[req.id for _, _, req in group],
                              decode_tokens=sum(i > 0 for _, i, _ in group)))
-        return group[-1][0]
-
-    start = min((r.arrival_s for r in requests), default=0.0)
-    for ev in events:
-        if group and ev[0] - group[-1][0] > gap_s:
-            start = close(group, start)
-            group = []
-        group.append(ev)
-    if group:
-        close(group, start)
+        start = group[-1][0]
     return steps

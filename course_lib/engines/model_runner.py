@@ -1,9 +1,7 @@
 """Runs a scheduled step (chapters 05-09): its tokens packed into one tensor, one forward pass
-with attention through the block tables, the next tokens sampled on the device, its record. With
-*overlap* (chapter 09) ``launch`` queues a step and returns; its sampled tokens stay on the
-device (``last``), where the next step reads them, and reach the host through a pinned buffer
-that ``collect`` reads once the next step is launched.
-"""
+with attention through the block tables, the next tokens sampled on the device. With *overlap*
+(chapter 09) ``launch`` queues a step and returns; ``collect`` reads its tokens (through a pinned
+buffer) once the next step is launched, which reads them on the device (``last``)."""
 from __future__ import annotations
 
 import time
@@ -20,16 +18,15 @@ from course_lib.model.kv_cache import to_device
 from course_lib.model.llama import REFERENCE_OPS
 from course_lib.model.sampling import sample
 
-# a packed step's attention: the gather reference, FlexAttention reading the cache in place, and
-# (CUDA) the decode kernel next to FlexAttention over a packed copy of the prompts' keys
+# a packed step's attention: the gather reference, FlexAttention on the cache in place or on a
+# packed copy of the prompts' keys, and (CUDA) the decode kernel
 ATTENTION = {"gather": PagedAttention, "flex": FlexPagedAttention,
              "gathered-flex": GatheredFlexAttention, "kernel": KernelPagedAttention}
 
 
 def packed_inputs(rows, last):
-    """The input tokens of a packed step, as one tensor on ``last``'s device. ``rows``: per
-    sequence, ``(its new tokens, src)``; with overlap the last of them may still be on the device
-    (``None`` on the host: sampled by the step in flight), and then it is ``last[src]``."""
+    """A packed step's input tokens, on ``last``'s device, from ``(new tokens, src)`` per row; a
+    last token still ``None`` (sampled by the step in flight, with overlap) is ``last[src]``."""
     flat, to, src = [], [], []
     for new, j in rows:
         if new[-1] is None:              # not yet on the host: a placeholder, filled on the device
@@ -45,8 +42,8 @@ def packed_inputs(rows, last):
 
 
 def step_counts(plan, computed: int) -> dict:
-    """What a step computes, for its ``Step`` record (read before its tokens count as cached).
-    A decode feeds an answer token back; prompts and recomputed answers are prefill."""
+    """A step's work, for its ``Step`` (before its tokens count as cached): decodes feed an answer
+    token back; prompts and recomputed answers are prefill."""
     seqs = plan.seqs
     decodes = sum(s.cached >= len(s.req.prompt_tokens) for s in seqs
                   if plan.decode_only or s.pending == 1)
@@ -91,16 +88,13 @@ class ModelRunner:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.temperature = temperature
-        # the tokens each step samples stay on the device, where the next step reads them; two
-        # pinned host buffers for their copies, as the step before may not be read yet
+        # sampled tokens stay on the device; two pinned host buffers, as the last may be unread
         self.last = torch.zeros(max_batch, dtype=torch.long, device=model.device)
         self._to_host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=cuda)
                          for _ in range(2)]
         self._parity = 0
         self.cache = self.graphs = None
-        # a stand-in for a decode step's device work (``DecodeGraphs``'s ``forward``): e.g. one
-        # that computes nothing, to time the host's share of a step alone
-        self.decode_forward = None
+        self.decode_forward = None     # a stand-in for a decode step's device work (bench/)
         self.now, self.sleep = time.perf_counter, time.sleep   # the engine lends its clock
 
     @property
@@ -109,8 +103,7 @@ class ModelRunner:
         return self.model.device.type == "cuda" and self.attention != "gather"
 
     def setup(self, cache, max_blocks: int):
-        """The cache the next run writes to, and the decode graphs that read it (kept while they
-        fit: capturing them takes seconds)."""
+        """The next run's cache, and the decode graphs over it (kept while they fit)."""
         self.cache = cache
         if self.decode_path and (self.graphs is None or self.graphs.cache is not cache
                                  or self.graphs.max_blocks < max_blocks):
@@ -169,15 +162,13 @@ class ModelRunner:
         end = step.end
         if step.event is not None:
             step.event.synchronize()
-            # it ended when the GPU finished it, not when the host got round to looking (with
-            # overlap the host may be busy launching the next step at that moment)
+            # when the GPU finished it, not when the (overlapping) host got round to looking
             end = self._clock_at + self._clock_event.elapsed_time(step.event) / 1e3
         elif end > self.now():          # a simulated device (course_lib.measure.simulator)
             self.sleep(end - self.now())
         end = min(end, self.now())
         tokens = step.host[:len(step.plan.sampled)].tolist()
-        # steps run back to back on the device: one starts when it is launched or when the one
-        # before it ends, whichever is later
+        # steps run back to back: one starts when launched or when the one before ends
         record = Step.of(max(step.start, self._last_end), max(end, step.start), **step.work)
         self._last_end = record.end_s
         return tokens, record

@@ -20,8 +20,7 @@ class Seq:
     done: bool = False
 
     @property
-    def context(self) -> int:
-        """Real tokens already in the cache."""
+    def context(self) -> int:       # real tokens already in the cache
         return self.next_col - self.start
 
 

@@ -1,8 +1,6 @@
 """Continuous batching the way servers do it (chapters 05-09): packed steps under a token budget,
 over a paged KV-cache, with preemption when it is full. ``PagedEngine`` runs the loop: take in
-arrivals, ask the ``scheduler`` for a step, have the ``model_runner`` run it, hand the sampled
-tokens back to the scheduler.
-"""
+arrivals, have the ``scheduler`` plan a step and the ``model_runner`` run it, hand tokens back."""
 from __future__ import annotations
 
 from collections import deque
@@ -16,7 +14,6 @@ from course_lib.engines.scheduler import Scheduler
 from course_lib.engines.sequence import Sequence
 from course_lib.model.kv_cache import PagedKVCache, kv_bytes_per_token
 from course_lib.model.llama import Llama
-from course_lib.requests import RequestError
 
 
 class PagedEngine(Engine):
@@ -72,8 +69,7 @@ class PagedEngine(Engine):
         return getattr(self.cache.blocks, "hit_tokens", 0) if self.cache else 0
 
     def blocks_for(self, requests) -> int:
-        """The cache's blocks: ``num_blocks`` (or the memory budget), else room for every
-        request at once (no preemption)."""
+        """``num_blocks`` (or the memory budget), else room for every request at once."""
         bs = self.block_size
         return self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens) // bs)
                                       for r in requests)
@@ -83,8 +79,7 @@ class PagedEngine(Engine):
         return PagedKVCache(self.model.shape, blocks, self.model.dtype, self.model.device)
 
     def setup(self, requests):
-        """The cache for a run, kept from run to run while it fits and emptied at the start of
-        each, and the runner's decode graphs over it."""
+        """The run's cache (kept from run to run while it fits), emptied, and the decode graphs."""
         n_blocks = self.blocks_for(requests)
         have = self.cache.blocks.n_blocks if self.cache else 0
         if have < n_blocks or (self.num_blocks and have != n_blocks):
@@ -95,8 +90,7 @@ class PagedEngine(Engine):
         self.runner.setup(self.cache, min(blocks.blocks_needed(longest), blocks.n_blocks))
 
     def prepare(self, requests):
-        """On CUDA, compile the attention for every step size this run may take, and capture
-        the decode graphs."""
+        """On CUDA, compile the attention for every step size a run may take; capture graphs."""
         if self.runner.compiles and requests:
             most = self.max_num_batched_tokens or sum(sorted(
                 len(r.prompt_tokens) + r.max_new_tokens for r in requests)[-self.max_batch:])
@@ -113,10 +107,10 @@ class PagedEngine(Engine):
         for req in requests:
             need = blocks.blocks_needed(len(req.prompt_tokens) + req.max_new_tokens)
             if need > blocks.n_blocks:      # could never fit, even alone: refuse it, serve the rest
-                self.records[req.id].finish_reason = "refused"
-                self.records[req.id].error = str(RequestError(
+                rec = self.records[req.id]
+                rec.finish_reason, rec.error = "refused", (
                     f"request {req.id!r} needs {need} KV-cache blocks of {self.block_size} tokens, "
-                    f"the cache has {blocks.n_blocks}"))
+                    f"the cache has {blocks.n_blocks}")
                 self._bar.update(1)
             else:
                 arrivals.append(req)
@@ -181,7 +175,7 @@ class PagedEngine(Engine):
         if self.trace_blocks:
             self.block_trace.append({sid: list(t) for sid, t in blocks.tables.items()})
         if self.admission:
-            self.admission.model.update(self.steps[-512:])
+            self.admission.model.update(self.steps)
         # memory: tokens held against the token places of the blocks allocated for them
         record.kv_used = getattr(blocks, "tokens_held", None) or sum(blocks.lengths.values())
         record.kv_reserved = (blocks.n_blocks - blocks.n_free) * blocks.block_size

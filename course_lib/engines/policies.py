@@ -2,13 +2,11 @@
 (chapter 09). Each has ``admit(seq, scheduler) -> bool``, asked before the head of the queue
 joins; one may also ``shed(scheduler)``: refuse waiting requests for good.
 
-Past its capacity a server that admits everything lets its queue grow without bound, and every
-request misses its targets. The ``AdmissionController`` *admits* a request, *queues* it (one more
-sequence would make every decode step slower than the TPOT target) or *refuses* it, with the
-reason, when it can no longer meet its TTFT target: served late is as useless as not served, and
-costs capacity. It predicts step times with the step-cost model, fitted online to the engine's
-own steps. What it maximises is *goodput*: requests served within both targets, per second.
-"""
+Past its capacity a server that admits everything lets its queue grow, and every request misses
+its targets. The ``AdmissionController`` queues a request while one more sequence would slow
+decode steps past the TPOT target, and refuses it once it cannot meet its TTFT target (served late
+is as useless as not served, and costs capacity), from step times predicted by a step-cost model
+fitted online. It maximises *goodput*: requests served within both targets, per second."""
 from __future__ import annotations
 
 import math
@@ -41,20 +39,21 @@ class SLO:
 
 
 class StepTimeModel:
-    """Predicts step times: a ``StepCost`` refitted every ``refit_every`` steps to the engine's
-    own step log (the first fit needs ``min_steps`` steps; until then ``prior``, if given)."""
+    """Predicts step times: a ``StepCost`` refitted every ``refit_every`` steps to the last
+    ``window`` steps of the engine's own log (the first fit needs ``min_steps`` steps; until then
+    ``prior``, if given)."""
+    min_steps, refit_every, window = 8, 16, 512
 
-    def __init__(self, shape, dtype_bytes: int, prior: StepCost | None = None,
-                 min_steps: int = 8, refit_every: int = 16):
-        self.shape, self.dtype_bytes, self.cost = shape, dtype_bytes, prior
-        self.min_steps, self.refit_every, self._fitted_at = min_steps, refit_every, 0
+    def __init__(self, shape, dtype_bytes: int, prior: StepCost | None = None):
+        self.shape, self.dtype_bytes, self.cost, self._fitted_at = shape, dtype_bytes, prior, 0
 
     def update(self, steps: list):
         n = len(steps)
         wait = self.refit_every if self._fitted_at else 0
         if n >= self.min_steps and n - self._fitted_at >= wait:
             # no peaks online: the weights' time goes into the fitted fixed cost per step
-            self.cost = StepCost.fit_steps(steps, self.shape, self.dtype_bytes, ONLINE)
+            self.cost = StepCost.fit_steps(steps[-self.window:], self.shape, self.dtype_bytes,
+                                           ONLINE)
             self._fitted_at = n
 
     def predict(self, rows: int, tokens: int, attended: int, kv_read: int) -> float | None:
@@ -67,8 +66,7 @@ class StepTimeModel:
 def admission_rule(waited_s: float, first_token_s: float, decode_step_s: float,
                    ttft_slo: float, tpot_slo: float) -> str:
     """``"refuse"`` what cannot meet the TTFT target even if admitted now, else ``"queue"`` what
-    would make decode steps slower than the TPOT target, else ``"admit"`` (seconds; no target:
-    ``inf``)."""
+    would slow decode steps past the TPOT target, else ``"admit"`` (seconds; no target: ``inf``)."""
     if waited_s + first_token_s > ttft_slo:
         return "refuse"
     return "queue" if decode_step_s > tpot_slo else "admit"
@@ -84,29 +82,20 @@ class AdmissionController:
         self.admitted = set()      # ids admitted once: a preempted sequence is not judged again
 
     def step_time(self, pairs) -> float | None:
-        """Predicted time of a step in which each sequence feeds ``new`` tokens after ``cached``
-        ones (``(cached, new)`` pairs)."""
+        """Predicted time of a step of ``(cached, new)`` tokens per sequence."""
         s = Step.of(0.0, 0.0, pairs)
         return self.model.predict(s.rows, s.slots, s.attended, s.kv_read)
 
-    def decode_time(self, contexts: list) -> float | None:
-        """Predicted time of one decode step of sequences with these many cached tokens."""
-        return self.step_time([(c, 1) for c in contexts])
-
-    def prefill_time(self, prompt_len: int, contexts: list) -> float | None:
-        """Predicted time of a step that prefills a prompt next to one decode for each running
-        sequence (the step in which a newcomer gets its first token)."""
-        return self.step_time([(c, 1) for c in contexts] + [(0, prompt_len)])
-
     def decide(self, prompt_len: int, waited_s: float, contexts: list) -> tuple:
-        """``("admit", "")``, ``("queue", why)`` or ``("refuse", why)`` for a request with a
-        ``prompt_len``-token prompt that has waited ``waited_s``, next to running sequences
-        with ``contexts`` cached tokens."""
-        first = self.prefill_time(prompt_len, contexts)
+        """``("admit", "")``, ``("queue", why)`` or ``("refuse", why)`` for a ``prompt_len``-token
+        prompt that has waited ``waited_s``, next to running sequences of ``contexts`` tokens."""
+        # its first token: its prefill, next to one decode for each running sequence
+        first = self.step_time([(c, 1) for c in contexts] + [(0, prompt_len)])
         if first is None:                               # no step times to predict from yet
             return "admit", ""
         ttft, tpot = self.slo.ttft_s or math.inf, self.slo.tpot_s or math.inf
-        step = self.decode_time(contexts + [prompt_len]) if contexts and tpot < math.inf else 0.0
+        decodes = [(c, 1) for c in contexts + [prompt_len]]      # a decode step once it has joined
+        step = self.step_time(decodes) if contexts and tpot < math.inf else 0.0
         verdict = self.rule(waited_s, first, step, ttft, tpot)
         if verdict == "refuse":
             return verdict, (f"would miss the TTFT target of {ttft:g} s: waited {waited_s:.3g} s, "
@@ -114,33 +103,30 @@ class AdmissionController:
         return verdict, (f"one more sequence makes a decode step {step:.3g} s, over the TPOT "
                          f"target of {tpot:g} s") if verdict == "queue" else ""
 
+    def _verdict(self, seq, scheduler) -> tuple:
+        """``decide`` for a waiting sequence, next to the running ones."""
+        return self.decide(len(seq.tokens), self.clock() - seq.req.arrival_s,
+                           [len(s.tokens) for s in scheduler.running])
+
     def admit(self, seq, scheduler) -> bool:
         """May the head of the queue join the running sequences now?"""
         if seq.req.id not in self.admitted:
-            verdict, _ = self.decide(len(seq.tokens), self.clock() - seq.req.arrival_s,
-                                     [len(s.tokens) for s in scheduler.running])
-            if verdict != "admit":
+            if self._verdict(seq, scheduler)[0] != "admit":
                 return False
             self.admitted.add(seq.req.id)
         return True
 
     def shed(self, scheduler) -> list:
         """``[(seq, why)]``: every waiting request that can no longer meet its TTFT target."""
-        contexts, refused = [len(s.tokens) for s in scheduler.running], []
-        for seq in scheduler.waiting:
-            if seq.req.id not in self.admitted:
-                verdict, why = self.decide(len(seq.tokens), self.clock() - seq.req.arrival_s,
-                                           contexts)
-                if verdict == "refuse":
-                    refused.append((seq, f"request {seq.req.id!r} refused: {why}"))
-        return refused
+        verdicts = [(seq, self._verdict(seq, scheduler)) for seq in scheduler.waiting
+                    if seq.req.id not in self.admitted]
+        return [(seq, f"request {seq.req.id!r} refused: {why}")
+                for seq, (verdict, why) in verdicts if verdict == "refuse"]
 
 
 class Watermark:
-    """Admit only while ``fraction`` of the cache's blocks stays free after the newcomer's prompt.
-    The free blocks are the running sequences' room to grow: admitting into the last of them
-    means preempting (and recomputing a whole prompt) a few steps later. Alone, a sequence is
-    always admitted."""
+    """Admit only while ``fraction`` of the blocks stays free after the newcomer's prompt: the
+    running sequences' room to grow, short of which they are preempted. Alone, always admitted."""
 
     def __init__(self, fraction: float):
         if not 0 <= fraction < 1:

@@ -1,6 +1,5 @@
-"""The model runner: one forward pass over a padded batch, and the next token of every row. The
-engines decide *what* runs in each step; the runner only executes it, so that the scheduler
-tests can swap the model for a fake one and check the exact schedule in milliseconds."""
+"""The padded model runner: one forward pass, the next token of every row. The engines decide
+*what* runs; the runner only executes it (so scheduler tests can swap in a fake model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,13 +35,8 @@ class PaddedRunner:
         self.cache = ContiguousKVCache(model.shape, n_slots, max_len, model.dtype, model.device)
 
     def step(self, rows: list[Row], pad_left: bool = True) -> list[int]:
-        """Run the rows' new tokens; return each row's greedy next token.
-
-        Rows with fewer tokens than the longest are padded: on the left (their tokens end in the
-        last column of the batch, as in static batching) or on the right (their tokens start at
-        ``first_col``, as in a per-slot layout; the padding is written past the row's end and
-        overwritten later, never attended to by a real token).
-        """
+        """Each row's greedy next token. Shorter rows are padded on the left (static batching) or
+        on the right (a per-slot layout: written past the row's end, never attended to)."""
         dev, T = self.model.device, max(len(r.tokens) for r in rows)
         if pad_left:
             tokens, pads = left_pad([r.tokens for r in rows], self.pad_id)

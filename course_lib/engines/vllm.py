@@ -1,12 +1,8 @@
-"""vLLM as a peer: its offline ``LLM.generate`` on the same requests, greedy.
-
-vLLM takes 90% of the card, so it runs in a process of its own (``python -m
-course_lib.engines.vllm SPEC OUT``), never beside the course's engines. It gets the model as a
-Hugging Face folder written from the loaded model and the prompts as token ids; all requests go
-into one ``generate`` call after a short warm-up on other ids (arrival times cannot be honoured
-offline and are refused). The result records the settings vLLM resolved. Request stats are on
-(as ``vllm serve`` has them): from each request's first and last token times, TTFT is exact and
-the tokens between are spread evenly (TPOT the mean); without them TTFT/TPOT are null."""
+"""vLLM as a peer: its offline ``LLM.generate`` on the same requests, greedy, in a process of its
+own (``python -m course_lib.engines.vllm SPEC OUT``: vLLM takes 90% of the card). It gets the
+model as a Hugging Face folder and the prompts as token ids, all in one ``generate`` call after a
+short warm-up on other ids (later arrivals are refused). From each request's first and last token
+times (request stats on, as in ``vllm serve``) TTFT is exact and TPOT the mean."""
 from __future__ import annotations
 
 import importlib.util
@@ -31,15 +27,14 @@ class EngineUnavailable(RuntimeError):
 
 
 def check_available():
-    """Raise ``EngineUnavailable`` saying what to install unless vLLM and CUDA are both here."""
+    """Raise ``EngineUnavailable``, saying what to install, unless vLLM and CUDA are here."""
     import torch
     if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
         raise EngineUnavailable(INSTALL)
 
 
 def export_model(loaded, folder) -> Path:
-    """The loaded model as a Hugging Face folder (config and safetensors) that vLLM can load;
-    written once per folder."""
+    """The loaded model as a Hugging Face folder that vLLM can load (written once)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         part = folder.with_name(folder.name + ".part")
@@ -116,8 +111,8 @@ class VllmEngine(Engine):
 
 
 def child_env(in_process: bool) -> dict:
-    """What vLLM's process needs set before vLLM starts: no FlashInfer sampler (greedy never
-    needs it, and the GPU machines lack it), no network, and where its engine core runs."""
+    """vLLM's environment: no FlashInfer sampler (greedy never needs it, and the GPU machines lack
+    it), no network, and where its engine core runs."""
     return {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1"}
@@ -185,8 +180,7 @@ def child(spec_path, out_path):
 
 
 def _token_span(metrics, start_wall: float, start_mono: float) -> dict:
-    """The first and last token's times from the start of the call, where vLLM's stats hold
-    them (wall-clock or monotonic, by version)."""
+    """The first and last token's times from the start of the call, where vLLM's stats have them."""
     first = getattr(metrics, "first_token_ts", None) or getattr(metrics, "first_token_time", None)
     last = getattr(metrics, "last_token_ts", None) or getattr(metrics, "last_token_time", None)
     if not first or not last:

@@ -1,16 +1,10 @@
-"""Decode steps as CUDA graphs (chapter 09). A decode step is a few hundred small kernels, which
-at small batch the GPU runs faster than Python launches them: a graph records the step once and
-replays it with one launch. It replays fixed kernels on fixed memory, so the batch size is fixed
-(one graph per *bucket*, the extra rows padding that writes to the cache's pad block), the inputs
-live in one device buffer refilled with one copy per step, and the next token is chosen inside
-the graph: it lands in ``last``, where the next step reads it (``src``) before the host has seen
-it (``ModelRunner(overlap=True)``). The Triton decode kernel reads each sequence's length from
-memory, so one graph serves any context. Without CUDA (or ``graphs=False``) the same buffers run
-eagerly.
-
-``split_from`` (an experiment, off by default): from that bucket up, a step runs as two halves of
-the batch on two CUDA streams, so that one half's attention can run next to the other half's
-matmuls; each half then reads the layers' weights.
+"""Decode steps as CUDA graphs (chapter 09). At small batch the GPU runs a decode step's few
+hundred kernels faster than Python launches them: a graph records the step once and replays it
+with one launch, on fixed memory. So one graph per batch *bucket* (padding rows write to the
+cache's pad block; the decode kernel reads the lengths from memory, so any context fits), the
+inputs in one device buffer refilled by one copy a step, and the next token chosen inside the
+graph into ``last``, where the next step reads it (``src``) before the host has seen it. Without
+CUDA (or with ``graphs=False``) the same buffers run eagerly.
 """
 from __future__ import annotations
 
@@ -23,25 +17,21 @@ from course_lib.model.sampling import sample
 
 def batch_buckets(max_batch: int) -> list:
     """The batch sizes graphs are captured for: 1, 2, 4, ... 32, then every 32 up to max_batch."""
-    sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_batch]
-    sizes += list(range(32, max_batch, 32))
-    return sorted(set(sizes + [max_batch]))
+    small = [b for b in (1, 2, 4, 8, 16) if b < max_batch]
+    return small + list(range(32, max_batch, 32)) + [max_batch]
 
 
 class DecodeGraphs:
-    """Runs decode steps of ``model`` over ``cache`` for up to ``max_batch`` sequences of up to
-    ``max_blocks`` blocks each: captured as CUDA graphs on CUDA, eager elsewhere.
-
-    ``forward(graphs, nb) -> tokens`` replaces the step's device work (the model's pass over the
-    first ``nb`` rows, then sampling): e.g. a stand-in that computes nothing, to time the host."""
+    """Decode steps for up to ``max_batch`` sequences of up to ``max_blocks`` blocks.
+    ``forward(graphs, nb) -> tokens`` replaces a step's device work (e.g. to time the host);
+    ``split_from`` (an experiment): from that bucket up, two halves on two CUDA streams."""
 
     def __init__(self, model, cache, max_batch: int, max_blocks: int, temperature: float = 0.0,
                  graphs: bool | None = None, last=None, split_from: int | None = None,
                  forward=None):
         self.model, self.cache, self.temperature = model, cache, temperature
         self.work = self._forward if forward is None else (lambda nb: forward(self, nb))
-        self.device = model.device
-        self.split_from = split_from
+        self.device, self.split_from = model.device, split_from
         self._side = torch.cuda.Stream() if split_from and self.device.type == "cuda" else None
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
         self.buckets, self.max_blocks = batch_buckets(max_batch), max_blocks
@@ -54,9 +44,8 @@ class DecodeGraphs:
         self.tokens, self.positions, self.slots, self.lengths, self.src = \
             self.inputs[:5 * B].view(5, B)
         self.tables = self.inputs[5 * B:].view(B, max_blocks)
-        # two host buffers, filled in turns: while the GPU has not yet copied one (its step
-        # waits behind the one running), the host fills the other. Each remembers which block
-        # table each of its rows holds, to write only what changed
+        # two host buffers, filled in turns: the host fills one while the GPU has yet to copy the
+        # other. Each remembers the block table each of its rows holds, to write only changes
         cuda = self.device.type == "cuda"
         self._hosts = [torch.zeros(n, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._held = [([None] * B, [0] * B) for _ in range(2)]
@@ -106,8 +95,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def warm(self):
-        """Run every bucket once, eagerly, so that Triton compiles each kernel's variants now and
-        not inside a timed run's first steps (nor inside a graph being captured)."""
+        """Run every bucket once, eagerly: Triton compiles now, not in a timed step or a capture."""
         for nb in reversed(self.buckets):
             self.work(nb)
         torch.cuda.synchronize()
@@ -129,20 +117,16 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= n)
 
     def fill(self, rows):
-        """Write a step's inputs into the host buffer; the rows past ``len(rows)`` up to the
-        largest bucket are padding: token 0 at position 0, written to the pad block.
+        """Write a step's inputs into the host buffer, the rows past ``len(rows)`` as padding.
         ``rows``: ``(token, position, table, src)``, ``src`` >= 0 for a token to read from
         ``last`` (then ``token`` is ignored), -1 otherwise."""
         B, bs = self.buckets[-1], self.cache.block_size
         h, n = self.np, len(rows)
         tokens, positions, slots, lengths, src = h[:5 * B].reshape(5, B)
         tables = h[5 * B:].reshape(B, self.max_blocks)
-        if n:
-            tokens[:n] = np.fromiter((row[0] for row in rows), np.int64, n)
-            positions[:n] = np.fromiter((row[1] for row in rows), np.int64, n)
-            src[:n] = np.fromiter((row[3] for row in rows), np.int64, n)
-        # A block table only grows while its sequence runs, and a sequence keeps its row from
-        # step to step unless the batch changes: write only the blocks a row does not hold yet
+        for column, i in ((tokens, 0), (positions, 1), (src, 3)):
+            column[:n] = np.fromiter((row[i] for row in rows), np.int64, n)
+        # a table only grows, and a sequence keeps its row: write only the blocks a row lacks
         held, written = self._held[self._turn]
         for i, (_, _, table, _) in enumerate(rows):
             have = written[i] if held[i] is table else 0
@@ -158,9 +142,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def launch(self, rows) -> int:
-        """Queue one decode step and return at once (its bucket). ``rows``: ``(last token, its
-        position, block table, src)`` per sequence, the table already holding the position's
-        block, ``src`` as in ``fill``. The next tokens land in ``last[:len(rows)]``."""
+        """Queue one decode step and return its bucket at once. ``rows`` as in ``fill``, each table
+        holding its position's block; the next tokens land in ``last[:len(rows)]``."""
         n = len(rows)
         if not 0 < n <= self.buckets[-1]:
             raise ValueError(f"a decode step takes 1 to {self.buckets[-1]} sequences, got {n}")

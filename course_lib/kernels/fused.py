@@ -1,19 +1,12 @@
-"""Kernel fusion (chapter 09): the layer's elementwise work in three Triton kernels.
+"""Kernel fusion (chapter 09): the layer's elementwise work in three Triton kernels. Where
+PyTorch runs several kernels that each read and write memory, a fused kernel loads its inputs
+once, works in registers and stores once. Each rounds where PyTorch does, so the fused model
+follows the references of ``course_lib.model.llama`` closely.
 
-Between its matrix products a layer does small elementwise jobs; in PyTorch each is several
-kernels, and each kernel reads its inputs from memory and writes its result back (at decode sizes
-the cost is the launches, at prefill sizes the bytes). A fused kernel loads its inputs once, does
-every step in registers and stores the result once:
-
-* ``add_rms_norm(x, delta, w)``: the residual add and the next RMSNorm, one program per token;
+* ``add_rms_norm(x, delta, w)``: the residual add and the next RMSNorm;
 * ``rope_qk(q, k, cos, sin)``: RoPE on every query and key head of a token at once;
-  ``rope_qk_store`` also writes the rotated keys and the values into the paged KV-cache, in
-  place of the attention's own cache write (two kernels fewer per layer);
+  ``rope_qk_store`` also writes the rotated keys and the values into the paged KV-cache;
 * ``silu_mul(gate, up)``: SwiGLU's product.
-
-Each rounds where PyTorch's version rounds, so the fused model follows the references
-(``course_lib.model.llama``) closely. ``python -m course_lib.kernels.fused`` checks them against
-the references (on a CPU in Triton's interpreter, with ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -21,10 +14,8 @@ import json
 
 import torch
 
+from course_lib.model import llama
 from course_lib.model.llama import ElementwiseOps, rope_cos_sin, rope_frequencies
-from course_lib.model.llama import add_rms_norm as add_rms_norm_reference
-from course_lib.model.llama import rope_qk as rope_qk_reference
-from course_lib.model.llama import silu_mul as silu_mul_reference
 
 try:                                   # Triton ships with CUDA builds of PyTorch
     import triton
@@ -54,9 +45,8 @@ if triton is not None:
     @triton.jit
     def _rotate(x_ptr, out_ptr, tok, n_heads, stride_tok, out_row, out_head, c, s,
                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-        """Rotate the pairs (x_i, x_{i + d/2}) of every head of one token by the token's angles;
-        head ``h`` of the result goes to ``out_row + h * out_head`` (a contiguous row, or a slot of
-        the KV-cache, whose heads are far apart)."""
+        """Rotate the pairs (x_i, x_{i + d/2}) of every head of one token by its angles; head ``h``
+        goes to ``out_row + h * out_head`` (a contiguous row, or a slot of the KV-cache)."""
         h, i = tl.arange(0, BLOCK_H), tl.arange(0, HALF)
         src = tok.to(tl.int64) * stride_tok + h[:, None] * (2 * HALF) + i[None, :]   # (heads, d/2)
         at = out_row + h[:, None].to(tl.int64) * out_head + i[None, :]
@@ -104,21 +94,17 @@ if triton is not None:
         tl.store(out_ptr + row * n + col, (silu * u).to(dt), mask=mask)
 
 
-def _rows(x):
-    return x.reshape(-1, x.shape[-1]).contiguous()
-
-
 def add_rms_norm(x, delta, weight, eps):
     """``x + delta`` (the residual stream, updated) and its RMSNorm, in one pass over the rows.
     ``delta=None``: only the norm (the first layer's), and ``x`` comes back as it was."""
-    rows = _rows(x)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    deltas = rows if delta is None else delta.reshape(rows.shape).contiguous()
     h = torch.empty_like(rows)
     x_out = rows if delta is None else torch.empty_like(rows)
     n = rows.shape[-1]
     _add_rms_norm_kernel[(rows.shape[0],)](
-        rows, rows if delta is None else _rows(delta), weight, x_out, h, n, eps,
-        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n),
-        num_warps=4 if n <= 1024 else 8)
+        rows, deltas, weight, x_out, h, n, eps, HAS_DELTA=delta is not None,
+        BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 1024 else 8)
     return (x if delta is None else x_out.view(x.shape)), h.view(x.shape)
 
 
@@ -128,8 +114,8 @@ def _heads(x):
     return rows if rows.stride(-1) == 1 and rows.stride(-2) == x.shape[-1] else rows.contiguous()
 
 
-def _cos_sin(cos, sin, d: int):
-    return cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous()
+def _cos_sin(cos, sin):
+    return cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
 
 
 def _rope_consts(q, k) -> dict:
@@ -141,27 +127,24 @@ def rope_qk(q, k, cos, sin):
     """RoPE on the queries ``(..., H, d)`` and keys ``(..., Hkv, d)`` of every token, one program
     per token. ``cos, sin``: ``(..., d)`` from ``rope_cos_sin``. q and k may be column slices of
     one matmul's output (each head's ``d`` numbers contiguous); the results are contiguous."""
-    d = q.shape[-1]
     q_rows, k_rows = _heads(q), _heads(k)
     q_out = torch.empty(q_rows.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k_rows.shape, dtype=k.dtype, device=k.device)
     _rope_qk_kernel[(q_rows.shape[0],)](
-        q_rows, k_rows, k_rows, *_cos_sin(cos, sin, d), q_out, k_out, k_out, q_out, q.shape[-2],
+        q_rows, k_rows, k_rows, *_cos_sin(cos, sin), q_out, k_out, k_out, q_out, q.shape[-2],
         k.shape[-2], q_rows.stride(0), k_rows.stride(0), 0, 0, **_rope_consts(q, k), STORE=False)
     return q_out.view(q.shape), k_out.view(k.shape)
 
 
 def rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, slots):
-    """RoPE on q and k as ``rope_qk``, with the cache write fused in: the rotated keys and the
-    values go straight into one layer of a paged cache (``k_cache, v_cache``: ``(Hkv, slots, d)``)
-    at each token's ``slots``, and only the rotated queries come back. Two kernels fewer per layer
-    (the two cache writes), and the keys are not written to memory and read back in between."""
+    """``rope_qk`` with the cache write fused in: rotated keys and values go into one paged cache
+    layer (``k_cache, v_cache``: ``(Hkv, slots, d)``) at ``slots``; returns the rotated queries."""
     d = q.shape[-1]
     q_rows, k_rows, v_rows = _heads(q), _heads(k), _heads(v)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride()[-2:] == (d, 1)
     q_out = torch.empty(q_rows.shape, dtype=q.dtype, device=q.device)
     _rope_qk_kernel[(q_rows.shape[0],)](
-        q_rows, k_rows, v_rows, *_cos_sin(cos, sin, d), q_out, k_cache, v_cache, slots,
+        q_rows, k_rows, v_rows, *_cos_sin(cos, sin), q_out, k_cache, v_cache, slots,
         q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0), v_rows.stride(0),
         k_cache.stride(0), **_rope_consts(q, k), STORE=True)
     return q_out.view(q.shape)
@@ -183,8 +166,7 @@ OPS = ElementwiseOps(add_rms_norm, rope_qk, silu_mul, rope_qk_store)
 
 
 def errors(out, ref) -> dict:
-    """The max abs error and the relative error of ``out`` over every element (one left
-    unwritten holds whatever the memory held, NaN included, and shows here)."""
+    """The max abs and relative errors of ``out`` over every element (an unwritten one shows)."""
     err = out.float() - ref.float()
     return {"max_abs_error": err.abs().max().item(),
             "relative_error": (err.norm() / ref.float().norm()).item()}
@@ -192,9 +174,8 @@ def errors(out, ref) -> dict:
 
 def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, heads=6,
               kv_heads=2, head_dim=16, seed=0) -> list:
-    """Each kernel against its reference on fresh random inputs: one row per (kernel, tokens)
-    with the ``errors`` over every element of the output. On the CPU, set
-    ``TRITON_INTERPRET=1`` before Triton is first imported."""
+    """Each kernel against its reference on fresh random inputs, a row of ``errors`` per (kernel,
+    tokens). On the CPU: ``TRITON_INTERPRET=1``, set before Triton is first imported."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)    # noqa: E731
     rows = []
@@ -206,11 +187,11 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
     for n in tokens:
         x, delta, w = rnd(n, hidden), rnd(n, hidden), rnd(hidden)
         x_out, h = add_rms_norm(x, delta, w, 1e-5)
-        x_ref, h_ref = add_rms_norm_reference(x, delta, w, 1e-5)
+        x_ref, h_ref = llama.add_rms_norm(x, delta, w, 1e-5)
         row("add_rms_norm (residual)", n, x_out, x_ref)
         row("add_rms_norm (norm)", n, h, h_ref)
         row("rms_norm", n, add_rms_norm(x, None, w, 1e-5)[1],
-            add_rms_norm_reference(x, None, w, 1e-5)[1])
+            llama.add_rms_norm(x, None, w, 1e-5)[1])
         widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
         if n == 7:        # separate tensors; otherwise slices of one stacked projection
             q, k, v = (rnd(n, w // head_dim, head_dim) for w in widths)
@@ -219,7 +200,7 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
                        for t in rnd(n, sum(widths)).split(widths, dim=-1))
         positions = torch.randint(0, 4096, (n,), generator=g).to(device)
         cos, sin = rope_cos_sin(positions, inv_freq, dtype)
-        (qo, ko), (qr, kr) = rope_qk(q, k, cos, sin), rope_qk_reference(q, k, cos, sin)
+        (qo, ko), (qr, kr) = rope_qk(q, k, cos, sin), llama.rope_qk(q, k, cos, sin)
         row("rope_qk (q)", n, qo, qr)
         row("rope_qk (k)", n, ko, kr)
         # the same with the cache write fused in: into scattered slots of a cache layer
@@ -232,7 +213,7 @@ def selfcheck(device="cpu", dtype=torch.float32, tokens=(1, 7, 64), hidden=96, h
         row("rope_qk_store (v cache)", n, caches[1], v_ref)
         gate, up = (rnd(n, 3 * hidden), rnd(n, 3 * hidden)) if n == 7 \
             else rnd(n, 6 * hidden).chunk(2, dim=-1)
-        row("silu_mul", n, silu_mul(gate, up, block=128), silu_mul_reference(gate, up))
+        row("silu_mul", n, silu_mul(gate, up, block=128), llama.silu_mul(gate, up))
     return rows
 
 

@@ -1,15 +1,10 @@
 """Paged decode attention (chapter 09): one new token per sequence attends to its keys and values,
-read in place through its block table. The course's own Triton kernel, and the PyTorch
-reference it is checked against.
+read in place through its block table. A Triton kernel, and the PyTorch reference.
 
-Every cached key and value is read once and the FLOPs are tiny, so the kernel is memory-bound:
-what it must do well is keep enough bytes in flight. One program per (sequence, KV head,
-*split*): with few sequences the context is cut into splits, so that hundreds of programs still
-run ("split-K", as in flash-decoding). Each loop iteration reads ``BLOCK_N`` tokens through the
-block table for all ``G = heads / kv_heads`` query heads at once, and keeps a running softmax
-(max, sum, weighted values) in float32, so that no score matrix is ever stored. With several
-splits, a second kernel combines the partial results: ``out = sum_s e^(m_s - M) o_s / sum_s
-e^(m_s - M) l_s``.
+The kernel is memory-bound, so it must keep enough bytes in flight: one program per (sequence,
+KV head, *split*), contexts cut into splits when sequences are few ("split-K", as in
+flash-decoding). Each iteration reads ``BLOCK_N`` tokens for all ``heads / kv_heads`` query heads
+into a float32 running softmax (max, sum, weighted values); a second kernel combines the splits.
 """
 from __future__ import annotations
 
@@ -22,11 +17,7 @@ import numpy as np
 import torch
 
 from course_lib.kernels.fused import errors
-from course_lib.model.attention import (
-    GatheredFlexAttention,
-    PagedAttention,
-    cu_seqlens,
-)
+from course_lib.model.attention import GatheredFlexAttention, PagedAttention, cu_seqlens
 from course_lib.model.kv_cache import PagedKVCache, to_device
 from course_lib.model.llama import LlamaShape
 
@@ -39,12 +30,8 @@ except ImportError:                    # pragma: no cover - CPU-only installs
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_size: int):
     """The reference: gather each sequence's keys through its block table, then softmax.
-
-    q:            (B, heads, d), one new token per sequence
-    k/v_cache:    (kv_heads, slots, d), one layer of a ``PagedKVCache``
-    block_tables: (B, max_blocks) int, padded with anything past each sequence's blocks
-    lengths:      (B,) int, tokens in the cache per sequence (the new token's included)
-    """
+    q ``(B, heads, d)``; k/v_cache ``(kv_heads, slots, d)``, one layer of a ``PagedKVCache``;
+    block_tables ``(B, max_blocks)``; lengths ``(B,)``, the new token included."""
     out = torch.empty_like(q)
     heads, kv_heads = q.shape[1], k_cache.shape[0]
     for b in range(q.shape[0]):
@@ -59,8 +46,7 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_siz
 
 
 if triton is not None:
-    # Triton compiles a kernel again for an integer argument that turns 1, or stops being a
-    # multiple of 16: ``do_not_specialize`` keeps one kernel for every batch and table width
+    # do_not_specialize: one compiled kernel for every batch and table width
     @triton.jit(do_not_specialize=["stride_tb", "S", "split_tokens"])
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, o_ptr, m_ptr, l_ptr,
                              scale, stride_qb, stride_qh, stride_kh, stride_ks, stride_tb,
@@ -74,8 +60,7 @@ if triton is not None:
         gd_mask = (g < G)[:, None] & (d < D)[None, :]
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=gd_mask, other=0.0)                                     # (G, D)
-        # int32 token arithmetic: the engine's lengths are int64, and 64-bit integer division
-        # and products cost several instructions per token in the loop below
+        # int32 token arithmetic: 64-bit division and products cost more per token in the loop
         length = tl.load(lengths_ptr + b).to(tl.int32)
         start = split * split_tokens
         end = tl.minimum(length, start + split_tokens)
@@ -126,19 +111,10 @@ if triton is not None:
                  mask=d < D)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None):
-    """The kernel where it can run (a CUDA tensor, or Triton's interpreter), else the reference."""
-    if triton is not None and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size, out)
-    ref = paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_size)
-    return ref if out is None else out.copy_(ref)
-
-
 BLOCK_N = 64          # tokens per loop iteration of the kernel
 PROGRAMS = 512        # programs that keep an H100/H200 busy (132 SMs, a few programs each)
 TRITON_LAUNCH = {"num_warps": 4, "num_stages": 3}   # Triton's own defaults, which a call keeps
-# the settings a call takes when it names none: these, and TRITON_LAUNCH
-TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS}
+TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS}   # a call's defaults, with TRITON_LAUNCH
 
 
 def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
@@ -149,18 +125,14 @@ def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None, **knobs):
-    """The Triton kernel; same arguments and result as ``paged_decode_reference`` (``out``: where
-    to write it). The splits come from the batch and the block tables' width, not from the
-    lengths, so that nothing is read back from the GPU and a CUDA graph can hold the call.
-    ``knobs``: ``block_n``, ``programs``, ``num_warps``, ``num_stages`` (default: ``TUNING``).
-    On the CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is
-    imported): slow, but the same code."""
+    """The Triton kernel, as ``paged_decode_reference`` (into ``out`` if given). The splits depend
+    on the batch and the tables' width, not on the lengths: nothing is read back from the GPU, so a
+    CUDA graph can hold the call. ``knobs`` override ``TUNING`` and Triton's ``TRITON_LAUNCH``."""
     if triton is None:
         raise RuntimeError("the paged decode kernel needs Triton (it ships with CUDA builds of "
                            "PyTorch); use paged_decode_reference on the CPU")
     knobs = {**TUNING, **knobs}
-    block_n, programs = knobs.pop("block_n"), knobs.pop("programs")
-    launch = knobs                                  # num_warps, num_stages, if given
+    block_n, programs = knobs.pop("block_n"), knobs.pop("programs")   # the rest: Triton's own
     B, heads, d = q.shape
     kv_heads = k_cache.shape[0]
     assert k_cache.stride(-1) == 1 and q.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
@@ -170,18 +142,14 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     max_tokens = block_tables.shape[1] * block_size
     S = n_splits(B, kv_heads, max_tokens, block_n, programs)
     split_tokens = -(-max_tokens // S // block_n) * block_n
-    # S and split_tokens are plain arguments, not compile-time constants: a step with another
-    # batch or table width must not compile a new kernel
     consts = dict(H=heads, G=G, D=d, BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
                   BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, SPLIT=S > 1,
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch)
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **knobs)
     inputs = (q, k_cache, v_cache, block_tables, lengths)
-    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-               block_tables.stride(0))
+    strides = (*q.stride()[:2], *k_cache.stride()[:2], block_tables.stride(0))
     if S == 1:
         _paged_decode_kernel[(B, kv_heads, 1)](*inputs, out, out, out, d ** -0.5, *strides,
-                                               out.stride(0), out.stride(1), 0, S, split_tokens,
-                                               **consts)
+                                               *out.stride()[:2], 0, S, split_tokens, **consts)
         return out
     part = torch.empty(B, heads, S, d, dtype=torch.float32, device=q.device)
     m = torch.empty(B, heads, S, dtype=torch.float32, device=q.device)
@@ -196,9 +164,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
 
 
 def random_decode_step(shape, B=5, block_size=16, device="cpu", dtype=torch.float32, seed=0):
-    """A paged cache of random keys and values whose ``B`` sequences grew side by side, one token
-    each in turn (so their blocks interleave), and a random query per sequence: ``(cache, q,
-    tables, lengths)``."""
+    """A paged cache of random keys and values for ``B`` sequences grown side by side (their blocks
+    interleave), and a random query each: ``(cache, q, tables, lengths)``."""
     g = torch.Generator().manual_seed(seed)
     blocks = SimpleNamespace(block_size=block_size, n_blocks=10 * B, tables={}, lengths={})
     cache = PagedKVCache(shape, blocks, dtype, device)
@@ -207,10 +174,8 @@ def random_decode_step(shape, B=5, block_size=16, device="cpu", dtype=torch.floa
     lengths = torch.randint(1, 9 * block_size, (B,), generator=g).tolist()
     # in turns of one token, a sequence takes its j-th block in round j, after those before it
     order = sorted((j, i) for i, n in enumerate(lengths) for j in range(-(-n // block_size)))
-    for i, n in enumerate(lengths):
-        blocks.tables[i], blocks.lengths[i] = [], n
-    for block, (_, i) in enumerate(order):
-        blocks.tables[i].append(block)
+    blocks.lengths.update(enumerate(lengths))
+    blocks.tables.update({i: [b for b, (_, j) in enumerate(order) if j == i] for i in range(B)})
     q = torch.randn(B, shape.n_heads, shape.head_dim, generator=g).to(dtype)
     return (cache, q.to(device), cache.table_tensor(range(B), device),
             torch.tensor(lengths, dtype=torch.int32, device=device))
@@ -223,9 +188,8 @@ SELFCHECK_SHAPE = LlamaShape(100, 64, 128, 1, n_heads=8, n_kv_heads=2, head_dim=
 
 def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu",
               dtype=torch.float32):
-    """Run the kernel against the reference on fresh random caches, one row per ``(B,
-    block_size)`` case: splits used, every element written, the ``errors``. On the CPU, set
-    ``TRITON_INTERPRET=1`` before Triton is first imported."""
+    """The kernel against the reference on random caches, a row per ``(B, block_size)``: splits,
+    every element written, ``errors``. On a CPU: ``TRITON_INTERPRET=1`` before importing Triton."""
     rows = []
     for seed, (B, block_size) in enumerate(cases):
         cache, q, tables, lengths = random_decode_step(shape, B, block_size, device, dtype, seed)
@@ -238,13 +202,10 @@ def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16))
     return rows
 
 
-# ---------------------------------------------------------------- the kernel as attention
 class DecodeAttention(PagedAttention):
-    """One new token per sequence (a decode step): its key and value stored in its slot, then the
-    Triton kernel reads every sequence's keys and values in place through its block table
-    (``decode_attention``). ``slots`` ``(B,)``, ``tables`` ``(B, max_blocks)`` and ``lengths``
-    ``(B,)`` (the new token included) are device tensors, so that a CUDA graph can keep them as
-    its inputs and only their contents change from step to step."""
+    """A decode step: each new key and value stored in its slot, then the kernel over the cache.
+    ``slots`` ``(B,)``, ``tables`` ``(B, max_blocks)`` and ``lengths`` ``(B,)`` (new token included)
+    are device tensors, so that a CUDA graph keeps them as inputs and only their contents change."""
 
     def __init__(self, cache, slots, tables, lengths):
         self.cache, self.slots, self.tables, self.lengths = cache, slots, tables, lengths
@@ -258,16 +219,18 @@ class DecodeAttention(PagedAttention):
                    to_device([cached + 1 for _, cached, _ in seqs], device))
 
     def attend(self, layer, q):
-        """The kernel over the cache, which already holds the new tokens' keys and values."""
-        return decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables,
-                                self.lengths, self.cache.block_size)
+        """The kernel where it can run (CUDA, or Triton's interpreter), else the reference."""
+        args = (q, self.cache.k[layer], self.cache.v[layer], self.tables, self.lengths,
+                self.cache.block_size)
+        if triton is not None and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            return paged_decode(*args)
+        return paged_decode_reference(*args)
 
 
 class KernelPagedAttention(PagedAttention):
-    """A packed step the fast way: its decodes (first in the step) through the decode kernel, its
-    prefill chunks through FlexAttention over a packed copy of their keys (``prefill_cls``).
-    FlexAttention alone is slow for decodes: each tile of queries reads the keys of all its
-    sequences for every query in it."""
+    """A packed step: its decodes (first in the step) through the decode kernel, its prefill
+    chunks through ``prefill_cls`` (FlexAttention alone is slow for decodes: each query tile reads
+    the keys of all its sequences for every query in it)."""
 
     prefill_cls = GatheredFlexAttention      # FlexPagedAttention reads the cache in place instead
 
@@ -286,13 +249,10 @@ class KernelPagedAttention(PagedAttention):
     @classmethod
     @torch.inference_mode()
     def precompile(cls, cache, max_tokens: int, shape, dtype):
-        """FlexAttention for every query bucket, and the decode kernel both ways (split, for a few
-        decodes, and unsplit, for many), on tables as a mixed step builds them: compiling either
-        in a timed step would stall it for a fraction of a second."""
+        """Compile FlexAttention for every query bucket, and the decode kernel both split (on a
+        sequence of 4 tiles) and unsplit (on one of one token), so that no timed step stalls."""
         cls.prefill_cls.precompile(cache, max_tokens, shape, dtype)
         device = cache.k[0].device
-        # a sequence of 4 tiles is split in 4; a sequence within one tile is not split, as many
-        # sequences are not, whatever their length (one block: even a small cache has room)
         for tokens in (4 * TUNING["block_n"], 1):
             if not cache.can_grow("precompile", tokens):
                 continue
@@ -310,11 +270,9 @@ class KernelPagedAttention(PagedAttention):
 
     def attend(self, layer, q):
         """Both parts over the cache, which already holds the step's keys and values."""
-        d, parts = self.n_decode, []
-        if self.decode is not None:
-            parts.append(self.decode.attend(layer, q[:d]))
-        if self.prefill is not None:
-            parts.append(self.prefill.attend(layer, q[d:]))
+        d = self.n_decode
+        parts = [p.attend(layer, x) for p, x in ((self.decode, q[:d]), (self.prefill, q[d:]))
+                 if p is not None]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 

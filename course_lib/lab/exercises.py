@@ -4,32 +4,65 @@ inputs, compares with the course's reference, prints one line when it is right a
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
-import itertools
 import math
+import operator
 import random
 import time
+from collections import deque
+from unittest import mock
 
+import numpy as np
 import torch
 from transformers import LlamaConfig
 
-from course_lib.model import models
-from course_lib.model.kv_cache import kv_bytes_per_token
-from course_lib.model.llama import LlamaShape, rms_norm
+from course_lib.engines import make_engine
+from course_lib.engines.block_manager import BlockManager, OutOfBlocks
+from course_lib.engines.continuous import ContinuousEngine, admit
+from course_lib.engines.dynamic import fits
+from course_lib.engines.model_runner import packed_inputs
+from course_lib.engines.policies import SLO, AdmissionController
+from course_lib.engines.prefix_cache import PrefixCachingBlockManager
+from course_lib.engines.runner import left_pad
+from course_lib.engines.scheduler import Scheduler, budget_step, chunk_sizes
+from course_lib.engines.static import StaticEngine
+from course_lib.measure.costmodel import FEATURES, StepCost
+from course_lib.measure.metrics import RequestRecord, RunLog, Step, goodput
+from course_lib.measure.simulator import simulate
+from course_lib.model import attention, models
+from course_lib.model.kv_cache import PagedKVCache, kv_bytes_per_token
+from course_lib.model.llama import Llama, LlamaShape, rms_norm
+from course_lib.requests import Request, chat_workload, poisson_arrivals
+
+_rng = random.Random()     # the checks' own random inputs, apart from the notebook's
 
 
 def _ok(msg):
     print(f"✓ {msg}")
 
 
-def _same_mask(got, want, hint):
-    got = torch.as_tensor(got).bool()
-    assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    assert torch.equal(got, want), hint
+def _compare(fn, ref, cases, where: str, hint: str = "", same=operator.eq):
+    """Each case, a tuple of arguments: ``fn`` must give what ``ref`` gives (by ``same``). A
+    failure names the case as ``where.format(*case)``, then adds ``hint``."""
+    for case in cases:
+        got, want = fn(*copy.deepcopy(case)), ref(*case)
+        assert same(got, want), f"{where.format(*case)}: got {got}, expected {want}{hint}"
 
 
-def _configs():
-    return {name: LlamaConfig(**p.config) for name, p in models.PRESETS.items()}
+def _tensor(got, shape, dtype=None):
+    """The learner's result as a tensor, checked to have ``shape``."""
+    assert got is not None, "your function returns nothing"
+    got = torch.as_tensor(got, dtype=dtype)
+    assert got.shape == shape, f"shape {tuple(got.shape)}, expected {tuple(shape)}"
+    return got
+
+
+def _close(got, want) -> bool:
+    """``got`` equals ``want`` up to rounding; None only where ``want`` is None."""
+    if got is None or want is None:
+        return got is want
+    return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
 
 
 # ---------------------------------------------------------------- chapter 00
@@ -38,150 +71,125 @@ def check_rms_norm(fn):
     for shape in [(5, 16), (2, 3, 64), (576,)]:
         x = torch.randn(*shape, generator=g) * 3
         w = torch.rand(shape[-1], generator=g) + 0.5
-        got = fn(x, w, 1e-5)
-        assert got is not None, "your function returns nothing"
-        assert got.shape == x.shape, f"shape {tuple(got.shape)}, expected {tuple(x.shape)}"
-        want = rms_norm(x, w, 1e-5)
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (
+        got = _tensor(fn(x, w, 1e-5), x.shape)
+        assert torch.allclose(got, rms_norm(x, w, 1e-5), rtol=1e-4, atol=1e-5), (
             "values differ: divide x by sqrt(mean(x**2 over the last dimension) + eps), "
             "then multiply by the weight")
     _ok("rms_norm matches the model's normalisation")
 
 
 def check_kv_cache_bytes(fn):
-    for name, cfg in _configs().items():
-        shape = LlamaShape.from_config(cfg)
-        for n, b in [(1, 4), (random.randint(2, 5000), 2)]:
-            want = n * kv_bytes_per_token(shape, b)
-            got = fn(cfg, n, b)
-            assert got == want, (
-                f"{name}, {n} tokens at {b} bytes: got {got}, expected {want}. Hint: K and V, "
-                "every layer, num_key_value_heads (not num_attention_heads) x head_dim")
+    for name, preset in models.PRESETS.items():
+        cfg = LlamaConfig(**preset.config)
+        _compare(fn, lambda config, n, b: n * kv_bytes_per_token(LlamaShape.from_config(config), b),
+                 [(cfg, 1, 4), (cfg, random.randint(2, 5000), 2)],
+                 f"{name}, {{1}} tokens at {{2}} bytes", ". Hint: K and V, every layer, "
+                 "num_key_value_heads (not num_attention_heads) x head_dim")
     _ok("kv_cache_bytes is right for every preset (grouped-query attention included)")
 
 
 # ---------------------------------------------------------------- chapter 01
 def check_decode_intensity(fn):
-    for n_params, bpp, batch in [(7e9, 2, 1), (7e9, 2, 8), (135e6, 4, 64), (1.2e9, 1, 3)]:
-        want = 2 * n_params * batch / (n_params * bpp)
-        got = fn(n_params, bpp, batch)
-        assert got is not None and math.isclose(got, want, rel_tol=1e-9), (
-            f"n_params={n_params:g}, bytes_per_param={bpp}, batch={batch}: got {got}, expected "
-            f"{want:g}. Hint: 2 FLOPs per parameter per token; the weights are read once per step")
+    _compare(fn, lambda n_params, bpp, batch: 2 * n_params * batch / (n_params * bpp),
+             [(7e9, 2, 1), (7e9, 2, 8), (135e6, 4, 64), (1.2e9, 1, 3)],
+             "n_params={:g}, bytes_per_param={}, batch={}",
+             ". Hint: 2 FLOPs per parameter per token; the weights are read once per step", _close)
     _ok("decode_intensity: FLOPs per byte grow with the batch, bytes do not")
 
 
 def check_crossover_batch(fn):
-    for flops, bw, bpp in [(312e12, 2.0e12, 2), (989e12, 3.35e12, 2), (200e9, 30e9, 4),
-                           (100e12, 1e12, 1)]:
-        want = math.ceil(flops / bw * bpp / 2)
-        got = fn(flops, bw, bpp)
-        assert got == want, (
-            f"peak {flops:g} FLOP/s, {bw:g} B/s, {bpp} bytes/param: got {got}, expected {want}. "
-            "Hint: the smallest whole batch whose intensity reaches the ridge (peak FLOP/s over "
-            "bandwidth)")
+    _compare(fn, lambda flops, bw, bpp: math.ceil(flops / bw * bpp / 2),
+             [(312e12, 2.0e12, 2), (989e12, 3.35e12, 2), (200e9, 30e9, 4), (100e12, 1e12, 1)],
+             "peak {:g} FLOP/s, {:g} B/s, {} bytes/param", ". Hint: the smallest whole batch "
+             "whose intensity reaches the ridge (peak FLOP/s over bandwidth)")
     _ok("crossover_batch: below it decode is memory-bound, above it compute-bound")
 
 
 # ---------------------------------------------------------------- chapter 02
 def check_left_pad(fn):
-    from course_lib.engines.runner import left_pad
     for rows in [[[5, 6, 7], [8]], [[1], [2, 3], [4, 5, 6, 7]], [[9, 9]]]:
-        got = fn(rows, 0)
-        want = left_pad(rows, 0)
+        got, (tokens, start) = fn(rows, 0), left_pad(rows, 0)
         assert got is not None and len(got) == 2, "return (tokens, start)"
-        assert torch.equal(torch.as_tensor(got[0]), want[0]), (
-            f"tokens for {rows}: got {got[0]}, expected {want[0].tolist()} (pads go on the left)")
-        assert torch.equal(torch.as_tensor(got[1]), want[1]), (
-            f"start for {rows}: got {got[1]}, expected {want[1].tolist()}")
+        assert torch.equal(torch.as_tensor(got[0]), tokens), (
+            f"tokens for {rows}: got {got[0]}, expected {tokens.tolist()} (pads go on the left)")
+        assert torch.equal(torch.as_tensor(got[1]), start), (
+            f"start for {rows}: got {got[1]}, expected {start.tolist()}")
     _ok("left_pad: every prompt ends in the last column")
 
 
 def check_prefill_mask(fn):
-    from course_lib.model.attention import padded_visibility
     for start in [[0], [2, 0], [3, 1, 0]]:
         start = torch.tensor(start)
         T = int(start.max()) + 3
-        want = padded_visibility(start, torch.arange(T).expand(len(start), T), T)
-        _same_mask(fn(start, T), want, f"start={start.tolist()}: a real token at column c sees "
-                   "columns start..c; a padding token sees only itself")
+        want = attention.padded_visibility(start, torch.arange(T).expand(len(start), T), T)
+        assert torch.equal(_tensor(fn(start, T), want.shape).bool(), want), (
+            f"start={start.tolist()}: a real token at column c sees columns start..c; a padding "
+            "token sees only itself")
     _ok("prefill_mask: causal, blind to padding, and no empty row")
 
 
 # ---------------------------------------------------------------- chapter 03
 def check_fits(fn):
-    from course_lib.engines.dynamic import fits
-    rng = random.Random()
     cases = [(10, 5, 10, 20), (11, 5, 10, 20), (3, 18, 10, 28), (3, 19, 10, 28)]
-    cases += [tuple(rng.randint(1, 40) for _ in range(4)) for _ in range(50)]
-    for case in cases:
-        assert bool(fn(*case)) == fits(*case), (
-            f"prompt_len, max_new_tokens, cursor, cache_len = {case}: expected {fits(*case)}")
+    cases += [tuple(_rng.randint(1, 40) for _ in range(4)) for _ in range(50)]
+    _compare(fn, fits, cases, "prompt_len, max_new_tokens, cursor, cache_len = {}, {}, {}, {}",
+             same=lambda got, want: bool(got) == want)
     _ok("fits: the newcomer's prompt ends before the cursor and its answer fits after it")
 
 
 # ---------------------------------------------------------------- chapter 04
 def check_admit(fn):
-    from collections import deque
-
-    from course_lib.engines.continuous import admit
-    from course_lib.requests import Request
-    rng = random.Random()
     for _ in range(30):
-        reqs = [Request(f"r{i}", [5], 1, arrival_s=t)
-                for i, t in enumerate(sorted(rng.uniform(0, 2) for _ in range(rng.randint(0, 6))))]
-        free = rng.sample(range(8), rng.randint(0, 4))
-        now = rng.uniform(0, 2)
+        arrivals = sorted(_rng.uniform(0, 2) for _ in range(_rng.randint(0, 6)))
+        reqs = [Request(f"r{i}", [5], 1, arrival_s=t) for i, t in enumerate(arrivals)]
+        free, now = _rng.sample(range(8), _rng.randint(0, 4)), _rng.uniform(0, 2)
         q1, f1, q2, f2 = deque(reqs), list(free), deque(reqs), list(free)
         want = [(r.id, s) for r, s in admit(q1, f1, now)]
         got = [(r.id, s) for r, s in (fn(q2, f2, now) or [])]
-        assert got == want, (f"queue arrivals {[r.arrival_s for r in reqs]}, free {free}, "
-                             f"now {now:.2f}: got {got}, expected {want}")
+        assert got == want, (f"queue arrivals {arrivals}, free {free}, now {now:.2f}: got {got}, "
+                             f"expected {want}")
         assert list(q2) == list(q1) and sorted(f2) == sorted(f1), "update the queue and free list"
     _ok("admit: arrived requests, oldest first, into the lowest free slots")
 
 
 def check_slot_utilisation(fn):
-    from course_lib.measure.metrics import Step
-    rng = random.Random()
     for _ in range(20):
         steps = []
-        for _ in range(rng.randint(1, 10)):
-            slots = rng.randint(1, 50)
-            useful = rng.randint(0, slots)
-            p = rng.randint(0, useful)
-            steps.append(Step(0, 1, rows=1, slots=slots, prefill_tokens=p, decode_tokens=useful - p,
-                              attended=0, kv_read=0, logit_rows=0))
+        for slots in [_rng.randint(1, 50) for _ in range(_rng.randint(1, 10))]:
+            p = _rng.randint(0, slots)
+            steps.append(Step(0, 1, rows=1, slots=slots, prefill_tokens=p, attended=0, kv_read=0,
+                              decode_tokens=_rng.randint(0, slots - p), logit_rows=0))
         want = sum(s.useful for s in steps) / sum(s.slots for s in steps)
         got = fn(steps)
-        assert got is not None and math.isclose(got, want, rel_tol=1e-9), (
+        assert _close(got, want), (
             f"got {got}, expected {want}: useful token slots (prefill + decode) over all slots")
     _ok("slot_utilisation: useful slots over slots computed")
 
 
 def check_ttft_tpot(fn):
-    from course_lib.measure.metrics import RequestRecord
-    rng = random.Random()
     for _ in range(20):
-        rec = RequestRecord("r", arrival_s=rng.uniform(0, 1), prompt_len=5)
-        t = rec.arrival_s
-        for _ in range(rng.randint(1, 8)):
-            t += rng.uniform(0.01, 0.5)
-            rec.emit(7, t)
+        rec = RequestRecord("r", arrival_s=_rng.uniform(0, 1), prompt_len=5)
+        gaps = [_rng.uniform(0.01, 0.5) for _ in range(_rng.randint(1, 8))]
+        for t in rec.arrival_s + np.cumsum(gaps):
+            rec.emit(7, float(t))
         got = fn(rec.arrival_s, list(rec.token_times))
         assert got is not None and len(got) == 2, "return (ttft, tpot)"
-        assert math.isclose(got[0], rec.ttft_s), f"TTFT: got {got[0]}, expected {rec.ttft_s}"
-        if rec.tpot_s is None:
-            assert got[1] is None, "TPOT of a one-token answer is undefined: return None"
-        else:
-            assert got[1] is not None and math.isclose(got[1], rec.tpot_s), (
-                f"TPOT: got {got[1]}, expected {rec.tpot_s} (time between the first and the last "
-                "token, over the number of gaps)")
+        assert _close(got[0], rec.ttft_s), f"TTFT: got {got[0]}, expected {rec.ttft_s}"
+        assert _close(got[1], rec.tpot_s), (
+            f"TPOT: got {got[1]}, expected {rec.tpot_s} (time between the first and the last "
+            "token, over the number of gaps; undefined, None, for a one-token answer)")
     _ok("ttft_tpot: the two latencies a user feels")
 
 
 # ---------------------------------------------------------------- chapters 02 and 04: the loops
-_RUNS = {}     # the model, and the library engines' runs, loaded and made once per process
+_RUNS = {}     # the library engines' runs, made once per process
+
+
+@functools.cache
+def _smollm():
+    """SmolLM2 with its real weights, and the course's ``Llama`` on them: loaded once."""
+    loaded = models.load("smollm2-135m")
+    return loaded, Llama.from_hf(loaded.model)
 
 
 class _NoWait:
@@ -199,17 +207,11 @@ class _NoWait:
 
 
 def _run_loop(cls, base, arrivals, max_new, max_batch):
-    """Serve short real chat requests with the learner's engine ``cls`` and with the library's
-    ``base`` on SmolLM2; the greedy tokens must agree. Returns ``(requests by arrival, the
-    learner's steps, its records by id)``."""
-    from course_lib.model.llama import Llama
-    from course_lib.requests import chat_workload
+    """Serve chat requests on SmolLM2 with the learner's engine ``cls``: the same greedy tokens as
+    the library's ``base``. Returns (requests by arrival, its steps, its records by id)."""
     assert isinstance(cls, type) and issubclass(cls, base), f"define a subclass of {base.__name__}"
     assert cls.schedule is not base.schedule, "write your own schedule method in your class"
-    if "model" not in _RUNS:
-        loaded = models.load("smollm2-135m")
-        _RUNS["model"] = loaded, Llama.from_hf(loaded.model)
-    loaded, model = _RUNS["model"]
+    loaded, model = _smollm()
     reqs = chat_workload(loaded.tokenizer, n=len(arrivals))
     for r, t, n in zip(reqs, arrivals, max_new):
         r.arrival_s, r.max_new_tokens = t, n
@@ -231,10 +233,7 @@ def _run_loop(cls, base, arrivals, max_new, max_batch):
 
 
 def check_static_schedule(cls):
-    """``cls``: a ``StaticEngine`` subclass with its own ``schedule``. Same tokens as the library's
-    engine, and the static rule in the step log: batches of ``max_batch`` in arrival order, each
-    started once all of it has arrived and run to its longest answer with every row."""
-    from course_lib.engines.static import StaticEngine
+    """``cls``: a ``StaticEngine`` subclass with its own ``schedule``, checked in its step log."""
     mb = 2
     order, steps, recs = _run_loop(cls, StaticEngine, [0, 0, 0, 0, 100], [12, 3, 2, 6, 4], mb)
     batches = []                                  # (request ids, its decode steps)
@@ -268,10 +267,7 @@ def check_static_schedule(cls):
 
 
 def check_continuous_schedule(cls):
-    """``cls``: a ``ContinuousEngine`` subclass with its own ``schedule``. Same tokens as the
-    library's engine, and the continuous rule in the step log: nobody admitted before arriving,
-    no free row while an arrived request waits, every running sequence in every decode step."""
-    from course_lib.engines.continuous import ContinuousEngine
+    """``cls``: a ``ContinuousEngine`` subclass with its own ``schedule``, checked in its steps."""
     mb = 2
     order, steps, recs = _run_loop(cls, ContinuousEngine, [0, 0, 0, 0.2, 100], [12, 3, 2, 6, 4], mb)
     admitted, last_decode = set(), 0.0
@@ -300,65 +296,47 @@ def check_continuous_schedule(cls):
 
 # ---------------------------------------------------------------- chapter 05
 def check_chunk_sizes(fn):
-    from course_lib.engines.scheduler import chunk_sizes
-    rng = random.Random()
     cases = [([100, 30], 64), ([10, 20, 30], 64), ([5], 64), ([], 8), ([64, 1], 64)]
-    cases += [([rng.randint(1, 300) for _ in range(rng.randint(0, 5))], rng.randint(1, 256))
+    cases += [([_rng.randint(1, 300) for _ in range(_rng.randint(0, 5))], _rng.randint(1, 256))
               for _ in range(40)]
-    for pending, budget in cases:
-        want = chunk_sizes(pending, budget)
-        got = fn(list(pending), budget)
-        assert list(got or []) == want, (f"pending {pending}, budget {budget}: got {got}, "
-                                         f"expected {want} (in order, each takes what it needs "
-                                         f"or what is left)")
+    _compare(fn, chunk_sizes, cases, "pending {}, budget {}", " (in order, each takes what it "
+             "needs or what is left)", lambda got, want: list(got or []) == want)
     _ok("chunk_sizes: the token budget, filled in order")
 
 
 def check_steps_to_prefill(fn):
-    rng = random.Random()
-    for _ in range(50):
-        p, b = rng.randint(1, 2000), rng.randint(2, 512)
-        d = rng.randint(0, b - 1)
-        want = math.ceil(p / (b - d))
-        got = fn(p, b, d)
-        assert got == want, (f"prompt {p}, budget {b}, {d} decoding: got {got}, expected {want}. "
-                             "Hint: the decodes go first, the prompt gets what is left of each "
-                             "step")
+    budgets = [_rng.randint(2, 512) for _ in range(50)]
+    cases = [(_rng.randint(1, 2000), b, _rng.randint(0, b - 1)) for b in budgets]
+    _compare(fn, lambda p, b, d: math.ceil(p / (b - d)), cases, "prompt {}, budget {}, {} decoding",
+             ". Hint: the decodes go first, the prompt gets what is left of each step")
     _ok("steps_to_prefill: a bigger budget, fewer but longer steps")
 
 
 @functools.cache
-def _chat_reference(n: int = 4, new: int = 8):
-    """SmolLM2 (real weights), ``n`` chat requests and Hugging Face's greedy answers to them."""
-    from course_lib.requests import chat_workload
-    loaded = models.load("smollm2-135m")
-    reqs = chat_workload(loaded.tokenizer, n=n, max_new_tokens=new)
-    out = [loaded.model.generate(torch.tensor([r.prompt_tokens]), max_new_tokens=new,
-                                 do_sample=False)[0, len(r.prompt_tokens):] for r in reqs]
-    return loaded, reqs, {r.id: o.tolist() for r, o in zip(reqs, out)}
+def _hf_answer(prompt: tuple, new: int) -> list:
+    """Hugging Face's greedy answer of SmolLM2 to ``prompt``, ``new`` tokens at most."""
+    out = _smollm()[0].model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)
+    return out[0, len(prompt):].tolist()
 
 
-def _serve_with(what: str, scheduler=None, blocks=None, **options):
-    """The paged engine on SmolLM2 with a learner's scheduler or block manager class in it."""
-    from course_lib.engines import make_engine
-    loaded, reqs, want = _chat_reference()
-    eng = make_engine("paged", loaded, max_batch=4, block_size=4, **options)
+def _serve_with(what, scheduler=None, blocks=None, reqs=None, max_batch=4, hint="", **options):
+    """The paged engine on SmolLM2 with a learner's class in it must answer as Hugging Face."""
+    loaded = _smollm()[0]
+    reqs = reqs or chat_workload(loaded.tokenizer, n=4, max_new_tokens=8)
+    eng = make_engine("paged", loaded, max_batch=max_batch, block_size=4, **options)
     eng.scheduler_class = scheduler or eng.scheduler_class
     eng.block_manager_class = blocks or eng.block_manager_class
     log = eng.run(reqs)
-    for r in log.requests:
-        assert r.output_tokens == want[r.id], (f"with your {what} in the engine, {r.id} answers "
-                                               f"{r.output_tokens}, Hugging Face {want[r.id]}")
+    for r, rec in zip(reqs, log.requests):
+        want = _hf_answer(tuple(r.prompt_tokens), r.max_new_tokens)
+        assert rec.output_tokens == want, (f"with your {what} in the engine, {r.id} answers "
+                                           f"{rec.output_tokens}, Hugging Face {want}{hint}")
     return eng, log
 
 
 def check_token_budget_step(fn):
-    """``fn(running, budget)`` -> ``[(seq, tokens)]``: the step's tokens, one for each decode
-    (``seq.pending == 1``) first, then prompt chunks in arrival order, never over ``budget``.
-    Plugged into the paged engine's scheduler on SmolLM2 (chunked prefill): every plan must
-    have these properties, and the answers must be Hugging Face's."""
-    from course_lib.engines.scheduler import Scheduler, budget_step
-    fed = {}                                    # request id -> [(first position, tokens)]
+    """``fn(running, budget)`` -> ``[(seq, tokens)]``, checked in the paged engine's scheduler."""
+    chunked = []                                # a prompt cut short by the budget, in some step
 
     def checked(running, budget):
         pending, plan = [s.pending for s in running], fn(list(running), budget)
@@ -378,97 +356,74 @@ def check_token_budget_step(fn):
         assert [(index[id(s)], n) for s, n in plan] == want, (
             f"{where}, expected {want}: every decode (oldest first, while the budget lasts), then "
             "each prompt in arrival order takes what it still needs or what is left")
+        chunked.extend(n < s.pending for s, n in plan)
         return plan
 
     class Mine(Scheduler):
         budget_step = staticmethod(checked)
-
-        def schedule(self):
-            plan = super().schedule()
-            for s, n in plan:
-                fed.setdefault(s.req.id, []).append((s.cached, n))
-            return plan
-    _, log = _serve_with("token-budget step", Mine, max_num_batched_tokens=16)
-    for r in log.requests:              # its prompt's chunks: all it was fed until its 1st token
-        chunks = fed[r.id][:len(fed[r.id]) - len(r.output_tokens) + 1]
-        assert [c for c, _ in chunks] + [r.prompt_len] == list(itertools.accumulate(
-            (n for _, n in chunks), initial=0)), f"{r.id}: prompt chunks not contiguous, complete"
-    assert any(len(fed[r.id]) > len(r.output_tokens) for r in log.requests), "nothing chunked"
+    _serve_with("token-budget step", Mine, max_num_batched_tokens=16)
+    assert any(chunked), "the check is broken: no prompt was chunked"
     _ok("token-budget step: decodes first, then prompt chunks, in the real engine")
 
 
 # ---------------------------------------------------------------- chapter 06
 def check_cu_seqlens(fn):
-    from course_lib.model.attention import cu_seqlens
-    rng = random.Random()
-    for lengths in [[3, 5, 2], [7], []] + [[rng.randint(1, 50) for _ in range(rng.randint(1, 8))]
-                                           for _ in range(20)]:
-        got = fn(list(lengths))
-        assert list(got) == cu_seqlens(lengths), (
-            f"lengths {lengths}: got {list(got)}, expected {cu_seqlens(lengths)}")
+    cases = [([3, 5, 2],), ([7],), ([],)]
+    cases += [([_rng.randint(1, 50) for _ in range(_rng.randint(1, 8))],) for _ in range(20)]
+    _compare(fn, attention.cu_seqlens, cases, "lengths {}",
+             same=lambda got, want: list(got) == want)
     _ok("cu_seqlens: where each sequence starts in the packed batch")
 
 
 def check_packed_mask(fn):
-    from course_lib.model.attention import block_diagonal_causal, cu_seqlens
-    rng = random.Random()
-    for lengths in [[3, 2], [1, 1, 1], [4]] + [[rng.randint(1, 6) for _ in range(rng.randint(1, 4))]
-                                               for _ in range(10)]:
+    randoms = [[_rng.randint(1, 6) for _ in range(_rng.randint(1, 4))] for _ in range(10)]
+    for lengths in [[3, 2], [1, 1, 1], [4]] + randoms:
         seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])
         pos = torch.tensor([p for n in lengths for p in range(n)])
-        want = block_diagonal_causal(seq, pos, seq, pos)
-        _same_mask(fn(cu_seqlens(lengths)), want, f"lengths {lengths}: token i sees token j when "
-                   "they belong to the same sequence and j is not after i")
+        want = attention.block_diagonal_causal(seq, pos, seq, pos)
+        assert torch.equal(_tensor(fn(attention.cu_seqlens(lengths)), want.shape).bool(), want), (
+            f"lengths {lengths}: token i sees token j when they belong to the same sequence and j "
+            "is not after i")
     _ok("packed_mask: block-diagonal and causal")
 
 
 # ---------------------------------------------------------------- chapter 07
 def check_block_slot(fn):
-    rng = random.Random()
-    for _ in range(50):
-        bs = rng.randint(1, 32)
-        table = rng.sample(range(100), rng.randint(1, 10))
-        p = rng.randrange(len(table) * bs)
-        want = table[p // bs] * bs + p % bs
-        got = fn(table, p, bs)
-        assert got == want, (f"block table {table}, position {p}, block size {bs}: got {got}, "
-                             f"expected {want}. Hint: which block (p // block_size), where in it")
+    cases = []
+    for bs in [_rng.randint(1, 32) for _ in range(50)]:
+        table = _rng.sample(range(100), _rng.randint(1, 10))
+        cases.append((table, _rng.randrange(len(table) * bs), bs))
+    _compare(fn, lambda table, p, bs: table[p // bs] * bs + p % bs, cases,
+             "block table {}, position {}, block size {}",
+             ". Hint: which block (p // block_size), where in it")
     _ok("block_slot: position -> block -> row of the cache")
 
 
 def check_allocator(cls):
-    from course_lib.engines.block_manager import BlockAllocator, OutOfBlocks
-    rng = random.Random()
     for _ in range(20):
-        n = rng.randint(1, 8)
-        mine, ref, held = cls(n), BlockAllocator(n), []
+        n = _rng.randint(1, 8)
+        mine, held = cls(n), []
         for _ in range(40):
-            if held and rng.random() < 0.4:
-                b, rb = held.pop(rng.randrange(len(held)))
-                mine.free(b)
-                ref.free(rb)
+            if held and _rng.random() < 0.4:
+                mine.free(held.pop(_rng.randrange(len(held))))
+            elif len(held) < n:
+                got = mine.allocate()
+                assert got not in held, f"block {got} was handed out twice"
+                assert 0 <= got < n, f"block {got} does not exist ({n} blocks)"
+                held.append(got)
             else:
                 try:
-                    want = ref.allocate()
-                except OutOfBlocks:
-                    try:
-                        mine.allocate()
-                    except Exception:
-                        continue
-                    raise AssertionError(f"all {n} blocks are in use: allocate() must raise")
-                got = mine.allocate()
-                assert got not in [b for b, _ in held], f"block {got} was handed out twice"
-                assert 0 <= got < n, f"block {got} does not exist ({n} blocks)"
-                held.append((got, want))
-            assert mine.n_free == ref.n_free, f"n_free is {mine.n_free}, expected {ref.n_free}"
+                    mine.allocate()
+                except Exception:
+                    continue
+                raise AssertionError(f"all {n} blocks are in use: allocate() must raise")
+            assert mine.n_free == n - len(held), (
+                f"n_free is {mine.n_free}, expected {n - len(held)}")
     _ok("allocator: no block twice, every freed block reusable")
 
 
 def check_block_manager(cls):
-    """``cls(n_blocks, block_size)``: a ``BlockManager``-shaped class. On a small case, then in
-    the paged engine on SmolLM2 with too few blocks for all (preemptions): after every change,
-    sound tables; after the run, every block back and Hugging Face's answers."""
-    from course_lib.engines.block_manager import OutOfBlocks
+    """``cls(n_blocks, block_size)``: a ``BlockManager``, on a small case, then with preemptions."""
 
     def sound(m, what, result=None):
         held = [b for t in m.tables.values() for b in t]
@@ -512,10 +467,7 @@ def check_block_manager(cls):
 
 
 def check_victim(fn):
-    """``fn(running)`` -> the running sequence to preempt when a decode finds no free block:
-    the newest (``running`` is in the order of admission). Plugged into the paged engine on
-    SmolLM2 with a cache too small for all at once; the answers must be Hugging Face's."""
-    from course_lib.engines.scheduler import Scheduler
+    """``fn(running)`` -> the sequence to preempt, checked in the paged engine on SmolLM2."""
 
     class Mine(Scheduler):
         def victim(self):
@@ -532,14 +484,7 @@ def check_victim(fn):
 
 
 def check_block_key(fn):
-    """``fn(prev, tokens)`` -> the name of a full block: the same for the same tokens after the
-    same prefix (``prev``: the name of the block before, None for the first), different when
-    either differs. Plugged into the prefix cache of the paged engine on SmolLM2: prompts that
-    share a block of tokens after different prefixes must keep Hugging Face's answers, and a
-    prompt that repeats an earlier one's prefix must find it in the cache."""
-    from course_lib.engines import make_engine
-    from course_lib.engines.prefix_cache import PrefixCachingBlockManager
-    from course_lib.requests import Request
+    """``fn(prev, tokens)`` -> a full block's name, checked in the paged engine's prefix cache."""
     a, b, x = [5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]
     assert fn(None, a) == fn(None, list(a)), "the same tokens must get the same name"
     assert fn(None, a) != fn(None, b) and fn(None, a) != fn(None, a[:-1] + [99]), (
@@ -550,10 +495,9 @@ def check_block_key(fn):
 
     class Mine(PrefixCachingBlockManager):
         block_key = staticmethod(fn)
-    loaded, _, _ = _chat_reference()
 
     def words(text):
-        return loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:8]
+        return _smollm()[0].tokenizer(text, add_special_tokens=False)["input_ids"][:8]
     first = words("The library opens at nine on weekdays and at ten on Saturdays")
     second = words("Our museum closes early on Sundays and on every public holiday")
     shared = words("and the reading room stays quiet for those who study there all day")
@@ -561,15 +505,8 @@ def check_block_key(fn):
     prompts = [first + shared + ask, second + shared + ask, second + shared + words("Who are you")]
     assert {len(first), len(second), len(shared)} == {8}, "the check is broken: 8-token parts"
     reqs = [Request(f"p{i}", p, max_new_tokens=6) for i, p in enumerate(prompts)]
-    eng = make_engine("paged", loaded, max_batch=1, block_size=4)    # one at a time: each
-    eng.block_manager_class = Mine                                    # finds the ones before
-    log = eng.run(reqs)
-    for r, rec in zip(reqs, log.requests):
-        want = loaded.model.generate(torch.tensor([r.prompt_tokens]), max_new_tokens=6,
-                                     do_sample=False)[0, len(r.prompt_tokens):].tolist()
-        assert rec.output_tokens == want, (
-            f"with your names in the prefix cache, {r.id} answers {rec.output_tokens}, Hugging "
-            f"Face {want}: a block was shared that holds other keys and values")
+    eng, _ = _serve_with("names in the prefix cache", blocks=Mine, reqs=reqs, max_batch=1,
+                         hint=": a block was shared that holds other keys and values")
     assert eng.prefix_hit_tokens >= len(second + shared), (
         f"the last prompt repeats the second's first {len(second + shared)} tokens, and found "
         f"{eng.prefix_hit_tokens} in the cache")
@@ -578,62 +515,40 @@ def check_block_key(fn):
 
 # ---------------------------------------------------------------- chapter 08
 def check_percentile_latency(fn):
-    """``fn(values, q)``: the q-th percentile (0-100) with linear interpolation between ranks,
-    as numpy's default; None for no values."""
-    import numpy as np
-    rng = random.Random()
+    """``fn(values, q)``: the q-th percentile (0-100) as numpy's default; None for no values."""
     assert fn([], 50) is None, "no values: return None"
-    for _ in range(30):
-        values = [rng.expovariate(5.0) for _ in range(rng.randint(1, 40))]
-        q = rng.choice([50, 90, 99, rng.uniform(0, 100)])
-        want = float(np.percentile(values, q))
-        got = fn(list(values), q)
-        assert got is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12), (
-            f"p{q:.3g} of {len(values)} values: got {got}, expected {want}. Sort them; the "
-            "percentile sits at rank (n - 1) * q / 100, between two values when it is not whole")
+    cases = [([_rng.expovariate(5.0) for _ in range(_rng.randint(1, 40))],
+              _rng.choice([50, 90, 99, _rng.uniform(0, 100)])) for _ in range(30)]
+    _compare(fn, lambda values, q: float(np.percentile(values, q)), cases, "p{1:.3g} of {0}",
+             ". Sort them; the percentile sits at rank (n - 1) * q / 100, between two values when "
+             "it is not whole", _close)
     _ok("percentile: p50, p90, p99 from raw latencies")
 
 
 def check_goodput(fn):
-    """``fn(records, ttft_slo, tpot_slo)``: requests served within both targets per second, from
-    the first arrival to the last finish of a served request."""
-    from course_lib.engines.policies import SLO
-    from course_lib.measure.metrics import RequestRecord, RunLog, goodput
-    rng = random.Random()
+    """``fn(records, ttft_slo, tpot_slo)``: requests served within both targets per second."""
+    cases = []
     for _ in range(20):
-        recs = []
-        for i in range(rng.randint(2, 12)):
-            rec = RequestRecord(f"r{i}", arrival_s=rng.uniform(0, 2), prompt_len=4)
-            if rng.random() < 0.2:
-                rec.finish("refused", rec.arrival_s)
-            else:
-                t = rec.arrival_s
-                for _ in range(rng.randint(1, 6)):
-                    t += rng.uniform(0.01, 0.4)
-                    rec.emit(5, t)
-                rec.finish("length", t)
-            recs.append(rec)
-        ttft, tpot = rng.uniform(0.05, 0.5), rng.uniform(0.05, 0.3)
-        want = goodput(RunLog("x", recs, [], 0.0), SLO(ttft, tpot))["goodput_rps"]
-        got = fn(recs, ttft, tpot)
-        assert (got is None) == (want is None) and (want is None or math.isclose(got, want)), (
-            f"got {got}, expected {want}: count served requests with TTFT <= {ttft:.3g} "
-            f"and TPOT <= {tpot:.3g} (a one-token answer has no TPOT: it meets that target), "
-            "over the time from the first arrival to the last finish of a served request")
+        recs = [RequestRecord(f"r{i}", arrival_s=_rng.uniform(0, 2), prompt_len=4)
+                for i in range(_rng.randint(2, 12))]
+        for rec in recs:
+            served, t = _rng.random() >= 0.2, rec.arrival_s
+            for _ in range(_rng.randint(1, 6) if served else 0):
+                t += _rng.uniform(0.01, 0.4)
+                rec.emit(5, t)
+            rec.finish("length" if served else "refused", t)
+        cases.append((recs, _rng.uniform(0.05, 0.5), _rng.uniform(0.05, 0.3)))
+    _compare(fn, lambda recs, ttft, tpot: goodput(RunLog("x", recs, [], 0.0),
+                                                  SLO(ttft, tpot))["goodput_rps"],
+             cases, "targets TTFT {1:.3g} s, TPOT {2:.3g} s", ": count served requests within "
+             "both (a one-token answer has no TPOT: it meets that target), over the time from the "
+             "first arrival to the last finish of a served request", _close)
     _ok("goodput: what a user counts, not what the GPU does")
 
 
 def check_admission_rule(fn):
     """``fn(waited_s, first_token_s, decode_step_s, ttft_slo, tpot_slo)`` -> "admit", "queue" or
-    "refuse": refuse what cannot meet the TTFT target even if admitted now; queue what would make
-    decode steps slower than the TPOT target; admit the rest. Checked on cases, then as the rule
-    of the paged engine's admission controller, serving an overload on a simulated clock."""
-    from unittest import mock
-
-    from course_lib.engines.policies import SLO, AdmissionController
-    from course_lib.measure.costmodel import FEATURES, StepCost
-    from course_lib.measure.simulator import simulate
-    from course_lib.requests import Request, poisson_arrivals
+    "refuse". Checked on cases, then as the paged engine's rule on an overload (simulated)."""
 
     class Fixed:
         def __init__(self, first, step):
@@ -641,13 +556,12 @@ def check_admission_rule(fn):
 
         def predict(self, rows, tokens, attended, kv_read):
             return self.first if tokens > rows else self.step       # a prefill step, or a decode
-    rng = random.Random()
     seen = set()
     for _ in range(200):
-        waited, first, step = rng.uniform(0, 1), rng.uniform(0.01, 0.5), rng.uniform(0.005, 0.1)
-        ttft, tpot = rng.uniform(0.1, 1.0), rng.uniform(0.01, 0.08)
-        want = AdmissionController(SLO(ttft, tpot), Fixed(first, step)).decide(8, waited, [20])[0]
-        got = fn(waited, first, step, ttft, tpot)
+        waited, first, step = _rng.uniform(0, 1), _rng.uniform(0.01, 0.5), _rng.uniform(0.005, 0.1)
+        ttft, tpot = _rng.uniform(0.1, 1.0), _rng.uniform(0.01, 0.08)
+        controller = AdmissionController(SLO(ttft, tpot), Fixed(first, step))
+        want, got = controller.decide(8, waited, [20])[0], fn(waited, first, step, ttft, tpot)
         seen.add(want)
         assert got == want, (
             f"waited {waited:.3g} s, first token in {first:.3g} s more, decode step {step:.3g} s, "
@@ -661,8 +575,8 @@ def check_admission_rule(fn):
     slo, logs = SLO(ttft_s=0.3, tpot_s=0.03), {}
     for name, rule in (("yours", fn), ("course", AdmissionController.rule)):
         with mock.patch.object(AdmissionController, "rule", staticmethod(rule)):
-            logs[name] = simulate("paged", reqs, cost, LlamaShape.from_config(
-                _configs()["smollm2-135m"]), 2, 32, slo=slo, step_cost=cost)[1]
+            logs[name] = simulate("paged", reqs, cost, models.preset_shape("smollm2-135m"), 2, 32,
+                                  slo=slo, step_cost=cost)[1]
     served = [r for r in logs["yours"].requests if r.finish_reason == "length"]
     assert all(r.ttft_s <= slo.ttft_s + 1e-9 for r in served), (
         "a request you admitted got its first token after the TTFT target")
@@ -678,43 +592,33 @@ def check_admission_rule(fn):
 # ---------------------------------------------------------------- chapter 09
 def check_tile_slots(fn):
     """``fn(table, start, block_n, block_size, end)`` -> ``(slots, valid)``: the cache slots of
-    tokens ``start .. start + block_n - 1`` of a sequence (one iteration of the decode kernel)
-    and which of them are real (``< end``); masked-off entries may hold anything."""
-    from course_lib.engines.block_manager import BlockManager
-    from course_lib.model.kv_cache import PagedKVCache
-    from course_lib.model.llama import LlamaShape
-    rng = random.Random()
+    tokens ``start .. start + block_n - 1`` of a sequence, and which of them are ``< end``."""
     shape = LlamaShape(10, 4, 8, 1, 2, 1, 2, 1e4, 1e-5, 0, 4096)
     for block_size in (1, 7, 16):
         cache = PagedKVCache(shape, BlockManager(400, block_size))
-        for step in range(60):                       # three sequences growing side by side
+        for _ in range(60):                          # three sequences growing side by side
             for sid in range(3):
-                cache.grow(sid, rng.randint(1, 3))
+                cache.grow(sid, _rng.randint(1, 3))
         for sid in range(3):
             n = cache.lengths[sid]
             table = torch.tensor(cache.tables[sid])
-            for start in (0, rng.randrange(n), (n // 2) // 8 * 8):
-                block_n = rng.choice((8, 16, 64))
+            for start in (0, _rng.randrange(n), (n // 2) // 8 * 8):
+                block_n = _rng.choice((8, 16, 64))
                 got = fn(table, start, block_n, block_size, n)
                 assert got is not None and len(got) == 2, "return (slots, valid)"
-                slots, valid = (torch.as_tensor(t) for t in got)
-                pos = torch.arange(start, start + block_n)
-                want_valid = pos < n
-                assert slots.shape == (block_n,) and valid.shape == (block_n,), \
-                    f"shapes {tuple(slots.shape)}, {tuple(valid.shape)}; expected ({block_n},) each"
+                slots, valid = (_tensor(t, (block_n,)) for t in got)
+                want_valid = torch.arange(start, start + block_n) < n
                 assert torch.equal(valid.bool(), want_valid), "valid: the tokens before `end`"
-                want = torch.tensor(cache.slots(sid, start, min(n, start + block_n)),
-                                    dtype=torch.long)
-                assert torch.equal(slots[want_valid].long(), want), (
+                want = torch.tensor(cache.slots(sid, start, min(n, start + block_n)))
+                assert torch.equal(slots[want_valid].long(), want.long()), (
                     f"block size {block_size}, tokens {start}..: slot = table[t // block_size] * "
-                    f"block_size + t % block_size")
+                    f"block_size + t % block_size (masked-off entries may hold anything)")
     _ok("tile slots: the kernel's address arithmetic, with the tail masked")
 
 
 def check_combine_splits(fn):
-    """``fn(m, l, o)`` -> the attention output from split partial results: per split ``s``, the
-    running max ``m[s]``, the sum ``l[s]`` of ``exp(score - m[s])`` and the unnormalised
-    ``o[s] = sum exp(score - m[s]) v`` (shapes ``(S,)``, ``(S,)``, ``(S, d)``)."""
+    """``fn(m, l, o)`` -> attention output from each split's max score ``m`` (S,), sum of
+    ``exp(score - m)`` ``l`` (S,) and unnormalised output ``o`` (S, d)."""
     g = torch.Generator().manual_seed(random.randrange(1 << 30))
     for S, n, d in ((1, 5, 4), (3, 40, 8), (6, 13, 16)):
         scores = torch.randn(n, generator=g, dtype=torch.float64) * 4
@@ -728,10 +632,7 @@ def check_combine_splits(fn):
         if S > 2:                                   # an empty split, as the kernel writes one
             m[-1], l[-1], o[-1] = float("-inf"), 0.0, 0.0
             want = scores[:parts[-1][0]].softmax(0) @ v[:parts[-1][0]]
-        got = fn(m, l, o)
-        assert got is not None, "your function returns nothing"
-        got = torch.as_tensor(got, dtype=torch.float64)
-        assert got.shape == (d,), f"shape {tuple(got.shape)}, expected ({d},)"
+        got = _tensor(fn(m, l, o), (d,), torch.float64)
         assert not got.isnan().any(), "NaN: an empty split (m = -inf, l = 0) must weigh 0"
         assert torch.allclose(got, want, atol=1e-9), (
             "rescale each split by exp(m[s] - max(m)), then sum o and l over splits and divide")
@@ -741,7 +642,6 @@ def check_combine_splits(fn):
 def check_packed_inputs(fn):
     """``fn(rows, last)`` -> a packed step's input tokens: per sequence ``(new tokens, src)``,
     the last new token ``None`` when it is still on the device, at ``last[src]``."""
-    from course_lib.engines.model_runner import packed_inputs
     for seed in range(5):
         rng = random.Random(seed)
         last = torch.tensor([rng.randrange(100, 200) for _ in range(8)])
@@ -756,27 +656,19 @@ def check_packed_inputs(fn):
             rows = [([None], 5), ([None], 2), ([7, 8, 9], 0)]
         before = [list(new) for new, _ in rows]
         got = fn(rows, last)
-        assert got is not None, "your function returns nothing"
         assert [list(new) for new, _ in rows] == before, "leave the rows as they are"
         want = packed_inputs(rows, last)
         if seed == 0:       # written out, so that the check does not rest on the engine alone
             assert want.tolist() == [last[5].item(), last[2].item(), 7, 8, 9]
-        got = torch.as_tensor(got).long()
-        assert got.shape == want.shape, (f"shape {tuple(got.shape)}, expected "
-                                         f"{tuple(want.shape)}: one per new token")
-        assert torch.equal(got, want), (f"rows {rows}: the known tokens in order, and last[src] "
-                                        f"where a token is None")
+        assert torch.equal(_tensor(got, want.shape).long(), want), (
+            f"rows {rows}: one per new token, the known tokens in order, and last[src] where a "
+            "token is None")
     _ok("packed inputs: the tokens still on the device taken from where they are")
 
 
 def check_tiles_to_read(fn):
-    """``fn(lo, hi, T, n_kv_tiles)`` -> a boolean ``(query tiles, key tiles)`` array: which tiles of
-    a packed copy some query sees, where query ``i`` sees keys ``lo[i] .. hi[i]`` (chapter 09's
-    ``GatheredFlexAttention``). Checked against every (query, key) pair of the rule, and against
-    the block mask the engine lists (its partial tiles plus its full ones)."""
-    import numpy as np
-
-    from course_lib.model.attention import GatheredFlexAttention
+    """``fn(lo, hi, T, n_kv_tiles)`` -> a boolean ``(query tiles, key tiles)`` array: the tiles
+    some query sees (query ``i`` sees keys ``lo[i] .. hi[i]``)."""
     for seed in range(6):
         rng = random.Random(seed)
         T = rng.choice((2, 4, 8))
@@ -791,12 +683,9 @@ def check_tiles_to_read(fn):
         hi = np.concatenate([s + np.arange(c, c + n) for s, (c, n) in zip(k_start, seqs)])
         # sometimes a padding tile
         n_kv_tiles = -(-sum(total) // T) + (rng.randrange(2) if seed else 0)
-        got = fn(lo.copy(), hi.copy(), T, n_kv_tiles)
-        assert got is not None, "your function returns nothing"
-        got = np.asarray(got).astype(bool)
         q_tiles = -(-len(lo) // T)
-        assert got.shape == (q_tiles, n_kv_tiles), (f"shape {got.shape}, expected "
-                                                    f"{(q_tiles, n_kv_tiles)}")
+        got = _tensor(fn(lo.copy(), hi.copy(), T, n_kv_tiles), (q_tiles, n_kv_tiles))
+        got = got.bool().numpy()
         keys = np.arange(n_kv_tiles * T)
         pairs = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])   # (queries, keys)
         pairs = np.pad(pairs, ((0, q_tiles * T - len(lo)), (0, 0)))
@@ -804,18 +693,16 @@ def check_tiles_to_read(fn):
         if seed == 0:   # written out: queries 0, 1, 2 see keys 0-0, 0-1, 0-2; then a chunk
             # after 2 cached tokens: queries 3, 4 see keys 3-5, 3-6
             assert want.astype(int).tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
-        missing, extra = want & ~got, got & ~want
-        assert not missing.any(), (f"T={T}, sequences {seqs}: query tile "
-                                   f"{np.argwhere(missing)[0][0]} sees key tile "
-                                   f"{np.argwhere(missing)[0][1]} and you skip it")
-        assert not extra.any(), (f"T={T}, sequences {seqs}: you list key tile "
-                                 f"{np.argwhere(extra)[0][1]} for query tile "
-                                 f"{np.argwhere(extra)[0][0]}, whose queries see none of it")
-        (n_part, part), (n_full, full) = GatheredFlexAttention.tiles(lo, hi, q_tiles, n_kv_tiles, T)
+        missing, extra = np.argwhere(want & ~got), np.argwhere(got & ~want)
+        assert not len(missing), (f"T={T}, sequences {seqs}: query tile {missing[0][0]} sees key "
+                                  f"tile {missing[0][1]} and you skip it")
+        assert not len(extra), (f"T={T}, sequences {seqs}: you list key tile {extra[0][1]} for "
+                                f"query tile {extra[0][0]}, whose queries see none of it")
+        tiles = attention.GatheredFlexAttention.tiles(lo, hi, q_tiles, n_kv_tiles, T)
+        (n_part, part), (n_full, full) = tiles
         listed = np.zeros_like(want)
         for q in range(q_tiles):
-            listed[q, part[q, :n_part[q]]] = True
-            listed[q, full[q, :n_full[q]]] = True
+            listed[q, np.r_[part[q, :n_part[q]], full[q, :n_full[q]]]] = True
         assert (listed == want).all(), "the engine's block mask and the rule disagree"
     _ok("tiles to read: each query tile reads one run of key tiles, from its first query's lo "
         "to its last one's hi")

@@ -1,8 +1,5 @@
-"""Regenerate the course figures in ``vis/`` from runs: ``python -m course_lib.lab.figures``.
-
-Each figure is drawn from a measurement made now on this machine, next to the stored GPU results
-in ``bench/results/`` (labelled with the card they came from).
-"""
+"""Regenerate the course figures in ``vis/`` (``python -m course_lib.lab.figures``), each from a
+measurement made now on this machine, next to the stored GPU results (labelled with their card)."""
 from __future__ import annotations
 
 import argparse
@@ -11,13 +8,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 from course_lib.lab import plots
-from course_lib.lab.nbtools import load_result, stored_results  # noqa: E402
-from course_lib.measure import roofline  # noqa: E402
+from course_lib.lab.nbtools import load_result, stored_results
+from course_lib.measure import roofline
 from course_lib.model import models
-from course_lib.model.llama import Llama  # noqa: E402
+from course_lib.model.llama import Llama
 
 VIS = Path(__file__).resolve().parents[2] / "vis"
 
@@ -32,8 +29,7 @@ def _save(path: Path, **kwargs) -> Path:
 
 def chapter01(out: Path, model_name: str = "smollm2-135m", repeat: int = 5) -> list:
     """Step time vs batch size, and the roofline: this machine live, the stored GPU runs beside."""
-    loaded = models.load(model_name)
-    model = Llama.from_hf(loaded.model)
+    model = Llama.from_hf(models.load(model_name).model)
     peaks = roofline.measure_peaks("cpu", model.dtype)
     rows = roofline.batch_sweep(model, peaks, (1, 2, 4, 8, 16, 32, 64), 128, 256, repeat)
     gpu = [r for r in stored_results("ch01_batch_sweep") if r["device"]["device"] != peaks.device]
@@ -85,12 +81,11 @@ def chapter09(out: Path) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default=str(VIS))
+    p.add_argument("--out", type=Path, default=VIS)
     p.add_argument("--model", default="smollm2-135m")
     a = p.parse_args(argv)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in chapter01(out, a.model) + chapter04(out, a.model) + chapter09(out):
+    a.out.mkdir(parents=True, exist_ok=True)
+    for path in chapter01(a.out, a.model) + chapter04(a.out, a.model) + chapter09(a.out):
         print("wrote", path)
 
 

@@ -13,8 +13,7 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def show_source(obj):
-    """Display the source of a library function or class: the notebook shows the code it runs
-    without keeping a copy of it."""
+    """Display the source of a library function or class: a notebook shows the code it runs."""
     from IPython.display import Code, display
     display(Code(inspect.getsource(obj), language="python"))
 
@@ -29,14 +28,12 @@ def _read(path: Path) -> dict:
 
 
 def load_result(name: str) -> dict:
-    """A stored result from ``bench/results/`` by its JSON file name; the larger ones are stored
-    gzipped (``name + ".gz"``), which this reads the same way."""
+    """A stored result from ``bench/results/`` by its JSON file name, or gzipped (``name.gz``)."""
     path = RESULTS / name
     return _read(path if path.exists() else RESULTS / f"{name}.gz")
 
 
 def stored_results(prefix: str) -> list:
-    """Every stored result in ``bench/results/`` whose file name starts with ``prefix``, gzipped
-    or not, in the order of their names."""
+    """The stored results whose file names start with ``prefix``, gzipped or not, by name."""
     paths = [*RESULTS.glob(f"{prefix}*.json"), *RESULTS.glob(f"{prefix}*.json.gz")]
     return [_read(p) for p in sorted(paths, key=lambda p: p.name.removesuffix(".gz"))]

@@ -1,23 +1,20 @@
 """The course's pictures, each drawn from the records of a real run."""
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+
 import matplotlib.pyplot as plt
 import numpy as np
 
 
-def _ax(ax, figsize, *grid, **kwargs):
+def _ax(ax, figsize, *grid):
     """``ax``, or a new figure's axes of ``figsize`` (``grid``: rows and columns of them)."""
-    return ax if ax is not None else plt.subplots(*grid, figsize=figsize, **kwargs)[1]
+    return ax if ax is not None else plt.subplots(*grid, figsize=figsize)[1]
 
 
 def _finish(ax, xlabel=None, ylabel=None, title=None, legend=None, grid=False, **legend_kw):
     """Label ``ax``; ``legend``: its font size (None: no legend); ``grid``: a light grid."""
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
+    ax.set(**{k: v for k, v in dict(xlabel=xlabel, ylabel=ylabel, title=title).items() if v})
     if legend:
         ax.legend(fontsize=legend, **legend_kw)
     if grid:
@@ -30,8 +27,7 @@ def _mode(row) -> str:
 
 
 def step_time_vs_batch(series: dict, ax=None):
-    """Decode-step time and tokens/s against batch size. ``series``: label -> rows of
-    ``roofline.batch_sweep`` (decode rows are used)."""
+    """Decode-step time and tokens/s against batch size; ``series``: label -> sweep rows."""
     ax = _ax(ax, (11, 4), 1, 2)
     for label, rows in series.items():
         rows = [r for r in rows if r["kind"] == "decode"]
@@ -70,8 +66,7 @@ def roofline(peaks, rows, ax=None, label=None):
             for r, xy in zip(sel, at):
                 ax.annotate(f"B={r['batch']}" if kind == "decode" else f"{r['new_tokens']} tok",
                             xy, fontsize=7, xytext=(3, -9), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set(xscale="log", yscale="log")
     ax.grid(alpha=0.3, which="both")
     return _finish(ax, "arithmetic intensity (FLOP per byte moved)", "achieved TFLOP/s",
                    legend=8, loc="lower right")
@@ -92,10 +87,8 @@ def utilisation_bars(rows, batches=(1, 8, 64), ax=None, title=None, mode="eager"
     ax.bar(x - 0.2, [100 * r["mbu"] for r in sel], 0.4, label="MBU (bandwidth)")
     ax.bar(x + 0.2, [100 * r["mfu"] for r in sel], 0.4, label="MFU (compute)")
     ax.set_xticks(x, [f"B={r['batch']}" for r in sel])
-    ax.set_ylabel("% of the measured peak")
-    ax.set_title(title or "decode-step utilisation")
-    ax.legend()
-    return ax
+    return _finish(ax, ylabel="% of the measured peak", title=title or "decode-step utilisation",
+                   legend="medium")
 
 
 # ---------------------------------------------------------------- timelines of real runs
@@ -108,38 +101,32 @@ RUN_TIME = "time since the run started (s)"
 
 def _intervals(log):
     """(request id, kind) -> [(start, end)], from the step log and the request records."""
-    spans, first = {}, {}
+    spans, first = defaultdict(list), {}
     first_token = {r.id: r.token_times[0] if r.token_times else float("inf")
                    for r in log.requests}
-
-    def add(rid, kind, s):
-        spans.setdefault((rid, kind), []).append((s.start_s, s.end_s))
     for s in log.steps:
+        span = s.start_s, s.end_s
         for rid in s.active:
             # a request computes its prompt until its first token comes out, then decodes
-            add(rid, "prefill" if s.end_s <= first_token[rid] else "decode", s)
+            spans[rid, "prefill" if s.end_s <= first_token[rid] else "decode"].append(span)
             first.setdefault(rid, s.start_s)
         for rid in s.held:
-            add(rid, "held", s)
+            spans[rid, "held"].append(span)
     done = {r.id: r.finish_s for r in log.requests}
     for s in log.steps:
         if s.kind == "prefill":      # sequences already running, idle while newcomers prefill
             busy = set(s.active) | set(s.held)
             for rid, t0 in first.items():
                 if rid not in busy and t0 < s.start_s < (done[rid] or 0):
-                    add(rid, "stalled", s)
+                    spans[rid, "stalled"].append((s.start_s, s.end_s))
     for r in log.requests:
         if r.id in first and first[r.id] > r.arrival_s:
-            spans[(r.id, "waiting")] = [(r.arrival_s, first[r.id])]
+            spans[r.id, "waiting"] = [(r.arrival_s, first[r.id])]
     return spans
 
 
 def timeline(log, ax=None, title=None, max_requests: int = 40, xmax=None):
-    """A Gantt chart of a real run: one row per request, time on the x axis.
-
-    waiting: arrived, not yet in the batch; prefill / decode: its row computed useful tokens;
-    held: finished, but its row still occupies a slot of the batch (static batching);
-    stalled: running, but the step was another request's prefill."""
+    """A Gantt chart of a real run: a row per request, coloured by what it waits for or does."""
     served = [r for r in log.requests if r.finish_reason != "refused"][:max_requests]
     ax = _ax(ax, (10, 0.22 * len(served) + 1.2))
     spans = _intervals(log)
@@ -181,8 +168,7 @@ def ladder(runs, ax=None, metric="output_tokens_per_s", label="output tokens / s
 
 
 def step_composition(log, ax=None, title=None):
-    """Each step as a bar: its prefill tokens and its decode tokens, at the time it ran. Without
-    a token budget a long prompt is one tall bar; with one it is spread over many steps."""
+    """Each step as a bar of its prefill and decode tokens, at the time it ran."""
     ax = _ax(ax, (10, 3))
     x = [s.start_s for s in log.steps]
     w = [max(s.seconds, 1e-4) for s in log.steps]
@@ -194,18 +180,17 @@ def step_composition(log, ax=None, title=None):
 
 
 def token_gaps(log, ax=None, title=None, prefix=None):
-    """The wait before each token of each request, at the time the token came out: a decode
-    stalled by a long step shows as a spike."""
+    """The wait before each token of each request, at the time it came out: a stall is a spike."""
     ax = _ax(ax, (10, 3))
     for r in log.requests:
-        if len(r.token_times) > 1 and not (prefix and not r.id.startswith(prefix)):
+        if len(r.token_times) > 1 and r.id.startswith(prefix or ""):
             ax.plot(r.token_times[1:], [1e3 * g for g in r.gaps_s], ".-", lw=0.8, ms=3, label=r.id)
     return _finish(ax, RUN_TIME, "wait for this token (ms)", title, legend=7, grid=True, ncol=4)
 
 
 def memory_map(rows: dict, capacity: float | None = None, ax=None, title=None):
-    """A card's memory, one bar per case: ``rows`` maps a label to ``{part: bytes}`` (weights,
-    KV-cache, activations...), stacked left to right in GB; ``capacity``: the card's, a line."""
+    """A card's memory in GB, a bar per case: ``rows`` maps a label to ``{part: bytes}``, stacked
+    left to right; ``capacity``: the card's, a line."""
     ax = _ax(ax, (10, 0.6 + 0.55 * len(rows)))
     colours = {}
     for y, (label, parts) in enumerate(rows.items()):
@@ -222,9 +207,8 @@ def memory_map(rows: dict, capacity: float | None = None, ax=None, title=None):
 
 
 def preemptions_in(trace) -> list:
-    """``(step, sequence)`` for each preemption a block trace shows: an unfinished sequence's
-    blocks taken back, so that it is gone for a while, or back at once with a table that no
-    longer starts as before (recomputed from its first token)."""
+    """``(step, sequence)`` per preemption in a block trace: a sequence gone for a while, or back
+    at once with a table that no longer starts as before (recomputed from its first token)."""
     out, last = [], {}
     for step, snap in enumerate(trace):
         for sid, table in snap.items():
@@ -237,10 +221,8 @@ def preemptions_in(trace) -> list:
 
 
 def block_map(trace, n_blocks: int, ax=None, title=None, follow=None):
-    """Which sequence owns each block of the paged cache after each step (white: free). Blocks
-    are taken as sequences grow and handed back when they finish or are preempted. ``follow``:
-    one sequence in red, the others in grey; triangles above the map mark preemptions (red:
-    the followed sequence's)."""
+    """Which sequence owns each block of the paged cache after each step (white: free);
+    ``follow``: one sequence in red, the rest grey. Triangles above mark preemptions."""
     owners = sorted({sid for snap in trace for sid in snap}, key=str)
     index = {sid: i for i, sid in enumerate(owners)}
     grid = np.full((n_blocks, len(trace)), np.nan)
@@ -263,13 +245,9 @@ def block_map(trace, n_blocks: int, ax=None, title=None, follow=None):
 
 
 def block_tables(tables: dict, ax=None, title=None):
-    """Block tables as rows, one per sequence: its logical blocks left to right, each cell
-    labelled with the physical block that holds it. A block that several sequences hold (a
-    shared prefix) has a colour of its own; the others are light grey."""
-    holders: dict = {}
-    for table in tables.values():
-        for b in table:
-            holders[b] = holders.get(b, 0) + 1
+    """A row per sequence: its logical blocks left to right, each labelled with the physical
+    block holding it; a block several sequences hold (a shared prefix) has a colour of its own."""
+    holders = Counter(b for table in tables.values() for b in table)
     shared = sorted(b for b, n in holders.items() if n > 1)
     colour = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(shared)}
     width = max(map(len, tables.values()), default=1)
@@ -287,8 +265,7 @@ def block_tables(tables: dict, ax=None, title=None):
 
 # ------------------------------------------------------------ chapter 08: metrics and trade-offs
 def latency_distributions(logs: dict, axes=None):
-    """TTFT, TPOT and end-to-end latency of every served request, as cumulative distributions
-    (the p50 and p99 are read off where a curve crosses 0.5 and 0.99)."""
+    """TTFT, TPOT and end-to-end latency of the served requests, as cumulative distributions."""
     axes = _ax(axes, (13, 3.5), 1, 3)
     kinds = {"ttft_s": "time to first token (s)", "tpot_s": "time per output token (s)",
              "e2e_s": "end-to-end latency (s)"}
@@ -308,9 +285,8 @@ def latency_distributions(logs: dict, axes=None):
 
 def throughput_latency(rows, ax=None, latency="tpot_p50", measured=None, title=None,
                        label="simulated", real_sweep=None):
-    """The trade-off: throughput (x) against a latency (y), one curve per ``max_batch`` through
-    increasing arrival rates. ``real_sweep``: rows of a real sweep, drawn dashed in the same
-    colours; ``measured``: single real runs, drawn as black markers."""
+    """Throughput (x) against a latency (y), a curve per ``max_batch`` through rising arrival
+    rates; ``real_sweep``: dashed in the same colours; ``measured``: real runs, black markers."""
     ax, colours = _ax(ax, (7.5, 4.5)), {}
 
     def curves(rows, style, name, **kw):
@@ -343,8 +319,8 @@ def queue_depth(logs: dict, ax=None):
 
 
 def goodput_vs_load(rows, ax=None, title=None):
-    """Goodput (requests served within the SLO per second) against the arrival rate, with and
-    without admission control."""
+    """Goodput (requests / s served within the SLO) against arrival rate, with and without
+    admission control."""
     ax = _ax(ax, (7, 4))
     for adm in (False, True):
         pts = sorted((r for r in rows if r.get("admission") == adm), key=lambda r: r["rate"])
@@ -356,28 +332,24 @@ def goodput_vs_load(rows, ax=None, title=None):
 
 
 # ---------------------------------------------------------------- chapter 09
-def _runs(result):
-    from course_lib.measure.ladder import ordered
-    return [r for r in ordered(result["runs"]) if "error" not in r]
-
-
-def _rung_names(result):
-    from course_lib.measure.ladder import label
-    return [label(r["rung"]) for r in _runs(result)]
+def _rungs(result, ax, figsize):
+    """The rungs of a ladder result that ran, in order, and ``ax`` with a tick for each."""
+    from course_lib.measure.ladder import label, ordered
+    runs, ax = [r for r in ordered(result["runs"]) if "error" not in r], _ax(ax, figsize)
+    ax.set_xticks(range(len(runs)), [label(r["rung"]) for r in runs], rotation=35, ha="right",
+                  rotation_mode="anchor", fontsize=8)
+    return runs, ax
 
 
 def ladder_vs_floor(result, ax=None):
-    """A bar per rung of a ladder result (``course_lib.measure.ladder``), the peers in grey, each
-    labelled with its tokens/s, on a log scale, with the workload's physical floor on the same card
-    as a line."""
-    runs, ax = _runs(result), _ax(ax, (10, 5))
+    """A bar per rung of a ladder result, the peers in grey, labelled with its tokens/s (log
+    scale), and the workload's physical floor on the same card as a line."""
+    runs, ax = _rungs(result, ax, (10, 5))
     values = [r["metrics"]["output_tokens_per_s"] or 0 for r in runs]
     x = np.arange(len(runs))
     peer = [r["rung"].startswith(("hf-", "vllm")) for r in runs]
     bars = ax.bar(x, values, color=["#9e9e9e" if p else "#5b9bd5" for p in peer])
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
-    ax.set_xticks(x, _rung_names(result), rotation=35, ha="right", rotation_mode="anchor",
-                  fontsize=8)
     ax.set_yscale("log")
     if result.get("floor"):
         f = result["floor"]["output_tokens_per_s"]
@@ -392,21 +364,17 @@ def ladder_vs_floor(result, ax=None):
 def utilisation_by_rung(result, ax=None):
     """MBU and MFU (from the bytes and FLOPs every step must move and do) next to NVML's 'GPU
     utilisation' (the share of time any kernel ran), per rung."""
-    runs, ax = _runs(result), _ax(ax, (10, 3.5))
+    runs, ax = _rungs(result, ax, (10, 3.5))
     x = np.arange(len(runs))
     for i, (key, label, colour) in enumerate([("mbu", "MBU", "#1f4e79"), ("mfu", "MFU", "#5b9bd5"),
                                               ("nvml_gpu_util", "NVML utilisation", "#f4b183")]):
         vals = [(r["metrics"][key] or 0) * (1 if key == "nvml_gpu_util" else 100) for r in runs]
         ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=label, color=colour)
-    ax.set_xticks(x, _rung_names(result), rotation=35, ha="right", rotation_mode="anchor",
-                  fontsize=8)
     return _finish(ax, ylabel="% of the card", legend=8)
 
 
 def decode_step_curve(results, ax=None):
-    """MBU of one whole decode step against batch size (``bench/decode_step.py`` results): the
-    CUDA graph's replay on the GPU, the same without the fused elementwise kernels, the whole step
-    as the engine sees it, and eager launches."""
+    """MBU of a whole decode step against batch size, per way of timing it (bench/decode_step)."""
     ax = _ax(ax, (8, 3.5))
     styles = [("mbu_gpu", "graph replay (GPU time)", "-"),
               ("mbu_unfused", "graph replay, unfused elementwise", "-."),
@@ -427,8 +395,8 @@ def decode_step_curve(results, ax=None):
 
 
 def run_steps(run, ax=None):
-    """The steps of one stored run (a bench JSON with ``steps``): each step's duration at the time
-    it started, coloured by kind, with its batch size on a second axis."""
+    """Each step of a stored run (a bench JSON with ``steps``): its duration at the time it
+    started, coloured by kind, with its batch size on a second axis."""
     from course_lib.measure.metrics import steps_of
     ax, steps = _ax(ax, (10, 3.5)), steps_of(run)
     colour = {"prefill": COLOURS["prefill"], "decode": COLOURS["decode"], "mixed": "#f4b183"}
@@ -446,7 +414,7 @@ def run_steps(run, ax=None):
 
 def prefill_attention(rows, ax=None):
     """The prompts' attention in a mixed step (``metrics.prefill_rows``): FlexAttention and the
-    copy before it, GPU ms per step, for each way of reading the keys and each kind of blocks."""
+    copy before it, GPU ms per step, per way of reading the keys and kind of blocks."""
     ax = _ax(ax, (8, 0.45 * len(rows) + 1))
     y = np.arange(len(rows))
     flex, copy = [r["flex_ms"] for r in rows], [r["copy_ms"] for r in rows]

@@ -1,10 +1,7 @@
 """Sliders over cached, tested measurements. Nothing runs until the learner clicks Run (a headless
 run of a notebook never pays for it); a click first says what runs, then the result replaces
-that line. A stored output that cannot show the slider shows a one-line hint instead.
-"""
+that line. A stored output that cannot show the slider shows a one-line hint instead."""
 from __future__ import annotations
-
-import inspect
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
@@ -21,43 +18,29 @@ BAR_DELAY_S = 2
 
 
 class Explorer(w.interactive):
-    """Sliders and a Run button. A click prints ``say(**setting)``, calls ``compute(**setting)``
-    (which may show progress bars) and replaces both with ``draw(result, **setting)``. The
-    sliders are ``compute``'s parameters, in its order."""
+    """Sliders and a Run button. A click prints ``say(*setting)``, calls ``compute(*setting)``
+    (which may show progress bars), then replaces both with ``draw(result, *setting)`` and its
+    figure; ``setting``: the sliders' values, in their order."""
 
     def __init__(self, compute, draw, say, **sliders):
-        def click(**setting):
-            print(say(**setting), flush=True)
-            result = compute(**setting)
+        def click(**values):
+            setting = values.values()
+            print(say(*setting), flush=True)
+            result = compute(*setting)
             clear_output(wait=True)
-            draw(result, **setting)
+            draw(result, *setting)
+            plt.show()
 
-        click.__signature__ = inspect.signature(compute)
         super().__init__(click, {"manual": True, "manual_name": RUN}, **sliders)
 
     def _repr_mimebundle_(self, **kwargs):
-        data = super()._repr_mimebundle_(**kwargs)
-        data["text/plain"] = HINT
-        return data
+        return {**super()._repr_mimebundle_(**kwargs), "text/plain": HINT}
 
 
 def _slider(options, label: str):
     options = list(options)
     return w.SelectionSlider(options=options, value=options[len(options) // 2], description=label,
                              continuous_update=False)
-
-
-def _pick(compute, draw, say, options, description: str, **more):
-    """An ``Explorer`` with one slider over ``options`` for ``compute``'s first parameter and one
-    per further parameter ``name=(options, description)``."""
-    name = next(iter(inspect.signature(compute).parameters))
-    return Explorer(compute, draw, say, **{name: _slider(options, description)},
-                    **{k: _slider(*v) for k, v in more.items()})
-
-
-def _and(names) -> str:
-    names = list(names)
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, repeat: int = 3):
@@ -88,22 +71,21 @@ def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, rep
               f"{row['tokens_per_s']:.0f} tok/s, MBU {100 * row['mbu']:.0f}%, "
               f"MFU {100 * row['mfu']:.1f}%")
         plots.roofline(peaks, timed)
-        plt.show()
 
     slider = w.IntSlider(value=3, min=0, max=max_log2, description="log2(batch)",
                          continuous_update=False)
     return Explorer(compute, draw, say, log2_batch=slider)
 
 
-def _cached_runs(requests, make, name: str, what: str):
-    """``run(key)``: ``make(key)`` and its RunLog on ``requests``, run once per key with a
-    progress bar over the requests; ``run.say(key)``: the line a click prints first (``what``,
-    formatted with the key, says the setting)."""
+def _cached_runs(loaded, requests, name: str, what: str, option: str, **fixed):
+    """``run(key)``: engine ``name`` with ``option=key`` and its RunLog on ``requests``, run once
+    per key; ``run.say(key)``: the line a click prints first (``what.format(key)`` names it)."""
+    from course_lib.engines import make_engine
     done = {}
 
     def run(key):
         if key not in done:
-            engine = make(key)
+            engine = make_engine(name, loaded, **fixed, **{option: key})
             done[key] = engine, engine.run(requests, progress=True)
         return done[key]
     run.say = lambda key: (f"Drawing {what.format(key)} (run before) ..." if key in done else
@@ -113,24 +95,26 @@ def _cached_runs(requests, make, name: str, what: str):
 
 
 def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4, 8, 16)):
-    """Pick a batch size: run the engines on the same requests (each run once, then cached) and
-    draw their timelines with their throughput and slot utilisation."""
+    """Pick a batch size: the engines' timelines on the same requests (each run once, cached)."""
     from course_lib.engines import make_engine
     from course_lib.measure.metrics import summarize
     done = {}
 
+    def todo(max_batch):
+        return [e for e in engines if (e, max_batch) not in done]
+
     def say(max_batch):
-        todo = [e for e in engines if (e, max_batch) not in done]
-        if not todo:
+        names = todo(max_batch)
+        if not names:
             return f"Drawing max_batch={max_batch} (run before) ..."
-        return (f"Running {_and(todo)} on {len(requests)} requests with max_batch={max_batch} "
+        running = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+        return (f"Running {running} on {len(requests)} requests with max_batch={max_batch} "
                 f"(each setting runs once, then redraws from the cache) ...")
 
     def compute(max_batch):
-        for e in engines:
-            if (e, max_batch) not in done:
-                done[e, max_batch] = make_engine(e, loaded, max_batch=max_batch).run(
-                    requests, progress=True)
+        for e in todo(max_batch):
+            done[e, max_batch] = make_engine(e, loaded, max_batch=max_batch).run(
+                requests, progress=True)
         return [(e, done[e, max_batch]) for e in engines]
 
     def draw(logs, max_batch):
@@ -142,42 +126,34 @@ def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4,
             print(line)
             plots.timeline(log, ax=ax, title=line)
         plt.tight_layout()
-        plt.show()
 
-    return _pick(compute, draw, say, batch_sizes, "max_batch")
+    return Explorer(compute, draw, say, max_batch=_slider(batch_sizes, "max_batch"))
 
 
 def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), block_size: int = 16,
                     max_batch: int = 8):
-    """Pick a token budget (max_num_batched_tokens): run the chunked engine (once per budget,
-    then cached) and see its steps and its worst decode stall."""
-    from course_lib.engines import make_engine
+    """Pick a token budget: the chunked engine's steps and worst decode stall (run once each)."""
     from course_lib.measure.metrics import summarize
-    run = _cached_runs(requests, lambda budget: make_engine(
-        "chunked", loaded, max_batch=max_batch, block_size=block_size,
-        max_num_batched_tokens=budget), "chunked", "a budget of {} tokens per step")
+    run = _cached_runs(loaded, requests, "chunked", "a budget of {} tokens per step",
+                       "max_num_batched_tokens", max_batch=max_batch, block_size=block_size)
 
-    def draw(log, budget):
+    def draw(ran, budget):
+        _, log = ran
         m = summarize(log)
         line = (f"budget {budget} tokens/step: longest wait between two tokens "
                 f"{m['itl_s']['max']:.2f} s, TPOT p99 {1e3 * m['tpot_s']['p99']:.0f} ms, "
                 f"{m['output_tokens_per_s']:.1f} tok/s")
         print(line)
         plots.step_composition(log, title=line)
-        plt.show()
 
-    return _pick(lambda budget: run(budget)[1], draw, lambda budget: run.say(budget), budgets,
-                 "budget")
+    return Explorer(run, draw, run.say, budget=_slider(budgets, "budget"))
 
 
 def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int = 8):
-    """Pick a block size: run the paged engine (once per size, then cached) and see how much of
-    the memory it reserves holds no token, and how many blocks it manages."""
-    from course_lib.engines import make_engine
+    """Pick a block size: the paged engine's blocks over time, and the share left empty."""
     from course_lib.measure.metrics import summarize
-    run = _cached_runs(requests, lambda block_size: make_engine(
-        "paged", loaded, max_batch=max_batch, block_size=block_size, trace_blocks=True),
-        "paged", "blocks of {} tokens")
+    run = _cached_runs(loaded, requests, "paged", "blocks of {} tokens", "block_size",
+                       max_batch=max_batch, trace_blocks=True)
 
     def draw(ran, block_size):
         engine, log = ran
@@ -186,16 +162,13 @@ def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int =
                 f"{100 * summarize(log)['kv_waste']:.1f}% of the reserved places empty on average")
         print(line)
         plots.block_map(engine.block_trace, n_blocks, title=line)
-        plt.show()
 
-    return _pick(lambda block_size: run(block_size), draw, lambda block_size: run.say(block_size),
-                 sizes, "block size")
+    return Explorer(run, draw, run.say, block_size=_slider(sizes, "block size"))
 
 
 def operating_point_explorer(run, rates, batches, ttft_slos):
-    """Pick an arrival rate, a max batch and a TTFT target. ``run(rate, max_batch[, slo])`` is a
-    cached simulated run (``tradeoffs.simulated``): the point on the trade-off curve, and the
-    queue over time with and without admission control."""
+    """Pick an arrival rate, a max batch and a TTFT target: the point on the trade-off curve and
+    the queue with and without admission control; ``run``: from ``tradeoffs.simulated``."""
     from course_lib.engines.policies import SLO
     from course_lib.measure.tradeoffs import point, sweep
 
@@ -225,15 +198,14 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
         ax[0].axhline(ttft_slo, color="red", lw=0.8, ls="--", label="TTFT target")
         ax[0].legend(fontsize=7)
         plots.queue_depth({"admit everything": free, "admission control": gated}, ax=ax[1])
-        plt.show()
 
-    return _pick(compute, draw, say, rates, "rate (req/s)", max_batch=(batches, "max_batch"),
-                 ttft_slo=(ttft_slos, "TTFT SLO (s)"))
+    return Explorer(compute, draw, say, rate=_slider(rates, "rate (req/s)"),
+                    max_batch=_slider(batches, "max_batch"),
+                    ttft_slo=_slider(ttft_slos, "TTFT SLO (s)"))
 
 
 def ladder_explorer(result):
-    """Pick a rung of a ladder result (``course_lib.measure.ladder``) and see its steps over
-    time."""
+    """Pick a rung of a ladder result (``course_lib.measure.ladder``): its steps over time."""
     runs = {r["rung"]: r for r in result["runs"] if "error" not in r and r.get("steps")}
 
     def draw(r, rung):
@@ -241,9 +213,7 @@ def ladder_explorer(result):
         print(f"{rung}: {m['output_tokens_per_s']:.0f} tok/s, {m['steps']} steps, "
               f"step time p50 {1e3 * m['step_time_s']['p50']:.1f} ms, "
               f"MBU {100 * (m['mbu'] or 0):.1f}%, preemptions {m.get('preemptions') or 0}")
-        plots.run_steps(r, ax=plt.subplots(figsize=(10, 3.5))[1])
-        plt.show()
+        plots.run_steps(r)
 
-    return _pick(lambda rung: runs[rung], draw,
-                 lambda rung: f"Drawing the stored steps of the {rung} rung ...", list(runs),
-                 "rung")
+    return Explorer(runs.get, draw, "Drawing the stored steps of the {} rung ...".format,
+                    rung=_slider(runs, "rung"))

@@ -23,13 +23,6 @@ def features(shape, dtype_bytes: int, rows: int, tokens: int, attended: int, kv_
     return np.array([1.0, rows, w.bytes - weights, w.flops, attended * shape.n_layers, weights])
 
 
-def step_features(step, shape, dtype_bytes: int) -> np.ndarray:
-    """Features of a logged ``Step``. Every token position computed counts, padding included: it
-    costs time even when it is waste."""
-    return features(shape, dtype_bytes, step.rows, step.slots, step.attended, step.kv_read,
-                    step.logit_rows)
-
-
 def nonnegative_fit(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least squares in seconds (so that the fit gets a run's total time right: long prefill
     steps count as much as the many short decodes they replace), with every coefficient >= 0:
@@ -91,7 +84,9 @@ class StepCost:
         on a device with ``peaks`` (``device``, ``bandwidth``, ``flops``; an infinite bandwidth
         leaves the weights to the fitted fixed cost)."""
         steps = [Step(**s) if isinstance(s, dict) else s for s in steps]
-        X = np.array([step_features(s, shape, dtype_bytes) for s in steps])
+        # every token position computed counts, padding included: it costs time even as waste
+        X = np.array([features(shape, dtype_bytes, s.rows, s.slots, s.attended, s.kv_read,
+                               s.logit_rows) for s in steps])
         y = np.array([s.seconds for s in steps]) - X[:, -1] / peaks.bandwidth   # beyond the weights
         names = name if isinstance(name, list) else [name] if name else []
         return cls(dict(zip(FEATURES, nonnegative_fit(X[:, :-1], y).tolist())), peaks.device,

@@ -1,9 +1,8 @@
-"""Chapter 09's ladder: named rungs, each an engine with settings, run one after the other on the
-same loaded model, requests and device, with the workload's physical floor. A rung is named by
-its engine (``course_lib.engines.REGISTRY``); the padded engines and the peers run at
-``max_batch``, the paged ones (``RUNGS``) up to ``big_batch`` sequences in the KV memory the
-padded rows reserve at ``max_batch``. Options after a colon override a rung's settings:
-``fast:kv_memory_mib=16384``.
+"""Chapter 09's ladder: rungs (engines with settings, each named by its engine) run one after the
+other on the same model, requests and device, beside the workload's physical floor. The padded
+engines and the peers run at ``max_batch``; the paged ones (``RUNGS``) up to ``big_batch``
+sequences in the KV memory the padded rows reserve. Options after a colon override a rung's
+settings: ``fast:kv_memory_mib=16384``.
 """
 from __future__ import annotations
 
@@ -72,9 +71,9 @@ def rung_settings(requests, shape, dtype_bytes: int, max_batch: int, big_batch: 
 def parse_rung(spec: str, settings: dict):
     """``name[:key=value,...]`` -> (rung name, engine, max_batch, engine options). The engine is
     the rung's name."""
-    name, overrides = _split(spec)
-    engine, options = name, RUNGS.get(name, {})
-    options = {k: settings.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    engine, overrides = _split(spec)
+    options = {k: settings.get(v, v) if isinstance(v, str) else v
+               for k, v in RUNGS.get(engine, {}).items()}
     for key, value in overrides:
         if key == "kv_memory_mib":
             key, value = "kv_memory_bytes", int(value * 2**20)
@@ -146,8 +145,7 @@ def run_ladder(loaded, model: str, workload: str, rungs, n: int, max_batch: int,
              f"{floor['output_tokens_per_s']:.0f} tok/s")
     result = {"model": model, "workload": workload, "n": n, "max_batch": max_batch,
               "big_batch": big_batch, "max_num_batched_tokens": max_num_batched_tokens,
-              "kv_memory_rows_bytes": settings["rows"],
-              "dtype": dtype, "floor": floor, "runs": []}
+              "kv_memory_rows_bytes": settings["rows"], "dtype": dtype, "floor": floor, "runs": []}
     runs = result["runs"]
     for spec in rungs:
         rung, engine, batch, options = parse_rung(spec, settings)
@@ -208,18 +206,13 @@ def table(result) -> list:
     return rows
 
 
-def between_steps_s(run) -> float:
-    """Seconds of a run's makespan spent between its steps (the host deciding what to run next,
-    with the GPU idle), from its step log."""
-    steps = steps_of(run)
-    return sum(max(0.0, b.start_s - a.end_s) for a, b in zip(steps, steps[1:]))
-
-
 def time_split(run) -> dict:
     """Where a run's makespan went, from its step log: seconds in prefill-only, mixed and
-    decode-only steps, and between steps; and its slowest steps (``(ms, prefill, decode)``)."""
-    out = {"prefill": 0.0, "mixed": 0.0, "decode": 0.0, "between": between_steps_s(run)}
+    decode-only steps, and between steps (the host deciding, the GPU idle); and its slowest
+    steps (``(ms, prefill, decode)``)."""
     steps = steps_of(run)
+    out = {"prefill": 0.0, "mixed": 0.0, "decode": 0.0,
+           "between": sum(max(0.0, b.start_s - a.end_s) for a, b in zip(steps, steps[1:]))}
     for s in steps:
         out[s.kind] += s.seconds
     slow = sorted(steps, key=lambda s: -s.seconds)[:6]

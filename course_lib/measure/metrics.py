@@ -12,6 +12,7 @@ one ``Step`` per forward pass (the token slots it computed, and which were usefu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 
 import numpy as np
 
@@ -58,8 +59,7 @@ class RequestRecord:
 
 @dataclass
 class Step:
-    """One forward pass. ``slots`` counts every token position computed, padding included;
-    the other counts are the useful part (see ``roofline.step_work``)."""
+    """One forward pass: the token slots it computed (padding included), and the useful part."""
     start_s: float
     end_s: float
     rows: int                 # sequences (batch rows) in the forward pass
@@ -77,10 +77,9 @@ class Step:
     @classmethod
     def of(cls, start_s: float, end_s: float, pairs, decode_tokens: int = 0, rows=None,
            slots=None, logit_rows=None, **more) -> "Step":
-        """The step in which each sequence with useful work feeds ``new`` tokens after ``cached``
-        ones (``pairs``: one ``(cached, new)`` per sequence), ``decode_tokens`` of them generated
-        tokens fed back and the rest prompt. ``rows`` and ``slots`` (padding included) default to
-        the sequences and their tokens, ``logit_rows`` to one per sequence."""
+        """The step in which each sequence feeds ``new`` tokens after ``cached`` ones (``pairs``:
+        one ``(cached, new)`` each), ``decode_tokens`` of them generated and the rest prompt.
+        ``rows`` and ``logit_rows`` default to the sequences, ``slots`` to their tokens."""
         pairs = list(pairs)
         tokens, attended, kv_read = pair_counts(pairs)
         return cls(start_s, end_s, len(pairs) if rows is None else rows,
@@ -100,11 +99,6 @@ class Step:
         return "mixed" if self.prefill_tokens and self.decode_tokens else (
             "prefill" if self.prefill_tokens else "decode")
 
-    def work(self, shape, dtype_bytes: int):
-        """The bytes and FLOPs the step must move and do (``roofline.step_work``)."""
-        return step_work(shape, dtype_bytes, self.useful, self.attended, self.kv_read,
-                         self.logit_rows)
-
 
 @dataclass
 class RunLog:
@@ -117,10 +111,9 @@ class RunLog:
 
 
 def percentiles(values) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    a = np.asarray(values, dtype=float)
+    a = np.array([v for v in values if v is not None], dtype=float)
+    if not a.size:
+        return dict.fromkeys(("p50", "p90", "p99", "mean"))
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean())}
 
@@ -146,21 +139,13 @@ def goodput(log: RunLog, slo) -> dict:
 def queue_depth(log: RunLog) -> tuple:
     """Requests waiting (arrived, not yet in any step, not refused) over time: ``(times, depth)``,
     a step function that changes at arrivals, first steps and refusals."""
-    first = {}
-    for s in log.steps:
-        for rid in s.active:
-            first.setdefault(rid, s.start_s)
+    first = {rid: s.start_s for s in reversed(log.steps) for rid in s.active}   # earliest wins
     events = []
     for r in log.requests:
         leave = first.get(r.id, r.finish_s if r.finish_s is not None else r.arrival_s)
         events += [(r.arrival_s, 1), (max(leave, r.arrival_s), -1)]
     events.sort(key=lambda e: e[0])          # stable: a request arrives before it leaves
-    times, depth, n = [0.0], [0], 0
-    for t, d in events:
-        n += d
-        times.append(t)
-        depth.append(n)
-    return times, depth
+    return [0.0] + [t for t, _ in events], list(accumulate((d for _, d in events), initial=0))
 
 
 def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=None,
@@ -191,7 +176,8 @@ def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=Non
             m["kv_bytes_used_peak"] = m["kv_tokens_used_peak"] * per_token
             m["kv_bytes_reserved_peak"] = m["kv_tokens_reserved_peak"] * per_token
     if steps and shape is not None and peaks is not None:
-        work = [(s, s.work(shape, dtype_bytes)) for s in steps]
+        work = [(s, step_work(shape, dtype_bytes, s.useful, s.attended, s.kv_read, s.logit_rows))
+                for s in steps]
 
         def rate(pairs, of: str, peak: float):   # time-weighted: total bytes over total time
             t = sum(s.seconds for s, _ in pairs)
@@ -270,10 +256,9 @@ def kernel_ms(top, steps: int, *names) -> float:
 
 
 def prefill_rows(profiles: list) -> list:
-    """The prompt attention of the mixed steps in stored profiles (``bench/profile_decode.py
-    --mixed``), one row per profiled step: how the prompts attend (``in-place`` or a packed copy),
-    on which blocks, with which FlexAttention tiles, and GPU ms per step of FlexAttention, of the
-    copy (PyTorch's gather kernel) and of the whole step."""
+    """One row per mixed step of stored profiles (``bench/profile_decode.py --mixed``): how the
+    prompts attend, on which blocks and tiles, and GPU ms per step of FlexAttention, of the copy
+    (PyTorch's gather kernel) and of the whole step."""
     rows = []
     for res in profiles:
         n = res["steps_profiled"]

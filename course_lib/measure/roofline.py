@@ -108,9 +108,8 @@ def measure_peaks(device="cpu", dtype=torch.float32, refresh: bool = False) -> P
 def weight_bytes(shape, dtype_bytes: int) -> int:
     """Weights a forward pass reads once: every layer's matrices and norms, the final norm and the
     output head. The embedding table is not read whole (only the rows of the tokens)."""
-    s = shape
-    norms = (2 * s.n_layers + 1) * s.hidden
-    return (matmul_params_per_token(s) + norms + s.vocab_size * s.hidden) * dtype_bytes
+    norms = (2 * shape.n_layers + 1) * shape.hidden
+    return (matmul_params_per_token(shape) + norms + shape.vocab_size * shape.hidden) * dtype_bytes
 
 
 def attended_pairs(cached: int, new: int) -> int:
@@ -165,12 +164,10 @@ def prefill_work(shape, dtype_bytes: int, lengths, padded: bool) -> Work:
 
 
 def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> dict:
-    """The physical floor of a workload on a device: the time it would take at the measured
-    peaks (so a bound only as good as those peaks: kernels that beat them beat it). Prefill:
-    every prompt's FLOPs at the measured matmul rate. Decode: every sequence side by side from
-    the start, one step per output token after the first, each step reading the weights once and
-    the K and V of every sequence still running at the measured copy bandwidth (or doing its
-    FLOPs at the matmul rate, if that takes longer). Seconds of each part, and tokens/s."""
+    """The physical floor of a workload: its time at the measured peaks (a bound only as good as
+    they are). Prefill: every prompt's FLOPs at the matmul rate. Decode: every sequence side by
+    side, one step per output token after the first, each reading the weights and the running
+    sequences' K and V at the copy bandwidth (or doing its FLOPs, if slower)."""
     prompt_lens, output_lens = list(prompt_lens), list(output_lens)
     prefill_flops = prefill_work(shape, dtype_bytes, prompt_lens, padded=False).flops
     prefill_s = prefill_flops / peaks.flops
@@ -193,15 +190,13 @@ class NvmlSampler:
 
     def __init__(self, index: int = 0, interval_s: float = 0.05):
         self.index, self.interval_s, self.samples = index, interval_s, []
-        self.available = False
-        self._stop = threading.Event()
+        self._stop, self._thread = threading.Event(), None
 
     def __enter__(self):
         try:
             import pynvml
             pynvml.nvmlInit()
             self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(self.index)
-            self.available = True
         except Exception:
             return self
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -213,7 +208,7 @@ class NvmlSampler:
             self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
 
     def __exit__(self, *exc):
-        if self.available:
+        if self._thread:
             self._stop.set()
             self._thread.join()
         return False
@@ -238,30 +233,29 @@ def time_step(model, batch: int, context: int, new_tokens: int = 1, repeat: int 
     tokens = torch.randint(3, model.shape.vocab_size, (batch, new_tokens), device=dev)
     write_at = torch.arange(context, context + new_tokens, device=dev).expand(batch, new_tokens)
     start = torch.zeros(batch, dtype=torch.long, device=dev)
-    n_cols = context + new_tokens
 
     def forward(attn):
         hidden = model.hidden_states(tokens, attn.positions, attn)
         return model.logits(hidden[:, -1]).argmax(-1)       # the next token of every sequence
 
+    def attention():
+        return PaddedAttention(cache, range(batch), start, write_at, context + new_tokens)
+
     if not graph:
-        def step():
-            return forward(PaddedAttention(cache, range(batch), start, write_at, n_cols))
-    else:
-        if torch.device(dev).type != "cuda":
-            raise ValueError("graph=True needs a CUDA device")
-        attn = PaddedAttention(cache, range(batch), start, write_at, n_cols)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):                     # warm up off the default stream
-            for _ in range(2):
-                forward(attn)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        return time_fn(lambda: forward(attention()), dev, repeat=repeat, warmup=warmup)
+    if torch.device(dev).type != "cuda":
+        raise ValueError("graph=True needs a CUDA device")
+    attn = attention()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):                     # warm up off the default stream
+        for _ in range(2):
             forward(attn)
-        step = g.replay
-    return time_fn(step, dev, repeat=repeat, warmup=warmup)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        forward(attn)
+    return time_fn(g.replay, dev, repeat=repeat, warmup=warmup)
 
 
 def step_row(model, peaks, batch: int, context: int, new_tokens: int, seconds: float,
@@ -282,14 +276,14 @@ def batch_sweep(model, peaks, batch_sizes=(1, 2, 4, 8, 16, 32, 64), context: int
     """Decode-step time at each batch size (plus one prefill step, for contrast).
     ``graph=True`` times CUDA-graph replays (see ``time_step``)."""
     from tqdm.auto import tqdm
-    mode = "graph" if graph else "eager"
-    rows = []
-    for b in tqdm(batch_sizes, desc="batch sizes", disable=not progress, leave=False):
-        t = time_step(model, b, context, 1, repeat, graph=graph)
-        rows.append(step_row(model, peaks, b, context, 1, t, mode))
+
+    def row(batch: int, context: int, new_tokens: int) -> dict:
+        t = time_step(model, batch, context, new_tokens, repeat, graph=graph)
+        return step_row(model, peaks, batch, context, new_tokens, t, "graph" if graph else "eager")
+    bar = tqdm(batch_sizes, desc="batch sizes", disable=not progress, leave=False)
+    rows = [row(b, context, 1) for b in bar]
     if prefill_tokens:
-        t = time_step(model, 1, 0, prefill_tokens, repeat, graph=graph)
-        rows.append(step_row(model, peaks, 1, 0, prefill_tokens, t, mode))
+        rows.append(row(1, 0, prefill_tokens))
     return rows
 
 

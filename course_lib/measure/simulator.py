@@ -4,20 +4,14 @@ fitted to measured steps in place of the hardware. The cost of one forward pass,
     t = weights / bandwidth + overhead + per_row x rows + per_byte x kv_bytes + per_flop x flops
         + per_pair x pairs
 
-The weights are read at the device's measured copy bandwidth: one model's steps cannot tell a
-fixed cost per step from a fixed number of bytes per step, and this is what lets the model move
-to a bigger model. ``kv_bytes`` and ``flops`` are the rest of what the step must move and compute
-(``roofline.step_work``); ``rows``, its sequences (host work grows with them); ``pairs``, the
-(query, key) pairs attention looks at, whose cost an implementation may pay beyond their FLOPs
-and bytes (a dense mask, a gather). The five coefficients are fitted, none negative, to the step
-logs of real runs on one device. ``1 / per_byte`` and ``1 / per_flop`` over the measured peaks
-are efficiencies, which is what carries over to another device (``StepCost.on``). A ``CostBook``
-holds one ``StepCost`` per implementation *path*, named by the attention backend the run took:
-``padded``, ``gather``, ``flex``, ``kernel``.
-
-The engines run unchanged; only the model is replaced: ``SimModel`` computes nothing, moves the
-engine's clock on by the predicted time of each step, and never answers EOS, so each request
-produces exactly ``max_new_tokens`` tokens (the lengths of the workload being replayed).
+The weights are read at the measured copy bandwidth: a fit to one model's steps cannot tell them
+from a fixed cost per step, and fixing them lets the cost move to a bigger model. ``kv_bytes`` and
+``flops`` are the rest of what the step moves and computes (``roofline.step_work``); ``rows``, its
+sequences (host work grows with them); ``pairs``, the (query, key) pairs attention looks at, which
+may cost beyond their bytes and FLOPs (a dense mask, a gather). The coefficients are fitted, none
+negative, to real runs on one device, one ``StepCost`` per attention path in a ``CostBook``;
+``StepCost.on`` moves them to another device's peaks. ``SimModel`` stands in for the model: it
+computes nothing, moves the clock on by each step's predicted time and never answers EOS.
 """
 from __future__ import annotations
 
@@ -39,9 +33,8 @@ PATHS = ("padded", "gather", "flex", "kernel")
 
 
 def path_of(engine: str, options: dict | None, cuda: bool = False) -> str:
-    """Which implementation a run takes, by its attention backend: ``padded`` (sequential,
-    static, dynamic, continuous with rows), else the paged engine's attention as recorded, or
-    the engine's default (on CUDA if ``cuda``) where none is."""
+    """Which attention path a run takes: ``padded`` for the padded engines, else the paged
+    engine's attention as recorded, or the engine's default (on CUDA if ``cuda``)."""
     from course_lib.engines import REGISTRY, PagedEngine, resolve
     options = {k: v for k, v in (options or {}).items() if k not in ("model",)}
     _, spec, given = resolve(engine, options)
@@ -61,8 +54,7 @@ class CostBook:
 
     @property
     def cuda(self) -> bool:
-        """Whether its costs were measured on (or moved to) a GPU: a CPU is named with its
-        threads (``roofline.device_name``)."""
+        """Whether its costs are a GPU's: a CPU is named with its threads (``device_name``)."""
         return not any(c.device.endswith("threads)") for c in self.paths.values())
 
     def for_run(self, engine: str, options: dict | None) -> StepCost:
@@ -86,35 +78,26 @@ class CostBook:
         c = StepCost.floor(device, bandwidth, flops)
         return cls({path: c for path in PATHS})
 
-    def on(self, device: str, bandwidth: float, flops: float) -> "CostBook":
-        return CostBook({k: c.on(device, bandwidth, flops) for k, c in self.paths.items()})
-
     def save(self, path) -> Path:
         path = Path(path)
         path.write_text(json.dumps({k: asdict(c) for k, c in self.paths.items()}, indent=1))
         return path
 
     @classmethod
-    def load(cls, path, key: str | None = None) -> "CostBook":
-        """A stored book (``key``: the entry of a stored result that holds it)."""
-        book = json.loads(Path(path).read_text())
-        return cls({k: StepCost(**v) for k, v in (book[key] if key else book).items()})
+    def load(cls, path) -> "CostBook":
+        return cls({k: StepCost(**v) for k, v in json.loads(Path(path).read_text()).items()})
 
 
-# Cards to replay a workload on: memory in bytes, and the peaks the cost model is moved to.
-# The A100's figures are its datasheet's (NVIDIA A100 80GB SXM: 2,039 GB/s, 312 TFLOP/s dense
-# BF16), not measurements, and say so; the H200's come from ``bench/results`` (measured there).
-NAMED_GPUS = {
-    "A100 80GB (datasheet)": {"memory": 80e9, "bandwidth": 2.039e12, "flops": 312e12},
-}
+# Cards to replay a workload on: memory in bytes, and the peaks the cost model is moved to. The
+# A100's are its datasheet's (80GB SXM, dense BF16), not measurements, and its name says so.
+NAMED_GPUS = {"A100 80GB (datasheet)": {"memory": 80e9, "bandwidth": 2.039e12, "flops": 312e12}}
 
 
 # ---------------------------------------------------------------- the simulated model
+@dataclass
 class VirtualClock:
     """Simulated seconds: reading the clock costs nothing, sleeping jumps ahead."""
-
-    def __init__(self):
-        self.t = 0.0
+    t: float = 0.0
 
     def __call__(self) -> float:
         return self.t
@@ -199,13 +182,12 @@ def simulate(engine: str, requests: list, cost, shape: LlamaShape, dtype_bytes: 
             return out
         eng.runner.launch = queued
         eng.runner.attention_cls = PackedPositions
-    reqs = [replace(r, ignore_eos=True) for r in requests]
-    return eng, eng.run(reqs)
+    return eng, eng.run([replace(r, ignore_eos=True) for r in requests])
 
 
 def replay_requests(result: dict) -> list:
-    """The requests of a stored run, as the simulator needs them: prompt length, the number of
-    tokens each produced, and its arrival time (prompt token ids do not matter to the cost)."""
+    """The served requests of a stored run, with their prompt lengths, arrivals and the number
+    of tokens each produced (token ids do not matter to the cost)."""
     return [Request(r["id"], [1] * r["prompt_len"], max_new_tokens=r["n_output_tokens"],
                     arrival_s=r["arrival_s"], ignore_eos=True)
             for r in result["requests"] if r["finish_reason"] in ("eos", "length")]
@@ -221,14 +203,12 @@ def with_lengths(requests: list, log) -> list:
 
 def compare(measured: dict, simulated: dict) -> dict:
     """Relative error of a simulated run's metrics (``summarize``) against a measured run's."""
-    keys = {"output_tokens_per_s": lambda m: m["output_tokens_per_s"],
-            "ttft_p50_s": lambda m: m["ttft_s"]["p50"], "tpot_p50_s": lambda m: m["tpot_s"]["p50"],
-            "e2e_p50_s": lambda m: m["e2e_s"]["p50"]}
-    out = {}
-    for k, get in keys.items():
-        s, m = get(simulated), get(measured)
-        out[k] = {"simulated": s, "measured": m, "error": (s - m) / m if m else None}
-    return out
+    def pick(m):
+        return {"output_tokens_per_s": m["output_tokens_per_s"], "ttft_p50_s": m["ttft_s"]["p50"],
+                "tpot_p50_s": m["tpot_s"]["p50"], "e2e_p50_s": m["e2e_s"]["p50"]}
+    s, m = pick(simulated), pick(measured)
+    return {k: {"simulated": s[k], "measured": m[k],
+                "error": (s[k] - m[k]) / m[k] if m[k] else None} for k in s}
 
 
 def replay(cost, result: dict, **changes):
@@ -242,8 +222,7 @@ def replay(cost, result: dict, **changes):
 
 
 def validate(cost, result: dict) -> dict:
-    """Simulate a stored run (``replay``) and compare: the relative error of throughput, TTFT
-    p50, TPOT p50 and the end-to-end p50."""
+    """Simulate a stored run (``replay``) and ``compare`` it with what was measured."""
     from course_lib.measure.metrics import summarize
     _, log = replay(cost, result)
     return {"run": run_name(result), **compare(result["metrics"], summarize(log))}

@@ -1,7 +1,6 @@
 """The throughput-latency trade-off (chapter 08): one row of metrics per operating point (arrival
-rate, max batch), from real runs or from the calibrated simulator (``simulated``: a fraction of a
-second a point). More of either knob buys throughput and costs latency; past capacity the queue
-grows and time-to-first-token explodes.
+rate, max batch), from real runs or the calibrated simulator (``simulated``). More of either knob
+buys throughput and costs latency; past capacity the queue grows and time-to-first-token explodes.
 """
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
 """Attention variants. The model calls ``attn(layer, q, k, v)`` once per layer; the attention
-object stores the new keys and values in its KV-cache and attends over everything visible.
-
-``PaddedAttention``: a batch of ``B`` rows of ``T`` new tokens over a contiguous cache, left
-padding hidden by a mask. ``PagedAttention`` (chapters 05-07): *packed* tokens over a paged cache,
-K/V gathered through the block tables (the reference); ``FlexPagedAttention`` reads them in place
-with FlexAttention; ``GatheredFlexAttention`` (chapter 09's prefill) runs FlexAttention over a
-packed copy of them. Decodes through the Triton kernel: ``course_lib.kernels.paged_decode``.
+object stores the new keys and values in its KV-cache and attends over everything visible:
+a padded batch over a contiguous cache, or packed tokens over a paged one (gathered, read in
+place with FlexAttention, or copied out for it). Decode's kernel: ``kernels.paged_decode``.
 """
 from __future__ import annotations
 
+import warnings
 from itertools import accumulate
 
 import numpy as np
@@ -19,11 +16,9 @@ from course_lib.model.kv_cache import to_device
 
 
 def padded_visibility(start, write_at, n_cols):
-    """Which cache columns each new token may attend to: a boolean ``(B, T, n_cols)``.
-
-    A real token at column ``c`` of row ``r`` sees columns ``start[r] .. c`` (causal, no padding).
-    A padding token sees only itself, so that no softmax row is empty (an empty row gives NaN).
-    """
+    """Which cache columns each new token may attend to: a boolean ``(B, T, n_cols)``. A real
+    token at column ``c`` of row ``r`` sees columns ``start[r] .. c``; a padding token only itself,
+    so that no softmax row is empty (an empty row gives NaN)."""
     cols = torch.arange(n_cols, device=write_at.device)                # (S,)
     at = write_at[..., None]                                           # (B, T, 1)
     real = (cols >= start[:, None, None]) & (cols <= at)
@@ -31,29 +26,24 @@ def padded_visibility(start, write_at, n_cols):
 
 
 class PaddedAttention:
-    """Attention for one forward pass over a padded batch: the cache rows (``slots``) of the ``B``
-    batch rows of a ``ContiguousKVCache``, the first real column of each row (``start``, ``(B,)``),
-    the cache column of each new token (``write_at``, ``(B, T)``), and the columns to attend over
-    (``n_cols``: ``write_at.max() + 1``; given, it spares a device sync)."""
+    """Attention over a padded batch: the ``ContiguousKVCache`` rows (``slots``) of the batch, the
+    first real column of each (``start``, ``(B,)``), the cache column of each new token
+    (``write_at``, ``(B, T)``); ``n_cols``, given, spares the device sync of ``write_at.max()``."""
 
     def __init__(self, cache, slots, start, write_at, n_cols: int | None = None):
         self.cache, self.write_at = cache, write_at
         slots = list(slots)
-        B = len(slots)
-        # Consecutive slots are a view of the cache; any other set of rows must be gathered.
-        consecutive = slots == list(range(slots[0], slots[0] + B))
-        self.rows = slice(slots[0], slots[0] + B) if consecutive else \
-            torch.tensor(slots, device=write_at.device)
         self.slot_index = torch.tensor(slots, device=write_at.device)[:, None]
+        # consecutive slots are a view of the cache; any other set of rows must be gathered
+        rows = range(slots[0], slots[0] + len(slots))
+        self.rows = slice(rows.start, rows.stop) if slots == list(rows) else self.slot_index[:, 0]
         self.n_cols = int(write_at.max()) + 1 if n_cols is None else n_cols
         self.visible = padded_visibility(start, write_at, self.n_cols)[:, None]   # (B, 1, T, S)
         self.positions = (write_at - start[:, None]).clamp(min=0)         # RoPE positions
 
-    def __call__(self, layer, q, k, v):
-        # q: (B, T, H, d); k, v: (B, T, Hkv, d)
+    def __call__(self, layer, q, k, v):     # q: (B, T, H, d); k, v: (B, T, Hkv, d)
         K, V = self.cache.k[layer], self.cache.v[layer]                   # (slots, Hkv, L, d)
-        K[self.slot_index, :, self.write_at] = k
-        V[self.slot_index, :, self.write_at] = v
+        K[self.slot_index, :, self.write_at], V[self.slot_index, :, self.write_at] = k, v
         K, V = K[self.rows, :, :self.n_cols], V[self.rows, :, :self.n_cols]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=self.visible,
                                            enable_gqa=True)                # (B, H, T, d)
@@ -61,14 +51,12 @@ class PaddedAttention:
 
 
 def cu_seqlens(lengths) -> list:
-    """Where each sequence starts in a packed list of tokens (and where the last one ends):
-    ``[0, l0, l0 + l1, ...]``, the index varlen attention kernels take."""
+    """Where each sequence starts in a packed list, then its end: ``[0, l0, l0 + l1, ...]``."""
     return [0, *accumulate(lengths)]
 
 
 def block_diagonal_causal(q_seq, q_pos, k_seq, k_pos):
-    """The mask of packed attention: query i may see key j when both belong to the same sequence
-    and key j is not later than query i. A boolean ``(N queries, M keys)``."""
+    """The ``(N queries, M keys)`` mask of packed attention: same sequence, key not later."""
     return (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
 
 
@@ -79,18 +67,9 @@ def write_cache(cache, layer, slots, k, v):
 
 
 class PagedAttention:
-    """Attention for one forward pass over *packed* tokens: the new tokens of several sequences
-    in one list, no padding, each sequence's keys and values in a paged cache.
-
-    cache: a ``PagedKVCache`` whose block tables already hold room for the new tokens
-    seqs:  ``(seq_id, n_cached, n_new)`` per sequence, in the order of the packed tokens
-           (a whole prompt, a chunk of one, or the one token of a decode step)
-
-    The reference: each sequence's keys are gathered through its block table into one list, and
-    one masked attention runs over it. Every packed attention writes the new keys and values at
-    their ``slots``, then ``attend``s; the fused model (chapter 09) writes them from its RoPE
-    kernel and calls ``attend`` alone. ``cu_seqlens``: where each sequence starts in the list.
-    """
+    """Attention over *packed* tokens of the ``(seq_id, n_cached, n_new)`` ``seqs``, in a paged
+    cache with room for them. The reference: each sequence's keys are gathered through its block
+    table, and one masked attention runs over them all. ``attend`` alone skips the cache write."""
 
     def __init__(self, cache, seqs, device="cpu"):
         self.cache = cache
@@ -108,13 +87,12 @@ class PagedAttention:
         self.cu_seqlens = t(cu_seqlens(new for _, _, new in seqs))
         self.mask = block_diagonal_causal(t(q_seq), self.positions, t(k_seq), t(k_pos))
 
-    def __call__(self, layer, q, k, v):
-        # q: (N, H, d); k, v: (N, Hkv, d)
+    def __call__(self, layer, q, k, v):     # q: (N, H, d); k, v: (N, Hkv, d)
         write_cache(self.cache, layer, self.slots, k, v)
         return self.attend(layer, q)
 
     def attend(self, layer, q):
-        """Attention of the new tokens' queries over the cache, which already holds their keys."""
+        """The queries' attention over the cache, which already holds their keys."""
         K, V = self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]   # a copy
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None],
                                            attn_mask=self.mask[None, None], enable_gqa=True)
@@ -130,10 +108,7 @@ _compiled = {}
 
 
 def flex_attention(*args, **kwargs):
-    """``torch.nn.attention.flex_attention``: on CUDA compiled into fused Triton kernels, one per
-    query-length bucket (static shapes); on the CPU the unfused reference, which the tests use."""
-    import warnings
-
+    """FlexAttention: on CUDA compiled, one kernel per query bucket; on the CPU the reference."""
     from torch.nn.attention.flex_attention import flex_attention as flex
     if args[0].device.type == "cuda":
         if "cuda" not in _compiled:
@@ -150,10 +125,7 @@ def flex_attention(*args, **kwargs):
 
 
 TILE = 128     # FlexAttention's tile: 128 queries x 128 key slots
-# FlexAttention's own kernel settings on CUDA (``kernel_options``): tiles of 64 x 64, not its
-# default for head_dim 64 (bench/FINDINGS.md). The block mask then lists tiles of that size too
-# (``mask_tile``): a prompt's blocks rarely start on a 128-slot boundary, so at 128 every tile it
-# touches is shared with another sequence and masked element by element; at 64 more are its own
+# its kernel tiles on CUDA; the block mask's too, so that fewer tiles are shared by sequences
 FLEX_OPTIONS: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
@@ -164,25 +136,16 @@ def mask_tile(device) -> int:
 
 
 class FlexPagedAttention(PagedAttention):
-    """The same packed, paged attention, reading keys and values *in place*, with FlexAttention.
+    """Packed, paged attention reading the keys and values *in place*, with FlexAttention. Query
+    i sees slot j if ``owner[j] == q_seq[i] and slot_pos[j] <= position[i]``; the block mask lists
+    only the tiles holding this step's sequences. Queries are padded to a ``bucket``, the keys are
+    the whole cache: few shapes to compile."""
 
-    Every physical slot of the cache is labelled with the sequence of this step that owns it
-    (``owner``, -1 for none) and the position it holds (``slot_pos``); the mask is the
-    block-diagonal causal mask over slots: query i sees slot j <=> owner[j] == q_seq[i] and
-    slot_pos[j] <= position[i]. FlexAttention skips the tiles (``mask_tile``) its *block mask*
-    does not list; built from the block tables (once per step, for all layers), it lists only
-    the tiles where this step's sequences live. The queries are padded to a power of two and the
-    keys are the whole cache, so that the compiled kernel is reused from step to step.
-    """
-
-    # the mask's tensors are made in inference mode, as ``precompile`` makes them: made outside
-    # it they fail a guard of the compiled kernel, which then compiles again for every bucket
+    # inference mode, as in ``precompile``: else the mask fails a guard and the kernel recompiles
     @torch.inference_mode()
     def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None):
         from torch.nn.attention.flex_attention import BlockMask
         self.cache, bs = cache, cache.block_size
-        # per token: its position, its cache slot, its sequence; per block of the step's
-        # sequences: the block, its sequence, its index in that sequence's table
         layout = cache.packed_layout(seqs)
         self.n = len(layout["positions"])
         on = to_device(np.concatenate(list(layout.values())), device)       # one copy
@@ -212,9 +175,7 @@ class FlexPagedAttention(PagedAttention):
         for end in [*range(0, bs, tile), bs - 1]:   # a block may straddle tiles
             tiles_of_seq[block_seq, (blocks * bs + end) // tile] = one
         needed = (seq_in_tile @ tiles_of_seq) > 0                                # (Q, KV tiles)
-        # a *full* tile: one sequence's queries, and slots of that sequence all at earlier
-        # positions. The kernel skips the mask there (no owner lookups); it applies it on the
-        # *partial* ones, where some pairs are hidden
+        # a *full* tile (one sequence's queries, its slots all at earlier positions) needs no mask
         pad = kv_tiles * tile - n_slots
         tile_owner = F.pad(owner, (0, pad), value=-1).view(kv_tiles, tile)
         tile_last = F.pad(slot_pos, (0, pad)).view(kv_tiles, tile).amax(-1)
@@ -235,21 +196,17 @@ class FlexPagedAttention(PagedAttention):
             compute_q_blocks=False)           # those are for the backward pass
 
     kernel_options = FLEX_OPTIONS   # FlexAttention's own settings on CUDA (the module's dict)
-    # the compiled kernel's shapes: queries in a bucket, and keys that the queries alone fix (here
-    # the whole cache): per query bucket ``n``, keys of ``m`` times ``n`` for each ``m`` here
-    key_multiples = (1,)
+    key_multiples = (1,)            # precompiled keys: ``m * n`` per query bucket ``n``
 
     @staticmethod
     def padding(n: int, m: int) -> dict:
-        """The constructor's settings that give a step ``n`` query slots (and ``m * n`` keys)."""
+        """The constructor's arguments for ``n`` query slots (and ``m * n`` keys)."""
         return {"n_pad": n}
 
     @classmethod
     @torch.inference_mode()          # as the model runs: a change of grad mode would recompile
     def precompile(cls, cache, max_tokens: int, shape, dtype):
-        """Compile the kernel for every shape a run's steps may take, before its clock starts:
-        each query bucket up to ``max_tokens`` (and the cache), with each of ``key_multiples``.
-        Only the shapes matter: one token stands in for a bucket's queries, padding the rest."""
+        """Compile the kernel for every shape a run's steps may take, before its clock starts."""
         device, capacity = cache.k[0].device, cache.blocks.n_blocks * cache.block_size
         if not cache.can_grow("precompile", 1):
             return
@@ -269,11 +226,10 @@ class FlexPagedAttention(PagedAttention):
         cache.release("precompile")
 
     def keys(self, layer):
-        """The keys and values FlexAttention reads: the whole cache, in place."""
+        """The keys and values to read: the whole cache, in place."""
         return self.cache.k[layer], self.cache.v[layer]
 
     def attend(self, layer, q):
-        """Attention of the new tokens' queries over the cache, which already holds their keys."""
         K, V = self.keys(layer)
         n_pad = self.block_mask.shape[-2]
         q = F.pad(q, (0, 0, 0, 0, 0, n_pad - self.n)).transpose(0, 1)[None]   # (1, H, n_pad, d)
@@ -285,42 +241,29 @@ class FlexPagedAttention(PagedAttention):
 
 
 class GatheredFlexAttention(FlexPagedAttention):
-    """Packed, paged attention for prefill chunks (chapter 09): *copy* the keys and values of the
-    step's sequences out of the cache into one packed list, then FlexAttention over it.
-
-    Reading in place pays when a sequence's blocks lie side by side; in a cache that has served a
-    while they do not (the free list comes back in any order), and each tile they touch is
-    shared with other sequences and masked element by element. After the copy each sequence's
-    keys are contiguous: sequence ``s``'s are ``k_start[s] ...``, so query ``i`` (position ``p``
-    of ``s``) sees the keys ``lo[i] = k_start[s] <= j <= hi[i] = k_start[s] + p``. Both grow with
-    ``i``, so the block mask is a few comparisons per tile, made on the host, and almost every
-    tile is *full* (no mask to apply). Queries and keys are padded to powers of two (``bucket``);
-    padding queries see nothing (``lo > hi``), padding keys are seen by nobody.
-    """
+    """Packed, paged prefill (chapter 09): *copy* the step's keys and values out of the cache,
+    where they are scattered, into one packed list, then FlexAttention over it. Query ``i`` sees
+    the keys ``lo[i] .. hi[i]``, both growing with ``i``: the block mask is cheap to make on the
+    host and almost every tile is *full*. Padding queries see nothing (``lo > hi``)."""
 
     tile = TILE               # the block mask's tiles: keys are contiguous, no need for smaller
-    # FlexAttention's kernel tiles on CUDA (smaller than its defaults: bench/FINDINGS.md)
-    kernel_options: dict = {"BLOCK_M": 64, "BLOCK_N": 64}
-    # the keys are the step's own: as many as the queries (whole prompts), or more (a chunk after
-    # earlier ones); keys up to twice the query bucket are compiled before the clock starts
-    key_multiples = (1, 2)
-    # over a prefix cache a question of a few tokens follows a long cached prefix: up to 64 times
+    kernel_options: dict = {"BLOCK_M": 64, "BLOCK_N": 64}     # on CUDA, as ``FLEX_OPTIONS``
+    key_multiples = (1, 2)    # whole prompts, or a chunk after earlier ones: more keys
+    # over a prefix cache a few new tokens may follow a long cached prefix: up to 64 times
     prefix_key_multiples = tuple(2 ** i for i in range(7))
 
     @staticmethod
     def padding(n: int, m: int) -> dict:
         return {"n_pad": n, "m_pad": m * n}
 
-    @torch.inference_mode()        # as FlexPagedAttention: the mask's tensors must not fail a guard
+    @torch.inference_mode()        # as FlexPagedAttention
     def __init__(self, cache, seqs, device="cpu", n_pad: int | None = None,
                  m_pad: int | None = None):
         self.cache, bs, T = cache, cache.block_size, self.tile
         layout = cache.packed_layout(seqs)
-        cached = np.array([c for _, c, _ in seqs], dtype=np.int64)
-        total = cached + np.array([n for _, _, n in seqs], dtype=np.int64)
+        total = np.array([c + n for _, c, n in seqs], dtype=np.int64)
         self.n, m = len(layout["positions"]), int(total.sum())
-        n_pad = n_pad or bucket(self.n, T)
-        m_pad = m_pad or bucket(max(m, self.n), T)
+        n_pad, m_pad = n_pad or bucket(self.n, T), m_pad or bucket(max(m, self.n), T)
         # every key of every sequence, in order: its slot in the cache (padding reads slot 0)
         k_start = np.cumsum(total) - total
         k_seq = np.repeat(np.arange(len(seqs)), total)
@@ -335,14 +278,12 @@ class GatheredFlexAttention(FlexPagedAttention):
         partial, full = self.tiles(lo[:self.n], hi[:self.n], n_pad // T, m_pad // T, T)
         parts = [layout["positions"], layout["write"], read, lo, hi, *partial, *full]
         on = to_device(np.concatenate([x.ravel() for x in parts]), device)          # one copy
-        self.positions, self.slots, self.read, self.lo, self.hi, *mask = on.split(
-            [x.size for x in parts])
+        self.positions, self.slots, self.read, lo, hi, *mask = on.split([x.size for x in parts])
         self.cu_seqlens = to_device(cu_seqlens(n for _, _, n in seqs), device)
         mask = [x.int().view(1, 1, *y.shape) for x, y in zip(mask, partial + full)]
-        lo_, hi_ = self.lo, self.hi
 
         def visible(b, h, i, j):
-            return (j >= lo_[i]) & (j <= hi_[i])
+            return (j >= lo[i]) & (j <= hi[i])
 
         from torch.nn.attention.flex_attention import BlockMask
         self.block_mask = BlockMask.from_kv_blocks(*mask, BLOCK_SIZE=T, mask_mod=visible,
@@ -351,10 +292,8 @@ class GatheredFlexAttention(FlexPagedAttention):
 
     @staticmethod
     def tiles(lo, hi, q_tiles: int, kv_tiles: int, T: int = TILE):
-        """The block mask on the host: for each tile of queries, the key tiles it must read with
-        the mask applied (*partial*) and those every one of its queries sees whole (*full*), each
-        as ``(count per query tile, indices with the listed ones first)``. ``lo``, ``hi``: the
-        first and last key each real query sees, both non-decreasing."""
+        """Per query tile, the key tiles to read masked (*partial*) and whole (*full*), each as
+        ``(count per query tile, indices listed first)``. ``lo``, ``hi``: non-decreasing."""
         n = len(lo)
         first = np.arange(q_tiles) * T                          # first query of each tile
         last = np.minimum(first + T, n) - 1                     # its last real query
@@ -368,11 +307,8 @@ class GatheredFlexAttention(FlexPagedAttention):
         whole = (real & (first + T <= n))[:, None]
         full = whole & (cols * T >= lo[last][:, None]) & ((cols + 1) * T - 1 <= hi[first][:, None])
         partial = needed & ~full
-
-        def listed_first(t):
-            return t.sum(-1), np.argsort(~t, axis=-1, kind="stable")
-        return listed_first(partial), listed_first(full)
+        return tuple((t.sum(-1), np.argsort(~t, axis=-1, kind="stable")) for t in (partial, full))
 
     def keys(self, layer):
-        """The step's keys and values, copied out of the cache into one packed list."""
+        """The step's keys and values, copied out of the cache."""
         return self.cache.k[layer][:, self.read], self.cache.v[layer][:, self.read]

