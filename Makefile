@@ -97,12 +97,10 @@ browser:
 
 test: venv browser
 	ruff check .
-	pytest tests/ -q -rs
-	@# Exit code 5 = no tests collected (no notebooks yet): fine for this step only.
-	@echo "pytest $(NBVAL_ARGS) notebooks/"; \
-	  rc=0; pytest $(NBVAL_ARGS) notebooks/ || rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "nbval: no notebooks to run in notebooks/"; rc=0; fi; \
-	  exit $$rc
+	@# tests and notebooks together, on two workers (pytest-xdist), each file's tests on one worker;
+	@# one thread each: two torch processes with two threads each on two cores spin against each
+	@# other
+	OMP_NUM_THREADS=1 pytest -n 2 --dist loadfile -q -rs tests/ $(NBVAL_ARGS) notebooks/
 	python tools/make_assignments.py --check
 
 assignments: venv

@@ -47,3 +47,21 @@ def test_tiny_preset_is_random_but_reproducible():
     c = models.load("tiny", seed=4).model.state_dict()
     k = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(a[k], b[k]) and not torch.equal(a[k], c[k])
+
+
+def _convert(_):
+    return str(models._smollm2_folder())
+
+
+def test_processes_converting_the_weights_at_once_share_one_copy(monkeypatch, tmp_path):
+    """``make test`` runs two workers on an empty cache: both may convert the GGUF at once."""
+    import concurrent.futures
+    import multiprocessing
+
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    with concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        folders = set(pool.map(_convert, range(2)))
+    assert folders == {str(tmp_path / "smollm2-135m")}
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m"]          # nothing left over
+    assert (tmp_path / "smollm2-135m" / "model.safetensors").exists()

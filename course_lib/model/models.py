@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,17 +117,20 @@ def _smollm2_folder(weights: bool = True) -> Path:
     # the GGUF loader marks the model as quantized; the weights are plain float32 by now
     config = {k: v for k, v in model.config.to_dict().items()
               if k not in ("quantization_config", "_name_or_path")}
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # a folder of its own per process: two processes (two test workers) may convert at once
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     from safetensors.torch import save_file
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        import shutil
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    if folder.exists() and not (folder / "model.safetensors").exists():
+        shutil.rmtree(folder)                       # a partial copy
+    try:
+        tmp.rename(folder)
+    except OSError:                                 # another process finished first: the same
+        shutil.rmtree(tmp)
     return folder
 
 
