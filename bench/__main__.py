@@ -17,6 +17,7 @@ EXPERIMENTS = {     # module in bench/ -> what it measures
     "smollm2_gpu": "ch 09: SmolLM2 on the fast path against HF generate, with/without graphs",
     "host_overlap": "ch 09: the fastest rung's host time per step (launch, wait, retire)",
     "host_time": "ch 09: the engine's host cost alone on the CPU, with the tests' fake model",
+    "floor_by_step": "ch 09: a stored run's steps against their floor, by kind of step",
 }
 
 
