@@ -3,7 +3,8 @@ log, the least time its work needs on the run's card (its bytes at the measured 
 its FLOPs at the measured matmul rate, whichever is longer), summed per kind of step (mixed:
 with prompt tokens; decode-only, by batch size) against the time the steps took.
 
-    python -m bench floor_by_step bench/results/ladder09_anyscale_llama-1b-dummy_nvidia-h200.json.gz \
+    python -m bench floor_by_step \
+        bench/results/ladder09_anyscale_llama-1b-dummy_nvidia-h200.json.gz \
         --rung fast:kv_memory_mib=16384,max_num_batched_tokens=16384
 """
 import argparse

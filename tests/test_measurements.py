@@ -81,3 +81,17 @@ def test_stored_gpu_results_carry_their_provenance():
         assert r["device"]["device"] and r["device"]["bandwidth"] > 0
         assert r["versions"]["torch"] and r["versions"]["course_lib_commit"]
         assert r["command"].startswith("python")
+
+
+def test_floor_by_step_bounds_every_kind_of_step_of_the_stored_ladder():
+    """bench floor_by_step on the stored chapter 09 ladder: every step is counted once, and each
+    kind of step took longer than its floor (a floor above the time would not be a floor)."""
+    from bench.floor_by_step import by_kind
+    from course_lib.lab.nbtools import load_result
+    result = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
+    rung = "fast:kv_memory_mib=16384,max_num_batched_tokens=16384"
+    rows = by_kind(result, rung)
+    run = next(r for r in result["runs"] if r["rung"] == rung)
+    assert sum(r["steps"] for r in rows.values()) == len(run["steps"])
+    assert all(0 < r["floor_s"] < r["seconds"] for r in rows.values() if r["steps"])
+    assert rows["mixed"]["steps"] > 0 and rows["decode, 1-127 rows"]["steps"] > 0
