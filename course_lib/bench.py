@@ -275,11 +275,10 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()     # stderr holds the run's own progress, and errors alone
     slo = None if a.ttft_slo is None and a.tpot_slo is None else SLO(a.ttft_slo, a.tpot_slo)
-    options = {"max_num_batched_tokens": a.max_num_batched_tokens, "block_size": a.block_size,
-               "num_blocks": a.num_blocks, "attention": a.attention,   # None: the engine's own
-               "kv_memory_bytes": None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20),
-               "cuda_graphs": a.cuda_graphs, "fused": a.fused, "overlap": a.overlap,
-               "watermark": a.watermark, "prefix_caching": a.prefix_caching}
+    a.kv_memory_bytes = None if a.kv_memory_mib is None else int(a.kv_memory_mib * 2**20)
+    options = {k: getattr(a, k) for k in (       # None: the engine's own
+        "max_num_batched_tokens", "block_size", "num_blocks", "attention", "kv_memory_bytes",
+        "cuda_graphs", "fused", "overlap", "watermark", "prefix_caching")}
     try:
         result = bench(a.engine, a.model, a.workload, a.n, a.max_batch, a.dtype, a.device,
                        a.tokens, a.max_new_tokens, a.seed, progress=True, steps=a.steps,

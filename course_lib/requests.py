@@ -69,12 +69,9 @@ def check_token_ids(tokens, vocab_size: int) -> str | None:
 
 def encode_chat(tokenizer, message: str, system: str | None = None) -> list[int]:
     """Token ids of ``message`` as a single user turn, ready for the assistant's answer, after
-    ``system`` as the system prompt (None: the template's own).
-
-    The chat template is rendered to text, then tokenized without adding special tokens again:
-    ``apply_chat_template(tokenize=True)`` returns a dict in transformers 5, not a ``list[int]``.
-    """
+    ``system`` as the system prompt (None: the template's own)."""
     turns = [{"role": "system", "content": system}] * (system is not None)
+    # rendered to text, then tokenized: with tokenize=True transformers 5 returns a dict
     text = tokenizer.apply_chat_template(turns + [{"role": "user", "content": message}],
                                          add_generation_prompt=True, tokenize=False)
     return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -85,6 +82,27 @@ def encode_chat(tokenizer, message: str, system: str | None = None) -> list[int]
 _KEYS = {"id", "prompt", "prompt_tokens", "max_new_tokens", "arrival_s", "ignore_eos"}
 
 
+def _prompt_tokens(obj, tokenizer, vocab_size) -> list:
+    """A line's prompt as token ids: its ``prompt`` text encoded, or its ``prompt_tokens``."""
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError(f"'prompt' must be a string, got {prompt!r}")
+        if not prompt.strip():
+            raise ValueError("'prompt' is empty")
+        if tokenizer is None:
+            raise ValueError("'prompt' is text, so a tokenizer is needed to encode it")
+        return encode_chat(tokenizer, prompt)
+    tokens = obj["prompt_tokens"]
+    if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+        raise ValueError("'prompt_tokens' must be a list of non-negative integers")
+    if not tokens:
+        raise ValueError("'prompt_tokens' is empty")
+    if vocab_size is not None and (bad := check_token_ids(tokens, vocab_size)):
+        raise ValueError(bad)
+    return list(tokens)
+
+
 def _parse_line(obj, tokenizer, vocab_size: int | None = None) -> Request:
     """Turn one decoded JSON line into a Request; raises ValueError with the problem. (JSON
     values have exact types: ``type(x) is int`` is an integer, never a boolean.)"""
@@ -92,52 +110,25 @@ def _parse_line(obj, tokenizer, vocab_size: int | None = None) -> Request:
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if unknown := sorted(set(obj) - _KEYS):
         raise ValueError(f"unknown key(s) {unknown}; allowed keys are {sorted(_KEYS)}")
-
-    if "id" not in obj:
-        raise ValueError("missing key 'id'")
-    rid = obj["id"]
+    for key in ("id", "max_new_tokens"):
+        if key not in obj:
+            raise ValueError(f"missing key {key!r}")
+    rid, max_new = obj["id"], obj["max_new_tokens"]
     if not (isinstance(rid, str) or type(rid) is int):
         raise ValueError(f"'id' must be a string or an integer, got {rid!r}")
-
-    if "max_new_tokens" not in obj:
-        raise ValueError("missing key 'max_new_tokens'")
-    max_new = obj["max_new_tokens"]
     if type(max_new) is not int or max_new < 1:
         raise ValueError(f"'max_new_tokens' must be an integer >= 1, got {max_new!r}")
-
-    has_text, has_tokens = "prompt" in obj, "prompt_tokens" in obj
-    if has_text and has_tokens:
+    if "prompt" in obj and "prompt_tokens" in obj:
         raise ValueError("give either 'prompt' or 'prompt_tokens', not both")
-    if not (has_text or has_tokens):
+    if not ("prompt" in obj or "prompt_tokens" in obj):
         raise ValueError("missing key: one of 'prompt' or 'prompt_tokens' is required")
-    prompt = obj.get("prompt")
-    if has_text:
-        if not isinstance(prompt, str):
-            raise ValueError(f"'prompt' must be a string, got {prompt!r}")
-        if not prompt.strip():
-            raise ValueError("'prompt' is empty")
-        if tokenizer is None:
-            raise ValueError("'prompt' is text, so a tokenizer is needed to encode it")
-        tokens = encode_chat(tokenizer, prompt)
-    else:
-        tokens = obj["prompt_tokens"]
-        if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
-            raise ValueError("'prompt_tokens' must be a list of non-negative integers")
-        if not tokens:
-            raise ValueError("'prompt_tokens' is empty")
-        if vocab_size is not None and (bad := check_token_ids(tokens, vocab_size)):
-            raise ValueError(bad)
-
-    arrival = obj.get("arrival_s", 0.0)
+    tokens = _prompt_tokens(obj, tokenizer, vocab_size)
+    arrival, ignore_eos = obj.get("arrival_s", 0.0), obj.get("ignore_eos", False)
     if type(arrival) not in (int, float) or not math.isfinite(arrival) or arrival < 0:
         raise ValueError(f"'arrival_s' must be a number >= 0, got {arrival!r}")
-
-    ignore_eos = obj.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ValueError(f"'ignore_eos' must be true or false, got {ignore_eos!r}")
-
-    return Request(id=str(rid), prompt_tokens=list(tokens), max_new_tokens=max_new,
-                   arrival_s=float(arrival), ignore_eos=ignore_eos, prompt=prompt)
+    return Request(str(rid), tokens, max_new, float(arrival), ignore_eos, obj.get("prompt"))
 
 
 def load_jsonl(path, tokenizer=None, vocab_size: int | None = None) -> list[Request]:
@@ -186,12 +177,9 @@ def save_jsonl(requests: list[Request], path) -> None:
     again on loading), default values left out."""
     with open(path, "w", encoding="utf-8") as f:
         for r in requests:
-            obj: dict = {"id": r.id}
-            if r.prompt is not None:
-                obj["prompt"] = r.prompt
-            else:
-                obj["prompt_tokens"] = [int(t) for t in r.prompt_tokens]
-            obj["max_new_tokens"] = r.max_new_tokens
+            prompt = {"prompt": r.prompt} if r.prompt is not None else {
+                "prompt_tokens": [int(t) for t in r.prompt_tokens]}
+            obj = {"id": r.id, **prompt, "max_new_tokens": r.max_new_tokens}
             if r.arrival_s != 0:
                 obj["arrival_s"] = r.arrival_s
             if r.ignore_eos:

@@ -50,7 +50,9 @@ class PaddedEngine(Engine):
         tokens = self.runner.step(rows, pad_left)
         now = self.now()
         live = [(s, r) for s, r in zip(seqs, rows) if not s.done]
-        pairs = [(0 if prefill else s.context, self._real(s, r)) for s, r in live]
+        # each row's real tokens: padding before the sequence's start does not count
+        pairs = [(0 if prefill else s.context, len(r.tokens) - max(0, s.start - r.first_col))
+                 for s, r in live]
         self.steps.append(Step.of(
             start, now, pairs, decode_tokens=0 if prefill else sum(n for _, n in pairs),
             rows=len(rows), slots=len(rows) * max(len(r.tokens) for r in rows),
@@ -68,8 +70,3 @@ class PaddedEngine(Engine):
         step = self.steps[-1]
         step.kv_used = sum(s.context for s in seqs if not s.done)
         step.kv_reserved = len(seqs) * self.runner.cache.max_len   # finished static rows too
-
-    @staticmethod
-    def _real(seq, row) -> int:
-        """Real (non-padding) tokens in a row."""
-        return len(row.tokens) - max(0, seq.start - row.first_col)

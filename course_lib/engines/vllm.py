@@ -33,16 +33,6 @@ def check_available():
         raise EngineUnavailable(INSTALL)
 
 
-def export_model(loaded, folder) -> Path:
-    """The loaded model as a Hugging Face folder that vLLM can load (written once)."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        part = folder.with_name(folder.name + ".part")
-        loaded.model.save_pretrained(part)
-        part.replace(folder)
-    return folder
-
-
 class VllmEngine(Engine):
     name = "vllm"
     step_source = "vllm"
@@ -63,12 +53,18 @@ class VllmEngine(Engine):
         self.model_dir, self.settings = model_dir, {}
 
     def _folder(self) -> Path:
+        """The model as a Hugging Face folder vLLM can load: ``model_dir``, or one written once."""
         if self.model_dir is not None:
             return Path(self.model_dir)
         from course_lib.model.models import cache_dir
         cfg = self.hf.config
         tag = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-{self.hf.dtype}"
-        return export_model(self.loaded, cache_dir() / "vllm" / tag.replace("torch.", ""))
+        folder = cache_dir() / "vllm" / tag.replace("torch.", "")
+        if not (folder / "config.json").is_file():
+            part = folder.with_name(folder.name + ".part")
+            self.hf.save_pretrained(part)
+            part.replace(folder)
+        return folder
 
     def _serve(self, requests):
         if not requests:

@@ -159,8 +159,7 @@ def check_slot_utilisation(fn):
             p = _rng.randint(0, slots)
             steps.append(Step(0, 1, rows=1, slots=slots, prefill_tokens=p, attended=0, kv_read=0,
                               decode_tokens=_rng.randint(0, slots - p), logit_rows=0))
-        want = sum(s.useful for s in steps) / sum(s.slots for s in steps)
-        got = fn(steps)
+        got, want = fn(steps), sum(s.useful for s in steps) / sum(s.slots for s in steps)
         assert _close(got, want), (
             f"got {got}, expected {want}: useful token slots (prefill + decode) over all slots")
     _ok("slot_utilisation: useful slots over slots computed")
@@ -655,9 +654,8 @@ def check_packed_inputs(fn):
         if seed == 0:
             rows = [([None], 5), ([None], 2), ([7, 8, 9], 0)]
         before = [list(new) for new, _ in rows]
-        got = fn(rows, last)
+        got, want = fn(rows, last), packed_inputs(rows, last)
         assert [list(new) for new, _ in rows] == before, "leave the rows as they are"
-        want = packed_inputs(rows, last)
         if seed == 0:       # written out, so that the check does not rest on the engine alone
             assert want.tolist() == [last[5].item(), last[2].item(), 7, 8, 9]
         assert torch.equal(_tensor(got, want.shape).long(), want), (
@@ -684,8 +682,7 @@ def check_tiles_to_read(fn):
         # sometimes a padding tile
         n_kv_tiles = -(-sum(total) // T) + (rng.randrange(2) if seed else 0)
         q_tiles = -(-len(lo) // T)
-        got = _tensor(fn(lo.copy(), hi.copy(), T, n_kv_tiles), (q_tiles, n_kv_tiles))
-        got = got.bool().numpy()
+        got = _tensor(fn(lo.copy(), hi.copy(), T, n_kv_tiles), (q_tiles, n_kv_tiles)).bool().numpy()
         keys = np.arange(n_kv_tiles * T)
         pairs = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])   # (queries, keys)
         pairs = np.pad(pairs, ((0, q_tiles * T - len(lo)), (0, 0)))
@@ -698,8 +695,8 @@ def check_tiles_to_read(fn):
                                   f"tile {missing[0][1]} and you skip it")
         assert not len(extra), (f"T={T}, sequences {seqs}: you list key tile {extra[0][1]} for "
                                 f"query tile {extra[0][0]}, whose queries see none of it")
-        tiles = attention.GatheredFlexAttention.tiles(lo, hi, q_tiles, n_kv_tiles, T)
-        (n_part, part), (n_full, full) = tiles
+        (n_part, part), (n_full, full) = attention.GatheredFlexAttention.tiles(lo, hi, q_tiles,
+                                                                               n_kv_tiles, T)
         listed = np.zeros_like(want)
         for q in range(q_tiles):
             listed[q, np.r_[part[q, :n_part[q]], full[q, :n_full[q]]]] = True

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from course_lib.lab import plots
 from course_lib.measure import roofline
+from course_lib.measure.metrics import summarize
 
 RUN = "Run"
 HINT = "(run the cell above to get the slider)"
@@ -79,7 +80,8 @@ def batch_size_explorer(model, peaks, context: int = 128, max_log2: int = 8, rep
 
 def _cached_runs(loaded, requests, name: str, what: str, option: str, **fixed):
     """``run(key)``: engine ``name`` with ``option=key`` and its RunLog on ``requests``, run once
-    per key; ``run.say(key)``: the line a click prints first (``what.format(key)`` names it)."""
+    per key (``run.done``); ``run.say(key)``: the line a click prints first (``what.format(key)``
+    names it)."""
     from course_lib.engines import make_engine
     done = {}
 
@@ -88,6 +90,7 @@ def _cached_runs(loaded, requests, name: str, what: str, option: str, **fixed):
             engine = make_engine(name, loaded, **fixed, **{option: key})
             done[key] = engine, engine.run(requests, progress=True)
         return done[key]
+    run.done = done
     run.say = lambda key: (f"Drawing {what.format(key)} (run before) ..." if key in done else
                            f"Running the {name} engine on {len(requests)} requests with "
                            f"{what.format(key)} ...")
@@ -96,26 +99,15 @@ def _cached_runs(loaded, requests, name: str, what: str, option: str, **fixed):
 
 def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4, 8, 16)):
     """Pick a batch size: the engines' timelines on the same requests (each run once, cached)."""
-    from course_lib.engines import make_engine
-    from course_lib.measure.metrics import summarize
-    done = {}
-
-    def todo(max_batch):
-        return [e for e in engines if (e, max_batch) not in done]
+    runs = {e: _cached_runs(loaded, requests, e, "", "max_batch") for e in engines}
 
     def say(max_batch):
-        names = todo(max_batch)
+        names = [e for e in engines if max_batch not in runs[e].done]
         if not names:
             return f"Drawing max_batch={max_batch} (run before) ..."
         running = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
         return (f"Running {running} on {len(requests)} requests with max_batch={max_batch} "
                 f"(each setting runs once, then redraws from the cache) ...")
-
-    def compute(max_batch):
-        for e in todo(max_batch):
-            done[e, max_batch] = make_engine(e, loaded, max_batch=max_batch).run(
-                requests, progress=True)
-        return [(e, done[e, max_batch]) for e in engines]
 
     def draw(logs, max_batch):
         _, axes = plt.subplots(len(logs), 1, figsize=(10, 3.2 * len(logs)), squeeze=False)
@@ -127,13 +119,14 @@ def engine_explorer(loaded, requests, engines=("static",), batch_sizes=(1, 2, 4,
             plots.timeline(log, ax=ax, title=line)
         plt.tight_layout()
 
+    def compute(max_batch):
+        return [(e, runs[e](max_batch)[1]) for e in engines]
     return Explorer(compute, draw, say, max_batch=_slider(batch_sizes, "max_batch"))
 
 
 def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), block_size: int = 16,
                     max_batch: int = 8):
     """Pick a token budget: the chunked engine's steps and worst decode stall (run once each)."""
-    from course_lib.measure.metrics import summarize
     run = _cached_runs(loaded, requests, "chunked", "a budget of {} tokens per step",
                        "max_num_batched_tokens", max_batch=max_batch, block_size=block_size)
 
@@ -151,7 +144,6 @@ def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), bloc
 
 def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int = 8):
     """Pick a block size: the paged engine's blocks over time, and the share left empty."""
-    from course_lib.measure.metrics import summarize
     run = _cached_runs(loaded, requests, "paged", "blocks of {} tokens", "block_size",
                        max_batch=max_batch, trace_blocks=True)
 

@@ -168,13 +168,12 @@ def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=Non
         m["slot_utilisation"] = sum(s.useful for s in steps) / slots
     reserved = sum(s.kv_reserved for s in steps)
     if reserved:
-        m["kv_tokens_used_peak"] = max(s.kv_used for s in steps)
-        m["kv_tokens_reserved_peak"] = max(s.kv_reserved for s in steps)
-        m["kv_waste"] = 1 - sum(s.kv_used for s in steps) / reserved   # averaged over steps
+        used, held = max(s.kv_used for s in steps), max(s.kv_reserved for s in steps)
+        m.update(kv_tokens_used_peak=used, kv_tokens_reserved_peak=held,
+                 kv_waste=1 - sum(s.kv_used for s in steps) / reserved)   # averaged over steps
         if shape is not None:
             per_token = kv_bytes_per_token(shape, dtype_bytes)
-            m["kv_bytes_used_peak"] = m["kv_tokens_used_peak"] * per_token
-            m["kv_bytes_reserved_peak"] = m["kv_tokens_reserved_peak"] * per_token
+            m.update(kv_bytes_used_peak=used * per_token, kv_bytes_reserved_peak=held * per_token)
     if steps and shape is not None and peaks is not None:
         work = [(s, step_work(shape, dtype_bytes, s.useful, s.attended, s.kv_read, s.logit_rows))
                 for s in steps]
@@ -182,32 +181,25 @@ def summarize(log: RunLog, shape=None, dtype_bytes: int | None = None, peaks=Non
         def rate(pairs, of: str, peak: float):   # time-weighted: total bytes over total time
             t = sum(s.seconds for s, _ in pairs)
             return sum(getattr(w, of) for _, w in pairs) / t / peak if t > 0 else None
-        m["mbu"] = rate(work, "bytes", peaks.bandwidth)
-        m["mfu"] = rate(work, "flops", peaks.flops)
-        m["step_time_s"] = percentiles(s.seconds for s in steps)
-        # decode-only steps of 128 sequences or more: how close the big decode steps come to
-        # the copy bandwidth (chapter 09's target), wall time per step, host work included
+        m.update(mbu=rate(work, "bytes", peaks.bandwidth), mfu=rate(work, "flops", peaks.flops),
+                 step_time_s=percentiles(s.seconds for s in steps))
+        # the big decode steps (128 sequences or more) against the copy bandwidth (chapter 09)
         big = [(s, w) for s, w in work if s.kind == "decode" and s.rows >= 128]
         m["decode_b128"] = {"steps": len(big), "mbu": rate(big, "bytes", peaks.bandwidth),
                             "step_time_s": percentiles(s.seconds for s, _ in big)["p50"]}
     if slo is not None:
-        m["slo"] = goodput(log, slo)
-        m["queue_depth_max"] = max(queue_depth(log)[1])
+        m.update(slo=goodput(log, slo), queue_depth_max=max(queue_depth(log)[1]))
     return m
 
 
 def request_rows(log: RunLog, with_tokens: bool = False) -> list:
-    rows = []
-    for r in log.requests:
-        row = {"id": r.id, "arrival_s": r.arrival_s, "prompt_len": r.prompt_len,
-               "n_output_tokens": len(r.output_tokens), "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
-               "e2e_s": r.e2e_s, "finish_reason": r.finish_reason}
-        if r.error:
-            row["error"] = r.error
-        if with_tokens:
-            row["output_tokens"] = list(r.output_tokens)
-        rows.append(row)
-    return rows
+    """One row per request for the bench JSON (its output tokens too, ``with_tokens``)."""
+    return [{"id": r.id, "arrival_s": r.arrival_s, "prompt_len": r.prompt_len,
+             "n_output_tokens": len(r.output_tokens), "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
+             "e2e_s": r.e2e_s, "finish_reason": r.finish_reason,
+             **({"error": r.error} if r.error else {}),
+             **({"output_tokens": list(r.output_tokens)} if with_tokens else {})}
+            for r in log.requests]
 
 
 def step_rows(log: RunLog) -> list:

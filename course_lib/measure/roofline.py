@@ -58,17 +58,16 @@ def time_fn(fn, device, repeat: int = 10, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` after warm-up; CUDA is timed with events."""
     for _ in range(warmup):
         fn()
-    times = []
-    if torch.device(device).type == "cuda":
-        for _ in range(repeat):
+    cuda, times = torch.device(device).type == "cuda", []
+    for _ in range(repeat):
+        if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn()
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
-    else:
-        for _ in range(repeat):
+        else:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
@@ -77,14 +76,12 @@ def time_fn(fn, device, repeat: int = 10, warmup: int = 2) -> float:
 
 def _measure(device, dtype) -> Peaks:
     cuda = torch.device(device).type == "cuda"
-    n_bytes = (2 << 30) if cuda else (256 << 20)
+    n_bytes, n, repeat = ((2 << 30), 8192, 20) if cuda else ((256 << 20), 1024, 5)
     src = torch.randn(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    t_copy = time_fn(lambda: dst.copy_(src), device, repeat=20 if cuda else 5)
-    n = 8192 if cuda else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    t_mm = time_fn(lambda: a @ b, device, repeat=20 if cuda else 5)
+    t_copy = time_fn(lambda: dst.copy_(src), device, repeat=repeat)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    t_mm = time_fn(lambda: a @ b, device, repeat=repeat)
     return Peaks(device_name(device), str(dtype).removeprefix("torch."), 2 * n_bytes / t_copy,
                  2 * n ** 3 / t_mm,
                  f"copy of {n_bytes >> 20} MiB (read + write); {n}x{n}x{n} matmul on random data; "
@@ -148,7 +145,6 @@ def pair_counts(pairs) -> tuple:
 
 def pairs_work(shape, dtype_bytes: int, pairs) -> Work:
     """``step_work`` of such a step (``pair_counts``), each sequence getting one row of logits."""
-    pairs = list(pairs)
     return step_work(shape, dtype_bytes, *pair_counts(pairs), len(pairs))
 
 
@@ -170,8 +166,7 @@ def workload_floor(shape, dtype_bytes: int, prompt_lens, output_lens, peaks) -> 
     sequences' K and V at the copy bandwidth (or doing its FLOPs, if slower)."""
     prompt_lens, output_lens = list(prompt_lens), list(output_lens)
     prefill_flops = prefill_work(shape, dtype_bytes, prompt_lens, padded=False).flops
-    prefill_s = prefill_flops / peaks.flops
-    decode_s, decode_bytes = 0.0, 0.0
+    prefill_s, decode_s, decode_bytes = prefill_flops / peaks.flops, 0.0, 0.0
     for t in range(1, max(output_lens, default=1)):       # step t feeds each sequence's t-th token
         w = pairs_work(shape, dtype_bytes, [(p + t - 1, 1) for p, n in
                                             zip(prompt_lens, output_lens) if n > t])
@@ -211,7 +206,6 @@ class NvmlSampler:
         if self._thread:
             self._stop.set()
             self._thread.join()
-        return False
 
     @property
     def mean(self):
@@ -280,11 +274,9 @@ def batch_sweep(model, peaks, batch_sizes=(1, 2, 4, 8, 16, 32, 64), context: int
     def row(batch: int, context: int, new_tokens: int) -> dict:
         t = time_step(model, batch, context, new_tokens, repeat, graph=graph)
         return step_row(model, peaks, batch, context, new_tokens, t, "graph" if graph else "eager")
-    bar = tqdm(batch_sizes, desc="batch sizes", disable=not progress, leave=False)
-    rows = [row(b, context, 1) for b in bar]
-    if prefill_tokens:
-        rows.append(row(1, 0, prefill_tokens))
-    return rows
+    rows = [row(b, context, 1)
+            for b in tqdm(batch_sizes, desc="batch sizes", disable=not progress, leave=False)]
+    return rows + ([row(1, 0, prefill_tokens)] if prefill_tokens else [])
 
 
 # ---------------------------------------------------------------- the seed's back-of-envelope
