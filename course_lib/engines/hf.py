@@ -7,6 +7,7 @@
   timestamps, so its slot utilisation is unknown (null)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -118,10 +119,11 @@ class HFContinuousEngine(Engine):
     def _serve(self, requests):      # not under inference_mode: HF's thread sets its own mode
         if not requests:
             return
-        # each request says its own EOS (-1: none); the manager's serves as a default
+        # Newer transformers take an EOS per request; older ones only the manager's (-1: none).
         shared_eos = -1 if all(r.ignore_eos for r in requests) else self.eos
         manager = self._manager(max(r.max_new_tokens for r in requests), shared_eos)
-        if not manager.warmed_up:
+        per_request_eos = "eos_token_id" in inspect.signature(manager.add_request).parameters
+        if hasattr(manager, "warmup") and not getattr(manager, "warmed_up", True):
             failures, hf_log = _WarmupFailures(), logging.getLogger("ContinuousBatchingLogger")
             hf_log.addHandler(failures)
             try:
@@ -136,9 +138,10 @@ class HFContinuousEngine(Engine):
             while len(done) < len(requests):
                 while pending and pending[0].arrival_s <= self.now():
                     req = pending.pop(0)
+                    eos = {"eos_token_id": -1 if req.ignore_eos else self.eos}
                     manager.add_request(req.prompt_tokens, request_id=req.id,
                                         max_new_tokens=req.max_new_tokens, record_timestamps=True,
-                                        eos_token_id=-1 if req.ignore_eos else self.eos)
+                                        **(eos if per_request_eos else {}))
                 wait = pending[0].arrival_s - self.now() if pending else 0.5
                 result = manager.get_result(timeout=max(min(wait, 0.5), 0.001))
                 if result is not None and result.is_finished():
@@ -148,7 +151,8 @@ class HFContinuousEngine(Engine):
                     raise RuntimeError("Hugging Face's continuous batching thread stopped")
         finally:
             manager.stop(block=True)
-            manager.destroy()
+            if hasattr(manager, "destroy"):
+                manager.destroy()
         for rid, result in done.items():
             req, rec = by_id[rid], self.records[rid]
             times = [t - self._t0 for t in (result.timestamps or [])]
