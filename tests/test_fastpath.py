@@ -567,7 +567,7 @@ def test_the_split_engine_runs_as_fast_as_the_one_it_replaced():
     """The stored comparison (bench/gpu/gpu_compare.sh on one H200): the fast engine after the
     split into scheduler, block manager and model runner, against the same rung before it, in
     interleaved processes on one card: within 5% of it, and at least 20x hf-cb in one process."""
-    runs = load_result("compare_fast_ea5581a_081969f_nvidia-h200.json")["runs"]
+    runs = load_result("compare_fast_ea5581a_73a4c84_nvidia-h200.json")["runs"]
     tput = {k: {x["rung"].partition(":")[0]: x["metrics"]["output_tokens_per_s"]
                 for x in r["runs"]} for k, r in runs.items()}
     assert {r["versions"]["gpu"]["uuid"] for r in runs.values()} == {
