@@ -102,8 +102,8 @@ class StepCost:
 
 def with_host_time(steps: list, arrivals: list) -> list:
     """A run's steps, each lengthened to the start of the next: the host's work between two steps
-    (scheduling, bookkeeping) is part of a step's cost, except where a request ``arrivals`` in
-    the gap (the engine may have waited for it)."""
+    (scheduling, bookkeeping) is part of a step's cost, except where one of the ``arrivals``
+    falls in the gap (the engine may have been waiting for it)."""
     steps, arrivals = [Step(**s) if isinstance(s, dict) else s for s in steps], sorted(arrivals)
     return [s if bisect(arrivals, s.end_s) < bisect(arrivals, n.start_s) else replace(
         s, end_s=max(s.end_s, n.start_s)) for s, n in zip(steps, steps[1:])] + steps[-1:]
