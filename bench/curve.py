@@ -1,24 +1,26 @@
-"""The throughput-latency curve from real runs: the continuous engine (paged, blocks of 16) on the
-same requests at every (arrival rate, max batch), one after the other in one process.
+"""The throughput-latency curve from real runs: the paged engine (gather attention on a CPU, blocks
+of 16) on the same chat requests at every (arrival rate, max batch), one after the other in one
+process; rate 0 is all at once.
 
-    python -m bench curve --rates 1 2 4 8 --batches 2 8 32 \
-        --out bench/results/cpu/curve_smollm2-135m_cpu.json
+    python -m bench curve --rates 0 1 2 4 8 --batches 2 8 32 \\
+        --out bench/results/cpu/curve_smollm2-135m_cpu.json.gz
 
-Each row is ``course_lib.measure.tradeoffs.point`` of one run (throughput, TTFT/TPOT/end-to-end
-p50 and p99); notebook 08 draws them over its simulated curves.
+``rows``: the metrics of each run that notebook 08 draws over its simulated curves (``rate``,
+``max_batch``, throughput, TTFT/TPOT/end-to-end p50 and p99, as ``tradeoffs.point``). ``runs``:
+each run as the bench CLI stores it, with its requests and step log, which
+``bench/simulator_validation.py`` fits to and predicts (``--where``).
 """
 import argparse
+import gzip
 import sys
-
-import torch
+from pathlib import Path
 
 from bench import command
-from course_lib.bench import save_result
-from course_lib.engines import make_engine
-from course_lib.measure.roofline import measure_peaks
-from course_lib.measure.tradeoffs import point
+from course_lib.bench import bench, save_result
 from course_lib.model import models
-from course_lib.requests import chat_workload, poisson_arrivals
+
+STEP_FIELDS = ("start_s", "end_s", "rows", "slots", "prefill_tokens", "decode_tokens",
+               "attended", "kv_read", "logit_rows")
 
 
 def main(argv=None):
@@ -30,30 +32,37 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--rates", type=float, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--batches", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
-    peaks = measure_peaks(a.device, loaded.model.dtype)
-    requests = chat_workload(loaded.tokenizer, n=a.n, max_new_tokens=a.max_new_tokens)
-    warmup = make_engine("continuous", loaded, max_batch=2, block_size=a.block_size)
-    warmup.run(requests[:2])
-    rows = []
+    rows, runs = [], []
     for b in a.batches:
         for rate in a.rates:
-            log = make_engine("continuous", loaded, max_batch=b, block_size=a.block_size).run(
-                poisson_arrivals(requests, rate, seed=0))
-            rows.append(point(log, rate, b))
-            r = rows[-1]
-            print(f"B={b:3d} rate {rate:5.2f}/s: {r['tokens_per_s']:6.1f} tok/s, "
-                  f"TTFT p50 {r['ttft_p50']:.2f} s, TPOT p50 {1e3 * r['tpot_p50']:.0f} ms",
+            r = bench("paged", a.model, "chat", a.n, b, a.dtype, a.device, loaded=loaded,
+                      max_new_tokens=a.max_new_tokens, progress=False, steps=True,
+                      engine_options={"block_size": a.block_size}, arrival_rate=rate or None)
+            r["steps"] = [{k: s[k] for k in STEP_FIELDS} for s in r["steps"]]
+            m, pct = r["metrics"], ("p50", "p99")
+            rows.append({"rate": rate or None, "max_batch": b,
+                         "tokens_per_s": m["output_tokens_per_s"], "served": m["served"],
+                         **{f"{k}_{q}": m[f"{k}_s"][q] for k in ("ttft", "tpot", "e2e")
+                            for q in pct}})
+            runs.append({k: v for k, v in r.items() if k != "versions"})
+            print(f"B={b:3d} rate {rate:5.2f}/s: {m['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
+                  f"{m['ttft_s']['p50']:.2f} s, TPOT p50 {1e3 * m['tpot_s']['p50']:.0f} ms",
                   flush=True)
-    save_result({"model": a.model, "dtype": a.dtype, "device": vars(peaks), "n": a.n,
-                 "max_new_tokens": a.max_new_tokens, "block_size": a.block_size,
-                 "torch_threads": torch.get_num_threads(), "rows": rows}, a.out,
-                command("curve", argv))
-    print("wrote", a.out)
+    out = Path(a.out)
+    result = {"model": a.model, "dtype": a.dtype, "device": runs[0]["device"], "n": a.n,
+              "max_new_tokens": a.max_new_tokens, "block_size": a.block_size, "rows": rows,
+              "runs": runs}
+    plain = out.with_name(out.name.removesuffix(".gz"))
+    save_result(result, plain, command("curve", argv))
+    if out != plain:                          # gzipped, as large stored results are
+        out.write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+        plain.unlink()
+    print("wrote", out)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,17 @@
 
     python -m bench simulator_validation --fit R1.json R2.json --predict R3.json R4.json \\
         --out bench/results/simulator_<device>.json
+    python -m bench simulator_validation --fit SWEEP.json.gz --where max_batch=2,32 \\
+        --where arrival_rate=None --out bench/results/cpu/simulator_cpu.json
 
-Writes the fitted ``CostBook`` (one model per implementation path) and, for every run, the
-simulated and measured throughput, TTFT, TPOT and end-to-end latency with the relative error;
-runs in ``--fit`` are marked as such (their errors are in-sample).
+``--where KEY=V1,V2``: of the runs in the ``--fit`` files, fit only to those whose ``KEY`` is
+one of the values (every ``--where`` must hold) and predict the rest. Writes the fitted
+``CostBook`` (one model per implementation path) and, for every run, the simulated and measured
+throughput, TTFT, TPOT and end-to-end latency with the relative error; runs fitted to are marked
+``in_fit`` (their errors are in-sample).
 """
 import argparse
+import gzip
 import json
 import sys
 from dataclasses import asdict
@@ -18,27 +23,39 @@ from course_lib.bench import save_result
 from course_lib.measure.simulator import CostBook, runs_in, validate
 
 
+def load(paths) -> list:
+    return [r for x in paths for r in runs_in(json.loads(
+        gzip.decompress(Path(x).read_bytes()) if x.endswith(".gz") else Path(x).read_text()))]
+
+
+def selected(run: dict, where: list) -> bool:
+    """Whether ``run`` has, for every ``KEY=V1,V2`` of ``where``, one of the values."""
+    return all(str(run.get(k)) in v.split(",") or str(run.get(k)).removesuffix(".0") in v.split(",")
+               for k, v in (w.split("=", 1) for w in where))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--fit", nargs="+", required=True)
-    p.add_argument("--predict", nargs="+", required=True)
+    p.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2")
+    p.add_argument("--predict", nargs="*", default=[])
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    def load(paths):
-        return [r for x in paths for r in runs_in(json.loads(Path(x).read_text()))]
-    fit, held_out = load(a.fit), load(a.predict)
+    runs = load(a.fit)
+    fit = [r for r in runs if selected(r, a.where)]
+    held_out = [r for r in runs if not selected(r, a.where)] + load(a.predict)
     book = CostBook.fit(fit)
-    rows = [{**validate(book, r), "in_fit": r in fit}
-            for r in fit + held_out]
+    rows = [{**validate(book, r), "in_fit": r in fit, "max_batch": r["max_batch"],
+             "arrival_rate": r.get("arrival_rate")} for r in fit + held_out]
     for row in rows:
         print(("fitted   " if row["in_fit"] else "predicted") + " | " + row["run"] + " | "
               + ", ".join(f"{k} {100 * v['error']:+.0f}%" for k, v in row.items()
-            if isinstance(v, dict) and v.get("error") is not None))
+                          if isinstance(v, dict) and v.get("error") is not None))
     save_result({"device": fit[0]["device"],
                  "cost_book": {k: asdict(c) for k, c in book.paths.items()},
-                 "fit_files": a.fit, "predict_files": a.predict, "rows": rows}, a.out,
-                command("simulator_validation", argv))
+                 "fit_files": a.fit, "where": a.where, "predict_files": a.predict, "rows": rows},
+                a.out, command("simulator_validation", argv))
     print("wrote", a.out)
 
 

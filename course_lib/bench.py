@@ -152,8 +152,7 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         shape = LlamaShape.from_config(loaded.config)
     else:                       # nothing runs: the preset's shape is all the cost model needs
         dtype_t, shape = models._dtype(dtype), models.preset_shape(model)
-        text = workload == "chat" or workload.endswith(".jsonl")   # prompts that may be text
-        tokenizer = models.load_tokenizer() if text else None
+        tokenizer = models.load_tokenizer()    # as a measured run: text prompts are encoded
     requests = load_workload(workload, tokenizer=tokenizer, n=n, vocab_size=shape.vocab_size,
                              seed=seed, max_new_tokens=max_new_tokens)
     if arrival_rate is not None:
@@ -260,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
                         "(default: all at once)")
     p.add_argument("--simulate", default=None, metavar="COST_JSON",
                    help="simulate the run with a fitted step-cost model "
-                        "(python -m course_lib.measure.simulator fit)")
+                        "(python -m bench simulator_validation --out COST_JSON)")
     p.add_argument("--ttft-slo", type=float, default=None, help="TTFT target in seconds (goodput)")
     p.add_argument("--tpot-slo", type=float, default=None, help="TPOT target in seconds (goodput)")
     p.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@ engines' rules (every request served, lengths as asked) on a virtual clock, and 
 one real run predicts another."""
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,16 @@ from transformers import LlamaConfig
 
 from course_lib import bench
 from course_lib.engines import make_engine
-from course_lib.measure.costmodel import FEATURES, StepCost, features, nonnegative_fit
-from course_lib.measure.metrics import summarize
+from course_lib.lab.nbtools import load_result
+from course_lib.measure.costmodel import (
+    FEATURES,
+    StepCost,
+    features,
+    nonnegative_fit,
+    run_name,
+    with_host_time,
+)
+from course_lib.measure.metrics import Step, summarize
 from course_lib.measure.simulator import CostBook, path_of, simulate
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import Request, chat_workload, poisson_arrivals
@@ -82,16 +91,6 @@ def test_the_book_names_a_path_it_has_no_model_for():
     book = CostBook({"padded": flat_cost()})
     with pytest.raises(ValueError, match="no cost model for the 'gather' path"):
         book.for_run("continuous", {"block_size": 16})
-
-
-def test_transfer_keeps_the_efficiencies():
-    coef = dict(overhead=1e-3, per_row=0.0, per_byte=1 / 1e11, per_flop=1 / 1e13, per_pair=0.0)
-    c = StepCost(coef, "a", bandwidth=2e11, flops=4e13)
-    d = c.on("b", bandwidth=4e12, flops=1e15)
-    assert c.efficiency == pytest.approx({"bandwidth": 0.5, "flops": 0.25})
-    assert d.efficiency == pytest.approx({"bandwidth": 0.5, "flops": 0.25})
-    x = features(SHAPE, 2, rows=8, tokens=8, attended=800, kv_read=792, logit_rows=8)
-    assert d.predict(x) < c.predict(x) and d.coef["overhead"] == c.coef["overhead"]
 
 
 def test_bench_simulate_writes_the_same_json_marked_simulated(tmp_path):
@@ -169,7 +168,8 @@ def test_the_simulated_gpu_runs_overlapped_steps_back_to_back():
 
 
 def test_simulate_takes_every_workload_a_measured_run_takes(tmp_path):
-    """A JSONL file with text prompts needs the tokenizer in a simulated run too."""
+    """A JSONL file with text prompts needs the tokenizer in a simulated run too, from the
+    command line as from Python."""
     cost = tmp_path / "cost.json"
     CostBook({"gather": flat_cost()}).save(cost)
     jsonl = tmp_path / "mixed.jsonl"
@@ -178,3 +178,72 @@ def test_simulate_takes_every_workload_a_measured_run_takes(tmp_path):
     r = bench.bench("continuous", workload=str(jsonl), max_batch=2, simulate=str(cost),
                     engine_options={"block_size": 16})
     assert r["simulated"] and r["metrics"]["served"] == 2 and r["metrics"]["output_tokens"] == 8
+    out = tmp_path / "sim.json"
+    bench.main(["--engine", "continuous", "--block-size", "16", "--workload", str(jsonl),
+                "--simulate", str(cost),
+                "--json", str(out)])
+    assert json.loads(out.read_text())["metrics"]["output_tokens"] == 8
+
+
+def test_dense_pairs_price_a_step_that_mixes_a_prompt_with_decodes():
+    """One masked attention over packed sequences computes every query against every key: fitted
+    to prefill-only and decode-only steps, the model must still price a mixed step."""
+    true = dict.fromkeys(FEATURES, 0.0)
+    true.update(overhead=0.01, per_flop=1e-11, per_dense_pair=2e-8)
+    truth = StepCost(true, "test device", float("inf"), float("inf"))
+    # (rows, tokens, attended, kv_read): prompts alone, decodes alone; then a mixed step
+    shapes = [(1, n, n * (n + 1) // 2, 0) for n in (16, 40, 90, 200)]
+    shapes += [(b, b, b * (c + 1), b * c) for b in (2, 5, 8) for c in (30, 120)]
+    steps = [Step.of(0.0, truth.predict(features(SHAPE, 2, r, t, a, k, r)), [], rows=r, slots=t,
+                     logit_rows=r) for r, t, a, k in shapes]
+    for s, (_, t, a, k) in zip(steps, shapes):
+        s.prefill_tokens, s.attended, s.kv_read = t, a, k
+    cost = StepCost.fit_steps(steps, SHAPE, 2, truth)
+    mixed = features(SHAPE, 2, rows=8, tokens=47, attended=7 * 121 + 820, kv_read=7 * 120,
+                     logit_rows=8)
+    assert cost.predict(mixed) == pytest.approx(truth.predict(mixed), rel=1e-3)
+
+
+def test_the_host_time_between_steps_counts_unless_a_request_arrives_in_it():
+    steps = [Step(0.0, 1.0, 1, 1, 0, 1, 1, 0, 1), Step(1.5, 2.0, 1, 1, 0, 1, 1, 0, 1),
+             Step(3.0, 4.0, 1, 1, 0, 1, 1, 0, 1)]
+    assert [s.seconds for s in with_host_time(steps, [0.0, 2.5])] == [1.5, 0.5, 1.0]
+
+
+MISSED = pytest.mark.xfail(strict=True, reason="on the stored CPU sweep the TTFT p50 of 2 of the "
+                           "11 unfitted runs, both at saturation, is off by more than 30%")
+
+
+@pytest.mark.parametrize("name,metric,bound", [
+    ("cpu/simulator_cpu.json", "output_tokens_per_s", 0.15),
+    pytest.param("cpu/simulator_cpu.json", "ttft_p50_s", 0.30, marks=MISSED),
+    ("simulator_nvidia-h200.json", "output_tokens_per_s", 0.15),
+    ("simulator_nvidia-h200.json", "ttft_p50_s", 0.30)])
+def test_the_stored_validation_predicts_runs_it_was_not_fitted_on(name, metric, bound):
+    """Throughput within 15% and TTFT p50 within 30% on every run not fitted on; on the CPU these
+    include other batch sizes and other arrival rates than the fitted runs'."""
+    v = load_result(name)
+    fitted = [r for r in v["rows"] if r["in_fit"]]
+    predicted = [r for r in v["rows"] if not r["in_fit"]]
+    other = {k: {r[k] for r in predicted} - {r[k] for r in fitted}
+             for k in ("max_batch", "arrival_rate")}
+    assert fitted and other["max_batch"], "no run at another batch size"
+    assert other["arrival_rate"] or not name.startswith("cpu/"), "no run at another rate"
+    missed = [(r["run"], round(r[metric]["error"], 3)) for r in predicted
+              if abs(r[metric]["error"]) > bound]
+    assert not missed, missed
+
+
+def test_the_stored_cpu_validation_is_what_the_code_computes_from_the_stored_sweep():
+    """The stored errors are today's model's: fitted again to the same runs of the stored sweep,
+    it simulates every run as stored."""
+    from course_lib.measure.simulator import runs_in, validate
+    v = load_result("cpu/simulator_cpu.json")
+    runs = runs_in(load_result(f"cpu/{Path(v['fit_files'][0]).name}"))
+    stored = {r["run"]: r for r in v["rows"]}
+    assert set(stored) == {run_name(r) for r in runs}
+    book = CostBook.fit([r for r in runs if stored[run_name(r)]["in_fit"]])
+    for r in runs:
+        got, want = validate(book, r), stored[run_name(r)]
+        for k in ("output_tokens_per_s", "ttft_p50_s"):
+            assert got[k]["simulated"] == pytest.approx(want[k]["simulated"]), (got["run"], k)

@@ -18,12 +18,10 @@ $PY -m bench run_ladder --workload anyscale:prompt_len=64,cap=128,mean=32 --n 64
   --sequential-n 16 --out $R/ladder_anyscale-cpu_smollm2-135m_cpu.json
 $PY -m bench.store $R/ladder_chat_smollm2-135m_cpu.json $R/ladder_chat256_smollm2-135m_cpu.json \
   $R/ladder_anyscale-cpu_smollm2-135m_cpu.json
-# chapter 07: KV waste, rows against blocks (notebook 07), and chapter 08's simulator fitted to them
+# chapter 07: KV waste, rows against blocks (notebook 07)
 bash bench/gpu/cpu_kv_waste.sh
-$PY -m bench simulator_validation --fit $R/cpu/kv_waste_rows.json $R/cpu/kv_waste_blocks.json \
-  --predict $R/cpu/kv_waste_blocks_same_memory.json --out $R/cpu/simulator_cpu.json
 $PY -m bench.store $R/cpu/kv_waste_*.json --drop requests --step-fields rows
-# the same simulator fitted to the H200 runs of chapters 05-07, from their full step logs (the
+# the simulator fitted to the H200 runs of chapters 05-07, from their full step logs (the
 # stored files keep only each step's rows; the full ones are in git history)
 FULL=70c0ad7 T=$(mktemp -d)
 for v in rows gather flex flex_chunked flex_same_memory; do
@@ -38,6 +36,6 @@ f = pathlib.Path(sys.argv[1]); r = json.loads(f.read_text())
 r["fit_sources"] = f"the files named, as stored at {sys.argv[2]} (git show {sys.argv[2]}:bench/results/<name>)"
 f.write_text(json.dumps(r, indent=1) + "\n")
 PY
-# chapter 08: the throughput-latency curve
-$PY -m bench curve --rates 1 2 4 8 --batches 2 8 32 --out $R/cpu/curve_smollm2-135m_cpu.json
+# chapter 08: the throughput-latency curve and the simulator's validation on it
+bash bench/gpu/cpu_simulator.sh
 git status --short $R

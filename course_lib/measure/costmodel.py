@@ -4,7 +4,8 @@ policy predicts with it online; the simulator runs whole workloads on it."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from bisect import bisect
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,15 +13,18 @@ import numpy as np
 from course_lib.measure.metrics import Step, run_label
 from course_lib.measure.roofline import step_work, weight_bytes
 
-FEATURES = ("overhead", "per_row", "per_byte", "per_flop", "per_pair")
+FEATURES = ("overhead", "per_row", "per_byte", "per_flop", "per_pair", "per_dense_pair")
 
 
 def features(shape, dtype_bytes: int, rows: int, tokens: int, attended: int, kv_read: int,
              logit_rows: int) -> np.ndarray:
-    """The cost model's inputs for one step: ``[1, rows, kv_bytes, flops, pairs, weights]``."""
+    """The cost model's inputs for one step: ``[1, rows, kv_bytes, flops, pairs, dense_pairs,
+    weights]``; ``dense_pairs``: every query against every key of the step, what one masked
+    attention over packed sequences computes (the gather path), growing as rows squared."""
     w = step_work(shape, dtype_bytes, tokens, attended, kv_read, logit_rows)
     weights = weight_bytes(shape, dtype_bytes)
-    return np.array([1.0, rows, w.bytes - weights, w.flops, attended * shape.n_layers, weights])
+    return np.array([1.0, rows, w.bytes - weights, w.flops, attended * shape.n_layers,
+                     tokens * (kv_read + tokens) * shape.n_layers, weights])
 
 
 def nonnegative_fit(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -51,7 +55,7 @@ class StepCost:
     transferred_from: str | None = None
 
     def predict(self, x: np.ndarray) -> float:
-        return float(np.dot(x[:len(FEATURES)], [self.coef[k] for k in FEATURES])
+        return float(np.dot(x[:len(FEATURES)], [self.coef.get(k, 0.0) for k in FEATURES])
                      + x[len(FEATURES)] / self.bandwidth)
 
     @property
@@ -60,15 +64,6 @@ class StepCost:
         b, f = self.coef["per_byte"], self.coef["per_flop"]
         return {"bandwidth": 1 / b / self.bandwidth if b > 0 else None,
                 "flops": 1 / f / self.flops if f > 0 else None}
-
-    def on(self, device: str, bandwidth: float, flops: float) -> "StepCost":
-        """The same efficiencies on another device's peaks. The per-step and per-row times are
-        host-side work (Python, kernel launches) and are kept as they are: a guess, said so.
-        Attention's extra cost per pair is taken to scale with bandwidth (it reads K and V)."""
-        coef = dict(self.coef, per_byte=self.coef["per_byte"] * self.bandwidth / bandwidth,
-                    per_flop=self.coef["per_flop"] * self.flops / flops,
-                    per_pair=self.coef["per_pair"] * self.bandwidth / bandwidth)
-        return StepCost(coef, device, bandwidth, flops, self.fitted_on, self.device)
 
     @classmethod
     def floor(cls, device: str, bandwidth: float, flops: float) -> "StepCost":
@@ -80,9 +75,9 @@ class StepCost:
 
     @classmethod
     def fit_steps(cls, steps: list, shape, dtype_bytes: int, peaks, name: str = "") -> "StepCost":
-        """Fit to logged steps (``Step`` records, or the ``steps`` rows of a bench JSON) measured
-        on a device with ``peaks`` (``device``, ``bandwidth``, ``flops``; an infinite bandwidth
-        leaves the weights to the fitted fixed cost)."""
+        """Fit to logged steps (``Step`` records, or the ``steps`` rows of a bench JSON; those of
+        whole runs: ``with_host_time``) measured on a device with ``peaks`` (``device``,
+        ``bandwidth``, ``flops``; an infinite bandwidth leaves the weights to the fixed cost)."""
         steps = [Step(**s) if isinstance(s, dict) else s for s in steps]
         # every token position computed counts, padding included: it costs time even as waste
         X = np.array([features(shape, dtype_bytes, s.rows, s.slots, s.attended, s.kv_read,
@@ -100,9 +95,21 @@ class StepCost:
             raise ValueError(f"fit one device at a time, got {sorted(devices)}")
         d = runs[0]["device"]
         peaks = SimpleNamespace(device=d["device"], bandwidth=d["bandwidth"], flops=d["flops"])
-        return cls.fit_steps([s for r in runs for s in r["steps"]], shape, dtype_bytes, peaks,
-                             [run_name(r) for r in runs])
+        return cls.fit_steps([s for r in runs for s in with_host_time(
+            r["steps"], [q["arrival_s"] for q in r.get("requests", [])])], shape, dtype_bytes,
+            peaks, [run_name(r) for r in runs])
+
+
+def with_host_time(steps: list, arrivals: list) -> list:
+    """A run's steps, each lengthened to the start of the next: the host's work between two steps
+    (scheduling, bookkeeping) is part of a step's cost, except where one of the ``arrivals``
+    falls in the gap (the engine may have been waiting for it)."""
+    steps, arrivals = [Step(**s) if isinstance(s, dict) else s for s in steps], sorted(arrivals)
+    return [s if bisect(arrivals, s.end_s) < bisect(arrivals, n.start_s) else replace(
+        s, end_s=max(s.end_s, n.start_s)) for s, n in zip(steps, steps[1:])] + steps[-1:]
 
 
 def run_name(result: dict) -> str:
-    return f"{run_label(result)}, {result['workload']}, n={result['n']}"
+    rate = result.get("arrival_rate")
+    return f"{run_label(result)}, {result['workload']}, n={result['n']}" + (
+        f", {rate:g} req/s" if rate else ", all at once")

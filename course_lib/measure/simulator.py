@@ -2,16 +2,18 @@
 fitted to measured steps in place of the hardware. The cost of one forward pass, in seconds:
 
     t = weights / bandwidth + overhead + per_row x rows + per_byte x kv_bytes + per_flop x flops
-        + per_pair x pairs
+        + per_pair x pairs + per_dense_pair x dense_pairs
 
-The weights are read at the measured copy bandwidth: a fit to one model's steps cannot tell them
-from a fixed cost per step, and fixing them lets the cost move to a bigger model. ``kv_bytes`` and
-``flops`` are the rest of what the step moves and computes (``roofline.step_work``); ``rows``, its
-sequences (host work grows with them); ``pairs``, the (query, key) pairs attention looks at, which
-may cost beyond their bytes and FLOPs (a dense mask, a gather). The coefficients are fitted, none
-negative, to real runs on one device, one ``StepCost`` per attention path in a ``CostBook``;
-``StepCost.on`` moves them to another device's peaks. ``SimModel`` stands in for the model: it
-computes nothing, moves the clock on by each step's predicted time and never answers EOS.
+The weights are read at the measured copy bandwidth (fixing them lets the cost move to a bigger
+model). ``kv_bytes`` and ``flops``: the rest of what the step moves and computes
+(``roofline.step_work``); ``rows``, its sequences (host work grows with them); ``pairs``, the
+(query, key) pairs attention looks at; ``dense_pairs``, every query against every key of the
+step, what one masked attention over packed sequences computes (the gather path: a step mixing
+a prompt with decodes costs far more than its pairs). A step's time runs to the start of the
+next (the host's work between steps, ``costmodel.with_host_time``). The coefficients are fitted,
+none negative, to real runs on one device, one ``StepCost`` per attention path in a ``CostBook``.
+``SimModel`` stands in for the model: it computes nothing, moves the clock on by each step's
+predicted time and never answers EOS.
 """
 from __future__ import annotations
 
@@ -85,7 +87,9 @@ class CostBook:
 
     @classmethod
     def load(cls, path) -> "CostBook":
-        return cls({k: StepCost(**v) for k, v in json.loads(Path(path).read_text()).items()})
+        """A saved book, or the one a validation fitted (``bench/simulator_validation.py``)."""
+        book = json.loads(Path(path).read_text())
+        return cls({k: StepCost(**v) for k, v in book.get("cost_book", book).items()})
 
 
 # Cards to replay a workload on: memory in bytes, and the peaks the cost model is moved to. The
@@ -243,40 +247,3 @@ def shape_of(result: dict) -> LlamaShape:
 
 def dtype_bytes_of(result: dict) -> int:
     return getattr(torch, result["dtype"]).itemsize
-
-
-def main(argv=None):
-    """python -m course_lib.measure.simulator fit --out COST.json RESULT.json ...
-    python -m course_lib.measure.simulator validate --cost COST.json RESULT.json ..."""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m course_lib.measure.simulator",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", help="fit a step-cost model to the steps of stored runs")
-    f.add_argument("results", nargs="+", help="bench JSON files run with --steps, one device")
-    f.add_argument("--out", required=True)
-    v = sub.add_parser("validate", help="simulate stored runs and compare with what was measured")
-    v.add_argument("results", nargs="+")
-    v.add_argument("--cost", required=True)
-    a = p.parse_args(argv)
-    runs = [r for x in a.results for r in runs_in(json.loads(Path(x).read_text()))]
-    if a.command == "fit":
-        book = CostBook.fit(runs)
-        book.save(a.out)
-        for path, c in book.paths.items():
-            eff = c.efficiency
-            print(f"{path}: " + ", ".join(f"{k} {v:.3g}" for k, v in c.coef.items())
-                  + f" | effective bandwidth {eff['bandwidth'] or 0:.0%} and FLOP rate "
-                  f"{eff['flops'] or 0:.0%} of the peaks ({len(c.fitted_on)} runs on {c.device})")
-    else:
-        cost = CostBook.load(a.cost)
-        for r in runs:
-            out = validate(cost, r)
-            print(out["run"] + ": " + ", ".join(
-                f"{k} {100 * e['error']:+.0f}%" for k, e in out.items()
-                if isinstance(e, dict) and e["error"] is not None))
-
-
-if __name__ == "__main__":
-    main()
