@@ -1,9 +1,13 @@
 """The throughput-latency curve from real runs: the paged engine (gather attention on a CPU, blocks
 of 16) on the same chat requests at every (arrival rate, max batch), one after the other in one
-process; rate 0 is all at once.
+process; rate 0 is all at once. ``--engine``, ``--options`` and ``--workload`` choose another
+engine and workload (on a GPU, for example, chapter 07's FlexAttention path on anyscale).
 
     python -m bench curve --rates 0 1 2 4 8 --batches 2 8 32 \\
         --out bench/results/cpu/curve_smollm2-135m_cpu.json.gz
+    python -m bench curve --model llama-1b-dummy --device cuda --dtype bfloat16 --n 256 \\
+        --engine continuous --options attention=flex --rates 0 10 20 --batches 64 \\
+        --workload anyscale:prompt_len=512,cap=512,mean=128 --out DIR/curve_<model>_<card>.json.gz
 
 ``rows``: the metrics of each run that notebook 08 draws over its simulated curves (``rate``,
 ``max_batch``, throughput, TTFT/TPOT/end-to-end p50 and p99, as ``tradeoffs.point``). ``runs``:
@@ -34,15 +38,23 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--rates", type=float, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--batches", type=int, nargs="+", default=[2, 8, 32])
+    p.add_argument("--engine", default="paged")
+    p.add_argument("--options", default="", help="engine options, e.g. attention=flex")
+    p.add_argument("--workload", default="chat",
+                   help="a workload spec; --max-new-tokens applies to chat only")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    options = {"block_size": a.block_size,
+               **{k: int(v) if v.isdigit() else v
+                  for k, v in (x.split("=", 1) for x in a.options.split(",") if x)}}
+    max_new = a.max_new_tokens if a.workload == "chat" else None
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     rows, runs = [], []
     for b in a.batches:
         for rate in a.rates:
-            r = bench("paged", a.model, "chat", a.n, b, a.dtype, a.device, loaded=loaded,
-                      max_new_tokens=a.max_new_tokens, progress=False, steps=True,
-                      engine_options={"block_size": a.block_size}, arrival_rate=rate or None)
+            r = bench(a.engine, a.model, a.workload, a.n, b, a.dtype, a.device, loaded=loaded,
+                      max_new_tokens=max_new, progress=False, steps=True,
+                      engine_options=options, arrival_rate=rate or None)
             r["steps"] = [{k: s[k] for k in STEP_FIELDS} for s in r["steps"]]
             m, pct = r["metrics"], ("p50", "p99")
             rows.append({"rate": rate or None, "max_batch": b,
@@ -55,7 +67,8 @@ def main(argv=None):
                   flush=True)
     out = Path(a.out)
     result = {"model": a.model, "dtype": a.dtype, "device": runs[0]["device"], "n": a.n,
-              "max_new_tokens": a.max_new_tokens, "block_size": a.block_size, "rows": rows,
+              "engine": a.engine, "options": options, "workload": a.workload,
+              "max_new_tokens": max_new, "block_size": a.block_size, "rows": rows,
               "runs": runs}
     plain = out.with_name(out.name.removesuffix(".gz"))
     save_result(result, plain, command("curve", argv))
