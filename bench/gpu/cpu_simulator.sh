@@ -9,6 +9,9 @@ set -euo pipefail
 if [ -n "$(git status --porcelain --untracked-files=no -- . ':(exclude)bench/results')" ]; then
   echo "commit first: the results must name a clean commit" >&2; exit 1
 fi
+# One thread: with two on these two cores, whatever else runs stalls a matmul at its barrier, and
+# the same saturated run varied by a fifth (bench/FINDINGS.md).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=${PY:-.venv/bin/python}
 R=bench/results/cpu
 $PY -m bench curve --rates 0 1 2 4 8 --batches 2 8 32 --out $R/curve_smollm2-135m_cpu.json.gz
