@@ -210,15 +210,18 @@ def test_the_host_time_between_steps_counts_unless_a_request_arrives_in_it():
     assert [s.seconds for s in with_host_time(steps, [0.0, 2.5])] == [1.5, 0.5, 1.0]
 
 
-MISSED = pytest.mark.xfail(strict=True, reason="on the stored CPU sweep the TTFT p50 of 2 of the "
-                           "11 unfitted runs, both at saturation, is off by more than 30%")
+MISSED = pytest.mark.xfail(strict=True, reason="on each stored sweep the TTFT p50 of one unfitted "
+                           "run, at the knee of its curve, is off by more than 30% (CPU: 1 of 11; "
+                           "H200: 1 of 8)")
 
 
 @pytest.mark.parametrize("name,metric,bound", [
     ("cpu/simulator_cpu.json", "output_tokens_per_s", 0.15),
     pytest.param("cpu/simulator_cpu.json", "ttft_p50_s", 0.30, marks=MISSED),
     ("simulator_nvidia-h200.json", "output_tokens_per_s", 0.15),
-    ("simulator_nvidia-h200.json", "ttft_p50_s", 0.30)])
+    ("simulator_nvidia-h200.json", "ttft_p50_s", 0.30),
+    ("simulator_nvidia-h200_rates.json", "output_tokens_per_s", 0.15),
+    pytest.param("simulator_nvidia-h200_rates.json", "ttft_p50_s", 0.30, marks=MISSED)])
 def test_the_stored_validation_predicts_runs_it_was_not_fitted_on(name, metric, bound):
     """Throughput within 15% and TTFT p50 within 30% on every run not fitted on; on the CPU these
     include other batch sizes and other arrival rates than the fitted runs'."""
@@ -228,18 +231,20 @@ def test_the_stored_validation_predicts_runs_it_was_not_fitted_on(name, metric, 
     other = {k: {r[k] for r in predicted} - {r[k] for r in fitted}
              for k in ("max_batch", "arrival_rate")}
     assert fitted and other["max_batch"], "no run at another batch size"
-    assert other["arrival_rate"] or not name.startswith("cpu/"), "no run at another rate"
+    assert other["arrival_rate"] or name == "simulator_nvidia-h200.json", "no run at another rate"
     missed = [(r["run"], round(r[metric]["error"], 3)) for r in predicted
               if abs(r[metric]["error"]) > bound]
     assert not missed, missed
 
 
-def test_the_stored_cpu_validation_is_what_the_code_computes_from_the_stored_sweep():
+@pytest.mark.parametrize("name,folder", [("cpu/simulator_cpu.json", "cpu/"),
+                                         ("simulator_nvidia-h200_rates.json", "")])
+def test_the_stored_sweep_validation_is_what_the_code_computes_from_the_stored_sweep(name, folder):
     """The stored errors are today's model's: fitted again to the same runs of the stored sweep,
     it simulates every run as stored."""
     from course_lib.measure.simulator import runs_in, validate
-    v = load_result("cpu/simulator_cpu.json")
-    runs = runs_in(load_result(f"cpu/{Path(v['fit_files'][0]).name}"))
+    v = load_result(name)
+    runs = runs_in(load_result(f"{folder}{Path(v['fit_files'][0]).name}"))
     stored = {r["run"]: r for r in v["rows"]}
     assert set(stored) == {run_name(r) for r in runs}
     book = CostBook.fit([r for r in runs if stored[run_name(r)]["in_fit"]])
