@@ -1,13 +1,13 @@
 """The throughput-latency curve from real runs: the paged engine (gather attention on a CPU, blocks
 of 16) on the same chat requests at every (arrival rate, max batch), one after the other in one
 process; rate 0 is all at once. ``--engine``, ``--options`` and ``--workload`` choose another
-engine and workload (on a GPU, for example, chapter 07's FlexAttention path on anyscale).
+engine and workload; on a GPU the paged engine takes FlexAttention (the stored H200 sweep):
 
     python -m bench curve --rates 0 1 2 4 8 --batches 2 8 32 \\
         --out bench/results/cpu/curve_smollm2-135m_cpu.json.gz
-    python -m bench curve --model llama-1b-dummy --device cuda --dtype bfloat16 --n 256 \\
-        --engine continuous --options attention=flex --rates 0 10 20 --batches 64 \\
-        --workload anyscale:prompt_len=512,cap=512,mean=128 --out DIR/curve_<model>_<card>.json.gz
+    python -m bench curve --model llama-1b-dummy --device cuda --dtype bfloat16 --n 128 \\
+        --workload anyscale:prompt_len=512,cap=512,mean=128 --rates 0 8 16 32 \\
+        --batches 32 64 128 --out DIR/curve_llama-1b-dummy_nvidia-h200.json.gz
 
 ``rows``: the metrics of each run that notebook 08 draws over its simulated curves (``rate``,
 ``max_batch``, throughput, TTFT/TPOT/end-to-end p50 and p99, as ``tradeoffs.point``). ``runs``:

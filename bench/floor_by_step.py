@@ -8,12 +8,11 @@ with prompt tokens; decode-only, by batch size) against the time the steps took.
         --rung fast:kv_memory_mib=16384,max_num_batched_tokens=16384
 """
 import argparse
-import gzip
-import json
 import sys
 
+from course_lib.lab.nbtools import read_result
 from course_lib.measure.roofline import step_work
-from course_lib.model.models import preset_shape
+from course_lib.measure.simulator import dtype_bytes_of, shape_of
 
 KINDS = ("mixed", "decode, 1-127 rows", "decode, 128-255 rows", "decode, 256+ rows")
 
@@ -27,8 +26,7 @@ def kind(step) -> str:
 def by_kind(result: dict, rung: str) -> dict:
     """``{kind: {"steps", "seconds", "floor_s"}}`` for one rung of a stored ladder."""
     run = next(r for r in result["runs"] if r["rung"] == rung)
-    shape, peaks = preset_shape(result["model"]), result["device"]
-    nbytes = 2 if result["dtype"] in ("bfloat16", "float16") else 4
+    shape, nbytes, peaks = shape_of(result), dtype_bytes_of(result), result["device"]
     out = {k: {"steps": 0, "seconds": 0.0, "floor_s": 0.0} for k in KINDS}
     for s in run["steps"]:
         w = step_work(shape, nbytes, tokens=s["prefill_tokens"] + s["decode_tokens"],
@@ -45,9 +43,7 @@ def main(argv=None):
     p.add_argument("result", help="a stored ladder JSON (.json or .json.gz) with step logs")
     p.add_argument("--rung", required=True)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    opener = gzip.open if a.result.endswith(".gz") else open
-    with opener(a.result, "rt") as f:
-        result = json.load(f)
+    result = read_result(a.result)
     rows = by_kind(result, a.rung)
     print(f"{result['device']['device']}, {result['model']}, {a.rung}")
     print(f"{'kind of step':22s} {'steps':>5s} {'time':>7s} {'floor':>7s} {'of floor':>8s}")

@@ -12,20 +12,17 @@ throughput, TTFT, TPOT and end-to-end latency with the relative error; runs fitt
 ``in_fit`` (their errors are in-sample).
 """
 import argparse
-import gzip
-import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from bench import command
 from course_lib.bench import save_result
+from course_lib.lab.nbtools import read_result
 from course_lib.measure.simulator import CostBook, runs_in, validate
 
 
 def load(paths) -> list:
-    return [r for x in paths for r in runs_in(json.loads(
-        gzip.decompress(Path(x).read_bytes()) if x.endswith(".gz") else Path(x).read_text()))]
+    return [r for x in paths for r in runs_in(read_result(x))]
 
 
 def selected(run: dict, where: list) -> bool:

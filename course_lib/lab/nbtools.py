@@ -22,7 +22,9 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _read(path: Path) -> dict:
+def read_result(path) -> dict:
+    """A result JSON at ``path``, gzipped or not (by its ``.gz`` suffix)."""
+    path = Path(path)
     data = path.read_bytes()
     return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
 
@@ -30,10 +32,10 @@ def _read(path: Path) -> dict:
 def load_result(name: str) -> dict:
     """A stored result from ``bench/results/`` by its JSON file name, or gzipped (``name.gz``)."""
     path = RESULTS / name
-    return _read(path if path.exists() else RESULTS / f"{name}.gz")
+    return read_result(path if path.exists() else RESULTS / f"{name}.gz")
 
 
 def stored_results(prefix: str) -> list:
     """The stored results whose file names start with ``prefix``, gzipped or not, by name."""
     paths = [*RESULTS.glob(f"{prefix}*.json"), *RESULTS.glob(f"{prefix}*.json.gz")]
-    return [_read(p) for p in sorted(paths, key=lambda p: p.name.removesuffix(".gz"))]
+    return [read_result(p) for p in sorted(paths, key=lambda p: p.name.removesuffix(".gz"))]
