@@ -34,18 +34,18 @@ from course_lib.requests import load_workload
 
 
 def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
-    """Wrap ``engine.launch`` and ``engine.complete`` with host clocks; returns the list each
-    launch appends its record to (kind, rows, and the four host times in ms). ``trace``:
-    ``(first step, steps, path)`` to also record those steps with torch.profiler (host calls and
-    GPU kernels on one timeline) into a Chrome trace at ``path``. ``waits``: a dict that gets,
-    per step kind, a Counter of the places where ``launch`` waited for the GPU (sync debug mode;
-    the launch times are then not the engine's own). ``pyprofile``: a ``cProfile.Profile`` that
-    records the Python calls of every packed (prefill or mixed) launch."""
+    """Wrap the model runner's ``launch`` and the engine's ``complete`` with host clocks; returns
+    the list each launch appends its record to (kind, rows, and the four host times in ms).
+    ``trace``: ``(first step, steps, path)`` to also record those steps with torch.profiler (host
+    calls and GPU kernels on one timeline) into a Chrome trace at ``path``. ``waits``: a dict that
+    gets, per step kind, a Counter of the places where ``launch`` waited for the GPU (sync debug
+    mode; the launch times are then not the engine's own). ``pyprofile``: a ``cProfile.Profile``
+    that records the Python calls of every packed (prefill or mixed) launch."""
     records, clock = [], time.perf_counter
-    launch, complete = engine.launch, engine.complete
+    launch, complete = engine.runner.launch, engine.complete
     state = {"done": None, "profiler": None}   # done: when the last complete returned
 
-    def timed_launch(batch, running):
+    def timed_launch(plan):
         if trace and len(records) == trace[0]:
             from torch.profiler import ProfilerActivity, profile
             cuda = engine.model.device.type == "cuda"
@@ -63,32 +63,32 @@ def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
             Path(str(trace[2]).replace(".json.gz", ".txt")).write_text("\n\n".join(tables))
             print("\n\n".join(tables))
             state["profiler"] = None
-        kind = "decode" if all(n == 1 for _, n in batch) else "packed"
+        kind = "decode" if plan.decode_only else "packed"
         t0 = clock()
         if pyprofile is not None and kind == "packed":
-            out = pyprofile.runcall(launch, batch, running)
+            out = pyprofile.runcall(launch, plan)
         elif waits is None:
-            out = launch(batch, running)
+            out = launch(plan)
         else:
             with gpu_waits() as seen:
-                out = launch(batch, running)
+                out = launch(plan)
             waits.setdefault(kind, Counter()).update(seen)
-        records.append({"kind": kind, "rows": len(batch), "launch_ms": (clock() - t0) * 1e3,
+        records.append({"kind": kind, "rows": len(plan.seqs), "launch_ms": (clock() - t0) * 1e3,
                         "schedule_ms": (t0 - state["done"]) * 1e3 if state["done"] else None})
-        out["record"] = records[-1]
+        out.record = records[-1]
         return out
 
-    def timed_complete(running, waiting):
-        step = engine.in_flight
+    def timed_complete():
+        step = engine.in_flight[0]
         t0 = clock()
-        if step["event"] is not None:
-            step["event"].synchronize()
+        if step.event is not None:
+            step.event.synchronize()
         t1 = clock()
-        complete(running, waiting)
+        complete()
         state["done"] = clock()
-        step["record"].update(wait_ms=(t1 - t0) * 1e3, retire_ms=(state["done"] - t1) * 1e3)
+        step.record.update(wait_ms=(t1 - t0) * 1e3, retire_ms=(state["done"] - t1) * 1e3)
 
-    engine.launch, engine.complete = timed_launch, timed_complete
+    engine.runner.launch, engine.complete = timed_launch, timed_complete
     return records
 
 

@@ -95,3 +95,19 @@ def test_floor_by_step_bounds_every_kind_of_step_of_the_stored_ladder():
     assert sum(r["steps"] for r in rows.values()) == len(run["steps"])
     assert all(0 < r["floor_s"] < r["seconds"] for r in rows.values() if r["steps"])
     assert rows["mixed"]["steps"] > 0 and rows["decode, 1-127 rows"]["steps"] > 0
+
+
+def test_host_overlap_times_every_step_of_a_real_run(tmp_path):
+    """bench host_overlap wraps the engine's launch and complete: every step of the run gets a
+    record with its launch, wait and retire times, and the stored summary counts them all."""
+    import json
+
+    from bench.host_overlap import main
+    main(["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--n", "6",
+          "--workload", "anyscale:prompt_len=16,cap=8,mean=4", "--out", str(tmp_path)])
+    result = json.loads(next(tmp_path.glob("host_overlap_tiny_cpu.json")).read_text())
+    steps = result["steps"]
+    assert steps and all(s["launch_ms"] > 0 and s["wait_ms"] >= 0 and s["retire_ms"] > 0
+                         for s in steps)
+    assert {s["kind"] for s in steps} == {"packed", "decode"}
+    assert sum(r["steps"] for r in result["summary"]) == len(steps)

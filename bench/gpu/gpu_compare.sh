@@ -7,6 +7,7 @@
 # the ladder does, for the ratio to the peer in the same process.
 #
 #   git archive OLD_COMMIT course_lib bench/ladder.py | tar -x -C .gpucarry/old    # here
+#   (a commit with bench/run_ladder.py: git archive OLD_COMMIT course_lib 'bench/*.py')
 #   OLD=.gpucarry/old OLD_COMMIT=... bash bench/gpu/gpu_compare.sh                 # on the GPU
 #   bash bench/gpu/gpu_compare.sh --collect          # next call, if the first ran out of time
 #
@@ -28,8 +29,13 @@ if [ "${1:-}" != "--collect" ]; then
   OLD_RUNG="graphs:kv_memory_mib=16384,max_num_batched_tokens=16384"
   NEW_RUNG="fast:kv_memory_mib=16384,max_num_batched_tokens=16384"
   setsid nohup bash -c "
-    old() { (cd $OLD && PYTHONPATH=\$PWD COURSE_COMMIT=$OLD_COMMIT python3 bench/ladder.py $ARGS \
-             --budget 2048 --rungs $OLD_RUNG --out $RUN/old_\$1.json); }
+    old() { if [ -f $OLD/bench/run_ladder.py ]; then    # a commit of the split engine
+              (cd $OLD && PYTHONPATH=\$PWD COURSE_COMMIT=$OLD_COMMIT python3 -m bench run_ladder \
+               $ARGS --rungs $NEW_RUNG --out $RUN/old_\$1.json)
+            else
+              (cd $OLD && PYTHONPATH=\$PWD COURSE_COMMIT=$OLD_COMMIT python3 bench/ladder.py $ARGS \
+               --budget 2048 --rungs $OLD_RUNG --out $RUN/old_\$1.json)
+            fi; }
     new() { PYTHONPATH=$PWD python3 -m bench run_ladder $ARGS --rungs \$2 $NEW_RUNG \
              --out $RUN/new_\$1.json; }
     old 1; new 1; old 2; new 2 hf-cb; echo done

@@ -136,18 +136,21 @@ def rope_qk(q, k, cos, sin):
     return q_out.view(q.shape), k_out.view(k.shape)
 
 
-def rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, slots):
+def rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, slots, rows: int | None = None):
     """``rope_qk`` with the cache write fused in: rotated keys and values go into one paged cache
-    layer (``k_cache, v_cache``: ``(Hkv, slots, d)``) at ``slots``; returns the rotated queries."""
+    layer (``k_cache, v_cache``: ``(Hkv, slots, d)``) at ``slots``; returns the rotated queries,
+    ``(tokens, H, d)``, or ``(rows, H, d)`` with rows past the tokens left unwritten (padding
+    that attention may want, without a padded copy)."""
     d = q.shape[-1]
     q_rows, k_rows, v_rows = _heads(q), _heads(k), _heads(v)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride()[-2:] == (d, 1)
-    q_out = torch.empty(q_rows.shape, dtype=q.dtype, device=q.device)
+    n = q_rows.shape[0]
+    q_out = torch.empty((max(rows or n, n), *q_rows.shape[1:]), dtype=q.dtype, device=q.device)
     _rope_qk_kernel[(q_rows.shape[0],)](
         q_rows, k_rows, v_rows, *_cos_sin(cos, sin), q_out, k_cache, v_cache, slots,
         q.shape[-2], k.shape[-2], q_rows.stride(0), k_rows.stride(0), v_rows.stride(0),
         k_cache.stride(0), **_rope_consts(q, k), STORE=True)
-    return q_out.view(q.shape)
+    return q_out.view(q.shape) if rows is None else q_out
 
 
 def silu_mul(gate, up, block: int = 1024):

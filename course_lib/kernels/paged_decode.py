@@ -245,6 +245,8 @@ class KernelPagedAttention(PagedAttention):
             self.positions = torch.cat([self.positions, self.prefill.positions])
         self.cu_seqlens = to_device(cu_seqlens(new for _, _, new in seqs), device)
         self.cache = cache
+        # rows for the rotated queries: the prefill's padding too, so that it needs no copy
+        self.q_rows = d + self.prefill.block_mask.shape[-2] if self.prefill is not None else None
 
     @classmethod
     @torch.inference_mode()

@@ -191,7 +191,8 @@ class Llama:
             q, k, v = (t.unflatten(-1, (n, s.head_dim)) for t, n in          # (..., heads, d)
                        zip(w.qkv(h), (s.n_heads, s.n_kv_heads, s.n_kv_heads)))
             if store:
-                q = rope_qk_store(q, k, v, cos, sin, attn.cache.k[i], attn.cache.v[i], attn.slots)
+                q = rope_qk_store(q, k, v, cos, sin, attn.cache.k[i], attn.cache.v[i], attn.slots,
+                                  rows=getattr(attn, "q_rows", None))
                 o = attn.attend(i, q)
             else:
                 q, k = rope(q, k, cos, sin)
