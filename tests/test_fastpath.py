@@ -578,3 +578,27 @@ def test_the_split_engine_runs_as_fast_as_the_one_it_replaced():
     new = (tput["new_1"]["fast"] + tput["new_2"]["fast"]) / 2
     assert abs(new / old - 1) < 0.05
     assert tput["new_2"]["fast"] / tput["new_2"]["hf-cb"] >= 20
+
+
+def test_the_mixed_steps_got_faster_and_nothing_else_slower():
+    """The stored comparison of the fast engine after the mixed-step changes (the packed key
+    copy in 8-byte words, chunks' keys aligned with their queries, queries with their padding
+    rows) against the commit before, interleaved on one H200: in each new run the mixed steps
+    took less time than in either old run, and each kind of decode step stayed within 3%."""
+    from bench.floor_by_step import by_kind
+    runs = load_result("compare_fast_ae08a0f_244ca6b_nvidia-h200.json")["runs"]
+    assert len({r["versions"]["gpu"]["uuid"] for r in runs.values()}) == 1       # one card
+    commits = {k: r["versions"]["course_lib_commit"] for k, r in runs.items()}
+    assert commits == {"old_1": "ae08a0f", "old_2": "ae08a0f", "new_1": "244ca6b",
+                       "new_2": "244ca6b"}
+    rung = "fast:kv_memory_mib=16384,max_num_batched_tokens=16384"
+    kinds = {k: {kind: row["seconds"] for kind, row in by_kind(r, rung).items()}
+             for k, r in runs.items()}
+    old, new = [kinds["old_1"], kinds["old_2"]], [kinds["new_1"], kinds["new_2"]]
+    assert max(n["mixed"] for n in new) < min(o["mixed"] for o in old)
+    for kind in kinds["old_1"]:
+        if kind.startswith("decode"):
+            assert max(n[kind] for n in new) < 1.03 * min(o[kind] for o in old), kind
+    tput = {k: next(x for x in r["runs"] if x["rung"] == rung)["metrics"]["output_tokens_per_s"]
+            for k, r in runs.items()}
+    assert min(tput["new_1"], tput["new_2"]) > max(tput["old_1"], tput["old_2"])

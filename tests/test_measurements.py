@@ -111,3 +111,19 @@ def test_host_overlap_times_every_step_of_a_real_run(tmp_path):
                          for s in steps)
     assert {s["kind"] for s in steps} == {"packed", "decode"}
     assert sum(r["steps"] for r in result["summary"]) == len(steps)
+
+
+def test_every_bench_experiment_imports_and_parses_its_arguments(capsys):
+    """Each experiment ``python -m bench`` lists imports here (most run only on a GPU) and
+    answers ``-h`` with its usage: a renamed library function fails here, not on a GPU machine."""
+    import importlib
+
+    from bench.__main__ import EXPERIMENTS
+    for name in EXPERIMENTS:
+        module = importlib.import_module(f"bench.{name}")
+        if name == "host_time":           # reads sys.argv itself
+            continue
+        with pytest.raises(SystemExit) as done:
+            module.main(["-h"])
+        assert done.value.code == 0, name
+        assert "usage" in capsys.readouterr().out, name
