@@ -1,6 +1,7 @@
 """The throughput-latency curve from real runs: the paged engine (gather attention on a CPU, blocks
 of 16) on the same chat requests at every (arrival rate, max batch), one after the other in one
-process; rate 0 is all at once. ``--engine``, ``--options`` and ``--workload`` choose another
+process; rate 0 is all at once; ``--repeat`` runs each point again (how far identical runs
+spread). ``--engine``, ``--options`` and ``--workload`` choose another
 engine and workload; on a GPU the paged engine takes FlexAttention (the stored H200 sweep):
 
     python -m bench curve --rates 0 1 2 4 8 --batches 2 8 32 \\
@@ -42,6 +43,8 @@ def main(argv=None):
     p.add_argument("--options", default="", help="engine options, e.g. attention=flex")
     p.add_argument("--workload", default="chat",
                    help="a workload spec; --max-new-tokens applies to chat only")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each point this many times (the spread of identical runs)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     options = {"block_size": a.block_size,
@@ -50,21 +53,21 @@ def main(argv=None):
     max_new = a.max_new_tokens if a.workload == "chat" else None
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     rows, runs = [], []
-    for b in a.batches:
-        for rate in a.rates:
-            r = bench(a.engine, a.model, a.workload, a.n, b, a.dtype, a.device, loaded=loaded,
-                      max_new_tokens=max_new, progress=False, steps=True,
-                      engine_options=options, arrival_rate=rate or None)
-            r["steps"] = [{k: s[k] for k in STEP_FIELDS} for s in r["steps"]]
-            m, pct = r["metrics"], ("p50", "p99")
-            rows.append({"rate": rate or None, "max_batch": b,
-                         "tokens_per_s": m["output_tokens_per_s"], "served": m["served"],
-                         **{f"{k}_{q}": m[f"{k}_s"][q] for k in ("ttft", "tpot", "e2e")
-                            for q in pct}})
-            runs.append({k: v for k, v in r.items() if k != "versions"})
-            print(f"B={b:3d} rate {rate:5.2f}/s: {m['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
-                  f"{m['ttft_s']['p50']:.2f} s, TPOT p50 {1e3 * m['tpot_s']['p50']:.0f} ms",
-                  flush=True)
+    points = [(b, rate) for b in a.batches for rate in a.rates for _ in range(a.repeat)]
+    for b, rate in points:
+        r = bench(a.engine, a.model, a.workload, a.n, b, a.dtype, a.device, loaded=loaded,
+                  max_new_tokens=max_new, progress=False, steps=True,
+                  engine_options=options, arrival_rate=rate or None)
+        r["steps"] = [{k: s[k] for k in STEP_FIELDS} for s in r["steps"]]
+        m, pct = r["metrics"], ("p50", "p99")
+        rows.append({"rate": rate or None, "max_batch": b,
+                     "tokens_per_s": m["output_tokens_per_s"], "served": m["served"],
+                     **{f"{k}_{q}": m[f"{k}_s"][q] for k in ("ttft", "tpot", "e2e")
+                        for q in pct}})
+        runs.append({k: v for k, v in r.items() if k != "versions"})
+        print(f"B={b:3d} rate {rate:5.2f}/s: {m['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
+              f"{m['ttft_s']['p50']:.2f} s, TPOT p50 {1e3 * m['tpot_s']['p50']:.0f} ms",
+              flush=True)
     out = Path(a.out)
     result = {"model": a.model, "dtype": a.dtype, "device": runs[0]["device"], "n": a.n,
               "engine": a.engine, "options": options, "workload": a.workload,

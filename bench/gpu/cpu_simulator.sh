@@ -2,7 +2,8 @@
 # The simulator's validation on this machine's CPU (notebook 08): real runs of the paged engine on
 # the same chat requests over arrival rates and batch sizes (bench/curve.py), then the step-cost
 # model fitted to the runs at B=2 and B=32, all at once and at 2 req/s, predicting the others
-# (B=8 at every rate: another batch size; 1, 4 and 8 req/s: other arrival rates).
+# (B=8 at every rate: another batch size; 1, 4 and 8 req/s: other arrival rates); then the point
+# at the knee (B=8, 4 req/s) five times over: how far identical runs spread there.
 # Run it with the cores otherwise idle, from a clean commit. About 10 minutes on 2 cores.
 #   bash bench/gpu/cpu_simulator.sh
 set -euo pipefail
@@ -17,3 +18,4 @@ R=bench/results/cpu
 $PY -m bench curve --rates 0 1 2 4 8 --batches 2 8 32 --out $R/curve_smollm2-135m_cpu.json.gz
 $PY -m bench simulator_validation --fit $R/curve_smollm2-135m_cpu.json.gz \
   --where max_batch=2,32 --where arrival_rate=None,2 --out $R/simulator_cpu.json
+$PY -m bench curve --rates 4 --batches 8 --repeat 5 --out $R/knee_smollm2-135m_cpu.json.gz
