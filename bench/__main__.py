@@ -16,6 +16,7 @@ EXPERIMENTS = {     # module in bench/ -> what it measures
     "thin_gemv": "ch 09: small-batch projections, cuBLAS against a plain Triton kernel",
     "mixed_parts": "ch 09: a mixed step's non-matmul parts, variants of each timed",
     "timeline": "ch 09: the GPU's timeline over windows of a real run: busy, gaps, kernels",
+    "flex_in_run": "ch 09: FlexAttention's calls timed inside a real run and alone",
     "gpu_correctness": "ch 09: the fast engine's float32 tokens on a GPU against HF generate",
     "smollm2_gpu": "ch 09: SmolLM2 on the fast path against HF generate, with/without graphs",
     "host_overlap": "ch 09: the fastest rung's host time per step (launch, wait, retire)",
