@@ -9,9 +9,12 @@
 one of the values (every ``--where`` must hold) and predict the rest. Writes the fitted
 ``CostBook`` (one model per implementation path) and, for every run, the simulated and measured
 throughput, TTFT, TPOT and end-to-end latency with the relative error; runs fitted to are marked
-``in_fit`` (their errors are in-sample).
+``in_fit`` (their errors are in-sample). ``--medians``: the runs are repeats (``bench curve
+--repeat``); also compare each point's prediction with the median of its measured runs
+(``medians``), the figure a prediction can be held to when identical runs spread.
 """
 import argparse
+import statistics
 import sys
 from dataclasses import asdict
 
@@ -31,12 +34,41 @@ def selected(run: dict, where: list) -> bool:
                for k, v in (w.split("=", 1) for w in where))
 
 
+def medians(rows: list) -> list:
+    """One row per point (the same run name, fitted or not): each metric's simulated value and the
+    median of the measured ones, with its relative error; ``repeats``: how many runs."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["run"], row["in_fit"]), []).append(row)
+    out = []
+    for (run, in_fit), group in groups.items():
+        point = {k: v for k, v in group[0].items() if not isinstance(v, dict)}
+        point["repeats"] = len(group)
+        for k, v in group[0].items():
+            if isinstance(v, dict):
+                sim = statistics.median(r[k]["simulated"] for r in group)
+                measured = statistics.median(r[k]["measured"] for r in group)
+                point[k] = {"simulated": sim, "measured": measured,
+                            "error": (sim - measured) / measured if measured else None}
+        out.append(point)
+    return out
+
+
+def describe(row: dict) -> str:
+    return (("fitted   " if row["in_fit"] else "predicted") + " | " + row["run"]
+            + (f" (median of {row['repeats']})" if "repeats" in row else "") + " | "
+            + ", ".join(f"{k} {100 * v['error']:+.0f}%" for k, v in row.items()
+                        if isinstance(v, dict) and v.get("error") is not None))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
     p.add_argument("--fit", nargs="+", required=True)
     p.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2")
     p.add_argument("--predict", nargs="*", default=[])
+    p.add_argument("--medians", action="store_true",
+                   help="compare each point with the median of its repeated runs")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     runs = load(a.fit)
@@ -45,13 +77,13 @@ def main(argv=None):
     book = CostBook.fit(fit)
     rows = [{**validate(book, r), "in_fit": r in fit, "max_batch": r["max_batch"],
              "arrival_rate": r.get("arrival_rate")} for r in fit + held_out]
-    for row in rows:
-        print(("fitted   " if row["in_fit"] else "predicted") + " | " + row["run"] + " | "
-              + ", ".join(f"{k} {100 * v['error']:+.0f}%" for k, v in row.items()
-                          if isinstance(v, dict) and v.get("error") is not None))
+    points = medians(rows) if a.medians else None
+    for row in points or rows:
+        print(describe(row))
     save_result({"device": fit[0]["device"],
                  "cost_book": {k: asdict(c) for k, c in book.paths.items()},
-                 "fit_files": a.fit, "where": a.where, "predict_files": a.predict, "rows": rows},
+                 "fit_files": a.fit, "where": a.where, "predict_files": a.predict, "rows": rows,
+                 **({"medians": points} if points else {})},
                 a.out, command("simulator_validation", argv))
     print("wrote", a.out)
 

@@ -252,3 +252,20 @@ def test_the_stored_sweep_validation_is_what_the_code_computes_from_the_stored_s
         got, want = validate(book, r), stored[run_name(r)]
         for k in ("output_tokens_per_s", "ttft_p50_s"):
             assert got[k]["simulated"] == pytest.approx(want[k]["simulated"]), (got["run"], k)
+
+
+def test_medians_compare_each_point_with_the_median_of_its_repeats():
+    """``simulator_validation --medians``: repeats of one point become one row whose measured
+    value is their median (an odd one out does not decide it) and whose error is against it."""
+    from bench.simulator_validation import medians
+
+    def row(run, measured, in_fit=False):
+        return {"run": run, "in_fit": in_fit, "max_batch": 8, "arrival_rate": 4.0,
+                "ttft_p50_s": {"simulated": 0.6, "measured": measured,
+                               "error": 0.6 / measured - 1}}
+    rows = [row("a", 0.5), row("a", 0.4), row("a", 3.0), row("b", 0.6, in_fit=True)]
+    got = {(r["run"], r["in_fit"]): r for r in medians(rows)}
+    assert got[("a", False)]["repeats"] == 3 and got[("b", True)]["repeats"] == 1
+    assert got[("a", False)]["ttft_p50_s"]["measured"] == 0.5
+    assert got[("a", False)]["ttft_p50_s"]["error"] == pytest.approx(0.2)
+    assert got[("b", True)]["ttft_p50_s"]["error"] == pytest.approx(0.0)
