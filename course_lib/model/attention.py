@@ -263,20 +263,16 @@ class GatheredFlexAttention(FlexPagedAttention):
                  m_pad: int | None = None):
         self.cache, bs, T = cache, cache.block_size, self.tile
         layout = cache.packed_layout(seqs)
-        cached = np.array([c for _, c, _ in seqs], dtype=np.int64)
-        new = np.array([n for _, _, n in seqs], dtype=np.int64)
-        total = cached + new
-        self.n = len(layout["positions"])
-        self.key_start = k_start = self.key_layout(cached, new, T)
-        m = int(k_start[-1] + total[-1])
+        total = np.array([c + n for _, c, n in seqs], dtype=np.int64)
+        self.n, m = len(layout["positions"]), int(total.sum())
         n_pad, m_pad = n_pad or bucket(self.n, T), m_pad or bucket(max(m, self.n), T)
-        # every key of every sequence, in order: its slot in the cache (gaps, padding: slot 0)
+        # every key of every sequence, in order: its slot in the cache (padding reads slot 0)
+        k_start = np.cumsum(total) - total
         k_seq = np.repeat(np.arange(len(seqs)), total)
-        k_pos = np.arange(len(k_seq)) - (np.cumsum(total) - total)[k_seq]
+        k_pos = np.arange(m) - k_start[k_seq]
         first_block = np.flatnonzero(layout["block_index"] == 0)
         read = np.zeros(m_pad, dtype=np.int64)
-        read[k_start[k_seq] + k_pos] = \
-            layout["blocks"][first_block[k_seq] + k_pos // bs] * bs + k_pos % bs
+        read[:m] = layout["blocks"][first_block[k_seq] + k_pos // bs] * bs + k_pos % bs
         # the keys each query sees: lo .. hi (padding: 1 .. 0, none)
         lo, hi = np.ones(n_pad, dtype=np.int64), np.zeros(n_pad, dtype=np.int64)
         lo[:self.n] = k_start[layout["q_seq"]]
@@ -295,20 +291,6 @@ class GatheredFlexAttention(FlexPagedAttention):
         self.block_mask = BlockMask.from_kv_blocks(*mask, BLOCK_SIZE=T, mask_mod=visible,
                                                    seq_lengths=(n_pad, m_pad),
                                                    compute_q_blocks=False)
-
-    @staticmethod
-    def key_layout(cached, new, T: int = TILE) -> np.ndarray:
-        """Where each sequence's keys start in the packed copy. Sequences follow one another, but
-        one after a cached prefix (a chunk) starts a few slots later, so that its new keys line up
-        with its queries modulo the tile ``T``: then its diagonal tiles are whole tiles, as a
-        fresh prompt's are (misaligned, every tile of the diagonal is a masked one). Without the
-        gaps when they would take the keys past the next power of two (a shape not compiled)."""
-        plain = np.cumsum(cached + new) - (cached + new)
-        q_start, start, end = np.cumsum(new) - new, np.zeros_like(plain), 0
-        for i, (c, n) in enumerate(zip(cached, new)):
-            start[i] = end + (q_start[i] - c - end) % T
-            end = start[i] + c + n
-        return start if bucket(int(end), T) <= bucket(int((cached + new).sum()), T) else plain
 
     @staticmethod
     def tiles(lo, hi, q_tiles: int, kv_tiles: int, T: int = TILE):
