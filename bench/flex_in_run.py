@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from bench import command
-from bench.decode_step import events_ms
 from course_lib.bench import save_result
 from course_lib.engines import make_engine
 from course_lib.measure.ladder import parse_rung, rung_settings
+from course_lib.measure.roofline import time_fn
 from course_lib.model import attention, models
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import load_workload
@@ -51,9 +51,7 @@ def timed_run(engine, reqs) -> tuple:
 
 def timed(fn) -> float:
     """Median ms of ``fn()`` with CUDA events, after a warm-up (a new layout may compile)."""
-    for _ in range(3):
-        fn()
-    return events_ms(fn, 20)
+    return time_fn(fn, "cuda", repeat=20, warmup=3) * 1e3
 
 
 def main(argv=None):

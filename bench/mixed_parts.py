@@ -9,7 +9,6 @@ two-stage argmax against ``torch.argmax`` (eager calls: small ones time the host
 import argparse
 import json
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from bench import command
 from course_lib.bench import save_result
 from course_lib.engines.block_manager import BlockManager
 from course_lib.kernels import fused
+from course_lib.measure.roofline import time_fn
 from course_lib.model import attention, models
 from course_lib.model.attention import GatheredFlexAttention
 from course_lib.model.kv_cache import PagedKVCache
@@ -44,21 +44,8 @@ FLEX_OPTIONS = [
 
 
 def median_ms(fn, n=20) -> float:
-    """Median milliseconds of ``fn()`` over ``n`` calls, each timed with CUDA events (after 3
-    warm-up calls)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(n):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return statistics.median(out)
+    """Median milliseconds of ``fn()`` over ``n`` calls, CUDA events, after 3 warm-up calls."""
+    return time_fn(fn, "cuda", repeat=n, warmup=3) * 1e3
 
 
 def show(results: dict, group: str, name: str, ms: float) -> None:
