@@ -1,5 +1,6 @@
 """Tune the paged decode kernel on a GPU: time a decode step's attention calls (one per layer, back
-to back, as a step makes them; CUDA events, median after warm-up; reported per call) for each
+to back, captured in a CUDA graph as the engine runs them, so that Triton's launch cost on the host
+does not hide the GPU's time; CUDA events, median after warm-up; reported per call) for each
 setting of its knobs (tokens per loop iteration ``block_n``, the number of
 programs the split rule aims for, Triton's ``num_warps`` and ``num_stages``) at several batch
 sizes, as a share of the measured copy bandwidth. Prints the best setting per batch and the
@@ -25,9 +26,15 @@ from course_lib.model.llama import LlamaShape
 
 
 def time_ms(fn, repeat=30):
+    """Median ms of a replay of ``fn``'s kernels captured in a CUDA graph (after a warm-up)."""
     for _ in range(3):       # compile, warm up
         fn()
-    return events_ms(fn, repeat)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    return events_ms(graph.replay, repeat)
 
 
 def main(argv=None):
