@@ -113,7 +113,7 @@ if triton is not None:
 
 BLOCK_N = 64          # tokens per loop iteration of the kernel
 PROGRAMS = 512        # programs that keep an H100/H200 busy (132 SMs, a few programs each)
-TRITON_LAUNCH = {"num_warps": 4, "num_stages": 3}   # Triton's own defaults, which a call keeps
+TRITON_LAUNCH = {"num_warps": 4, "num_stages": 2}   # a call keeps these unless it sets them
 TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS}   # a call's defaults, with TRITON_LAUNCH
 
 
