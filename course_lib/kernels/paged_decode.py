@@ -113,7 +113,7 @@ if triton is not None:
 
 BLOCK_N = 64          # tokens per loop iteration of the kernel
 PROGRAMS = 512        # programs that keep an H100/H200 busy (132 SMs, a few programs each)
-TRITON_LAUNCH = {"num_warps": 4, "num_stages": 2}   # a call keeps these unless it sets them
+TRITON_LAUNCH = {"num_warps": 4, "num_stages": 2}   # Triton's settings for every launch
 TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS}   # a call's defaults, with TRITON_LAUNCH
 
 
@@ -131,7 +131,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     if triton is None:
         raise RuntimeError("the paged decode kernel needs Triton (it ships with CUDA builds of "
                            "PyTorch); use paged_decode_reference on the CPU")
-    knobs = {**TUNING, **knobs}
+    knobs = {**TUNING, **TRITON_LAUNCH, **knobs}
     block_n, programs = knobs.pop("block_n"), knobs.pop("programs")   # the rest: Triton's own
     B, heads, d = q.shape
     kv_heads = k_cache.shape[0]
