@@ -67,3 +67,23 @@ def test_the_triton_kernel_on_the_gpu_in_bf16():
                          dtype=torch.bfloat16):
         assert row["all_written"], f"every output element must be written: {row}"
         assert row["relative_error"] < 1e-2, row
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_every_launch_takes_the_library_s_launch_settings(monkeypatch):
+    """``TRITON_LAUNCH`` (warps, pipeline stages) reaches the kernel unless a call sets its own: a
+    setting only written down would leave every launch at Triton's defaults."""
+    from course_lib.kernels import paged_decode as pd
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+    monkeypatch.setattr(pd, "_paged_decode_kernel", Recorder())
+    monkeypatch.setattr(pd, "_combine_kernel", Recorder())
+    cache, q, tables, lengths = random_decode_step(SHAPE, B=3)
+    pd.paged_decode(q, cache.k[0], cache.v[0], tables, lengths, cache.block_size)
+    assert launches and all(launches[0][k] == v for k, v in pd.TRITON_LAUNCH.items())
+    launches.clear()
+    pd.paged_decode(q, cache.k[0], cache.v[0], tables, lengths, cache.block_size, num_stages=1)
+    assert launches[0]["num_stages"] == 1
