@@ -87,8 +87,10 @@ def _prompt_tokens(obj, tokenizer, vocab_size) -> list:
     """A line's prompt as token ids: its ``prompt`` text encoded, or its ``prompt_tokens``."""
     if "prompt" in obj:
         prompt = obj["prompt"]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"'prompt' must be a non-empty string, got {prompt!r}")
+        if not isinstance(prompt, str):
+            raise ValueError(f"'prompt' must be a string, got {prompt!r}")
+        if not prompt.strip():
+            raise ValueError("'prompt' is empty")
         if tokenizer is None:
             raise ValueError("'prompt' is text, so a tokenizer is needed to encode it")
         return encode_chat(tokenizer, prompt)
