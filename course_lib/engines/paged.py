@@ -74,13 +74,16 @@ class PagedEngine(Engine):
         return self.num_blocks or sum(-(-(len(r.prompt_tokens) + r.max_new_tokens) // bs)
                                       for r in requests)
 
+    def new_cache(self, requests) -> PagedKVCache:
+        blocks = self.block_manager_class(self.blocks_for(requests), self.block_size)
+        return PagedKVCache(self.model.shape, blocks, self.model.dtype, self.model.device)
+
     def setup(self, requests):
         """The run's cache (kept from run to run while it fits), emptied, and the decode graphs."""
         n_blocks = self.blocks_for(requests)
         have = self.cache.blocks.n_blocks if self.cache else 0
         if have < n_blocks or (self.num_blocks and have != n_blocks):
-            blocks = self.block_manager_class(n_blocks, self.block_size)
-            self.cache = PagedKVCache(self.model.shape, blocks, self.model.dtype, self.model.device)
+            self.cache = self.new_cache(requests)
         blocks = self.cache.blocks
         blocks.reset()
         longest = max(len(r.prompt_tokens) + r.max_new_tokens for r in requests)
