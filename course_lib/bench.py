@@ -181,11 +181,9 @@ def bench(engine: str, model: str = "smollm2-135m", workload: str = "chat", n: i
         peaks = Peaks(cost.device, dtype, cost.bandwidth, cost.flops, "simulated")
         device_type, nvml_mean, step_source = "simulated", None, "simulated"
     metrics = summarize(log, shape, dtype_t.itemsize, peaks, slo=slo)
-    metrics["nvml_gpu_util"] = nvml_mean
     # hf-cb's warm-ups HF gave up on (memory); the prompt tokens a prefix cache saved
-    for key in ("preemptions", "warmup_failures", "prefix_hit_tokens"):
-        if hasattr(runner, key):
-            metrics[key] = getattr(runner, key)
+    metrics.update(nvml_gpu_util=nvml_mean, **{k: getattr(runner, k) for k in (
+        "preemptions", "warmup_failures", "prefix_hit_tokens") if hasattr(runner, k)})
     out = {"engine": runner.name, "model": model, "workload": workload, "n": len(requests),
            "max_batch": max_batch, "max_new_tokens": max_new_tokens,
            "arrival_rate": arrival_rate, "engine_options": options,

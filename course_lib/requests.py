@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
+from itertools import cycle
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +95,9 @@ def _prompt_tokens(obj, tokenizer, vocab_size) -> list:
             raise ValueError("'prompt' is text, so a tokenizer is needed to encode it")
         return encode_chat(tokenizer, prompt)
     tokens = obj["prompt_tokens"]
-    if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
-        raise ValueError("'prompt_tokens' must be a list of non-negative integers")
-    if not tokens:
-        raise ValueError("'prompt_tokens' is empty")
+    if not (isinstance(tokens, list) and tokens
+            and all(type(t) is int and t >= 0 for t in tokens)):
+        raise ValueError("'prompt_tokens' must be a non-empty list of non-negative integers")
     if vocab_size is not None and (bad := check_token_ids(tokens, vocab_size)):
         raise ValueError(bad)
     return list(tokens)
@@ -118,10 +118,8 @@ def _parse_line(obj, tokenizer, vocab_size: int | None = None) -> Request:
         raise ValueError(f"'id' must be a string or an integer, got {rid!r}")
     if type(max_new) is not int or max_new < 1:
         raise ValueError(f"'max_new_tokens' must be an integer >= 1, got {max_new!r}")
-    if "prompt" in obj and "prompt_tokens" in obj:
-        raise ValueError("give either 'prompt' or 'prompt_tokens', not both")
-    if not ("prompt" in obj or "prompt_tokens" in obj):
-        raise ValueError("missing key: one of 'prompt' or 'prompt_tokens' is required")
+    if ("prompt" in obj) == ("prompt_tokens" in obj):
+        raise ValueError("give exactly one of 'prompt' or 'prompt_tokens' (not both, not neither)")
     tokens = _prompt_tokens(obj, tokenizer, vocab_size)
     arrival, ignore_eos = obj.get("arrival_s", 0.0), obj.get("ignore_eos", False)
     if type(arrival) not in (int, float) or not math.isfinite(arrival) or arrival < 0:
@@ -200,12 +198,9 @@ def chat_workload(tokenizer, n: int | None = None, max_new_tokens: int = 128) ->
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     encoded = [encode_chat(tokenizer, chat["prompt"]) for chat in chats[:n]]
-    requests = []
-    for i in range(n):
-        chat = chats[i % k]
-        rid = chat["id"] if i < k else f"{chat['id']}#{i // k + 1}"
-        requests.append(Request(rid, list(encoded[i % k]), max_new_tokens, prompt=chat["prompt"]))
-    return requests
+    return [Request(chat["id"] if i < k else f"{chat['id']}#{i // k + 1}", list(encoded[i % k]),
+                    max_new_tokens, prompt=chat["prompt"])
+            for i, chat in zip(range(n), cycle(chats))]
 
 
 def _random_prompts(rng, lengths, vocab_size: int) -> list[list[int]]:
@@ -226,11 +221,9 @@ def anyscale_workload(n: int, vocab_size: int, prompt_len: int = 512, mean_outpu
     """Anyscale's continuous-batching benchmark: ``n`` random prompts of ``prompt_len`` tokens,
     output lengths exponential of mean ``mean_output``, rounded up and capped at ``cap``, each
     generated in full (end-of-sequence ignored). The same ``seed`` gives the same workload."""
-    for name, value, low in (("n", n, 0), ("prompt_len", prompt_len, 1), ("cap", cap, 1)):
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    if not mean_output > 0:
-        raise ValueError(f"mean_output must be > 0, got {mean_output}")
+    if n < 0 or min(prompt_len, cap) < 1 or not mean_output > 0:
+        raise ValueError(f"need n >= 0, prompt_len >= 1, cap >= 1 and mean_output > 0; got n={n}, "
+                         f"prompt_len={prompt_len}, cap={cap}, mean_output={mean_output}")
     rng = np.random.default_rng(seed)
     prompts = _random_prompts(rng, [prompt_len] * n, vocab_size)
     outputs = np.clip(np.ceil(rng.exponential(mean_output, size=n)), 1, cap)
@@ -361,10 +354,8 @@ def load_workload(spec: str, tokenizer=None, n: int | None = None, vocab_size: i
                             f"line, named *.jsonl)")
     else:
         raise WorkloadError(f"unknown workload {spec!r}; valid forms: {_SPEC_FORMS}")
-    if max_new_tokens is None:
-        return requests
-    return [replace(r, max_new_tokens=min(r.max_new_tokens, max_new_tokens))
-            for r in requests]
+    return requests if max_new_tokens is None else [
+        replace(r, max_new_tokens=min(r.max_new_tokens, max_new_tokens)) for r in requests]
 
 
 def interference_workload(tokenizer, vocab_size: int, n_chat: int = 4, n_long: int = 3,

@@ -81,9 +81,7 @@ PAGED_OPTIONS = tuple(o for o in REGISTRY["chunked"].options
 
 def on_cuda(loaded, model=None) -> bool:
     """Whether an engine built on ``loaded`` (or on ``model`` in its place) runs on CUDA."""
-    device = getattr(model, "device", None)
-    if device is None:
-        device = getattr(getattr(loaded, "model", None), "device", None)
+    device = getattr(model, "device", None) or getattr(loaded.model, "device", None)
     return getattr(device, "type", str(device)) == "cuda"
 
 

@@ -68,12 +68,9 @@ class Engine:
 
     def is_done(self, req, token: int) -> str | None:
         """Why ``req`` stops after emitting ``token``: "eos", "length", or None to go on."""
-        rec = self.records[req.id]
         if token == self.eos and not req.ignore_eos:
             return "eos"
-        if len(rec.output_tokens) >= req.max_new_tokens:
-            return "length"
-        return None
+        return "length" if len(self.records[req.id].output_tokens) >= req.max_new_tokens else None
 
     def _serve(self, requests):
         raise NotImplementedError

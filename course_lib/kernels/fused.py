@@ -21,7 +21,7 @@ try:                                   # Triton ships with CUDA builds of PyTorc
     import triton
     import triton.language as tl
 except ImportError:                    # pragma: no cover - CPU-only installs
-    triton = None
+    triton = tl = None
 
 
 if triton is not None:

@@ -16,16 +16,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from course_lib.kernels.fused import errors
+from course_lib.kernels.fused import errors, tl, triton  # triton is None without Triton
 from course_lib.model.attention import GatheredFlexAttention, PagedAttention, cu_seqlens
 from course_lib.model.kv_cache import PagedKVCache, to_device
 from course_lib.model.llama import LlamaShape
-
-try:                                   # Triton ships with CUDA builds of PyTorch
-    import triton
-    import triton.language as tl
-except ImportError:                    # pragma: no cover - CPU-only installs
-    triton = None
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables, lengths, block_size: int):

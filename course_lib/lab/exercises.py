@@ -11,6 +11,7 @@ import operator
 import random
 import time
 from collections import deque
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -548,18 +549,13 @@ def check_goodput(fn):
 def check_admission_rule(fn):
     """``fn(waited_s, first_token_s, decode_step_s, ttft_slo, tpot_slo)`` -> "admit", "queue" or
     "refuse". Checked on cases, then as the paged engine's rule on an overload (simulated)."""
-
-    class Fixed:
-        def __init__(self, first, step):
-            self.first, self.step = first, step
-
-        def predict(self, rows, tokens, attended, kv_read):
-            return self.first if tokens > rows else self.step       # a prefill step, or a decode
     seen = set()
     for _ in range(200):
         waited, first, step = _rng.uniform(0, 1), _rng.uniform(0.01, 0.5), _rng.uniform(0.005, 0.1)
         ttft, tpot = _rng.uniform(0.1, 1.0), _rng.uniform(0.01, 0.08)
-        controller = AdmissionController(SLO(ttft, tpot), Fixed(first, step))
+        # step times: ``first`` for a prefill step (more tokens than rows), ``step`` for a decode
+        times = SimpleNamespace(predict=lambda rows, tokens, *_: first if tokens > rows else step)
+        controller = AdmissionController(SLO(ttft, tpot), times)
         want, got = controller.decide(8, waited, [20])[0], fn(waited, first, step, ttft, tpot)
         seen.add(want)
         assert got == want, (

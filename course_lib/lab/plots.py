@@ -297,12 +297,11 @@ def throughput_latency(rows, ax=None, latency="tpot_p50", measured=None, title=N
             colours.setdefault(b, line.get_color())
     curves(rows, "o-", label, ms=3)
     curves(real_sweep or [], "s--", "measured sweep", ms=5, mfc="none")
-    for r in measured or []:
-        ax.plot(r["tokens_per_s"], r[latency], "kx", ms=9, mew=2)
-        ax.annotate(f"B={r['max_batch']}, {r['rate'] or 'all'}/s", (r["tokens_per_s"], r[latency]),
-                    fontsize=7, xytext=(4, 4), textcoords="offset points")
-    if measured:
-        ax.plot([], [], "kx", ms=9, mew=2, label="measured here")
+    for i, r in enumerate(measured or []):
+        xy = r["tokens_per_s"], r[latency]
+        ax.plot(*xy, "kx", ms=9, mew=2, label=None if i else "measured here")
+        ax.annotate(f"B={r['max_batch']}, {r['rate'] or 'all'}/s", xy, fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
     ax.set_yscale("log")
     return _finish(ax, "output tokens / s", latency.replace("_", " ") + " (s)",
                    title or "each point: one arrival rate; further right = more load",

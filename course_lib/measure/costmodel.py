@@ -58,13 +58,6 @@ class StepCost:
         return float(np.dot(x[:len(FEATURES)], [self.coef.get(k, 0.0) for k in FEATURES])
                      + x[len(FEATURES)] / self.bandwidth)
 
-    @property
-    def efficiency(self) -> dict:
-        """Effective bandwidth and FLOP rate as shares of the measured peaks."""
-        b, f = self.coef["per_byte"], self.coef["per_flop"]
-        return {"bandwidth": 1 / b / self.bandwidth if b > 0 else None,
-                "flops": 1 / f / self.flops if f > 0 else None}
-
     @classmethod
     def floor(cls, device: str, bandwidth: float, flops: float) -> "StepCost":
         """The physical floor: every byte at the full bandwidth, every FLOP at the full rate,

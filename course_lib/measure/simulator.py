@@ -77,8 +77,7 @@ class CostBook:
 
     @classmethod
     def floor(cls, device: str, bandwidth: float, flops: float) -> "CostBook":
-        c = StepCost.floor(device, bandwidth, flops)
-        return cls({path: c for path in PATHS})
+        return cls(dict.fromkeys(PATHS, StepCost.floor(device, bandwidth, flops)))
 
     def save(self, path) -> Path:
         path = Path(path)
