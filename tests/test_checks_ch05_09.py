@@ -3,6 +3,7 @@ passes the course's own answer and raises ``AssertionError`` on a mistake a lear
 (a chunk over the budget, the oldest preempted, a block never freed, an off-by-one slot...)."""
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +11,10 @@ import torch
 
 from course_lib.engines.block_manager import BlockAllocator, BlockManager
 from course_lib.engines.model_runner import packed_inputs
-from course_lib.engines.policies import SLO, admission_rule
+from course_lib.engines.policies import admission_rule
 from course_lib.engines.prefix_cache import block_key
 from course_lib.engines.scheduler import budget_step, chunk_sizes
 from course_lib.lab import exercises as ex
-from course_lib.measure.metrics import RunLog, goodput
 from course_lib.model.attention import block_diagonal_causal, cu_seqlens
 
 
@@ -130,10 +130,6 @@ RIGHT_AND_WRONG = {
                           lambda t, p, bs: t[p // bs] * bs + p % bs + 1]),
     "check_allocator": (BlockAllocator, [AllocatorHandingOutTwice, AllocatorThatNeverRunsOut]),
     "check_percentile_latency": (percentile, [lambda v, q: percentile(v, q, nearest=True)]),
-    "check_goodput": (lambda recs, ttft, tpot: goodput(RunLog("x", recs, [], 0.0),
-                                                       SLO(ttft, tpot))["goodput_rps"],
-                      [lambda recs, ttft, tpot: goodput(RunLog("x", recs, [], 0.0),
-                                                        SLO(None, None))["goodput_rps"]]),
     "check_admission_rule": (admission_rule, [
         lambda w, f, d, ttft, tpot: "queue" if d > tpot else admission_rule(w, f, d, ttft, tpot),
         lambda w, f, d, ttft, tpot: admission_rule(0.0, f, d, ttft, tpot),
@@ -177,3 +173,13 @@ def test_every_check_of_chapters_05_to_09_is_tried():
     checks = {n for n, f in vars(ex).items() if n.startswith("check_") and callable(f)
               and start <= f.__code__.co_firstlineno < end}
     assert checks == set(RIGHT_AND_WRONG)
+
+
+def test_every_check_has_its_exercise():
+    """A check that no notebook calls grades nothing: every ``check_*`` of the library is called
+    by some notebook."""
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    sources = "".join(p.read_text() for p in notebooks.glob("*.ipynb"))
+    orphans = [n for n, f in vars(ex).items() if n.startswith("check_") and callable(f)
+               and f"{n}(" not in sources]
+    assert not orphans, orphans

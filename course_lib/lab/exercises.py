@@ -29,7 +29,7 @@ from course_lib.engines.runner import left_pad
 from course_lib.engines.scheduler import Scheduler, budget_step, chunk_sizes
 from course_lib.engines.static import StaticEngine
 from course_lib.measure.costmodel import FEATURES, StepCost
-from course_lib.measure.metrics import RequestRecord, RunLog, Step, goodput
+from course_lib.measure.metrics import RequestRecord, Step
 from course_lib.measure.simulator import simulate
 from course_lib.model import attention, models
 from course_lib.model.kv_cache import PagedKVCache, kv_bytes_per_token
@@ -523,27 +523,6 @@ def check_percentile_latency(fn):
              ". Sort them; the percentile sits at rank (n - 1) * q / 100, between two values when "
              "it is not whole", _close)
     _ok("percentile: p50, p90, p99 from raw latencies")
-
-
-def check_goodput(fn):
-    """``fn(records, ttft_slo, tpot_slo)``: requests served within both targets per second."""
-    cases = []
-    for _ in range(20):
-        recs = [RequestRecord(f"r{i}", arrival_s=_rng.uniform(0, 2), prompt_len=4)
-                for i in range(_rng.randint(2, 12))]
-        for rec in recs:
-            served, t = _rng.random() >= 0.2, rec.arrival_s
-            for _ in range(_rng.randint(1, 6) if served else 0):
-                t += _rng.uniform(0.01, 0.4)
-                rec.emit(5, t)
-            rec.finish("length" if served else "refused", t)
-        cases.append((recs, _rng.uniform(0.05, 0.5), _rng.uniform(0.05, 0.3)))
-    _compare(fn, lambda recs, ttft, tpot: goodput(RunLog("x", recs, [], 0.0),
-                                                  SLO(ttft, tpot))["goodput_rps"],
-             cases, "targets TTFT {1:.3g} s, TPOT {2:.3g} s", ": count served requests within "
-             "both (a one-token answer has no TPOT: it meets that target), over the time from the "
-             "first arrival to the last finish of a served request", _close)
-    _ok("goodput: what a user counts, not what the GPU does")
 
 
 def check_admission_rule(fn):
