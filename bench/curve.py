@@ -2,13 +2,14 @@
 of 16) on the same chat requests at every (arrival rate, max batch), one after the other in one
 process; rate 0 is all at once; ``--repeat`` runs each point again (how far identical runs
 spread). ``--engine``, ``--options`` and ``--workload`` choose another
-engine and workload; on a GPU the paged engine takes FlexAttention (the stored H200 sweep):
+engine and workload; on a GPU the paged engine takes FlexAttention (the stored H200 sweep,
+``bench/gpu/gpu_curve.sh``):
 
     python -m bench curve --rates 0 1 2 4 8 --batches 2 8 32 \\
         --out bench/results/cpu/curve_smollm2-135m_cpu.json.gz
     python -m bench curve --model llama-1b-dummy --device cuda --dtype bfloat16 --n 128 \\
         --workload anyscale:prompt_len=512,cap=512,mean=128 --rates 0 8 16 32 \\
-        --batches 32 64 128 --out DIR/curve_llama-1b-dummy_nvidia-h200.json.gz
+        --batches 32 64 128 --repeat 3 --out DIR/curve_repeats_llama-1b-dummy_nvidia-h200.json.gz
 
 ``rows``: the metrics of each run that notebook 08 draws over its simulated curves (``rate``,
 ``max_batch``, throughput, TTFT/TPOT/end-to-end p50 and p99, as ``tradeoffs.point``). ``runs``:

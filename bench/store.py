@@ -1,10 +1,13 @@
 """Store a result the course shows, keeping only what a notebook, figure or test reads.
 
-    python -m bench.store FILE [FILE ...] [--drop requests steps] [--step-fields rows] [--gzip]
+    python -m bench.store FILE [FILE ...] [--drop requests steps] [--step-fields rows]
+        [--request-fields id arrival_s] [--decimals 6] [--gzip]
 
 Drops the named keys from the file and from each of its ``runs`` (or keeps only ``--step-fields``
-of each step), writes it back and records what it dropped in ``slimmed``. JSON over about
-100 kB is better gzipped (``--gzip``; ``course_lib.lab.nbtools.load_result`` reads both).
+of each step and ``--request-fields`` of each request), rounds the runs' numbers to
+``--decimals`` (6: times to the microsecond), writes it back and records what it did in
+``slimmed``. JSON over about 100 kB is better gzipped (``--gzip``, or a ``.gz`` file kept so;
+``course_lib.lab.nbtools.load_result`` reads both).
 """
 import argparse
 import gzip
@@ -12,15 +15,31 @@ import json
 from pathlib import Path
 
 
-def slim(result: dict, drop=(), step_fields=None) -> dict:
+def rounded(x, decimals: int):
+    if isinstance(x, float):
+        return round(x, decimals)
+    if isinstance(x, list):
+        return [rounded(v, decimals) for v in x]
+    if isinstance(x, dict):
+        return {k: rounded(v, decimals) for k, v in x.items()}
+    return x
+
+
+def slim(result: dict, drop=(), step_fields=None, request_fields=None, decimals=None) -> dict:
     for run in [result, *result.get("runs", [])]:
         for key in drop:
             run.pop(key, None)
-        if step_fields is not None and "steps" in run:
-            run["steps"] = [{k: s[k] for k in step_fields if k in s} for s in run["steps"]]
+        for key, fields in (("steps", step_fields), ("requests", request_fields)):
+            if fields is not None and key in run:
+                run[key] = [{k: s[k] for k in fields if k in s} for s in run[key]]
+    if decimals is not None and "runs" in result:
+        result["runs"] = rounded(result["runs"], decimals)
     said = [f"{', '.join(drop)} dropped"] if drop else []
-    if step_fields is not None:
-        said.append(f"each step's fields but {', '.join(step_fields)} dropped")
+    for key, fields in (("step", step_fields), ("request", request_fields)):
+        if fields is not None:
+            said.append(f"each {key}'s fields but {', '.join(fields)} dropped")
+    if decimals is not None:
+        said.append(f"the runs' numbers rounded to {decimals} decimals")
     result["slimmed"] = ("; ".join(said)
                          + ": nothing reads them (the run's command makes them again)")
     return result
@@ -31,12 +50,18 @@ def main(argv=None):
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--drop", nargs="*", default=["requests", "steps"])
     p.add_argument("--step-fields", nargs="*", default=None)
+    p.add_argument("--request-fields", nargs="*", default=None)
+    p.add_argument("--decimals", type=int, default=None)
     p.add_argument("--gzip", action="store_true")
     a = p.parse_args(argv)
     for f in a.files:
-        r = slim(json.loads(f.read_text()), a.drop, a.step_fields)
+        zipped = f.suffix == ".gz"
+        raw = gzip.decompress(f.read_bytes()) if zipped else f.read_bytes()
+        r = slim(json.loads(raw), a.drop, a.step_fields, a.request_fields, a.decimals)
         text = json.dumps(r, indent=1) + "\n"
-        if a.gzip:
+        if zipped:
+            f.write_bytes(gzip.compress(text.encode(), mtime=0))
+        elif a.gzip:
             f.with_name(f.name + ".gz").write_bytes(gzip.compress(text.encode(), mtime=0))
             f.unlink()
         else:

@@ -56,3 +56,20 @@ def test_stored_results_are_read_gzipped_or_not_in_the_order_of_their_names(tmp_
     (tmp_path / "other.json").write_text('{"x": 0}')
     assert nbtools.stored_results("run_") == [{"x": 1}, {"x": 2}, {"x": 3}]
     assert nbtools.load_result("run_b.json") == {"x": 2}
+
+
+def test_slimming_keeps_the_named_fields_and_rounds_the_runs_only(tmp_path):
+    """``python -m bench.store`` on a gzipped run: each request keeps ``--request-fields``, the
+    runs' numbers are rounded, what describes the run (its command, versions) is untouched, and
+    ``slimmed`` says what was done."""
+    from bench.store import main
+    run = {"requests": [{"id": "a", "arrival_s": 0.123456789, "ttft_s": 0.5}],
+           "steps": [{"start_s": 1.0000004, "rows": 3}]}
+    path = tmp_path / "r.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"runs": [run], "peak": 1.23456789}).encode()))
+    main([str(path), "--drop", "--request-fields", "id", "arrival_s", "--decimals", "6"])
+    got = json.loads(gzip.decompress(path.read_bytes()))
+    assert got["runs"][0]["requests"] == [{"id": "a", "arrival_s": 0.123457}]
+    assert got["runs"][0]["steps"] == [{"start_s": 1.0, "rows": 3}]
+    assert got["peak"] == 1.23456789
+    assert "rounded to 6 decimals" in got["slimmed"] and "id, arrival_s" in got["slimmed"]
