@@ -118,8 +118,10 @@ def _parse_line(obj, tokenizer, vocab_size: int | None = None) -> Request:
         raise ValueError(f"'id' must be a string or an integer, got {rid!r}")
     if type(max_new) is not int or max_new < 1:
         raise ValueError(f"'max_new_tokens' must be an integer >= 1, got {max_new!r}")
-    if ("prompt" in obj) == ("prompt_tokens" in obj):
-        raise ValueError("give exactly one of 'prompt' or 'prompt_tokens' (not both, not neither)")
+    if "prompt" in obj and "prompt_tokens" in obj:
+        raise ValueError("give either 'prompt' or 'prompt_tokens', not both")
+    if not ("prompt" in obj or "prompt_tokens" in obj):
+        raise ValueError("missing key: one of 'prompt' or 'prompt_tokens' is required")
     tokens = _prompt_tokens(obj, tokenizer, vocab_size)
     arrival, ignore_eos = obj.get("arrival_s", 0.0), obj.get("ignore_eos", False)
     if type(arrival) not in (int, float) or not math.isfinite(arrival) or arrival < 0:
@@ -221,9 +223,11 @@ def anyscale_workload(n: int, vocab_size: int, prompt_len: int = 512, mean_outpu
     """Anyscale's continuous-batching benchmark: ``n`` random prompts of ``prompt_len`` tokens,
     output lengths exponential of mean ``mean_output``, rounded up and capped at ``cap``, each
     generated in full (end-of-sequence ignored). The same ``seed`` gives the same workload."""
-    if n < 0 or min(prompt_len, cap) < 1 or not mean_output > 0:
-        raise ValueError(f"need n >= 0, prompt_len >= 1, cap >= 1 and mean_output > 0; got n={n}, "
-                         f"prompt_len={prompt_len}, cap={cap}, mean_output={mean_output}")
+    for name, value, low in (("n", n, 0), ("prompt_len", prompt_len, 1), ("cap", cap, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not mean_output > 0:
+        raise ValueError(f"mean_output must be > 0, got {mean_output}")
     rng = np.random.default_rng(seed)
     prompts = _random_prompts(rng, [prompt_len] * n, vocab_size)
     outputs = np.clip(np.ceil(rng.exponential(mean_output, size=n)), 1, cap)
