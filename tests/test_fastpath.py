@@ -46,6 +46,22 @@ def test_batch_buckets_cover_every_batch_with_little_padding():
     assert batch_buckets(1) == [1]
 
 
+def test_the_output_head_runs_on_a_few_row_counts_on_cuda():
+    """On CUDA a packed step's head computes a power of two of rows (at least 16), so that a run
+    meets no row count that precompile did not; elsewhere exactly the sampled rows."""
+    from types import SimpleNamespace
+
+    from course_lib.engines.model_runner import ModelRunner
+
+    def rows(device, n):
+        return ModelRunner.head_rows(SimpleNamespace(model=SimpleNamespace(
+            device=torch.device(device))), n)
+    assert [rows("cuda", n) for n in (1, 16, 17, 250, 486, 512)] == [16, 16, 32, 256, 512, 512]
+    assert all(rows("cuda", n) >= n for n in range(1, 2000))
+    assert len({rows("cuda", n) for n in range(1, 513)}) == 6
+    assert [rows("cpu", n) for n in (1, 17, 486)] == [1, 17, 486]
+
+
 def test_decode_buffers_give_the_reference_tokens(tiny):
     """Decode steps through the fixed buffers (pad rows included) = the gather reference."""
     eng = make_engine("continuous", tiny, max_batch=3, block_size=4, num_blocks=40,

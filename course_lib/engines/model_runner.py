@@ -8,12 +8,18 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from course_lib.kernels.cuda_graphs import DecodeGraphs
 from course_lib.kernels.fused import OPS as FUSED_OPS
 from course_lib.kernels.paged_decode import KernelPagedAttention
 from course_lib.measure.metrics import Step
-from course_lib.model.attention import FlexPagedAttention, GatheredFlexAttention, PagedAttention
+from course_lib.model.attention import (
+    FlexPagedAttention,
+    GatheredFlexAttention,
+    PagedAttention,
+    bucket,
+)
 from course_lib.model.kv_cache import to_device
 from course_lib.model.llama import REFERENCE_OPS
 from course_lib.model.sampling import sample
@@ -111,9 +117,21 @@ class ModelRunner:
                                        self.temperature, graphs=self.cuda_graphs, last=self.last,
                                        forward=self.decode_forward)
 
+    @torch.inference_mode()
     def precompile(self, max_tokens: int):
-        """Compile the attention for every step size up to ``max_tokens`` before a timed run."""
+        """Compile the attention for every step size up to ``max_tokens`` before a timed run, and
+        run the output head once at each padded row count (``head_rows``)."""
         self.attention_cls.precompile(self.cache, max_tokens, self.model.shape, self.model.dtype)
+        for rows in sorted({self.head_rows(n) for n in range(1, self.max_batch + 1)}):
+            hidden = torch.zeros(rows, self.model.shape.hidden, dtype=self.model.dtype,
+                                 device=self.model.device)
+            sample(self.model.logits(hidden), self.temperature)
+
+    def head_rows(self, n: int) -> int:
+        """Rows the output head computes for ``n`` sampled sequences: on CUDA, a power of two
+        (at least 16), all met in ``precompile``. cuBLAS prepares a kernel for each new row count
+        on first use, and the host stalls on it in the middle of a step."""
+        return bucket(n, 16) if self.model.device.type == "cuda" else n
 
     def begin(self, now, sleep):
         """A run starts, on the engine's clock (and, on CUDA, the GPU's clock read against it)."""
@@ -144,7 +162,9 @@ class ModelRunner:
             hidden = self.model.hidden_states(tokens, attn.positions, attn)
             if sampled:
                 ends = attn.cu_seqlens[1:][to_device(sampled, dev)] - 1
-                self.last[:len(sampled)] = sample(self.model.logits(hidden[ends]), self.temperature)
+                rows = F.pad(hidden[ends], (0, 0, 0, self.head_rows(len(sampled)) - len(sampled)))
+                logits = self.model.logits(rows)[:len(sampled)]
+                self.last[:len(sampled)] = sample(logits, self.temperature)
             computed = tokens.numel()
         host = self._to_host[self._parity]
         self._parity ^= 1
