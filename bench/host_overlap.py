@@ -10,10 +10,14 @@ flight ends: a step kind whose wait is near zero is host-bound.
 
 The run is the rung's (``--rung``, as in ``python -m bench run_ladder``), after one warm-up run
 of the same requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else
-changes.
+changes. Python's garbage collections during the run are timed too (a full one over the heap of
+torch and transformers takes tens of milliseconds, long enough to leave the GPU idle), and
+``--gc-freeze`` moves everything alive before the run out of the collector's reach
+(``gc.freeze()``), as serving engines do after start-up.
 """
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import sys
@@ -88,7 +92,16 @@ def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
         state["done"] = clock()
         step.record.update(wait_ms=(t1 - t0) * 1e3, retire_ms=(state["done"] - t1) * 1e3)
 
+    def collections(phase, info):         # a garbage collection's pause, in the step it falls in
+        if phase == "start":
+            state["gc"] = clock()
+        elif records:
+            r = records[-1]
+            r["gc_ms"] = r.get("gc_ms", 0.0) + (clock() - state["gc"]) * 1e3
+            r["gc_generation"] = max(r.get("gc_generation", 0), info["generation"])
+
     engine.runner.launch, engine.complete = timed_launch, timed_complete
+    gc.callbacks.append(collections)
     return records
 
 
@@ -107,6 +120,8 @@ def main(argv=None):
     p.add_argument("--sync-debug", action="store_true",
                    help="list where launch waits for the GPU (CUDA's sync debug mode; slows the "
                         "host)")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="gc.freeze() after the warm-up: the collector leaves alone what is alive")
     p.add_argument("--pyprofile", action="store_true",
                    help="profile the Python calls of packed launches (cProfile; slows them) "
                         "into --out")
@@ -123,6 +138,9 @@ def main(argv=None):
     engine = make_engine(engine_name, loaded, max_batch=max_batch, **options)
     engine.prepare(reqs)
     engine.run(reqs)                 # warm-up
+    if a.gc_freeze:
+        gc.collect()
+        gc.freeze()
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
     waits = {} if a.sync_debug else None
@@ -137,6 +155,11 @@ def main(argv=None):
     print(f"{a.rung} on {a.device}: {len(log.steps)} steps in {wall:.2f} s "
           f"(overlap: {engine.overlap})")
     print(host_table(rows))
+    paused = [(i, r) for i, r in enumerate(records) if r.get("gc_ms", 0) >= 1]
+    print(f"garbage collections of 1 ms or more: {len(paused)}, "
+          f"{sum(r['gc_ms'] for _, r in paused):.1f} ms in all"
+          + "".join(f"\n  step {i} ({r['kind']}, {r['rows']} rows): {r['gc_ms']:.1f} ms, "
+                    f"generation {r['gc_generation']}" for i, r in paused))
     for kind, found in (waits or {}).items():
         print(f"{kind} launches waited for the GPU at:" if found
               else f"{kind} launches never waited")
@@ -154,8 +177,8 @@ def main(argv=None):
         name = a.device if a.device != "cuda" else \
             torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung,
-                     "overlap": engine.overlap, "wall_s": wall, "summary": rows,
-                     "steps": records},
+                     "overlap": engine.overlap, "gc_freeze": a.gc_freeze, "wall_s": wall,
+                     "summary": rows, "steps": records},
                     Path(a.out) / f"host_overlap_{a.model}_{name}.json",
                     command("host_overlap", argv))
 
