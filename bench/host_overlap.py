@@ -22,19 +22,45 @@ import io
 import pstats
 import sys
 import time
+import traceback
+import warnings
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from bench import command
-from course_lib.bench import gpu_waits, save_result
+from course_lib.bench import save_result
 from course_lib.engines import make_engine
 from course_lib.measure.ladder import parse_rung, rung_settings
 from course_lib.measure.metrics import host_summary, host_table
 from course_lib.model import models
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import load_workload
+
+
+@contextmanager
+def gpu_waits(where: str = "course_lib"):
+    """Count the places where the code inside makes the host wait for the GPU (a blocking copy,
+    ``.item()``, a boolean mask...), with CUDA's sync debug mode: yields a Counter of
+    ``"file:line code"``, the innermost frame whose file path holds ``where``."""
+    found = Counter()
+
+    def note(message, *args, **kwargs):
+        if "called a synchronizing" in str(message):          # not the mode's own notice
+            frames = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.line}"
+                      for f in traceback.extract_stack() if where in f.filename]
+            found[frames[-1] if frames else str(message)] += 1
+
+    with warnings.catch_warnings():           # restores showwarning on the way out
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:

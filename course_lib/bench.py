@@ -19,10 +19,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import traceback
-import warnings
-from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -81,29 +77,6 @@ def commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
-
-
-@contextmanager
-def gpu_waits(where: str = "course_lib"):
-    """Count the places where the code inside makes the host wait for the GPU (a blocking copy,
-    ``.item()``, a boolean mask...), with CUDA's sync debug mode: yields a Counter of
-    ``"file:line code"``, the innermost frame whose file path holds ``where``."""
-    found = Counter()
-
-    def note(message, *args, **kwargs):
-        if "called a synchronizing" in str(message):          # not the mode's own notice
-            frames = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.line}"
-                      for f in traceback.extract_stack() if where in f.filename]
-            found[frames[-1] if frames else str(message)] += 1
-
-    with warnings.catch_warnings():           # restores showwarning on the way out
-        warnings.simplefilter("always")
-        warnings.showwarning = note
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield found
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
 
 
 def save_result(result: dict, path, command: str) -> Path:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fakes import LOADED, FakeLlama
 
-from course_lib.bench import gpu_waits
+from bench.host_overlap import gpu_waits
 from course_lib.engines import make_engine
 from course_lib.engines.block_manager import BlockManager
 from course_lib.kernels.cuda_graphs import DecodeGraphs, batch_buckets
