@@ -28,13 +28,14 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench import command
 from course_lib.bench import save_result
 from course_lib.engines import make_engine
 from course_lib.measure.ladder import parse_rung, rung_settings
-from course_lib.measure.metrics import host_summary, host_table
+from course_lib.measure.metrics import HOST_TIMES, host_table
 from course_lib.model import models
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import load_workload
@@ -61,6 +62,21 @@ def gpu_waits(where: str = "course_lib"):
             yield found
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def host_summary(records: list) -> list:
+    """Median host times per step kind and batch range, from ``bench/host_overlap.py``'s records
+    (one per launch: ``kind``, ``rows`` and the ``HOST_TIMES``; the first has no schedule time)."""
+    rows = []
+    for kind in ("packed", "decode"):
+        for lo, hi in ((1, 32), (33, 128), (129, 256), (257, None)):
+            sel = [r for r in records if r["kind"] == kind and "wait_ms" in r
+                   and lo <= r["rows"] and (hi is None or r["rows"] <= hi)]
+            if sel:
+                med = {k: [r[k] for r in sel if r[k] is not None] for k in HOST_TIMES}
+                rows.append({"kind": kind, "rows": f"{lo}-{hi or 'max'}", "steps": len(sel),
+                             **{k: float(np.median(v)) if v else None for k, v in med.items()}})
+    return rows
 
 
 def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:

@@ -485,7 +485,8 @@ def test_precompiling_the_kernel_path_leaves_the_cache_empty():
 
 
 def test_host_summary_takes_medians_per_step_kind_and_batch_range():
-    from course_lib.measure.metrics import host_summary, host_table
+    from bench.host_overlap import host_summary
+    from course_lib.measure.metrics import host_table
     def rec(kind, rows, launch, schedule=1.0):
         return {"kind": kind, "rows": rows, "schedule_ms": schedule, "launch_ms": launch,
                 "wait_ms": 2.0, "retire_ms": 0.5}

@@ -214,23 +214,9 @@ def steps_of(result: dict) -> list:
 HOST_TIMES = ("schedule_ms", "launch_ms", "wait_ms", "retire_ms")
 
 
-def host_summary(records: list) -> list:
-    """Median host times per step kind and batch range, from ``bench/host_overlap.py``'s records
-    (one per launch: ``kind``, ``rows`` and the ``HOST_TIMES``; the first has no schedule time)."""
-    rows = []
-    for kind in ("packed", "decode"):
-        for lo, hi in ((1, 32), (33, 128), (129, 256), (257, None)):
-            sel = [r for r in records if r["kind"] == kind and "wait_ms" in r
-                   and lo <= r["rows"] and (hi is None or r["rows"] <= hi)]
-            if sel:
-                med = {k: [r[k] for r in sel if r[k] is not None] for k in HOST_TIMES}
-                rows.append({"kind": kind, "rows": f"{lo}-{hi or 'max'}", "steps": len(sel),
-                             **{k: float(np.median(v)) if v else None for k, v in med.items()}})
-    return rows
-
-
 def host_table(rows: list) -> str:
-    """``host_summary``'s rows as a text table (median ms)."""
+    """Median host times per step kind and batch range (``bench/host_overlap.py``'s summary) as a
+    text table."""
     widths = (9, 8, 8, 8)
     head = " ".join(f"{k.removesuffix('_ms'):>{w}s}" for k, w in zip(HOST_TIMES, widths))
     lines = [f"{'kind':7s} {'rows':>8s} {'steps':>6s} {head}  (median ms)"]
