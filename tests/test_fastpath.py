@@ -46,20 +46,42 @@ def test_batch_buckets_cover_every_batch_with_little_padding():
     assert batch_buckets(1) == [1]
 
 
-def test_the_output_head_runs_on_a_few_row_counts_on_cuda():
-    """On CUDA a packed step's head computes a power of two of rows (at least 16), so that a run
-    meets no row count that precompile did not; elsewhere exactly the sampled rows."""
+def test_the_output_head_runs_on_a_few_row_counts_on_cuda(monkeypatch):
+    """On CUDA a packed step's head computes a power of two of rows (at least 16), every such
+    count met once in precompile; elsewhere exactly the sampled rows. The padded rows change no
+    token (the engine on the fake model, with CUDA's rule)."""
     from types import SimpleNamespace
 
     from course_lib.engines.model_runner import ModelRunner
 
-    def rows(device, n):
-        return ModelRunner.head_rows(SimpleNamespace(model=SimpleNamespace(
-            device=torch.device(device))), n)
+    def rows(device, n, head_rows=ModelRunner.head_rows):
+        return head_rows(SimpleNamespace(model=SimpleNamespace(device=torch.device(device))), n)
     assert [rows("cuda", n) for n in (1, 16, 17, 250, 486, 512)] == [16, 16, 32, 256, 512, 512]
     assert all(rows("cuda", n) >= n for n in range(1, 2000))
-    assert len({rows("cuda", n) for n in range(1, 513)}) == 6
     assert [rows("cpu", n) for n in (1, 17, 486)] == [1, 17, 486]
+
+    class Counting(FakeLlama):
+        def logits(self, hidden, float32=True):
+            seen.append(hidden.shape[0])
+            return super().logits(hidden, float32)
+    reqs = [Request(f"r{i}", [7] * (2 + 5 * i) + [4 + i], max_new_tokens=20) for i in range(7)]
+    seen, answers = [], {}
+    for rule in ("cpu", "cuda"):
+        monkeypatch.setattr(ModelRunner, "head_rows", lambda self, n, d=rule: rows(d, n))
+        eng = make_engine("continuous", LOADED, model=Counting(), max_batch=40, block_size=2,
+                          attention="gather", max_num_batched_tokens=16)
+        seen.clear()
+        answers[rule] = [r.output_tokens for r in eng.run(reqs).requests]
+        packed = list(seen)
+        seen.clear()
+        monkeypatch.setattr(eng.runner, "attention_cls", SimpleNamespace(
+            precompile=lambda *args: None))
+        eng.runner.precompile(16)
+        if rule == "cuda":
+            assert packed and set(packed) <= set(seen) == {16, 32, 64}, (packed, seen)
+        else:
+            assert len(set(packed)) > 1 and not set(packed) <= {16, 32, 64}, packed
+    assert answers["cuda"] == answers["cpu"]
 
 
 def test_decode_buffers_give_the_reference_tokens(tiny):

@@ -162,7 +162,9 @@ class ModelRunner:
             hidden = self.model.hidden_states(tokens, attn.positions, attn)
             if sampled:
                 ends = attn.cu_seqlens[1:][to_device(sampled, dev)] - 1
-                rows = F.pad(hidden[ends], (0, 0, 0, self.head_rows(len(sampled)) - len(sampled)))
+                rows = hidden[ends]
+                if pad := self.head_rows(len(sampled)) - len(sampled):
+                    rows = F.pad(rows, (0, 0, 0, pad))
                 logits = self.model.logits(rows)[:len(sampled)]
                 self.last[:len(sampled)] = sample(logits, self.temperature)
             computed = tokens.numel()
