@@ -9,11 +9,11 @@ flight ends: a step kind whose wait is near zero is host-bound.
         --workload anyscale:prompt_len=64,cap=32,mean=8
 
 The run is the rung's (``--rung``, as in ``python -m bench run_ladder``), after one warm-up run
-of the same requests; ``launch`` and ``complete`` are wrapped with host clocks, nothing else
-changes. Python's garbage collections during the run are timed too (a full one over the heap of
-torch and transformers takes tens of milliseconds, long enough to leave the GPU idle), and
-``--gc-freeze`` moves everything alive before the run out of the collector's reach
-(``gc.freeze()``), as serving engines do after start-up.
+of the same requests (``--cold``: none, the first run is timed); ``launch`` and ``complete`` are
+wrapped with host clocks, nothing else changes. Python's garbage collections during the run are
+timed too (a full one walks every object alive, the heap of torch and transformers included,
+long enough to leave the GPU idle), and ``--gc-freeze`` moves everything alive before the run out of
+the collector's reach (``gc.freeze()``), as serving engines do after start-up.
 """
 import argparse
 import cProfile
@@ -65,7 +65,7 @@ def gpu_waits(where: str = "course_lib"):
 
 
 def host_summary(records: list) -> list:
-    """Median host times per step kind and batch range, from ``bench/host_overlap.py``'s records
+    """Median host times per step kind and batch range, from ``instrument``'s records
     (one per launch: ``kind``, ``rows`` and the ``HOST_TIMES``; the first has no schedule time)."""
     rows = []
     for kind in ("packed", "decode"):
@@ -134,17 +134,29 @@ def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
         state["done"] = clock()
         step.record.update(wait_ms=(t1 - t0) * 1e3, retire_ms=(state["done"] - t1) * 1e3)
 
-    def collections(phase, info):         # a garbage collection's pause, in the step it falls in
+    engine.runner.launch, engine.complete = timed_launch, timed_complete
+    return records
+
+
+@contextmanager
+def gc_pauses(records: list):
+    """Time Python's garbage collections inside: each pause is added to the record of the step
+    it falls in (the last one), as ``gc_ms`` with the oldest ``gc_generation`` collected."""
+    started = {}
+
+    def collections(phase, info):
         if phase == "start":
-            state["gc"] = clock()
+            started["t"] = time.perf_counter()
         elif records:
             r = records[-1]
-            r["gc_ms"] = r.get("gc_ms", 0.0) + (clock() - state["gc"]) * 1e3
+            r["gc_ms"] = r.get("gc_ms", 0.0) + (time.perf_counter() - started["t"]) * 1e3
             r["gc_generation"] = max(r.get("gc_generation", 0), info["generation"])
 
-    engine.runner.launch, engine.complete = timed_launch, timed_complete
     gc.callbacks.append(collections)
-    return records
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(collections)
 
 
 def main(argv=None):
@@ -162,8 +174,11 @@ def main(argv=None):
     p.add_argument("--sync-debug", action="store_true",
                    help="list where launch waits for the GPU (CUDA's sync debug mode; slows the "
                         "host)")
+    p.add_argument("--cold", action="store_true",
+                   help="time the engine's first run (no warm-up run): what a run meets the first "
+                        "time (a shape never seen) shows")
     p.add_argument("--gc-freeze", action="store_true",
-                   help="gc.freeze() after the warm-up: the collector leaves alone what is alive")
+                   help="gc.freeze() before the timed run: the collector skips what is alive")
     p.add_argument("--pyprofile", action="store_true",
                    help="profile the Python calls of packed launches (cProfile; slows them) "
                         "into --out")
@@ -179,7 +194,8 @@ def main(argv=None):
             options.pop(key, None)
     engine = make_engine(engine_name, loaded, max_batch=max_batch, **options)
     engine.prepare(reqs)
-    engine.run(reqs)                 # warm-up
+    if not a.cold:
+        engine.run(reqs)             # warm-up
     if a.gc_freeze:
         gc.collect()
         gc.freeze()
@@ -191,7 +207,8 @@ def main(argv=None):
                          a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"),
                          waits, pyprofile)
     t = time.perf_counter()
-    log = engine.run(reqs)
+    with gc_pauses(records):
+        log = engine.run(reqs)
     wall = time.perf_counter() - t
     rows = host_summary(records)
     print(f"{a.rung} on {a.device}: {len(log.steps)} steps in {wall:.2f} s "
@@ -219,7 +236,8 @@ def main(argv=None):
         name = a.device if a.device != "cuda" else \
             torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung,
-                     "overlap": engine.overlap, "gc_freeze": a.gc_freeze, "wall_s": wall,
+                     "overlap": engine.overlap, "cold": a.cold, "gc_freeze": a.gc_freeze,
+                     "wall_s": wall,
                      "summary": rows, "steps": records},
                     Path(a.out) / f"host_overlap_{a.model}_{name}.json",
                     command("host_overlap", argv))

@@ -506,6 +506,23 @@ def test_precompiling_the_kernel_path_leaves_the_cache_empty():
     assert cache.blocks.n_free == 300 and not cache.tables
 
 
+def test_gc_pauses_land_in_the_step_they_fall_in_and_only_while_watched():
+    import gc
+
+    from bench.host_overlap import gc_pauses
+    records, callbacks = [{"kind": "packed"}], list(gc.callbacks)
+    with gc_pauses(records):
+        gc.collect(1)
+        records.append({"kind": "decode"})
+        gc.collect()
+    assert records[0]["gc_ms"] > 0 and records[0]["gc_generation"] == 1
+    assert records[1]["gc_ms"] > 0 and records[1]["gc_generation"] == 2
+    assert gc.callbacks == callbacks                  # the watch is gone with the block
+    records.append({"kind": "decode"})
+    gc.collect()
+    assert "gc_ms" not in records[-1]
+
+
 def test_host_summary_takes_medians_per_step_kind_and_batch_range():
     from bench.host_overlap import host_summary
     from course_lib.measure.metrics import host_table
