@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Here, once: vLLM 0.26.0 (the newest release built for the GPU machines' torch 2.11) and the wheels
 # it needs there (vllm_wheels.txt), trimmed of what an H200 running a Llama never loads
-# (FlashAttention-2, the Rust HTTP front end, deep_gemm for other Pythons) and split in three parts
-# of at most 58 MiB, one per call: .vllm_p1/part-aa, .vllm_p2/part-ab, .vllm_p3/part-ac (git-ignored).
-# gpu_peers.sh joins and installs them on the GPU machine.
+# (FlashAttention-2, the Rust HTTP front end, deep_gemm for other Pythons) and split in four parts
+# of at most 45 MiB, one per call (a call carries at most 64 MiB, the repository's ~7 MB included):
+# .vllm_p1/part-aa ... .vllm_p4/part-ad (git-ignored). gpu_peers.sh joins and installs them on the
+# GPU machine.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d); mkdir -p "$work/stage/vwhl"
@@ -21,8 +22,9 @@ rec=$(unzip -Z1 "$V" | grep -E '^vllm-[^/]+\.dist-info/RECORD$')      # the whee
   && grep -v -E "^(${pat})," "$rec" > RECORD.new && mv RECORD.new "$rec" && zip -q "$V" "$rec")
 unzip -tqq "$V"
 tar -C "$work/stage" -cf "$work/bundle.tar" .
-split -b 58M -a 2 "$work/bundle.tar" "$work/part-"
-for i in 1 2 3; do rm -rf ".vllm_p$i"; mkdir -p ".vllm_p$i"; done
-mv "$work/part-aa" .vllm_p1/; mv "$work/part-ab" .vllm_p2/; mv "$work/part-ac" .vllm_p3/
-(sha256sum .vllm_p1/part-aa .vllm_p2/part-ab .vllm_p3/part-ac | sed 's# .*/# #') > .vllm_p3/SHA256SUMS
+split -b 45M -a 2 "$work/bundle.tar" "$work/part-"
+rm -rf .vllm_p*; i=0
+for part in "$work"/part-*; do i=$((i + 1)); mkdir -p ".vllm_p$i"; mv "$part" ".vllm_p$i/"; done
+[ "$i" = 4 ] || { echo "expected 4 parts, made $i: change the split size and gpu_peers.sh" >&2; exit 1; }
+(sha256sum .vllm_p*/part-* | sed 's# .*/# #') > .vllm_p4/SHA256SUMS
 rm -rf "$work"; ls -l .vllm_p*/
