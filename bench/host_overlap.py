@@ -13,19 +13,24 @@ of the same requests (``--cold``: none, the first run is timed); ``launch`` and 
 wrapped with host clocks, nothing else changes. Python's garbage collections during the run are
 timed too (a full one walks every object alive, the heap of torch and transformers included,
 long enough to leave the GPU idle), and ``--gc-freeze`` moves everything alive before the run out of
-the collector's reach (``gc.freeze()``), as serving engines do after start-up.
+the collector's reach (``gc.freeze()``), as serving engines do after start-up. ``--clocks``
+samples the card's SM clock, power and NVML's reasons for a clock below its maximum (a power cap,
+heat) every millisecond and gives each step those of its stretch of GPU time: did the card slow
+itself down in the middle of a run?
 """
 import argparse
 import cProfile
 import gc
 import io
 import pstats
+import statistics
 import sys
+import threading
 import time
 import traceback
 import warnings
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +86,8 @@ def host_summary(records: list) -> list:
 
 def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
     """Wrap the model runner's ``launch`` and the engine's ``complete`` with host clocks; returns
-    the list each launch appends its record to (kind, rows, and the four host times in ms).
+    the list each launch appends its record to (kind, rows, the four host times in ms, and on
+    ``time.perf_counter``'s clock when it was launched and when the host saw its GPU work done).
     ``trace``: ``(first step, steps, path)`` to also record those steps with torch.profiler (host
     calls and GPU kernels on one timeline) into a Chrome trace at ``path``. ``waits``: a dict that
     gets, per step kind, a Counter of the places where ``launch`` waited for the GPU (sync debug
@@ -120,7 +126,8 @@ def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
                 out = launch(plan)
             waits.setdefault(kind, Counter()).update(seen)
         records.append({"kind": kind, "rows": len(plan.seqs), "launch_ms": (clock() - t0) * 1e3,
-                        "schedule_ms": (t0 - state["done"]) * 1e3 if state["done"] else None})
+                        "schedule_ms": (t0 - state["done"]) * 1e3 if state["done"] else None,
+                        "launched_s": t0})
         out.record = records[-1]
         return out
 
@@ -132,10 +139,86 @@ def instrument(engine, trace=None, waits=None, pyprofile=None) -> list:
         t1 = clock()
         complete()
         state["done"] = clock()
-        step.record.update(wait_ms=(t1 - t0) * 1e3, retire_ms=(state["done"] - t1) * 1e3)
+        step.record.update(wait_ms=(t1 - t0) * 1e3, retire_ms=(state["done"] - t1) * 1e3,
+                           gpu_done_s=t1)
 
     engine.runner.launch, engine.complete = timed_launch, timed_complete
     return records
+
+
+# NVML's reasons for a clock below its maximum that mean the card slowed itself down
+SLOWDOWNS = {0x4: "power cap", 0x8: "hardware slowdown", 0x20: "software thermal",
+             0x40: "hardware thermal", 0x80: "power brake"}
+
+
+class ClockSampler:
+    """The card's SM clock (MHz), power (W) and slowdown reasons, sampled in a thread every
+    ``interval_s`` on ``time.perf_counter``'s clock: ``samples`` holds ``(t, mhz, watts, mask)``
+    (empty without NVML)."""
+
+    def __init__(self, index: int = 0, interval_s: float = 0.001):
+        self.index, self.interval_s, self.samples = index, interval_s, []
+        self._stop, self._thread = threading.Event(), None
+
+    def __enter__(self):
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+        except Exception:
+            return self
+        reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) \
+            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+
+        def sample():
+            while not self._stop.wait(self.interval_s):
+                self.samples.append((time.perf_counter(),
+                                     pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                                     pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, reasons(handle)))
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+
+
+def clocks_by_step(records: list, samples: list):
+    """Give each step record the samples of its stretch of GPU time: from its launch, or from
+    the end of the step before if that came later, to the end of its own. Adds ``sm_mhz`` (the
+    median), ``power_w`` (the largest) and ``slowdowns`` (every reason seen) where samples fall."""
+    ends = [r.get("gpu_done_s") for r in records]
+    for i, r in enumerate(records):
+        if ends[i] is None:
+            continue
+        start = max(r["launched_s"], ends[i - 1] or 0.0) if i else r["launched_s"]
+        mine = [s for s in samples if start <= s[0] <= ends[i]]
+        if mine:
+            r["sm_mhz"] = statistics.median(s[1] for s in mine)
+            r["power_w"] = max(s[2] for s in mine)
+            mask = 0
+            for s in mine:
+                mask |= s[3]
+            r["slowdowns"] = [name for bit, name in SLOWDOWNS.items() if mask & bit]
+
+
+def clock_table(records: list, n_samples: int) -> str:
+    """Each packed step's wait, SM clock, power and slowdowns, then the decode steps' in sum."""
+    lines = [f"{n_samples} clock samples; packed steps:",
+             "step  rows  wait ms   SM MHz   power W  slowdowns"]
+    for i, r in enumerate(records):
+        if r["kind"] == "packed" and "sm_mhz" in r:
+            lines.append(f"{i:4d} {r['rows']:5d} {r.get('wait_ms', 0):8.1f} {r['sm_mhz']:8.0f} "
+                         f"{r['power_w']:9.0f}  {', '.join(r['slowdowns']) or '-'}")
+    dec = [r for r in records if r["kind"] == "decode" and "sm_mhz" in r]
+    if dec:
+        lines.append(f"decode steps: SM clock {min(r['sm_mhz'] for r in dec):.0f}-"
+                     f"{max(r['sm_mhz'] for r in dec):.0f} MHz, power at most "
+                     f"{max(r['power_w'] for r in dec):.0f} W, slowed down in "
+                     f"{sum(bool(r['slowdowns']) for r in dec)} of {len(dec)}")
+    return "\n".join(lines)
 
 
 @contextmanager
@@ -179,6 +262,9 @@ def main(argv=None):
                         "time (a shape never seen) shows")
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.freeze() before the timed run: the collector skips what is alive")
+    p.add_argument("--clocks", action="store_true",
+                   help="sample the SM clock, power and slowdown reasons (NVML) and give each "
+                        "step its own")
     p.add_argument("--pyprofile", action="store_true",
                    help="profile the Python calls of packed launches (cProfile; slows them) "
                         "into --out")
@@ -207,9 +293,12 @@ def main(argv=None):
                          a.trace and (*a.trace, Path(a.out or ".") / "host_overlap_trace.json.gz"),
                          waits, pyprofile)
     t = time.perf_counter()
-    with gc_pauses(records):
+    clocks = ClockSampler() if a.clocks else nullcontext()
+    with gc_pauses(records), clocks:
         log = engine.run(reqs)
     wall = time.perf_counter() - t
+    if a.clocks:
+        clocks_by_step(records, clocks.samples)
     rows = host_summary(records)
     print(f"{a.rung} on {a.device}: {len(log.steps)} steps in {wall:.2f} s "
           f"(overlap: {engine.overlap})")
@@ -219,6 +308,8 @@ def main(argv=None):
           f"{sum(r['gc_ms'] for _, r in paused):.1f} ms in all"
           + "".join(f"\n  step {i} ({r['kind']}, {r['rows']} rows): {r['gc_ms']:.1f} ms, "
                     f"generation {r['gc_generation']}" for i, r in paused))
+    if a.clocks:
+        print(clock_table(records, len(clocks.samples)))
     for kind, found in (waits or {}).items():
         print(f"{kind} launches waited for the GPU at:" if found
               else f"{kind} launches never waited")
@@ -237,6 +328,7 @@ def main(argv=None):
             torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung,
                      "overlap": engine.overlap, "cold": a.cold, "gc_freeze": a.gc_freeze,
+                     "clocks": a.clocks,
                      "wall_s": wall,
                      "summary": rows, "steps": records},
                     Path(a.out) / f"host_overlap_{a.model}_{name}.json",

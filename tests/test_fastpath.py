@@ -523,6 +523,30 @@ def test_gc_pauses_land_in_the_step_they_fall_in_and_only_while_watched():
     assert "gc_ms" not in records[-1]
 
 
+
+def test_each_step_gets_the_clock_samples_of_its_own_stretch_of_gpu_time():
+    """Step 1 is launched before step 0's GPU work ends (overlap): its stretch starts where step
+    0's ends, so the slow samples at the start of step 0 are step 0's only; a step the host never
+    saw finish gets none."""
+    from bench.host_overlap import clock_table, clocks_by_step
+    records = [{"kind": "packed", "rows": 64, "launched_s": 0.0, "gpu_done_s": 1.0, "wait_ms": 5},
+               {"kind": "packed", "rows": 96, "launched_s": 0.5, "gpu_done_s": 2.0, "wait_ms": 9},
+               {"kind": "decode", "rows": 96, "launched_s": 1.8, "gpu_done_s": 3.0},
+               {"kind": "decode", "rows": 96, "launched_s": 2.9}]
+    samples = [(0.1, 1500, 690.0, 0x4), (0.6, 1510, 700.0, 0x4), (0.9, 1980, 500.0, 0),
+               (1.2, 1980, 650.0, 0), (1.7, 1700, 699.0, 0x80), (2.5, 1980, 400.0, 0),
+               (3.5, 1000, 100.0, 0x40)]
+    clocks_by_step(records, samples)
+    assert (records[0]["sm_mhz"], records[0]["power_w"], records[0]["slowdowns"]) == (
+        1510, 700.0, ["power cap"])
+    assert (records[1]["sm_mhz"], records[1]["power_w"], records[1]["slowdowns"]) == (
+        1840, 699.0, ["power brake"])            # the median of 1980 and 1700
+    assert (records[2]["sm_mhz"], records[2]["slowdowns"]) == (1980, [])
+    assert "sm_mhz" not in records[3]
+    table = clock_table(records, len(samples))
+    assert "   0    64      5.0     1510       700  power cap" in table
+    assert "slowed down in 0 of 1" in table
+
 def test_host_summary_takes_medians_per_step_kind_and_batch_range():
     from bench.host_overlap import host_summary
     from course_lib.measure.metrics import host_table
