@@ -14,6 +14,7 @@ EXPERIMENTS = {     # module in bench/ -> what it measures
     "tune_decode_kernel": "ch 09: the Triton decode kernel's knobs swept per batch size",
     "thin_matmuls": "ch 09: the decode step's matmuls alone: cuBLAS, cuBLASLt, Inductor",
     "thin_gemv": "ch 09: small-batch projections, cuBLAS against a plain Triton kernel",
+    "l2_prefetch": "ch 09: small-batch projections with the next weights read into L2 beside them",
     "mixed_parts": "ch 09: a mixed step's non-matmul parts, variants of each timed",
     "timeline": "ch 09: the GPU's timeline over windows of a real run: busy, gaps, kernels",
     "flex_in_run": "ch 09: FlexAttention's calls timed inside a real run and alone",

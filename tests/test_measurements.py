@@ -127,3 +127,23 @@ def test_every_bench_experiment_imports_and_parses_its_arguments(capsys):
             module.main(["-h"])
         assert done.value.code == 0, name
         assert "usage" in capsys.readouterr().out, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter: machines without a GPU")
+def test_the_l2_touch_kernel_reads_every_element_up_to_its_cap():
+    """``bench l2_prefetch``'s touch kernel, in Triton's interpreter: its programs' sums add up to
+    the sum of all the weights, or of the first ``cap_bytes`` of them."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from bench.l2_prefetch import touch; torch.manual_seed(0); "
+            "w = torch.randn(1000, 37).to(torch.bfloat16); flat = w.float().reshape(-1); "
+            "s = torch.zeros(3); touch(w, s, 3, block=64); a = (s.sum() - flat.sum()).abs(); "
+            "s.zero_(); touch(w, s, 3, cap_bytes=1000, block=64); "
+            "b = (s.sum() - flat[:500].sum()).abs(); c = (s.sum() - flat.sum()).abs(); "
+            "print(float(a), float(b), float(c))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.returncode == 0, r.stderr
+    whole, capped, capped_against_whole = map(float, r.stdout.split())
+    assert whole < 1e-2 and capped < 1e-2 and capped_against_whole > 1
