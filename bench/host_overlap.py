@@ -250,7 +250,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--workload", default="anyscale:prompt_len=512,cap=512,mean=128")
     p.add_argument("--n", type=int, default=512)
-    p.add_argument("--rung", default="fast:kv_memory_mib=16384,max_num_batched_tokens=8192")
+    p.add_argument("--rung", default="fast:kv_memory_mib=16384,max_num_batched_tokens=16384")
     p.add_argument("--out", default=None)
     p.add_argument("--trace", type=int, nargs=2, metavar=("FIRST", "STEPS"), default=None,
                    help="also record these steps with torch.profiler into a Chrome trace in --out")

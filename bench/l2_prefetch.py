@@ -31,13 +31,13 @@ CAPS_MB = (16, 32)
 
 @triton.jit
 def _touch(w_ptr, sink_ptr, n, BLOCK: tl.constexpr):
-    """Read ``n`` elements into L2 (``.cg``: not L1; ``evict_last``: kept there), each program a
+    """Read ``n`` elements into L2 (``evict_last``: kept there before other lines), each program a
     stride of ``BLOCK``-element tiles; their sum goes to ``sink`` so the loads stay."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(pid * BLOCK, n, programs * BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(w_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg",
+        acc += tl.load(w_ptr + offs, mask=offs < n, other=0.0,
                        eviction_policy="evict_last").to(tl.float32)
     tl.store(sink_ptr + pid, tl.sum(acc, axis=0))
 

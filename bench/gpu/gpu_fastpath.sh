@@ -13,7 +13,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_paged_decode.py tests/test_f
 python3 -m bench decode_step --out "$OUT" 2>&1 | grep -v Warning
 python3 -m bench profile_decode --batch 1 128 256 --top 12 --mixed --out "$OUT" 2>&1 | grep -v Warning
 python3 -m bench tune_decode_kernel --out "$OUT" 2>&1 | grep -v Warning
-python3 -m bench host_overlap --out "$OUT" 2>&1 | grep -v Warning
+python3 -m bench host_overlap --clocks --out "$OUT" 2>&1 | grep -v Warning
 # then a trace of steps 10-13 (mixed steps of the fastest rung), in a folder of its own: the
 # profiler slows the rest of that run, so its host times are not the ones stored
 python3 -m bench host_overlap --trace 10 4 --out "$OUT/trace" 2>&1 | grep -v Warning
