@@ -20,6 +20,7 @@ EXPERIMENTS = {     # module in bench/ -> what it measures
     "flex_in_run": "ch 09: FlexAttention's calls timed inside a real run and alone",
     "gpu_correctness": "ch 09: the fast engine's float32 tokens on a GPU against HF generate",
     "smollm2_gpu": "ch 09: SmolLM2 on the fast path against HF generate, with/without graphs",
+    "sustained_peak": "ch 09: the matmul peak in a burst and held for seconds (clock, power)",
     "host_overlap": "ch 09: the fastest rung's host time per step (launch, wait, retire)",
     "host_time": "ch 09: the engine's host cost alone on the CPU, with the tests' fake model",
     "floor_by_step": "ch 09: a stored run's steps against their floor, by kind of step",

@@ -185,24 +185,27 @@ class ClockSampler:
             self._thread.join()
 
 
+def clocks_between(samples: list, start: float, end: float) -> dict:
+    """The samples from ``start`` to ``end``: ``sm_mhz`` (the median), ``power_w`` (the largest)
+    and ``slowdowns`` (every reason seen); empty if none falls there."""
+    mine = [s for s in samples if start <= s[0] <= end]
+    if not mine:
+        return {}
+    mask = 0
+    for s in mine:
+        mask |= s[3]
+    return {"sm_mhz": statistics.median(s[1] for s in mine), "power_w": max(s[2] for s in mine),
+            "slowdowns": [name for bit, name in SLOWDOWNS.items() if mask & bit]}
+
+
 def clocks_by_step(records: list, samples: list):
-    """Give each step record the samples of its stretch of GPU time: from its launch, or from
-    the end of the step before if that came later, to the end of its own. Adds ``sm_mhz`` (the
-    median), ``power_w`` (the largest) and ``slowdowns`` (every reason seen) where samples fall."""
+    """Give each step record the clocks of its stretch of GPU time (``clocks_between``): from its
+    launch, or from the end of the step before if that came later, to the end of its own."""
     ends = [r.get("gpu_done_s") for r in records]
     for i, r in enumerate(records):
-        if ends[i] is None:
-            continue
-        start = max(r["launched_s"], ends[i - 1] or 0.0) if i else r["launched_s"]
-        mine = [s for s in samples if start <= s[0] <= ends[i]]
-        if mine:
-            r["sm_mhz"] = statistics.median(s[1] for s in mine)
-            r["power_w"] = max(s[2] for s in mine)
-            mask = 0
-            for s in mine:
-                mask |= s[3]
-            r["slowdowns"] = [name for bit, name in SLOWDOWNS.items() if mask & bit]
-
+        if ends[i] is not None:
+            start = max(r["launched_s"], ends[i - 1] or 0.0) if i else r["launched_s"]
+            r.update(clocks_between(samples, start, ends[i]))
 
 def clock_table(records: list, n_samples: int) -> str:
     """Each packed step's wait, SM clock, power and slowdowns, then the decode steps' in sum."""
