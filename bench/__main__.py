@@ -15,6 +15,7 @@ EXPERIMENTS = {     # module in bench/ -> what it measures
     "thin_matmuls": "ch 09: the decode step's matmuls alone: cuBLAS, cuBLASLt, Inductor",
     "thin_gemv": "ch 09: small-batch projections, cuBLAS against a plain Triton kernel",
     "l2_prefetch": "ch 09: small-batch projections with the next weights read into L2 beside them",
+    "mlp_chunks": "ch 09: a mixed step's MLP in chunks of tokens (SwiGLU's intermediate in L2)",
     "mixed_parts": "ch 09: a mixed step's non-matmul parts, variants of each timed",
     "timeline": "ch 09: the GPU's timeline over windows of a real run: busy, gaps, kernels",
     "flex_in_run": "ch 09: FlexAttention's calls timed inside a real run and alone",

@@ -147,3 +147,20 @@ def test_the_l2_touch_kernel_reads_every_element_up_to_its_cap():
     assert r.returncode == 0, r.stderr
     whole, capped, capped_against_whole = map(float, r.stdout.split())
     assert whole < 1e-2 and capped < 1e-2 and capped_against_whole > 1
+
+
+def test_the_mlp_in_chunks_of_tokens_gives_the_whole_mlp():
+    """``bench mlp_chunks`` times the MLP in row chunks: every chunk size, a divisor or not of the
+    rows, writes every row as the whole MLP would (on the CPU with the reference SwiGLU)."""
+    from bench.mlp_chunks import mlp
+    from course_lib.model.llama import silu_mul
+    torch.manual_seed(0)
+    weights = [(torch.randn(2 * 24, 16) * 0.2, torch.randn(16, 24) * 0.2) for _ in range(2)]
+    x = torch.randn(37, 16)
+    whole = torch.full((37, 16), float("nan"))
+    mlp(x, weights, whole, None, silu_mul)
+    assert not whole.isnan().any()
+    for chunk in (1, 8, 10, 36, 37, 64):
+        out = torch.full((37, 16), float("nan"))
+        mlp(x, weights, out, chunk, silu_mul)
+        torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5)
