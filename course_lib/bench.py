@@ -29,7 +29,7 @@ from course_lib.engines.policies import SLO
 from course_lib.engines.vllm import EngineUnavailable, check_available
 from course_lib.measure import simulator
 from course_lib.measure.metrics import request_rows, step_rows, summarize
-from course_lib.measure.roofline import NvmlSampler, Peaks, cpu_model, measure_peaks
+from course_lib.measure.roofline import NvmlSampler, Peaks, cpu_model, host_python_ms, measure_peaks
 from course_lib.model import models
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import RequestError, WorkloadError, load_workload, poisson_arrivals
@@ -41,7 +41,8 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.version.cuda,
             "course_lib_commit": commit(), "host": platform.node(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "gpu": gpu_identity()}
+            "cpu_count": os.cpu_count(), "host_python_ms": host_python_ms(),
+            "gpu": gpu_identity()}
 
 
 def gpu_identity() -> dict | None:

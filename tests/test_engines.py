@@ -125,6 +125,7 @@ def test_bench_cli_writes_the_contract(tmp_path, tiny, monkeypatch):
         assert set(m[key]) >= {"p50", "p90", "p99"}
     assert r["device"]["bandwidth"] > 0 and r["device"]["flops"] > 0
     assert r["versions"]["host"] and r["versions"]["cpu_count"] >= 1 and "cpu" in r["versions"]
+    assert 0.1 < r["versions"]["host_python_ms"] < 1000              # a real timing, in ms
     assert len(r["requests"]) == 6
     row = r["requests"][0]
     assert set(row) >= {"id", "ttft_s", "e2e_s", "finish_reason", "output_tokens"}

@@ -47,6 +47,18 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def host_python_ms(repeat: int = 3) -> float:
+    """Milliseconds this host takes for a fixed piece of pure Python (the fastest of ``repeat``):
+    hosts of one model name differ, and an engine that schedules in Python runs at its host's
+    speed."""
+    def once():
+        start, d = time.perf_counter(), {}
+        for i in range(50_000):
+            d[i % 997] = d.get(i % 997, 0) + i
+        return time.perf_counter() - start
+    return round(min(once() for _ in range(repeat)) * 1e3, 3)
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
