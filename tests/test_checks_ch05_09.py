@@ -15,7 +15,7 @@ from course_lib.engines.policies import admission_rule
 from course_lib.engines.prefix_cache import block_key
 from course_lib.engines.scheduler import budget_step, chunk_sizes
 from course_lib.lab import exercises as ex
-from course_lib.model.attention import block_diagonal_causal, cu_seqlens
+from course_lib.model.attention import block_diagonal_causal, bucket, cu_seqlens
 
 
 def packed_mask(cu):
@@ -153,6 +153,12 @@ RIGHT_AND_WRONG = {
         # chained only where the check's first question looks: the engine's answers change
         lambda prev, tokens: hash((prev, tuple(tokens)) if tuple(tokens) == (1, 2, 3, 4)
                                   else tuple(tokens))]),
+    "check_head_rows": (lambda n: bucket(n, 16), [
+        lambda n: n,                                                      # no buckets
+        lambda n: max(16, n),
+        lambda n: 1 << (n - 1).bit_length(),                              # 1, 2, 4, 8 too
+        lambda n: max(16, 2 ** n.bit_length()),                           # 32 for 16
+        lambda n: max(16, 1 << (n.bit_length() - 1))]),                   # rounds down
     "check_victim": (lambda running: running[-1], [
         lambda running: running[0],                                       # the oldest
         lambda running: running[-2] if len(running) > 1 else running[0]]),  # one off

@@ -319,13 +319,17 @@ def _hf_answer(prompt: tuple, new: int) -> list:
     return out[0, len(prompt):].tolist()
 
 
-def _serve_with(what, scheduler=None, blocks=None, reqs=None, max_batch=4, hint="", **options):
-    """The paged engine on SmolLM2 with a learner's class in it must answer as Hugging Face."""
+def _serve_with(what, scheduler=None, blocks=None, reqs=None, max_batch=4, hint="", setup=None,
+                **options):
+    """The paged engine on SmolLM2 with a learner's class (or, by ``setup(engine)``, function) in
+    it must answer as Hugging Face."""
     loaded = _smollm()[0]
     reqs = reqs or chat_workload(loaded.tokenizer, n=4, max_new_tokens=8)
     eng = make_engine("paged", loaded, max_batch=max_batch, block_size=4, **options)
     eng.scheduler_class = scheduler or eng.scheduler_class
     eng.block_manager_class = blocks or eng.block_manager_class
+    if setup:
+        setup(eng)
     log = eng.run(reqs)
     for r, rec in zip(reqs, log.requests):
         want = _hf_answer(tuple(r.prompt_tokens), r.max_new_tokens)
@@ -678,3 +682,26 @@ def check_tiles_to_read(fn):
         assert (listed == want).all(), "the engine's block mask and the rule disagree"
     _ok("tiles to read: each query tile reads one run of key tiles, from its first query's lo "
         "to its last one's hi")
+
+
+def check_head_rows(fn):
+    """``fn(n)`` -> the rows the output head computes for ``n`` sampled sequences: the smallest
+    power of two that holds them, at least 16; then in the paged engine on SmolLM2."""
+    for n in range(1, 1025):
+        got = fn(n)
+        assert isinstance(got, int), f"{n} sequences: return a whole number of rows, not {got!r}"
+        assert got >= n, f"{n} sequences: {got} rows cannot hold them"
+        assert got >= 16 and got & (got - 1) == 0, (
+            f"{n} sequences: {got} rows. Round up to a power of two, at least 16")
+        assert got == 16 or got // 2 < n, (
+            f"{n} sequences: {got} rows, but {got // 2} hold them too: the smallest power of two")
+    padded = []
+
+    def setup(eng):
+        eng.runner.head_rows = lambda n: padded.append((n, fn(n))) or fn(n)
+    _serve_with("head rows", max_batch=6, setup=setup,
+                reqs=chat_workload(_smollm()[0].tokenizer, n=6, max_new_tokens=6))
+    assert any(rows > n for n, rows in padded), "the check is broken: no step was padded"
+    shapes = sorted({fn(n) for n in range(1, 513)})
+    _ok(f"head rows: 512 batch sizes meet {len(shapes)} shapes {shapes}; padded steps give the "
+        "same answers")
