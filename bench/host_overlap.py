@@ -25,7 +25,6 @@ import io
 import pstats
 import statistics
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -41,6 +40,7 @@ from course_lib.bench import save_result
 from course_lib.engines import make_engine
 from course_lib.measure.ladder import parse_rung, rung_settings
 from course_lib.measure.metrics import HOST_TIMES, host_table
+from course_lib.measure.roofline import NvmlSampler
 from course_lib.model import models
 from course_lib.model.llama import LlamaShape
 from course_lib.requests import load_workload
@@ -151,38 +151,22 @@ SLOWDOWNS = {0x4: "power cap", 0x8: "hardware slowdown", 0x20: "software thermal
              0x40: "hardware thermal", 0x80: "power brake"}
 
 
-class ClockSampler:
+class ClockSampler(NvmlSampler):
     """The card's SM clock (MHz), power (W) and slowdown reasons, sampled in a thread every
     ``interval_s`` on ``time.perf_counter``'s clock: ``samples`` holds ``(t, mhz, watts, mask)``
     (empty without NVML)."""
 
     def __init__(self, index: int = 0, interval_s: float = 0.001):
-        self.index, self.interval_s, self.samples = index, interval_s, []
-        self._stop, self._thread = threading.Event(), None
+        super().__init__(index, interval_s)
 
-    def __enter__(self):
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
-        except Exception:
-            return self
-        reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) \
-            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-
-        def sample():
-            while not self._stop.wait(self.interval_s):
-                self.samples.append((time.perf_counter(),
-                                     pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-                                     pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, reasons(handle)))
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._thread:
-            self._stop.set()
-            self._thread.join()
+    def _run(self):
+        nvml, handle = self._nvml, self._handle
+        reasons = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) \
+            or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        while not self._stop.wait(self.interval_s):
+            self.samples.append((time.perf_counter(),
+                                 nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+                                 nvml.nvmlDeviceGetPowerUsage(handle) / 1e3, reasons(handle)))
 
 
 def clocks_between(samples: list, start: float, end: float) -> dict:

@@ -34,26 +34,25 @@ def operands(kind: str, m: int, k: int, n: int):
     return a.to(torch.bfloat16), b.to(torch.bfloat16)
 
 
-def windows(fn, flops: float, seconds: float, window_s: float = 0.1) -> list:
-    """Run ``fn`` back to back for ``seconds``, in windows of about ``window_s``: each window's
-    start on the host clock, its TFLOP/s (CUDA events) and its call count."""
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
+def event_ms(fn, calls: int = 1) -> float:
+    """Milliseconds of ``calls`` back-to-back calls of ``fn``, by CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    fn()
+    for _ in range(calls):
+        fn()
     end.record()
     end.synchronize()
-    per_call = start.elapsed_time(end) / 1e3
-    calls = max(1, round(window_s / per_call))
+    return start.elapsed_time(end)
+
+
+def windows(fn, flops: float, seconds: float, window_s: float = 0.1) -> list:
+    """Run ``fn`` back to back for ``seconds``, in windows of about ``window_s``: each window's
+    start and end on the host clock, its TFLOP/s and its call count."""
+    calls = max(1, round(window_s / (event_ms(fn) / 1e3)))
     rows, t_end = [], time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
+        ms = event_ms(fn, calls)
         rows.append({"t_s": t0, "tflops": calls * flops / ms / 1e9, "calls": calls,
                      "end_s": time.perf_counter()})
     return rows
@@ -61,18 +60,8 @@ def windows(fn, flops: float, seconds: float, window_s: float = 0.1) -> list:
 
 def burst(fn, flops: float, repeat: int = 20) -> float:
     """TFLOP/s of the median of ``repeat`` single calls, each timed alone after a warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return flops / statistics.median(times) / 1e9
+    event_ms(fn, 3)
+    return flops / statistics.median(event_ms(fn) for _ in range(repeat)) / 1e9
 
 
 def main(argv=None):
