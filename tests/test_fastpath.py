@@ -689,7 +689,7 @@ def test_padding_the_output_head_s_rows_made_the_engine_faster():
     two and each count run once before the run (no first-use stall at a new row count) against
     the commit before, interleaved on one H200: the mixed steps faster in each new run than in
     either old one, decode steps within 3%, tokens/s up in both runs, and at least 20x hf-cb."""
-    kinds, tput, hf = _compare("compare_fast_3695e84_6c3d505_nvidia-h200.json", "3695e84",
+    kinds, tput, hf = _compare("head_rows_compare_nvidia-h200.json", "3695e84",
                                "6c3d505")
     _mixed_faster_decode_same(kinds)
     assert min(tput["new_1"], tput["new_2"]) > max(tput["old_1"], tput["old_2"])

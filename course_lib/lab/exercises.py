@@ -703,5 +703,5 @@ def check_head_rows(fn):
                 reqs=chat_workload(_smollm()[0].tokenizer, n=6, max_new_tokens=6))
     assert any(rows > n for n, rows in padded), "the check is broken: no step was padded"
     shapes = sorted({fn(n) for n in range(1, 513)})
-    _ok(f"head rows: 512 batch sizes meet {len(shapes)} shapes {shapes}; padded steps give the "
-        "same answers")
+    _ok(f"head rows: right for n = 1 to 1,024; batches of up to 512 meet {len(shapes)} shapes "
+        f"{shapes}; padded steps give the same answers")
