@@ -154,10 +154,26 @@ SLOWDOWNS = {0x4: "power cap", 0x8: "hardware slowdown", 0x20: "software thermal
 class ClockSampler(NvmlSampler):
     """The card's SM clock (MHz), power (W) and slowdown reasons, sampled in a thread every
     ``interval_s`` on ``time.perf_counter``'s clock: ``samples`` holds ``(t, mhz, watts, mask)``
-    (empty without NVML)."""
+    (empty without NVML). Power is NVML's instant reading where it has one: its plain reading is
+    an average over the last second on recent cards."""
 
     def __init__(self, index: int = 0, interval_s: float = 0.001):
         super().__init__(index, interval_s)
+
+    power_kind = None           # "instant", or "average" (NVML's last second) where NVML lacks it
+
+    def _power_w(self) -> float:
+        nvml, handle = self._nvml, self._handle
+        if self.power_kind != "average":
+            try:
+                field = nvml.nvmlDeviceGetFieldValues(handle, [nvml.NVML_FI_DEV_POWER_INSTANT])[0]
+                if field.nvmlReturn == nvml.NVML_SUCCESS:
+                    self.power_kind = "instant"
+                    return field.value.uiVal / 1e3
+            except Exception:
+                pass
+            self.power_kind = "average"
+        return nvml.nvmlDeviceGetPowerUsage(handle) / 1e3
 
     def _run(self):
         nvml, handle = self._nvml, self._handle
@@ -166,7 +182,7 @@ class ClockSampler(NvmlSampler):
         while not self._stop.wait(self.interval_s):
             self.samples.append((time.perf_counter(),
                                  nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
-                                 nvml.nvmlDeviceGetPowerUsage(handle) / 1e3, reasons(handle)))
+                                 self._power_w(), reasons(handle)))
 
 
 def clocks_between(samples: list, start: float, end: float) -> dict:
@@ -315,7 +331,7 @@ def main(argv=None):
             torch.cuda.get_device_name().lower().replace(" ", "-")
         save_result({"model": a.model, "workload": a.workload, "n": a.n, "rung": a.rung,
                      "overlap": engine.overlap, "cold": a.cold, "gc_freeze": a.gc_freeze,
-                     "clocks": a.clocks,
+                     "clocks": a.clocks, "power_reading": getattr(clocks, "power_kind", None),
                      "wall_s": wall,
                      "summary": rows, "steps": records},
                     Path(a.out) / f"host_overlap_{a.model}_{name}.json",

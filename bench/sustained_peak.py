@@ -94,6 +94,7 @@ def main(argv=None):
                 r["t_s"], r["end_s"] = r["t_s"] - t0, r["end_s"] - t0
             late = [r["tflops"] for r in rows if r["t_s"] >= a.seconds / 2]
             case = {"shape": shape, "operands": kind, "burst_tflops": peak,
+                    "power_reading": clocks.power_kind,
                     "held_tflops": statistics.median(late), "windows": rows}
             cases.append(case)
             print(f"\n{shape}, {kind} operands: burst {peak:.0f} TFLOP/s, held (second half) "

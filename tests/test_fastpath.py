@@ -537,6 +537,34 @@ def test_each_step_gets_the_clock_samples_of_its_own_stretch_of_gpu_time():
     assert "   0    64      5.0     1510       700  power cap" in table
     assert "slowed down in 0 of 1" in table
 
+
+def test_the_clock_sampler_reads_instant_power_where_nvml_has_it():
+    """NVML's plain power reading is a one-second average on recent cards: the sampler reads the
+    instant field where it answers, and says which it used."""
+    from types import SimpleNamespace
+
+    from bench.host_overlap import ClockSampler
+
+    class Nvml:
+        NVML_FI_DEV_POWER_INSTANT, NVML_SUCCESS = 186, 0
+
+        def __init__(self, instant):
+            self.instant = instant
+
+        def nvmlDeviceGetFieldValues(self, handle, ids):
+            assert ids == [186]
+            if not self.instant:
+                raise RuntimeError("field not supported")
+            return [SimpleNamespace(nvmlReturn=0, value=SimpleNamespace(uiVal=650_000))]
+
+        def nvmlDeviceGetPowerUsage(self, handle):
+            return 600_000                                   # mW, the one-second average
+    for instant, watts, kind in ((True, 650.0, "instant"), (False, 600.0, "average")):
+        sampler = ClockSampler()
+        sampler._nvml, sampler._handle = Nvml(instant), None
+        assert [sampler._power_w(), sampler._power_w()] == [watts, watts]
+        assert sampler.power_kind == kind
+
 def test_host_summary_takes_medians_per_step_kind_and_batch_range():
     from bench.host_overlap import host_summary
     from course_lib.measure.metrics import host_table
