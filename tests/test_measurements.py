@@ -104,7 +104,8 @@ def test_host_overlap_times_every_step_of_a_real_run(tmp_path):
 
     from bench.host_overlap import main
     main(["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--n", "6",
-          "--workload", "anyscale:prompt_len=16,cap=8,mean=4", "--out", str(tmp_path)])
+          "--workload", "anyscale:prompt_len=16,cap=8,mean=4", "--rung",
+          "fast:kv_memory_mib=16,max_num_batched_tokens=64", "--out", str(tmp_path)])
     result = json.loads(next(tmp_path.glob("host_overlap_tiny_cpu.json")).read_text())
     steps = result["steps"]
     assert steps and all(s["launch_ms"] > 0 and s["wait_ms"] >= 0 and s["retire_ms"] > 0
