@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench import command
+from bench.sustained_peak import event_ms
 
 LAYERS, HIDDEN, INTER = 16, 2048, 8192
 CHUNKS = (None, 8192, 4096, 2048, 1024, 512, 256)
@@ -49,15 +50,10 @@ def energy_mj():
 
 def timed(fn, reps: int) -> tuple:
     """(ms per call by CUDA events, joules per call by NVML or None) over ``reps`` calls."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0 = energy_mj()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
+    ms = event_ms(fn, reps)
     e1 = energy_mj()
-    return start.elapsed_time(end) / reps, (e1 - e0) / 1e3 / reps if e0 is not None else None
+    return ms / reps, (e1 - e0) / 1e3 / reps if e0 is not None else None
 
 
 def main(argv=None):
