@@ -13,7 +13,7 @@ from course_lib.measure import roofline
 from course_lib.measure.metrics import summarize
 
 RUN = "Run"
-HINT = "(run the cell above to get the slider)"
+HINT = "(run this cell to get the slider)"
 # A progress bar over work that may be quick shows only once it has taken this long (seconds).
 BAR_DELAY_S = 2
 
