@@ -123,6 +123,81 @@ def test_a_click_says_what_runs_then_the_result_replaces_it(tiny, kind, capsys, 
         assert str(value) in plt_titles()
 
 
+def _click(ui, slider, value, capsys, monkeypatch) -> tuple[str, str]:
+    """Set ``slider`` to ``value`` and click Run: (what was shown before the result cleared it,
+    what is shown after)."""
+    slider.value = value
+    shown_before_clearing = []
+    monkeypatch.setattr(widgets, "clear_output",
+                        lambda wait=False: shown_before_clearing.append(capsys.readouterr().out))
+    ui.children[-2].click()
+    assert len(shown_before_clearing) == 1, "the click did not get to its result"
+    erase = "\x1b[2K\r"     # what IPython's clear_output writes to a terminal, not shown in a page
+    said, shown = shown_before_clearing.pop(), capsys.readouterr().out
+    return said.replace(erase, ""), shown.replace(erase, "")
+
+
+def test_the_stored_ladder_s_slider_draws_the_chosen_rung(capsys, monkeypatch):
+    """Chapter 09's slider over a stored GPU ladder: a click names the rung, then prints that
+    rung's own metrics and draws its steps."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from course_lib.lab.nbtools import load_result
+
+    matplotlib.use("Agg")
+    result = load_result("ladder09_anyscale_llama-1b-dummy_nvidia-h200.json")
+    ui = widgets.ladder_explorer(result)
+    assert ui._repr_mimebundle_()["text/plain"] == widgets.HINT
+    rungs = [r for r in result["runs"] if "error" not in r and r.get("steps")]
+    for run in (rungs[1], rungs[-1]):
+        said, shown = _click(ui, ui.children[0], run["rung"], capsys, monkeypatch)
+        assert said.startswith(f"Drawing the stored steps of the {run['rung']} rung"), said
+        tps = run["metrics"]["output_tokens_per_s"]
+        assert shown.startswith(f"{run['rung']}: {tps:.0f} tok/s, {run['metrics']['steps']} steps")
+        assert "Drawing" not in shown, "the status line was not replaced"
+        assert len(plt.gcf().axes) == 2, "no steps drawn (steps and their batch size)"
+        plt.close("all")
+
+
+def test_the_operating_point_slider_simulates_the_chosen_point(capsys, monkeypatch):
+    """Chapter 08's slider: a click says what it simulates, then prints the chosen point with and
+    without admission, and draws the curve and the queue; overloaded, admission control keeps a
+    larger share of the requests within the TTFT target than admitting everything."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from transformers import LlamaConfig
+
+    from course_lib.measure.simulator import CostBook
+    from course_lib.measure.tradeoffs import simulated
+    from course_lib.model.llama import LlamaShape
+    from course_lib.requests import Request
+
+    matplotlib.use("Agg")
+    shape = LlamaShape.from_config(LlamaConfig(hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, vocab_size=100))
+    reqs = [Request(f"r{i}", [3] * (4 + i % 7), max_new_tokens=2 + (5 * i) % 11)
+            for i in range(24)]
+    run = simulated(CostBook.floor("slow card", 1e6, 1e8), shape, 2, reqs, block_size=4)
+    ui = widgets.operating_point_explorer(run, rates=[1, 4, 16], batches=[2, 8],
+                                          ttft_slos=[0.5, 2.0])
+    rate, max_batch, slo = ui.children[:3]
+    max_batch.value, slo.value = 2, 0.5
+    said, shown = _click(ui, rate, 16, capsys, monkeypatch)
+    assert said.startswith("Simulating 16 req/s with max_batch=2, with and without admission "
+                           "for a TTFT target of 0.5 s, and the curve over 3 rates"), said
+    free, gated = shown.splitlines()[:2]
+    assert free.strip().startswith("admit everything:") and "refused 0," in free, shown
+    assert gated.strip().startswith("admission control:"), shown
+    assert "Simulating" not in shown, "the status line was not replaced"
+    within = [float(re.search(r"\((\d+)% within the SLO\)", line).group(1))
+              for line in (free, gated)]
+    assert within[1] > within[0], shown            # overloaded: admission keeps more on time
+    assert len(plt.gcf().axes) == 2, "no curve and queue drawn"
+    plt.close("all")
+
+
 def plt_titles() -> str:
     import matplotlib.pyplot as plt
 
