@@ -97,6 +97,8 @@ browser:
 
 test: venv browser
 	ruff check .
+	@# the lessons through pyflakes (names, imports); an exercise cell imports what it uses itself
+	ruff check --select F,E9 --ignore F811 notebooks/*.ipynb
 	@# tests and notebooks together, on two workers (pytest-xdist), each file's tests on one worker;
 	@# one thread each: two torch processes with two threads each on two cores spin against each
 	@# other
