@@ -207,6 +207,7 @@ def clocks_by_step(records: list, samples: list):
             start = max(r["launched_s"], ends[i - 1] or 0.0) if i else r["launched_s"]
             r.update(clocks_between(samples, start, ends[i]))
 
+
 def clock_table(records: list, n_samples: int) -> str:
     """Each packed step's wait, SM clock, power and slowdowns, then the decode steps' in sum."""
     lines = [f"{n_samples} clock samples; packed steps:",

@@ -13,6 +13,7 @@ eagerly (the host's launches too), in interleaved rounds so that the card's cloc
 for all; the card's energy per pass from NVML. Checks every chunked result against the whole.
 """
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -38,14 +39,21 @@ def mlp(x, weights, out, chunk, silu_mul):
             torch.matmul(silu_mul(gate, up), w_down.t(), out=out[lo:lo + step])
 
 
-def energy_mj():
-    """The card's energy counter (mJ) through NVML, or None."""
+@functools.cache
+def _nvml_handle():
+    """NVML and the first card's handle, initialised once; None without NVML."""
     try:
         import pynvml
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
     except Exception:
         return None
+
+
+def energy_mj():
+    """The card's energy counter (mJ) through NVML, or None."""
+    nvml = _nvml_handle()
+    return nvml[0].nvmlDeviceGetTotalEnergyConsumption(nvml[1]) if nvml else None
 
 
 def timed(fn, reps: int) -> tuple:

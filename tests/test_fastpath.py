@@ -559,11 +559,13 @@ def test_the_clock_sampler_reads_instant_power_where_nvml_has_it():
 
         def nvmlDeviceGetPowerUsage(self, handle):
             return 600_000                                   # mW, the one-second average
+
     for instant, watts, kind in ((True, 650.0, "instant"), (False, 600.0, "average")):
         sampler = ClockSampler()
         sampler._nvml, sampler._handle = Nvml(instant), None
         assert [sampler._power_w(), sampler._power_w()] == [watts, watts]
         assert sampler.power_kind == kind
+
 
 def test_host_summary_takes_medians_per_step_kind_and_batch_range():
     from bench.host_overlap import host_summary
