@@ -358,8 +358,18 @@ class Slider:
     def text(self) -> str:
         return self.out.inner_text()
 
-    def image(self) -> str:
-        return self.out.locator("img").first.get_attribute("src")
+    def image(self, timeout_s: float = 120) -> str:
+        """The plot's data URL, once the output shows one (the text comes first, the figure
+        after it); a plot that never comes fails with what the output shows instead."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+        out = self.out.element_handle()
+        try:
+            self.page.wait_for_function("el => el.querySelector('img')", arg=out,
+                                        timeout=timeout_s * S, polling=500)
+        except PlaywrightTimeout:
+            pytest.fail(f"no plot {timeout_s:.0f} s after the text; the output holds "
+                        f"{out.inner_html()[-1500:]!r}")
+        return out.query_selector("img").get_attribute("src")
 
     def wait_text(self, pattern: str, timeout_s: float):
         self.page.wait_for_function(
