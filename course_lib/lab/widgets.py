@@ -176,6 +176,7 @@ def operating_point_explorer(run, rates, batches, ttft_slos):
 
     def draw(ran, rate, max_batch, ttft_slo):
         slo, free, gated = ran
+        print(f"{rate} req/s, max_batch={max_batch}, TTFT target {ttft_slo} s:")
         for name, log, adm in (("admit everything", free, False),
                                ("admission control", gated, True)):
             p = point(log, rate, max_batch, slo, admission=adm)
