@@ -2,7 +2,8 @@
 (headless) Chromium driven by Playwright. A notebook opens clean (the stored slider output is a
 one-line hint, the tab is not marked unsaved, no news pop-up), runs with Run All, and a moved
 slider's Run says what it computes (where that lasts long enough to be seen), then shows the new
-setting's text and plot, as read from the page. Notebooks run from a temporary copy, so nothing here writes to notebooks/.
+setting's text and plot, as read from the page. Notebooks run from a temporary copy, so nothing
+here writes to notebooks/.
 
 Skipped, with the reason, where Playwright or Chromium is missing (``make test`` installs both
 when it can: Playwright with ``make venv``, Chromium with ``make browser``). The first tests
