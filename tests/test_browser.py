@@ -11,6 +11,7 @@ check the stored notebooks without a browser.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -347,12 +348,18 @@ class Slider:
         self.box = page.locator(".widget-interact").first
         self.out = self.box.locator(".widget-output")
 
-    def move(self, index: int, steps: int) -> str:
+    def move(self, index: int, steps: int, expected: str) -> str:
+        """Move slider ``index`` by ``steps`` with the arrow keys; its readout once it shows
+        ``expected`` (it follows the keys within a moment), or as it stands after 10 s."""
         handle = self.box.locator(".noUi-handle").nth(index)
         handle.focus()
         for _ in range(abs(steps)):
             self.page.keyboard.press("ArrowRight" if steps > 0 else "ArrowLeft")
-        return self.box.locator(".widget-readout").nth(index).inner_text()
+        readout = self.box.locator(".widget-readout").nth(index)
+        with contextlib.suppress(Exception):
+            readout.filter(has_text=re.compile(f"^{re.escape(expected)}$")).wait_for(
+                timeout=10 * S)
+        return readout.inner_text()
 
     def click_run(self):
         self.box.get_by_role("button", name=widgets.RUN, exact=True).click()
@@ -468,7 +475,7 @@ def use_the_slider(lab, browser, name):
         assert before, "no plot after the first Run"
 
         index, steps = case["move"]
-        assert slider.move(index, steps) == case["readout"]
+        assert slider.move(index, steps, case["readout"]) == case["readout"]
         t0 = time.monotonic()
         slider.click_run()
         if case["running"]:
