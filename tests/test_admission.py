@@ -132,6 +132,10 @@ def test_the_curve_saturates_and_the_plots_draw():
     assert by[16, 320]["tokens_per_s"] > by[2, 320]["tokens_per_s"]       # a bigger batch: more
     slo = SLO(ttft_s=0.3)
     g = sweep(run, [20, 320], [16], slo=slo) + sweep(run, [20, 320], [16], slo=slo, admission=True)
+    for r in g:                                   # on time: the attained share of the requests
+        assert 0 <= r["on_time"] <= r["served"] and r["on_time"] == round(r["attainment"] * 40)
+    free, gated = g[1], g[3]                      # at 320 req/s, without and with admission
+    assert gated["served"] - gated["on_time"] < free["served"] - free["on_time"]
     plots.throughput_latency(rows, measured=rows[:1])
     plots.goodput_vs_load(g)
     plots.queue_depth({"x": run(320, 2)})

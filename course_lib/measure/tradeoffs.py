@@ -20,7 +20,7 @@ def point(log, rate, max_batch, slo=None, **extra) -> dict:
            "e2e_p50": m["e2e_s"]["p50"], "e2e_p99": m["e2e_s"]["p99"]}
     if slo is not None:
         row.update(goodput_rps=m["slo"]["goodput_rps"], attainment=m["slo"]["attainment"],
-                   queue_depth_max=m["queue_depth_max"])
+                   on_time=m["slo"]["met"], queue_depth_max=m["queue_depth_max"])
     return row
 
 
