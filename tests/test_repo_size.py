@@ -1,5 +1,6 @@
 """The repository stays lean: what the notebooks show (stored results, figures, executed notebooks
-and their student copies) fits in 6 MB, and every stored result still says where it came from."""
+and their student copies) fits in 6 MB; every stored result says where it came from, is named in
+bench/README.md and is read by something."""
 import gzip
 import json
 import shutil
@@ -73,3 +74,35 @@ def test_slimming_keeps_the_named_fields_and_rounds_the_runs_only(tmp_path):
     assert got["runs"][0]["steps"] == [{"start_s": 1.0, "rows": 3}]
     assert got["peak"] == 1.23456789
     assert "rounded to 6 decimals" in got["slimmed"] and "id, arrival_s" in got["slimmed"]
+
+
+def _named_in_the_bench_readme() -> list:
+    """The result-file patterns of bench/README.md's table, as regular expressions."""
+    import re
+    table = [line.split("|")[1] for line in (ROOT / "bench" / "README.md").read_text().splitlines()
+             if line.startswith("| `")]
+    out = []
+    for cell in table:
+        for name in re.findall(r"`([^`]+)`", cell):     # <field>, * and [optional] parts
+            parts = re.split(r"(<[^>]*>|\*|\[|\])", name)
+            rx = {"*": "[^/]*", "[": "(?:", "]": ")?"}
+            out.append(re.compile("".join(
+                "[^/]+" if t.startswith("<") else rx.get(t, re.escape(t)) for t in parts)))
+    return out
+
+
+def test_every_stored_result_is_in_the_bench_readme_and_read_by_something():
+    import re
+    files = [f.relative_to(RESULTS).as_posix() for f in tracked_files("bench/results")
+             if f.name.endswith((".json", ".json.gz"))]
+    patterns = _named_in_the_bench_readme()
+    assert not [f for f in files if not any(p.fullmatch(f) for p in patterns)], (
+        "stored results that bench/README.md's table does not name")
+    # what the notebooks, tests, library and figures read: a file name, or its start (a prefix
+    # passed to stored_results, or an f-string up to its first field)
+    code = [p.read_text() for d in ("notebooks", "tests", "course_lib", "vis")
+            for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".ipynb")]
+    starts = {m for text in code for m in re.findall(r"""["']((?:cpu/)?[\w.-]{5,})(?=[{"'\\])""",
+                                                      text)}
+    unread = [f for f in files if not any(f.startswith(s) for s in starts)]
+    assert not unread, f"stored results nothing reads (keep only what is read): {unread}"
