@@ -3,6 +3,7 @@ and their student copies) fits in 6 MB; every stored result says where it came f
 bench/README.md and is read by something."""
 import gzip
 import json
+import re
 import shutil
 import subprocess
 
@@ -78,7 +79,6 @@ def test_slimming_keeps_the_named_fields_and_rounds_the_runs_only(tmp_path):
 
 def _named_in_the_bench_readme() -> list:
     """The result-file patterns of bench/README.md's table, as regular expressions."""
-    import re
     table = [line.split("|")[1] for line in (ROOT / "bench" / "README.md").read_text().splitlines()
              if line.startswith("| `")]
     out = []
@@ -92,17 +92,19 @@ def _named_in_the_bench_readme() -> list:
 
 
 def test_every_stored_result_is_in_the_bench_readme_and_read_by_something():
-    import re
     files = [f.relative_to(RESULTS).as_posix() for f in tracked_files("bench/results")
              if f.name.endswith((".json", ".json.gz"))]
     patterns = _named_in_the_bench_readme()
     assert not [f for f in files if not any(p.fullmatch(f) for p in patterns)], (
         "stored results that bench/README.md's table does not name")
-    # what the notebooks, tests, library and figures read: a file name, or its start (a prefix
-    # passed to stored_results, or an f-string up to its first field)
-    code = [p.read_text() for d in ("notebooks", "tests", "course_lib", "vis")
-            for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".ipynb")]
-    starts = {m for text in code for m in re.findall(r"""["']((?:cpu/)?[\w.-]{5,})(?=[{"'\\])""",
-                                                      text)}
-    unread = [f for f in files if not any(f.startswith(s) for s in starts)]
+    # what the notebooks, tests, library and figures read: a whole file name, a prefix passed to
+    # stored_results, or a name template up to its first field ("decode_step_{m}_...")
+    code = "\n".join(p.read_text() for d in ("notebooks", "tests", "course_lib", "vis")
+                     for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".ipynb"))
+    q = r"""\\?["']"""                                  # a quote, escaped inside a notebook's JSON
+    names = set(re.findall(q + r"((?:cpu/)?[\w.-]+\.json(?:\.gz)?)" + q, code))
+    starts = set(re.findall(r"stored_results\(" + q + r"([\w./-]+)" + q, code))
+    starts |= set(re.findall(q + r"((?:cpu/)?[\w.-]{3,}_)\{", code))   # up to "_{field}"
+    unread = [f for f in files if f not in names and f.removesuffix(".gz") not in names
+              and not any(f.startswith(s) for s in starts)]
     assert not unread, f"stored results nothing reads (keep only what is read): {unread}"
