@@ -1,9 +1,8 @@
 """The paged engine's scheduler (chapters 05, 07): which sequences feed how many tokens next.
-Decodes first; then prompt chunks while the step has tokens left (``max_num_batched_tokens``),
-prompts half fed before newcomers, whom the *policies* may hold back; over a prefix cache a
-newcomer starts from the cached blocks of its prefix. When a decode needs a block and none is
-free, a running sequence is *preempted*: its blocks are freed, and it goes back to the front of
-the queue to be recomputed, never lost."""
+Decodes first, then prompt chunks while the step has tokens left (``max_num_batched_tokens``);
+the *policies* may hold newcomers back. When a decode needs a block and none is free, a running
+sequence is *preempted*: its blocks are freed and it goes back to the front of the queue, to be
+recomputed, never lost."""
 from __future__ import annotations
 
 from collections import deque
@@ -22,8 +21,9 @@ def chunk_sizes(pending: list, budget) -> list:
 
 @dataclass
 class StepPlan:
-    """One step: ``seqs[i]`` feeds ``sizes[i]`` tokens, decodes first; ``sampled``: those fed to
-    their last token; ``decode_only``: one token each, all sampled (a CUDA graph can replay it)."""
+    """One step: ``seqs[i]`` feeds ``sizes[i]`` tokens, decodes first (a *decode*: one token to
+    feed, an answer's or a prompt's last); ``sampled``: those fed to their last token;
+    ``decode_only``: one token each, all sampled (a CUDA graph can replay it)."""
     seqs: list
     sizes: list
     decode_only: bool
@@ -57,29 +57,29 @@ class Scheduler:
         return self.running[-1]
 
     def schedule(self) -> StepPlan:
-        """The next step: decodes (a block each, preempting for room), then chunks that fit."""
+        """The next step: a token for every decode (preempting if blocks run short), newcomers as
+        the policies allow, then prompt chunks that fit in what is left of the budget and blocks."""
         blocks, running, waiting = self.blocks, self.running, self.waiting
         budget = self.max_num_batched_tokens or float("inf")      # tokens per step
         decodes = [s for s, _ in self.budget_step(running, budget) if s.pending == 1]
-        grown = decodes if blocks.grow_each([s.req.id for s in decodes]) else []   # usually
-        for seq in () if grown else decodes:  # else one by one, preempting for room
-            while not blocks.can_grow(seq.req.id, 1):
-                self.preempt(victim := self.victim())
-                grown = [s for s in grown if s is not victim]    # it may have had its block
-                if victim is seq:
-                    break
-            if seq in running:
-                blocks.grow(seq.req.id, 1)
-                grown.append(seq)
+        if blocks.grow_each([s.req.id for s in decodes]):         # usually
+            grown = set(decodes)
+        else:                                                     # one by one, preempting
+            for seq in decodes:
+                while seq in running and not blocks.can_grow(seq.req.id, 1):
+                    self.preempt(self.victim())                   # perhaps seq itself
+                if seq in running:
+                    blocks.grow(seq.req.id, 1)
+            grown = set(decodes).intersection(running)
         # newcomers, as the policies allow (one whose last token is still on the device waits)
         while (waiting and len(running) < self.max_batch and waiting[0].tokens[-1] is not None
                and all(p.admit(waiting[0], self) for p in self.policies)):
             running.append(seq := waiting.popleft())
             if hasattr(blocks, "match"):          # a prefix cache: its prefix's blocks, if any
                 seq.cached = blocks.match(seq.req.id, seq.tokens)
-        seqs, sizes, decode_only, grown = [], [], True, {id(s) for s in grown}
+        seqs, sizes, decode_only = [], [], True
         for seq, n in self.budget_step(running, budget):
-            if id(seq) not in grown:          # a chunk (or a decode the blocks lacked): what fits
+            if seq not in grown:      # a chunk: halved until its blocks fit (0: not this step)
                 while n > 0 and not blocks.can_grow(seq.req.id, n):
                     n //= 2
                 if n == 0:
@@ -90,9 +90,9 @@ class Scheduler:
             sizes.append(n)
         # newcomers that got nothing wait in the queue, in order (those with nothing cached)
         if any(not s.cached for s in running):
-            taken = {id(s) for s in seqs}
-            waiting.extendleft(reversed([s for s in running if not (s.cached or id(s) in taken)]))
-            running[:] = [s for s in running if s.cached or id(s) in taken]
+            taken = set(seqs)
+            waiting.extendleft(reversed([s for s in running if not (s.cached or s in taken)]))
+            running[:] = [s for s in running if s.cached or s in taken]
         sampled = list(range(len(seqs))) if decode_only else [
             i for i, (s, n) in enumerate(zip(seqs, sizes)) if s.cached + n == len(s.tokens)]
         return StepPlan(seqs, sizes, decode_only, sampled)
@@ -111,9 +111,9 @@ class Scheduler:
         return refused
 
     def launched(self, plan) -> list:
-        """The step is on its way: each sampled sequence holds a placeholder (None) for its next
-        token until the host reads it (returns their places). One at its last token leaves now:
-        its blocks serve the next step, which the device runs after this one."""
+        """Bookkeeping before the step's tokens are known: advance ``cached``, tell a prefix cache
+        of full blocks, hold a None where each sampled token goes (returns where). One at
+        ``max_new_tokens`` retires now: the next plan, made before these tokens arrive, skips it."""
         for s, n in plan:
             s.cached += n
             if hasattr(self.blocks, "written"):
