@@ -65,6 +65,31 @@ def decoding_batch(model_name: str, batch: int, context: int, block_size: int = 
     return model, *decoding_cache(model.shape, batch, context, block_size, model.dtype)
 
 
+class HalvesDecodeGraphs(DecodeGraphs):
+    """Buckets of ``split_from`` sequences and up as two halves on two CUDA streams: one half's
+    decode attention can run beside the other half's matmuls (each half reads all the weights)."""
+
+    def __init__(self, model, *args, split_from: int, **kwargs):
+        self.split_from = split_from
+        self.side = torch.cuda.Stream() if model.device.type == "cuda" else None
+        super().__init__(model, *args, **kwargs)
+
+    def hidden(self, tokens, nb: int):
+        if nb < self.split_from:
+            return super().hidden(tokens, nb)
+        h = nb // 2
+        if self.side is None:                         # no streams: one half, then the other
+            return torch.cat([self.rows(tokens, 0, h), self.rows(tokens, h, nb)])
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)                   # the side stream starts after the inputs
+        first = self.rows(tokens, 0, h)
+        with torch.cuda.stream(self.side):
+            second = self.rows(tokens, h, nb)
+        main.wait_stream(self.side)                   # and rejoins before the logits
+        second.record_stream(main)
+        return torch.cat([first, second])
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser()
@@ -82,7 +107,7 @@ def main(argv=None):
                         "heuristic for the thin matmuls of a decode step")
     p.add_argument("--split-from", type=int, default=None,
                    help="also time graphs that run buckets of this size and up as two halves on "
-                        "two streams (DecodeGraphs(split_from=...)), next to the whole-batch "
+                        "two streams (HalvesDecodeGraphs), next to the whole-batch "
                         "graphs")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -99,8 +124,8 @@ def main(argv=None):
     model.use_ops(FUSED_OPS)
     graphs = DecodeGraphs(model, cache, B, per_seq, graphs=True)
     eager = DecodeGraphs(model, cache, B, per_seq, graphs=False)
-    split = DecodeGraphs(model, cache, B, per_seq, graphs=True,
-                         split_from=a.split_from) if a.split_from else None
+    split = HalvesDecodeGraphs(model, cache, B, per_seq, graphs=True,
+                               split_from=a.split_from) if a.split_from else None
     dtype_bytes = model.dtype.itemsize
     out = []
     for b in a.batch:

@@ -92,7 +92,7 @@ def test_decode_buffers_give_the_reference_tokens(tiny):
     ref = make_engine("continuous", tiny, max_batch=3, block_size=4, num_blocks=40).run(reqs)
     log = eng.run(reqs)
     assert [r.output_tokens for r in log.requests] == [r.output_tokens for r in ref.requests]
-    graphs = eng.runner.graphs
+    graphs = eng.runner.decoder
     assert isinstance(graphs, DecodeGraphs) and not graphs.graphs       # eager on the CPU
     decode = [s for s in log.steps if s.kind == "decode"]
     assert decode and all(s.slots == graphs.bucket(s.rows) for s in decode)   # pad rows counted
@@ -100,7 +100,7 @@ def test_decode_buffers_give_the_reference_tokens(tiny):
     cache = eng.cache
     assert [r.output_tokens for r in eng.run(reqs).requests] == \
         [r.output_tokens for r in ref.requests]
-    assert eng.cache is cache and eng.runner.graphs is graphs and cache.blocks.n_free == 40
+    assert eng.cache is cache and eng.runner.decoder is graphs and cache.blocks.n_free == 40
     with pytest.raises(ValueError, match="1 to 3 sequences"):
         graphs.step([])
 
@@ -642,9 +642,11 @@ def test_a_cache_too_small_for_a_bucket_s_tokens_still_has_its_shapes_precompile
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_a_decode_step_split_in_two_halves_gives_the_whole_step_s_tokens(device):
-    """``split_from``: from that bucket up a decode step runs as two halves of the batch (on two
-    streams inside the CUDA graph; one after the other on the CPU). The rows do not interact, so
-    each sequence must get the token the whole step gives it, and the cache the same keys."""
+    """bench/decode_step.py's ``HalvesDecodeGraphs``: from ``split_from`` sequences up a decode
+    step runs as two halves of the batch (on two streams inside the CUDA graph; one after the
+    other on the CPU). The rows do not interact, so each sequence must get the token the whole
+    step gives it, and the cache the same keys."""
+    from bench.decode_step import HalvesDecodeGraphs
     from course_lib.model.kv_cache import PagedKVCache
     from course_lib.model.llama import Llama
     model = Llama.from_hf(models.load("tiny", dtype="float32", device=device).model)
@@ -655,7 +657,8 @@ def test_a_decode_step_split_in_two_halves_gives_the_whole_step_s_tokens(device)
         for t in cache.k + cache.v:
             t.copy_(torch.randn(t.shape, generator=g))
         cache.grow_side_by_side({i: 5 + 3 * i for i in range(7)})
-        graphs = DecodeGraphs(model, cache, 8, 12, split_from=split)
+        graphs = DecodeGraphs(model, cache, 8, 12) if split is None else \
+            HalvesDecodeGraphs(model, cache, 8, 12, split_from=split)
         assert bool(graphs.graphs) == (device == "cuda")
         rows = [(11 + i, cache.lengths[i] - 1, cache.tables[i]) for i in range(7)]
         got[split] = (graphs.step(rows), graphs.step(rows[:3]), [k.clone() for k in cache.k])

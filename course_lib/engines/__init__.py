@@ -9,7 +9,8 @@
 * vllm: vLLM's offline ``LLM.generate`` in a process of its own (CUDA and vLLM only).
 
 An option given as None takes the engine's default. ``continuous`` given an option of the paged
-engine builds ``PagedEngine`` with that class's own defaults, named by ``legacy_name``."""
+engine builds ``PagedEngine`` with that class's own defaults, named by ``legacy_name`` (an alias
+the simulator and stored runs use)."""
 from __future__ import annotations
 
 import inspect
@@ -116,7 +117,7 @@ def make_engine(name: str, loaded, **options):
     """An engine by name, built on ``loaded`` with ``options`` (its constructor's keywords): one it
     does not take, or a value it refuses, raises ``EngineOptionError`` naming it."""
     _, spec, given = resolve(name, options)
-    legacy = name == "continuous" and spec.cls is PagedEngine   # compatibility: as it was built
+    legacy = name == "continuous" and spec.cls is PagedEngine   # the alias: no defaults
     defaults = {} if legacy else spec.resolved_defaults(on_cuda(loaded, given.get("model")))
     try:
         engine = spec.cls(loaded, **{**defaults, **given})

@@ -99,7 +99,7 @@ class ModelRunner:
         self._to_host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=cuda)
                          for _ in range(2)]
         self._parity = 0
-        self.cache = self.graphs = None
+        self.cache = self.decoder = None
         self.decode_forward = None     # a stand-in for a decode step's device work (bench/)
         self.now, self.sleep = time.perf_counter, time.sleep   # the engine lends its clock
 
@@ -111,11 +111,11 @@ class ModelRunner:
     def setup(self, cache, max_blocks: int):
         """The next run's cache, and the decode graphs over it (kept while they fit)."""
         self.cache = cache
-        if self.decode_path and (self.graphs is None or self.graphs.cache is not cache
-                                 or self.graphs.max_blocks < max_blocks):
-            self.graphs = DecodeGraphs(self.model, cache, self.max_batch, max_blocks,
-                                       self.temperature, graphs=self.cuda_graphs, last=self.last,
-                                       forward=self.decode_forward)
+        if self.decode_path and (self.decoder is None or self.decoder.cache is not cache
+                                 or self.decoder.max_blocks < max_blocks):
+            self.decoder = DecodeGraphs(self.model, cache, self.max_batch, max_blocks,
+                                        self.temperature, graphs=self.cuda_graphs, last=self.last,
+                                        forward=self.decode_forward)
 
     @torch.inference_mode()
     def precompile(self, max_tokens: int):
@@ -147,14 +147,14 @@ class ModelRunner:
     def launch(self, plan) -> InFlight:
         """Queue the step's forward pass on the device and return without waiting for it."""
         start, dev, sampled = self.now(), self.model.device, plan.sampled
-        if self.graphs is not None and plan.decode_only:
+        if self.decoder is not None and plan.decode_only:
             tables, rows = self.cache.tables, []
             for s in plan.seqs:
                 token = s.tokens[s.cached]
                 rows.append((0 if token is None else token, s.cached, tables[s.req.id],
                              s.src if token is None else -1))
-            self.graphs.launch(rows)
-            computed = self.graphs.bucket(len(rows))
+            self.decoder.launch(rows)
+            computed = self.decoder.bucket(len(rows))
         else:
             attn = self.attention_cls(self.cache, [(s.req.id, s.cached, n) for s, n in plan], dev)
             tokens = packed_inputs([(s.tokens[s.cached:s.cached + n], s.src) for s, n in plan],

@@ -17,7 +17,7 @@ from course_lib.model.llama import Llama
 
 
 class PagedEngine(Engine):
-    name = "continuous"
+    name = "paged"
     # its parts, as classes: an instance may take others (a learner's own, chapters 05 and 07)
     scheduler_class, block_manager_class = Scheduler, BlockManager
 
@@ -138,24 +138,27 @@ class PagedEngine(Engine):
             if not plan and self.in_flight:     # what may run next waits on the step in flight
                 self.complete()
                 continue
-            while not plan and len(sched.running) > 1:   # all stuck on a full cache: make room
+            # the scheduler preempts for decodes; when nothing fits and no step in flight can
+            # free blocks, the engine preempts
+            while not plan and len(sched.running) > 1:
                 sched.preempt(sched.victim())
                 plan = sched.schedule()
             if plan:
-                self.forward(plan)
+                self.step(plan)
             elif arrivals:
                 self.wait_until(arrivals[0].arrival_s)
             elif sched.waiting or sched.running:
                 raise RuntimeError("the scheduler found nothing to run")   # a bug, never a hang
 
-    def forward(self, plan):
+    def step(self, plan):
         """Launch a step, then take in the tokens of the step before it: with ``overlap``, while
         this one runs on the GPU (the host's bookkeeping and the next schedule hide behind it);
         without, this step's own tokens, as soon as they are known."""
-        launched = (self.runner.launch(plan), self.scheduler.launched(plan))
+        queued = self.runner.launch(plan)     # reads each sequence's ``cached`` tokens: first,
+        places = self.scheduler.launched(plan)     # as this advances ``cached``
         if self.in_flight:
             self.complete()
-        self.in_flight = launched
+        self.in_flight = queued, places
         if not self.overlap:
             self.complete()
 

@@ -44,7 +44,8 @@ class CachingAllocator(BlockAllocator):
         return super().allocate()
 
     def free(self, block: int):
-        self.repeats -= self.refs[block] - (block in self.content) > 1
+        if self.refs[block] - (block in self.content) > 1:     # not its last holder
+            self.repeats -= 1
         super().free(block)
         if self.refs[block] == 1 and block in self.content:
             self.idle[block] = None
@@ -62,7 +63,8 @@ class CachingAllocator(BlockAllocator):
         if block is None or self.content[block][1] != tokens:
             return None
         self.idle.pop(block, None)
-        self.repeats += self.refs[block] > 1           # a sequence holds it already
+        if self.refs[block] > 1:                       # a sequence holds it already
+            self.repeats += 1
         return self.share(block)
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 class Sequence:
     req: object
     tokens: list = field(default_factory=list)    # prompt + answer so far: what the cache must hold
-    cached: int = 0                                # of which in the cache
+    cached: int = 0       # of which the cache holds K and V (computed or prefix hits: vLLM's
+    #                       num_computed_tokens)
     # with overlap (chapter 09) the last token may still be on the device: None here, and ``src``
     # says where it is among the tokens the step in flight samples (``ModelRunner.last``)
     src: int = -1

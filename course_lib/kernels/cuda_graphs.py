@@ -23,16 +23,13 @@ def batch_buckets(max_batch: int) -> list:
 
 class DecodeGraphs:
     """Decode steps for up to ``max_batch`` sequences of up to ``max_blocks`` blocks.
-    ``forward(graphs, nb) -> tokens`` replaces a step's device work (e.g. to time the host);
-    ``split_from`` (an experiment): from that bucket up, two halves on two CUDA streams."""
+    ``forward(graphs, nb) -> tokens`` replaces a step's device work (e.g. to time the host)."""
 
     def __init__(self, model, cache, max_batch: int, max_blocks: int, temperature: float = 0.0,
-                 graphs: bool | None = None, last=None, split_from: int | None = None,
-                 forward=None):
+                 graphs: bool | None = None, last=None, forward=None):
         self.model, self.cache, self.temperature = model, cache, temperature
         self.work = self._forward if forward is None else (lambda nb: forward(self, nb))
-        self.device, self.split_from = model.device, split_from
-        self._side = torch.cuda.Stream() if split_from and self.device.type == "cuda" else None
+        self.device = model.device
         self.graphs_on = self.device.type == "cuda" if graphs is None else graphs
         self.buckets, self.max_blocks = batch_buckets(max_batch), max_blocks
         B = self.buckets[-1]
@@ -64,30 +61,19 @@ class DecodeGraphs:
         """The host buffer the next step is filled into, as a NumPy array."""
         return self._hosts[self._turn].numpy()
 
-    def _rows(self, tokens, a: int, b: int):
+    def rows(self, tokens, a: int, b: int):
         """The final hidden states of batch rows ``a .. b - 1``."""
         attn = DecodeAttention(self.cache, self.slots[a:b], self.tables[a:b], self.lengths[a:b])
         return self.model.hidden_states(tokens[a:b], self.positions[a:b], attn)
 
-    def _hidden(self, tokens, nb: int):
-        if not self.split_from or nb < self.split_from:
-            return self._rows(tokens, 0, nb)
-        h = nb // 2
-        if self._side is None:                            # no streams: one half, then the other
-            return torch.cat([self._rows(tokens, 0, h), self._rows(tokens, h, nb)])
-        main = torch.cuda.current_stream()
-        self._side.wait_stream(main)                      # the side stream starts after the inputs
-        first = self._rows(tokens, 0, h)
-        with torch.cuda.stream(self._side):
-            second = self._rows(tokens, h, nb)
-        main.wait_stream(self._side)                      # and rejoins before the logits
-        second.record_stream(main)
-        return torch.cat([first, second])
+    def hidden(self, tokens, nb: int):
+        """The first ``nb`` rows' hidden states (a subclass may compute them otherwise)."""
+        return self.rows(tokens, 0, nb)
 
     def _forward(self, nb: int):
         src = self.src[:nb]          # a token the host does not know yet: read it from ``last``
         tokens = torch.where(src >= 0, self.last[src.clamp(min=0)], self.tokens[:nb])
-        hidden = self._hidden(tokens, nb)
+        hidden = self.hidden(tokens, nb)
         # greedy needs no float32 copy of the logits: the argmax is the same
         out = sample(self.model.logits(hidden, float32=self.temperature > 0), self.temperature)
         self.last[:nb].copy_(out)

@@ -36,8 +36,9 @@ class ContiguousKVCache:
 
 
 class PagedKVCache:
-    """K and V per layer, ``(kv_heads, n_slots, d)``, in blocks of ``block_size`` slots. ``blocks``
-    (a ``BlockManager``) says which hold which tokens, and serves any attribute the cache lacks."""
+    """K and V per layer, ``(kv_heads, n_slots, d)``, in blocks of ``block_size`` slots (here a
+    *slot* is one token's place, vLLM's slot mapping; above, a batch row). ``blocks`` (a
+    ``BlockManager``) says which hold which tokens, and serves any attribute the cache lacks."""
 
     def __init__(self, shape, blocks, dtype=torch.float32, device="cpu"):
         self.blocks, self.block_size = blocks, blocks.block_size
