@@ -51,7 +51,7 @@ def test_a_tpot_target_caps_the_batch():
     # a decode step of k sequences takes 10 + 2k ms: a 30 ms target admits at most 10 of them
     log = run(SLO(tpot_s=0.030), admission=True)
     decodes = [s for s in log.steps if s.decode_tokens and not s.prefill_tokens]
-    assert max(s.rows for s in decodes) <= 10
+    assert max(s.rows for s in decodes) == 10          # capped at 10, and the cap is reached
     assert all(r.tpot_s <= 0.030 + 1e-9 for r in log.requests if r.finish_reason == "length")
     assert all(r.finish_reason == "length" for r in log.requests)      # queued, never refused
 
@@ -136,7 +136,20 @@ def test_the_curve_saturates_and_the_plots_draw():
         assert 0 <= r["on_time"] <= r["served"] and r["on_time"] == round(r["attainment"] * 40)
     free, gated = g[1], g[3]                      # at 320 req/s, without and with admission
     assert gated["served"] - gated["on_time"] < free["served"] - free["on_time"]
-    plots.throughput_latency(rows, measured=rows[:1])
-    plots.goodput_vs_load(g)
-    plots.queue_depth({"x": run(320, 2)})
-    plots.latency_distributions({"x": run(320, 2)})
+    # the plots draw these numbers: a curve per max_batch through the rates, the measured point
+    ax = plots.throughput_latency(rows, measured=rows[:1])
+    want = [[(by[b, r]["tokens_per_s"], by[b, r]["tpot_p50"]) for r in (5, 20, 80, 320)]
+            for b in (2, 16)] + [[(rows[0]["tokens_per_s"], rows[0]["tpot_p50"])]]
+    assert [list(zip(line.get_xdata(), line.get_ydata())) for line in ax.lines] == want
+    ax = plots.goodput_vs_load(g)
+    assert [list(line.get_ydata()) for line in ax.lines] == [
+        [r["goodput_rps"] for r in g[:2]], [r["goodput_rps"] for r in g[2:]]]
+    log = run(320, 2)
+    ax = plots.queue_depth({"x": log})
+    times, depth = queue_depth(log)
+    assert len(ax.lines) == 1 and list(ax.lines[0].get_ydata()) == list(depth) and max(depth) > 1
+    served = sum(r.finish_reason in ("eos", "length") for r in log.requests)
+    for ax in plots.latency_distributions({"x": log}):     # one CDF each, up to every request
+        cdf = [line for line in ax.lines if len(line.get_xdata()) > 2]
+        assert len(cdf) == 1 and len(cdf[0].get_xdata()) == served == 40
+        assert cdf[0].get_ydata()[-1] == 1.0

@@ -274,11 +274,9 @@ def _collect_exercises():
             params.append(pytest.param(path, e, id=f"{path.stem}::convention"))
             continue
         params += [pytest.param(path, ex, id=ex.id) for ex in exercises]
-    if not params:
-        params.append(
-            pytest.param(None, None, id="no-exercises", marks=pytest.mark.skip(
-                reason="no notebook in notebooks/ has exercises yet"))
-        )
+    if not params:  # fails, not skipped: the checks below would otherwise test nothing
+        params.append(pytest.param(NOTEBOOKS, AssertionError("no notebook has an exercise"),
+                                   id="no-exercises"))
     return params
 
 
@@ -337,6 +335,19 @@ def test_exercise(path, exercise, fresh_namespace):
             "copy; "
             "it must raise when the answer is missing"
         )
+
+
+def test_every_check_of_the_library_is_run_by_an_exercise_found_here():
+    """``test_exercise`` runs each check cell on the solution and on the student copy: every
+    ``check_*`` of ``course_lib.lab.exercises`` must be called in the check cell of an exercise
+    that the convention finds (a check called elsewhere is never tried on a stub)."""
+    from course_lib.lab import exercises
+
+    checks = {n for n, f in vars(exercises).items() if n.startswith("check_") and callable(f)}
+    found = [p.values[1] for p in _collect_exercises()]
+    assert not [e for e in found if isinstance(e, Exception)], found
+    called = {n for e in found for n in re.findall(r"\b(check_\w+)\(", e.check_source)}
+    assert checks <= called, f"checks no exercise's check cell calls: {sorted(checks - called)}"
 
 
 # --------------------------------------------------------------------------- (c)

@@ -2,6 +2,7 @@
 off-by-one, a forgotten factor, padding on the wrong side, admitting before arrival, a static loop
 that refills mid-batch, a continuous loop that keeps finished rows, ..."""
 import math
+import random
 from collections import deque
 
 import pytest
@@ -46,7 +47,8 @@ SIMPLE = {   # check: (right answer, {wrong answer: what is wrong with it})
     "check_rms_norm": (rms_norm, {
         "mean over the whole tensor": lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).mean() + eps),
         "no weight": lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps),
-        "sum, not mean": lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).sum(-1, True) + eps)}),
+        "sum, not mean": lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).sum(-1, True) + eps),
+        "eps ignored": lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))}),
     "check_kv_cache_bytes": (_kv_bytes(), {
         "query heads instead of KV heads": _kv_bytes(heads="num_attention_heads"),
         "K only, not V": _kv_bytes(factor=1)}),
@@ -61,6 +63,7 @@ SIMPLE = {   # check: (right answer, {wrong answer: what is wrong with it})
             torch.tensor([list(r) + [pad] * (max(map(len, rows)) - len(r)) for r in rows]),
             torch.zeros(len(rows), dtype=torch.long)),
         "start off by one": lambda rows, pad: (left_pad(rows, pad)[0], left_pad(rows, pad)[1] + 1),
+        "pads with 0, whatever pad is asked": lambda rows, pad: left_pad(rows, 0),
     }),
     "check_prefill_mask": (
         lambda start, T: padded_visibility(start, torch.arange(T).expand(len(start), T), T), {
@@ -96,6 +99,38 @@ def accepts_right_rejects_wrong(check, cases, capsys):
 @pytest.mark.parametrize("check", SIMPLE)
 def test_check_accepts_the_right_answer_and_rejects_wrong_ones(check, capsys):
     accepts_right_rejects_wrong(check, SIMPLE, capsys)
+
+
+def accepted_on_draws(check, wrong, draws, monkeypatch):
+    """The seeds of ``exercises._rng`` (the checks' random cases), of ``range(draws)``, on which
+    ``check`` accepts ``wrong``. A mistake caught on some draws only passes some learners: the
+    case that shows it must be in every draw."""
+    accepted = []
+    for seed in range(draws):
+        monkeypatch.setattr(ex, "_rng", random.Random(seed))
+        try:
+            check(wrong)
+        except AssertionError:
+            continue
+        accepted.append(seed)
+    return accepted
+
+
+def _tpot_zero(arrival, times):
+    return times[0] - arrival, (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+
+
+def test_ttft_tpot_check_rejects_a_one_token_tpot_of_0_on_every_draw(monkeypatch, capsys):
+    accepted = accepted_on_draws(ex.check_ttft_tpot, _tpot_zero, 100, monkeypatch)
+    assert not accepted, (f"check_ttft_tpot accepts TPOT 0.0 (not None) for a one-token answer "
+                          f"on {len(accepted)} of 100 draws (seeds {accepted[:5]}...)")
+
+
+def test_every_check_of_chapters_00_to_04_is_tried():
+    end = ex.check_chunk_sizes.__code__.co_firstlineno
+    checks = {n for n, f in vars(ex).items() if n.startswith("check_") and callable(f)
+              and f.__code__.co_firstlineno < end}
+    assert checks == set(SIMPLE) | set(LOOPS)
 
 
 # ------------------------------------------------- the batch loops, on the real model (slower)

@@ -57,7 +57,7 @@ def percentile(values, q, nearest=False):
 
 
 class RightOnTheTableOnly:
-    """Right on the check's table of cases (its first 200 calls), then admits everything: the
+    """Right on the check's table of cases (its first 202 calls), then admits everything: the
     engine part of the check must see it."""
 
     def __init__(self):
@@ -65,7 +65,7 @@ class RightOnTheTableOnly:
 
     def __call__(self, *args):
         self.calls += 1
-        return admission_rule(*args) if self.calls <= 200 else "admit"
+        return admission_rule(*args) if self.calls <= 202 else "admit"
 
 
 class AllocatorHandingOutTwice(BlockAllocator):
@@ -133,6 +133,11 @@ RIGHT_AND_WRONG = {
     "check_admission_rule": (admission_rule, [
         lambda w, f, d, ttft, tpot: "queue" if d > tpot else admission_rule(w, f, d, ttft, tpot),
         lambda w, f, d, ttft, tpot: admission_rule(0.0, f, d, ttft, tpot),
+        # refuses a first token due exactly at the TTFT target; queues at exactly the TPOT target
+        lambda w, f, d, ttft, tpot: "refuse" if w + f >= ttft else admission_rule(w, f, d, ttft,
+                                                                                  tpot),
+        lambda w, f, d, ttft, tpot: "queue" if w + f <= ttft and d >= tpot else admission_rule(
+            w, f, d, ttft, tpot),
         RightOnTheTableOnly()]),
     "check_tile_slots": (tile_slots, [
         lambda *a: tile_slots(*a, shift=1),
@@ -163,6 +168,23 @@ RIGHT_AND_WRONG = {
         lambda running: running[0],                                       # the oldest
         lambda running: running[-2] if len(running) > 1 else running[0]]),  # one off
 }
+
+
+BOUNDARY = {   # mistakes that a check's random cases show on some draws only
+    "check_steps_to_prefill": ("ceil as floor + 1 (wrong when the steps divide the prompt)",
+                               lambda p, b, d: p // (b - d) + 1),
+    "check_tile_slots": ("valid up to end inclusive", lambda t, s, n, bs, end: (
+        tile_slots(t, s, n, bs, end)[0], torch.arange(s, s + n) <= end)),
+}
+
+
+@pytest.mark.parametrize("name", BOUNDARY)
+def test_the_check_raises_on_a_boundary_mistake_on_every_draw(name, monkeypatch, capsys):
+    from test_checks_ch00_04 import accepted_on_draws
+    why, wrong = BOUNDARY[name]
+    accepted = accepted_on_draws(getattr(ex, name), wrong, 300, monkeypatch)
+    assert not accepted, (f"{name} accepts a wrong answer ({why}) on {len(accepted)} of 300 "
+                          f"draws (seeds {accepted[:5]}...)")
 
 
 @pytest.mark.parametrize("name", RIGHT_AND_WRONG)

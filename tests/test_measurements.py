@@ -70,8 +70,16 @@ def test_batch_size_explorer_runs_nothing_until_clicked(tiny_model, monkeypatch)
     from course_lib.lab import widgets
     calls = []
     monkeypatch.setattr(roofline, "time_step", lambda *a, **k: calls.append(a) or 0.01)
-    widgets.batch_size_explorer(tiny_model, PEAKS, context=8)
+    ui = widgets.batch_size_explorer(tiny_model, PEAKS, context=8)
     assert calls == []
+    # and a click times the chosen batch and each smaller power of two, once
+    monkeypatch.setattr(widgets, "clear_output", lambda wait=False: None)
+    ui.children[0].value = 2                                  # log2(batch)
+    ui.children[-2].click()
+    assert [a[1] for a in calls] == [1, 2, 4]
+    ui.children[-2].click()
+    assert len(calls) == 3
+    matplotlib.pyplot.close("all")
 
 
 def test_stored_gpu_results_carry_their_provenance():
@@ -160,7 +168,10 @@ def test_the_mlp_in_chunks_of_tokens_gives_the_whole_mlp():
     x = torch.randn(37, 16)
     whole = torch.full((37, 16), float("nan"))
     mlp(x, weights, whole, None, silu_mul)
-    assert not whole.isnan().any()
+    # the layers are not chained: what stays is the last layer's SwiGLU MLP of x, worked out here
+    w_gate_up, w_down = weights[-1]
+    gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
+    torch.testing.assert_close(whole, silu_mul(gate, up) @ w_down.t(), rtol=1e-5, atol=1e-5)
     for chunk in (1, 8, 10, 36, 37, 64):
         out = torch.full((37, 16), float("nan"))
         mlp(x, weights, out, chunk, silu_mul)

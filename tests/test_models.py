@@ -1,5 +1,6 @@
 """Model presets and the errors a learner sees when something is missing."""
 import importlib.metadata
+import math
 
 import pytest
 import torch
@@ -64,4 +65,13 @@ def test_processes_converting_the_weights_at_once_share_one_copy(monkeypatch, tm
         folders = set(pool.map(_convert, range(2)))
     assert folders == {str(tmp_path / "smollm2-135m")}
     assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m"]          # nothing left over
-    assert (tmp_path / "smollm2-135m" / "model.safetensors").exists()
+    # one whole copy: the config, the tokenizer and every weight (the tied head stored once)
+    folder = tmp_path / "smollm2-135m"
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= {p.name for p in
+                                                                      folder.iterdir()}
+    from safetensors import safe_open
+    from transformers import LlamaConfig
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert stored == models.parameter_count(
+        LlamaConfig(**models.PRESETS["smollm2-135m"].config))["total"]

@@ -217,24 +217,27 @@ def test_the_host_time_between_steps_counts_unless_a_request_arrives_in_it():
     assert [s.seconds for s in with_host_time(steps, [0.0, 2.5])] == [1.5, 0.5, 1.0]
 
 
-MISSED = pytest.mark.xfail(strict=True, reason="on the CPU's sweep of single runs the TTFT p50 of "
-                           "one unfitted run, at the knee of its curve, is off by more than 30% "
-                           "(1 of 11); against the medians of repeated runs, none is")
+# on the CPU's sweep of single runs the TTFT p50 of one unfitted run, at the knee of its curve, is
+# off by more than 30% (1 of 11); against the medians of repeated runs, none is. Named, so that a
+# second miss fails (an xfail would have absorbed it, and any other error too)
+KNEE = "paged, gather, blocks of 16, B=8, chat, n=24, 4 req/s"
 
 
-@pytest.mark.parametrize("name,metric,bound", [
-    ("cpu/simulator_cpu.json", "output_tokens_per_s", 0.15),
-    pytest.param("cpu/simulator_cpu.json", "ttft_p50_s", 0.30, marks=MISSED),
-    ("simulator_nvidia-h200.json", "output_tokens_per_s", 0.15),
-    ("simulator_nvidia-h200.json", "ttft_p50_s", 0.30),
-    ("cpu/simulator_cpu_repeats.json", "output_tokens_per_s", 0.15),
-    ("cpu/simulator_cpu_repeats.json", "ttft_p50_s", 0.30),
-    ("simulator_nvidia-h200_repeats.json", "output_tokens_per_s", 0.15),
-    ("simulator_nvidia-h200_repeats.json", "ttft_p50_s", 0.30)])
-def test_the_stored_validation_predicts_runs_it_was_not_fitted_on(name, metric, bound):
-    """Throughput within 15% and TTFT p50 within 30% on every run not fitted on; on the CPU these
-    include other batch sizes and other arrival rates than the fitted runs'. A sweep of repeated
-    runs is held to each point's median (``simulator_validation --medians``)."""
+@pytest.mark.parametrize("name,metric,bound,known_misses", [
+    ("cpu/simulator_cpu.json", "output_tokens_per_s", 0.15, set()),
+    ("cpu/simulator_cpu.json", "ttft_p50_s", 0.30, {KNEE}),
+    ("simulator_nvidia-h200.json", "output_tokens_per_s", 0.15, set()),
+    ("simulator_nvidia-h200.json", "ttft_p50_s", 0.30, set()),
+    ("cpu/simulator_cpu_repeats.json", "output_tokens_per_s", 0.15, set()),
+    ("cpu/simulator_cpu_repeats.json", "ttft_p50_s", 0.30, set()),
+    ("simulator_nvidia-h200_repeats.json", "output_tokens_per_s", 0.15, set()),
+    ("simulator_nvidia-h200_repeats.json", "ttft_p50_s", 0.30, set())])
+def test_the_stored_validation_predicts_runs_it_was_not_fitted_on(name, metric, bound,
+                                                                  known_misses):
+    """Throughput within 15% and TTFT p50 within 30% on every run not fitted on, but the misses
+    named; on the CPU these include other batch sizes and other arrival rates than the fitted
+    runs'. A sweep of repeated runs is held to each point's median (``simulator_validation
+    --medians``)."""
     v = load_result(name)
     points = v.get("medians", v["rows"])
     assert "medians" in v or "repeats" not in name
@@ -246,7 +249,7 @@ def test_the_stored_validation_predicts_runs_it_was_not_fitted_on(name, metric, 
     assert other["arrival_rate"] or name == "simulator_nvidia-h200.json", "no run at another rate"
     missed = [(r["run"], round(r[metric]["error"], 3)) for r in predicted
               if abs(r[metric]["error"]) > bound]
-    assert not missed, missed
+    assert {run for run, _ in missed} == known_misses, missed
 
 
 @pytest.mark.parametrize("name,folder", [("cpu/simulator_cpu.json", "cpu/"),
