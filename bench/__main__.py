@@ -12,6 +12,7 @@ EXPERIMENTS = {     # module in bench/ -> what it measures
     "decode_step": "ch 09: whole decode steps per batch size (graph replay, unfused, eager)",
     "profile_decode": "ch 09: torch.profiler of decode steps and one mixed step, by kernel",
     "tune_decode_kernel": "ch 09: the Triton decode kernel's knobs swept per batch size",
+    "decode_lengths": "ch 09: the decode kernel on equal and lognormal context lengths",
     "thin_matmuls": "ch 09: the decode step's matmuls alone: cuBLAS, cuBLASLt, Inductor",
     "thin_gemv": "ch 09: small-batch projections, cuBLAS against a plain Triton kernel",
     "l2_prefetch": "ch 09: small-batch projections with the next weights read into L2 beside them",
