@@ -3,12 +3,13 @@ program per (sequence, KV head), each walking its whole context: when lengths va
 workload), the longest programs may finish long after the rest. This times one decode step's
 attention calls (every layer, one CUDA graph, as ``tune_decode_kernel``) for contexts of equal
 lengths and of lognormal lengths with the same mean, the batch in arrival order and sorted longest
-first, at several ``programs`` targets (a larger target gives long contexts several splits; short
-ones leave their extra splits empty), as a share of the measured copy bandwidth.
+first, at several caps on a split's tokens (``longest_split``: a long context in several programs,
+a short one's extra splits empty) and ``programs`` targets, as a share of the copy bandwidth.
 
     python -m bench decode_lengths --batch 128 256 512 --mean 700 --out DIR
 """
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def main(argv=None):
     p.add_argument("--model", default="llama-1b-dummy")
     p.add_argument("--batch", type=int, nargs="+", default=[128, 256, 512])
     p.add_argument("--mean", type=int, default=700, help="mean context tokens per sequence")
-    p.add_argument("--programs", type=int, nargs="+", default=[512, 2048, 8192, 32768])
+    p.add_argument("--programs", type=int, nargs="+", default=[512])
+    p.add_argument("--longest-split", type=int, nargs="+", default=[0, 256, 512, 1024],
+                   help="tokens per split at most (0: no cap, the library's default)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from transformers import LlamaConfig
@@ -76,17 +79,19 @@ def main(argv=None):
             kv = kv_bytes_per_token(shape, 2) * sum(lengths) / shape.n_layers   # bytes per call
             for order, idx in orders.items():
                 t, n = tables[idx].contiguous(), lens[idx].contiguous()
-                for programs in a.programs:
+                for programs, longest in itertools.product(a.programs, a.longest_split):
                     def fn():
                         for layer in range(shape.n_layers):
                             paged_decode(q, cache.k[layer], cache.v[layer], t, n, 16,
-                                         programs=programs)
+                                         programs=programs, longest_split=longest or None)
                     us = time_ms(fn) / shape.n_layers * 1e3
                     share = kv / (us / 1e6) / peaks.bandwidth
                     rows.append({"batch": b, "lengths": kind, "order": order,
-                                 "programs": programs, "max_tokens": max(lengths),
+                                 "programs": programs, "longest_split": longest,
+                                 "max_tokens": max(lengths),
                                  "us_per_call": us, "bandwidth_share": share})
-                    print(f"B={b:4d} {kind:9s} {order:13s} programs {programs:6d}: "
+                    print(f"B={b:4d} {kind:9s} {order:13s} programs {programs:6d} "
+                          f"longest split {longest or '-':>5}: "
                           f"{us:7.1f} us a call, {share:4.0%} of the copy bandwidth", flush=True)
     if a.out:
         name = torch.cuda.get_device_name().lower().replace(" ", "-")

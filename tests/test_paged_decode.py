@@ -55,7 +55,8 @@ def test_the_triton_kernel_in_the_interpreter():
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert len(rows) == 4 and {row["splits"] > 1 for row in rows} == {True, False}   # both grids
+    assert len(rows) == 5 and {row["splits"] > 1 for row in rows} == {True, False}   # both grids
+    assert rows[-1]["knobs"] == {"longest_split": 32} and rows[-1]["splits"] > 1   # 256 split
     for row in rows:
         assert row["all_written"], f"every output element must be written: {row}"
         assert row["max_abs_error"] < 1e-5, row

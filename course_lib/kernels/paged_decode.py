@@ -108,7 +108,8 @@ if triton is not None:
 BLOCK_N = 64          # tokens per loop iteration of the kernel
 PROGRAMS = 512        # programs that keep an H100/H200 busy (132 SMs, a few programs each)
 TRITON_LAUNCH = {"num_warps": 4, "num_stages": 2}   # Triton's settings for every launch
-TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS}   # a call's defaults, with TRITON_LAUNCH
+# a call's defaults, with TRITON_LAUNCH; ``longest_split``: tokens per split at most (None: any)
+TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS, "longest_split": None}
 
 
 def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
@@ -127,6 +128,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
                            "PyTorch); use paged_decode_reference on the CPU")
     knobs = {**TUNING, **TRITON_LAUNCH, **knobs}
     block_n, programs = knobs.pop("block_n"), knobs.pop("programs")   # the rest: Triton's own
+    longest = knobs.pop("longest_split")
     B, heads, d = q.shape
     kv_heads = k_cache.shape[0]
     assert k_cache.stride(-1) == 1 and q.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
@@ -135,6 +137,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     G = heads // kv_heads
     max_tokens = block_tables.shape[1] * block_size
     S = n_splits(B, kv_heads, max_tokens, block_n, programs)
+    if longest:         # unequal contexts: a long one in several programs (short ones' splits idle)
+        S = max(S, -(-max_tokens // longest))
     split_tokens = -(-max_tokens // S // block_n) * block_n
     consts = dict(H=heads, G=G, D=d, BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
                   BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, SPLIT=S > 1,
@@ -150,7 +154,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     l = torch.empty_like(m)
     _paged_decode_kernel[(B, kv_heads, S)](*inputs, part, m, l, d ** -0.5, *strides,
                                            *part.stride()[:3], S, split_tokens, **consts)
-    most = n_splits(1, kv_heads, 1 << 30, block_n, programs)     # the most splits: one kernel
+    # the most splits the target allows, so that one combine kernel serves every batch
+    most = S if longest else n_splits(1, kv_heads, 1 << 30, block_n, programs)
     _combine_kernel[(B * heads,)](part, m, l, out, out.stride(0), out.stride(1), S, H=heads, D=d,
                                   BLOCK_S=triton.next_power_of_2(most),
                                   BLOCK_D=triton.next_power_of_2(d))
@@ -180,18 +185,22 @@ SELFCHECK_SHAPE = LlamaShape(100, 64, 128, 1, n_heads=8, n_kv_heads=2, head_dim=
                              rope_theta=1e4, eps=1e-5, eos_token_id=0, max_context=4096)
 
 
-def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16)), device="cpu",
-              dtype=torch.float32):
-    """The kernel against the reference on random caches, a row per ``(B, block_size)``: splits,
-    every element written, ``errors``. On a CPU: ``TRITON_INTERPRET=1`` before importing Triton."""
+def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16),
+                                            (256, 16, {"longest_split": 32})),
+              device="cpu", dtype=torch.float32):
+    """The kernel against the reference on random caches, a row per ``(B, block_size[, knobs])``:
+    splits, every element written, ``errors``. On a CPU: ``TRITON_INTERPRET=1`` before importing
+    Triton."""
     rows = []
-    for seed, (B, block_size) in enumerate(cases):
+    for seed, (B, block_size, *knobs) in enumerate(cases):
         cache, q, tables, lengths = random_decode_step(shape, B, block_size, device, dtype, seed)
         out = torch.full_like(q, float("nan"))
-        paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size, out=out)
+        knobs = knobs[0] if knobs else {}
+        paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size, out=out, **knobs)
         ref = paged_decode_reference(q, cache.k[0], cache.v[0], tables, lengths, block_size)
-        rows.append({"batch": B, "block_size": block_size,
-                     "splits": n_splits(B, shape.n_kv_heads, tables.shape[1] * block_size),
+        tokens, cap = tables.shape[1] * block_size, knobs.get("longest_split") or 1 << 30
+        splits = max(n_splits(B, shape.n_kv_heads, tokens), -(-tokens // cap))
+        rows.append({"batch": B, "block_size": block_size, "knobs": knobs, "splits": splits,
                      "all_written": not out.isnan().any().item(), **errors(out, ref)})
     return rows
 
