@@ -13,7 +13,9 @@ import argparse
 import sys
 
 from bench import command
+from bench.decode_step import parse_knobs
 from course_lib.bench import save_result
+from course_lib.kernels import paged_decode
 from course_lib.measure.ladder import run_ladder
 from course_lib.model import models
 
@@ -39,13 +41,18 @@ def main(argv=None):
                    help="fewer requests for the unbatched baseline (it is slow)")
     p.add_argument("--no-tokens", dest="tokens", action="store_false",
                    help="leave each request's output tokens out of the JSON")
+    p.add_argument("--decode-knobs", default="",
+                   help="the paged decode kernel's TUNING for every rung, e.g. longest_split=512")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    paged_decode.TUNING.update(parse_knobs(a.decode_knobs))
     loaded = models.load(a.model, dtype=a.dtype, device=a.device)
     cmd = command("run_ladder", argv)
     result = run_ladder(loaded, a.model, a.workload, a.engines, a.n, a.max_batch, a.big_batch,
                         a.max_num_batched_tokens, a.dtype, a.device, a.max_new_tokens, a.tokens,
                         a.sequential_n, after_each=lambda partial: save_result(partial, a.out, cmd))
+    if a.decode_knobs:
+        result["decode_tuning"] = dict(paged_decode.TUNING)
     save_result(result, a.out, cmd)
     print("wrote", a.out, flush=True)
 
