@@ -44,6 +44,8 @@ def test_splits_keep_the_gpu_busy_and_vanish_at_large_batch():
     assert n_splits(8, 8, 1024, 64) == 8
     assert n_splits(64, 8, 1024, 64) == 1            # 512 programs without splitting
     assert n_splits(1, 8, 100, 64) == 2              # never a split shorter than a tile
+    assert n_splits(64, 8, 1024, 64, longest_split=256) == 4     # a long context: 4 programs
+    assert n_splits(1, 8, 1024, 64, longest_split=256) == 16     # never fewer than without it
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")

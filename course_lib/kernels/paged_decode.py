@@ -113,10 +113,13 @@ TUNING = {"block_n": BLOCK_N, "programs": PROGRAMS, "longest_split": None}
 
 
 def n_splits(batch: int, kv_heads: int, max_tokens: int, block_n: int = BLOCK_N,
-             programs: int = PROGRAMS) -> int:
+             programs: int = PROGRAMS, longest_split: int | None = None) -> int:
     """How many splits per sequence keep about ``programs`` programs busy, each split at least
-    ``block_n`` tokens long (1 when the batch alone gives enough programs)."""
-    return max(1, min(-(-programs // (batch * kv_heads)), -(-max_tokens // block_n)))
+    ``block_n`` tokens long (1 when the batch alone gives enough programs); with
+    ``longest_split``, enough that none holds more tokens (for contexts of unequal length: a long
+    one in several programs, a short one's extra splits idle)."""
+    s = max(1, min(-(-programs // (batch * kv_heads)), -(-max_tokens // block_n)))
+    return max(s, -(-max_tokens // longest_split)) if longest_split else s
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, out=None, **knobs):
@@ -136,9 +139,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, lengths, block_size: int, ou
     out = torch.empty_like(q) if out is None else out
     G = heads // kv_heads
     max_tokens = block_tables.shape[1] * block_size
-    S = n_splits(B, kv_heads, max_tokens, block_n, programs)
-    if longest:         # unequal contexts: a long one in several programs (short ones' splits idle)
-        S = max(S, -(-max_tokens // longest))
+    S = n_splits(B, kv_heads, max_tokens, block_n, programs, longest)
     split_tokens = -(-max_tokens // S // block_n) * block_n
     consts = dict(H=heads, G=G, D=d, BS=block_size, BLOCK_G=max(16, triton.next_power_of_2(G)),
                   BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, SPLIT=S > 1,
@@ -198,8 +199,8 @@ def selfcheck(shape=SELFCHECK_SHAPE, cases=((5, 16), (5, 7), (5, 32), (256, 16),
         knobs = knobs[0] if knobs else {}
         paged_decode(q, cache.k[0], cache.v[0], tables, lengths, block_size, out=out, **knobs)
         ref = paged_decode_reference(q, cache.k[0], cache.v[0], tables, lengths, block_size)
-        tokens, cap = tables.shape[1] * block_size, knobs.get("longest_split") or 1 << 30
-        splits = max(n_splits(B, shape.n_kv_heads, tokens), -(-tokens // cap))
+        splits = n_splits(B, shape.n_kv_heads, tables.shape[1] * block_size,
+                          longest_split=knobs.get("longest_split"))
         rows.append({"batch": B, "block_size": block_size, "knobs": knobs, "splits": splits,
                      "all_written": not out.isnan().any().item(), **errors(out, ref)})
     return rows
