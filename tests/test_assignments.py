@@ -339,11 +339,11 @@ def test_exercise(path, exercise, fresh_namespace):
 
 def test_every_check_of_the_library_is_run_by_an_exercise_found_here():
     """``test_exercise`` runs each check cell on the solution and on the student copy: every
-    ``check_*`` of ``course_lib.lab.exercises`` must be called in the check cell of an exercise
+    ``check_*`` of ``checks`` must be called in the check cell of an exercise
     that the convention finds (a check called elsewhere is never tried on a stub)."""
-    from course_lib.lab import exercises
+    import checks as package
 
-    checks = {n for n, f in vars(exercises).items() if n.startswith("check_") and callable(f)}
+    checks = {n for n, f in vars(package).items() if n.startswith("check_") and callable(f)}
     found = [p.values[1] for p in _collect_exercises()]
     assert not [e for e in found if isinstance(e, Exception)], found
     called = {n for e in found for n in re.findall(r"\b(check_\w+)\(", e.check_source)}

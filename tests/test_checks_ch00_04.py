@@ -3,17 +3,19 @@ off-by-one, a forgotten factor, padding on the wrong side, admitting before arri
 that refills mid-batch, a continuous loop that keeps finished rows, ..."""
 import math
 import random
+import sys
 from collections import deque
 
 import pytest
 import torch
 
+import checks as ex
+from checks import chapters_00_04
 from course_lib.engines.continuous import ContinuousEngine, admit
 from course_lib.engines.dynamic import fits
 from course_lib.engines.padded import Seq
 from course_lib.engines.runner import Row, left_pad
 from course_lib.engines.static import StaticEngine
-from course_lib.lab import exercises as ex
 from course_lib.model.attention import padded_visibility
 from course_lib.model.llama import rms_norm
 
@@ -102,12 +104,12 @@ def test_check_accepts_the_right_answer_and_rejects_wrong_ones(check, capsys):
 
 
 def accepted_on_draws(check, wrong, draws, monkeypatch):
-    """The seeds of ``exercises._rng`` (the checks' random cases), of ``range(draws)``, on which
+    """The seeds of the check module's ``_rng`` (its random cases), of ``range(draws)``, on which
     ``check`` accepts ``wrong``. A mistake caught on some draws only passes some learners: the
     case that shows it must be in every draw."""
     accepted = []
     for seed in range(draws):
-        monkeypatch.setattr(ex, "_rng", random.Random(seed))
+        monkeypatch.setattr(sys.modules[check.__module__], "_rng", random.Random(seed))
         try:
             check(wrong)
         except AssertionError:
@@ -127,9 +129,7 @@ def test_ttft_tpot_check_rejects_a_one_token_tpot_of_0_on_every_draw(monkeypatch
 
 
 def test_every_check_of_chapters_00_to_04_is_tried():
-    end = ex.check_chunk_sizes.__code__.co_firstlineno
-    checks = {n for n, f in vars(ex).items() if n.startswith("check_") and callable(f)
-              and f.__code__.co_firstlineno < end}
+    checks = {n for n in vars(chapters_00_04) if n.startswith("check_")}
     assert checks == set(SIMPLE) | set(LOOPS)
 
 

@@ -37,7 +37,7 @@ def reference() -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# Two exercises"),
                 nbformat.v4.new_code_cell(
-                    "from course_lib.lab.exercises import check_cu_seqlens, check_fits"),
+                    "from checks import check_cu_seqlens, check_fits"),
                 nbformat.v4.new_code_cell(FITS), nbformat.v4.new_code_cell("check_fits(fits)"),
                 nbformat.v4.new_code_cell("x = 1"),
                 nbformat.v4.new_code_cell(CU),

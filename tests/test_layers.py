@@ -94,3 +94,15 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({**edges, b: edges[b] | {a}}) is not None      # one edge back: a cycle
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_library_never_imports_the_exercise_checks():
+    """``checks/`` grades the library from above: a library module that imported it would tie the
+    engines to the exercises."""
+    found = [f"{p.relative_to(LIB.parent)}: {name}" for p in LIB.rglob("*.py")
+             for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, (ast.Import, ast.ImportFrom))
+             for name in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                          else [node.module or ""])
+             if name.split(".")[0] == "checks"]
+    assert not found, found

@@ -1,300 +1,33 @@
-"""Checks for the notebooks' exercises. Each ``check_*`` calls the learner's function on fresh
-inputs, compares with the course's reference, prints one line when it is right and raises
-``AssertionError`` (with a hint) when it is not."""
+"""The checks of chapters 05-09: the token budget, packing, the block manager, preemption and
+prefix caching, admission, and the CUDA engine's pieces; most plug the learner's code into the
+paged engine and compare its answers with Hugging Face's."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import math
-import operator
 import random
-import time
-from collections import deque
 from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
 import torch
-from transformers import LlamaConfig
 
+from checks.common import as_tensor, close, compare, ok, smollm
 from course_lib.engines import make_engine
 from course_lib.engines.block_manager import BlockManager, OutOfBlocks
-from course_lib.engines.continuous import ContinuousEngine, admit
-from course_lib.engines.dynamic import fits
 from course_lib.engines.model_runner import packed_inputs
 from course_lib.engines.policies import SLO, AdmissionController
 from course_lib.engines.prefix_cache import PrefixCachingBlockManager
-from course_lib.engines.runner import left_pad
 from course_lib.engines.scheduler import Scheduler, budget_step, chunk_sizes
-from course_lib.engines.static import StaticEngine
 from course_lib.measure.costmodel import FEATURES, StepCost
-from course_lib.measure.metrics import RequestRecord, Step
 from course_lib.measure.simulator import simulate
 from course_lib.model import attention, models
-from course_lib.model.kv_cache import PagedKVCache, kv_bytes_per_token
-from course_lib.model.llama import Llama, LlamaShape, rms_norm
+from course_lib.model.kv_cache import PagedKVCache
+from course_lib.model.llama import LlamaShape
 from course_lib.requests import Request, chat_workload, poisson_arrivals
 
 _rng = random.Random()     # the checks' own random inputs, apart from the notebook's
-
-
-def _ok(msg):
-    print(f"✓ {msg}")
-
-
-def _compare(fn, ref, cases, where: str, hint: str = "", same=operator.eq):
-    """Each case, a tuple of arguments: ``fn`` must give what ``ref`` gives (by ``same``). A
-    failure names the case as ``where.format(*case)``, then adds ``hint``."""
-    for case in cases:
-        got, want = fn(*copy.deepcopy(case)), ref(*case)
-        assert same(got, want), f"{where.format(*case)}: got {got}, expected {want}{hint}"
-
-
-def _tensor(got, shape, dtype=None):
-    """The learner's result as a tensor, checked to have ``shape``."""
-    assert got is not None, "your function returns nothing"
-    got = torch.as_tensor(got, dtype=dtype)
-    assert got.shape == shape, f"shape {tuple(got.shape)}, expected {tuple(shape)}"
-    return got
-
-
-def _close(got, want) -> bool:
-    """``got`` equals ``want`` up to rounding; None only where ``want`` is None."""
-    if got is None or want is None:
-        return got is want
-    return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
-
-
-# ---------------------------------------------------------------- chapter 00
-def check_rms_norm(fn):
-    g = torch.Generator().manual_seed(random.randrange(1 << 30))
-    # the last case has small values, where eps changes the result
-    for shape, scale, eps in [((5, 16), 3, 1e-5), ((2, 3, 64), 3, 1e-5), ((576,), 3, 1e-5),
-                              ((4, 32), 0.1, 1e-2)]:
-        x = torch.randn(*shape, generator=g) * scale
-        w = torch.rand(shape[-1], generator=g) + 0.5
-        got = _tensor(fn(x, w, eps), x.shape)
-        assert torch.allclose(got, rms_norm(x, w, eps), rtol=1e-4, atol=1e-5), (
-            "values differ: divide x by sqrt(mean(x**2 over the last dimension) + eps), "
-            "then multiply by the weight")
-    _ok("rms_norm matches the model's normalisation")
-
-
-def check_kv_cache_bytes(fn):
-    for name, preset in models.PRESETS.items():
-        cfg = LlamaConfig(**preset.config)
-        _compare(fn, lambda config, n, b: n * kv_bytes_per_token(LlamaShape.from_config(config), b),
-                 [(cfg, 1, 4), (cfg, random.randint(2, 5000), 2)],
-                 f"{name}, {{1}} tokens at {{2}} bytes", ". Hint: K and V, every layer, "
-                 "num_key_value_heads (not num_attention_heads) x head_dim")
-    _ok("kv_cache_bytes is right for every preset (grouped-query attention included)")
-
-
-# ---------------------------------------------------------------- chapter 01
-def check_decode_intensity(fn):
-    _compare(fn, lambda n_params, bpp, batch: 2 * n_params * batch / (n_params * bpp),
-             [(7e9, 2, 1), (7e9, 2, 8), (135e6, 4, 64), (1.2e9, 1, 3)],
-             "n_params={:g}, bytes_per_param={}, batch={}",
-             ". Hint: 2 FLOPs per parameter per token; the weights are read once per step", _close)
-    _ok("decode_intensity: FLOPs per byte grow with the batch, bytes do not")
-
-
-def check_crossover_batch(fn):
-    _compare(fn, lambda flops, bw, bpp: math.ceil(flops / bw * bpp / 2),
-             [(312e12, 2.0e12, 2), (989e12, 3.35e12, 2), (200e9, 30e9, 4), (100e12, 1e12, 1)],
-             "peak {:g} FLOP/s, {:g} B/s, {} bytes/param", ". Hint: the smallest whole batch "
-             "whose intensity reaches the ridge (peak FLOP/s over bandwidth)")
-    _ok("crossover_batch: below it decode is memory-bound, above it compute-bound")
-
-
-# ---------------------------------------------------------------- chapter 02
-def check_left_pad(fn):
-    for rows, pad in [([[5, 6, 7], [8]], 0), ([[1], [2, 3], [4, 5, 6, 7]], 2), ([[9, 9]], 0)]:
-        got, (tokens, start) = fn(rows, pad), left_pad(rows, pad)
-        assert got is not None and len(got) == 2, "return (tokens, start)"
-        assert torch.equal(torch.as_tensor(got[0]), tokens), (
-            f"tokens for {rows}, pad {pad}: got {got[0]}, expected {tokens.tolist()} (pads go on "
-            "the left)")
-        assert torch.equal(torch.as_tensor(got[1]), start), (
-            f"start for {rows}: got {got[1]}, expected {start.tolist()}")
-    _ok("left_pad: every prompt ends in the last column")
-
-
-def check_prefill_mask(fn):
-    for start in [[0], [2, 0], [3, 1, 0]]:
-        start = torch.tensor(start)
-        T = int(start.max()) + 3
-        want = attention.padded_visibility(start, torch.arange(T).expand(len(start), T), T)
-        assert torch.equal(_tensor(fn(start, T), want.shape).bool(), want), (
-            f"start={start.tolist()}: a real token at column c sees columns start..c; a padding "
-            "token sees only itself")
-    _ok("prefill_mask: causal, blind to padding, and no empty row")
-
-
-# ---------------------------------------------------------------- chapter 03
-def check_fits(fn):
-    cases = [(10, 5, 10, 20), (11, 5, 10, 20), (3, 18, 10, 28), (3, 19, 10, 28)]
-    cases += [tuple(_rng.randint(1, 40) for _ in range(4)) for _ in range(50)]
-    _compare(fn, fits, cases, "prompt_len, max_new_tokens, cursor, cache_len = {}, {}, {}, {}",
-             same=lambda got, want: bool(got) == want)
-    _ok("fits: the newcomer's prompt ends before the cursor and its answer fits after it")
-
-
-# ---------------------------------------------------------------- chapter 04
-def check_admit(fn):
-    for _ in range(30):
-        arrivals = sorted(_rng.uniform(0, 2) for _ in range(_rng.randint(0, 6)))
-        reqs = [Request(f"r{i}", [5], 1, arrival_s=t) for i, t in enumerate(arrivals)]
-        free, now = _rng.sample(range(8), _rng.randint(0, 4)), _rng.uniform(0, 2)
-        q1, f1, q2, f2 = deque(reqs), list(free), deque(reqs), list(free)
-        want = [(r.id, s) for r, s in admit(q1, f1, now)]
-        got = [(r.id, s) for r, s in (fn(q2, f2, now) or [])]
-        assert got == want, (f"queue arrivals {arrivals}, free {free}, now {now:.2f}: got {got}, "
-                             f"expected {want}")
-        assert list(q2) == list(q1) and sorted(f2) == sorted(f1), "update the queue and free list"
-    _ok("admit: arrived requests, oldest first, into the lowest free slots")
-
-
-def check_slot_utilisation(fn):
-    for _ in range(20):
-        steps = []
-        for slots in [_rng.randint(1, 50) for _ in range(_rng.randint(1, 10))]:
-            p = _rng.randint(0, slots)
-            steps.append(Step(0, 1, rows=1, slots=slots, prefill_tokens=p, attended=0, kv_read=0,
-                              decode_tokens=_rng.randint(0, slots - p), logit_rows=0))
-        got, want = fn(steps), sum(s.useful for s in steps) / sum(s.slots for s in steps)
-        assert _close(got, want), (
-            f"got {got}, expected {want}: useful token slots (prefill + decode) over all slots")
-    _ok("slot_utilisation: useful slots over slots computed")
-
-
-def check_ttft_tpot(fn):
-    for i in range(20):                           # the first answer has one token
-        rec = RequestRecord("r", arrival_s=_rng.uniform(0, 1), prompt_len=5)
-        gaps = [_rng.uniform(0.01, 0.5) for _ in range(1 if i == 0 else _rng.randint(1, 8))]
-        for t in rec.arrival_s + np.cumsum(gaps):
-            rec.emit(7, float(t))
-        got = fn(rec.arrival_s, list(rec.token_times))
-        assert got is not None and len(got) == 2, "return (ttft, tpot)"
-        assert _close(got[0], rec.ttft_s), f"TTFT: got {got[0]}, expected {rec.ttft_s}"
-        assert _close(got[1], rec.tpot_s), (
-            f"TPOT: got {got[1]}, expected {rec.tpot_s} (time between the first and the last "
-            "token, over the number of gaps; undefined, None, for a one-token answer)")
-    _ok("ttft_tpot: the two latencies a user feels")
-
-
-# ---------------------------------------------------------------- chapters 02 and 04: the loops
-_RUNS = {}     # the library engines' runs, made once per process
-
-
-@functools.cache
-def _smollm():
-    """SmolLM2 with its real weights, and the course's ``Llama`` on them: loaded once."""
-    loaded = models.load("smollm2-135m")
-    return loaded, Llama.from_hf(loaded.model)
-
-
-class _NoWait:
-    """An engine clock that runs in real time but skips waits: a late arrival costs nothing."""
-    _skipped, _reads = 0.0, 0
-
-    def clock(self):
-        self._reads += 1
-        assert self._reads < 10**5, ("your loop spins without running anything: when nothing "
-                                     "runs, wait for the next arrival (self.wait_until)")
-        return time.perf_counter() + self._skipped
-
-    def sleep(self, seconds):
-        self._skipped += seconds
-
-
-def _run_loop(cls, base, arrivals, max_new, max_batch):
-    """Serve chat requests on SmolLM2 with the learner's engine ``cls``: the same greedy tokens as
-    the library's ``base``. Returns (requests by arrival, its steps, its records by id)."""
-    assert isinstance(cls, type) and issubclass(cls, base), f"define a subclass of {base.__name__}"
-    assert cls.schedule is not base.schedule, "write your own schedule method in your class"
-    loaded, model = _smollm()
-    reqs = chat_workload(loaded.tokenizer, n=len(arrivals))
-    for r, t, n in zip(reqs, arrivals, max_new):
-        r.arrival_s, r.max_new_tokens = t, n
-
-    def run(c):
-        return type(c.__name__, (_NoWait, c), {})(loaded, max_batch, model=model).run(reqs)
-    if base not in _RUNS:
-        _RUNS[base] = run(base)
-    try:
-        got = run(cls)
-    except Exception as e:
-        raise AssertionError(f"your engine raised {type(e).__name__}: {e}") from e
-    for mine, want in zip(got.requests, _RUNS[base].requests):
-        assert mine.output_tokens == want.output_tokens, (
-            f"request {mine.id}: your engine gave the tokens {mine.output_tokens}, the library's "
-            f"{want.output_tokens}. Same model, greedy decoding: they must be identical. Check the "
-            "rows you pass to self.forward (slot, tokens, first_col, start) and the seqs' order")
-    return sorted(reqs, key=lambda r: r.arrival_s), got.steps, {r.id: r for r in got.requests}
-
-
-def check_static_schedule(cls):
-    """``cls``: a ``StaticEngine`` subclass with its own ``schedule``, checked in its step log."""
-    mb = 2
-    order, steps, recs = _run_loop(cls, StaticEngine, [0, 0, 0, 0, 100], [12, 3, 2, 6, 4], mb)
-    batches = []                                  # (request ids, its decode steps)
-    for s in steps:
-        if s.kind != "prefill":
-            assert batches, "the first step must prefill a batch"
-            batches[-1][1].append(s)
-            continue
-        late = [i for i in s.active if recs[i].arrival_s > s.start_s]
-        assert not late, (f"a batch started at {s.start_s:.2f} s, before {late} arrived: wait "
-                          "until the batch's last request is here (self.wait_until)")
-        busy = [i for b, _ in batches for i in b if recs[i].finish_s > s.start_s]
-        assert not busy, (f"{s.active} joined while {busy} were still running: a static batch "
-                          "takes no newcomer until all of its rows are done")
-        assert len(s.active) <= mb, f"a batch of {len(s.active)} requests; max_batch is {mb}"
-        batches.append((s.active, []))
-    for k, (ids, decodes) in enumerate(batches):
-        want = [r.id for r in order[k * mb:(k + 1) * mb]]
-        assert sorted(ids) == sorted(want), (f"batch {k + 1} holds {ids}; expected the next {mb} "
-                                             f"requests in arrival order, {want}")
-        longest = max(len(recs[i].output_tokens) for i in ids)
-        assert len(decodes) == longest - 1, (
-            f"batch {k + 1} ran {len(decodes)} decode steps; its longest answer has {longest} "
-            f"tokens, so {longest - 1} decode steps after the prefill (which gives each its first)")
-        for s in decodes:
-            assert s.rows == len(ids) and sorted(s.active + s.held) == sorted(ids), (
-                f"a decode step of batch {k + 1} computed {s.rows} rows ({s.active}); every decode "
-                "step computes all the batch's rows: a finished request keeps its row to the end")
-    _ok(f"static schedule ({len(order)} requests, max_batch={mb}): the library's tokens, "
-        "batches in arrival order, each run to its longest answer")
-
-
-def check_continuous_schedule(cls):
-    """``cls``: a ``ContinuousEngine`` subclass with its own ``schedule``, checked in its steps."""
-    mb = 2
-    order, steps, recs = _run_loop(cls, ContinuousEngine, [0, 0, 0, 0.2, 100], [12, 3, 2, 6, 4], mb)
-    admitted, last_decode = set(), 0.0
-    for s in steps:
-        if s.kind == "prefill":
-            early = [i for i in s.active if recs[i].arrival_s > s.start_s]
-            assert not early, (f"{early} admitted at {s.start_s:.2f} s, before arriving: admit "
-                               "only requests whose arrival_s has passed (self.now())")
-            admitted |= set(s.active)
-            continue
-        running = {i for i in admitted if recs[i].finish_s is None or recs[i].finish_s > s.start_s}
-        assert not s.held, (f"a decode step computed the rows of {s.held}, which had finished: "
-                            "finished sequences leave before the next step")
-        assert len(running) <= mb, f"{len(running)} sequences running at once; max_batch is {mb}"
-        assert set(s.active) == running, (
-            f"a decode step ran {sorted(s.active)} while {sorted(running)} were running: every "
-            "decode step covers every running sequence")
-        waiting = [r.id for r in order if r.id not in admitted and r.arrival_s <= last_decode]
-        assert len(running) == mb or not waiting, (
-            f"a decode step ran {len(running)} of {mb} rows while {waiting} had arrived and "
-            "waited: a finished sequence's row is free at the next iteration; admit into it first")
-        last_decode = s.end_s
-    _ok(f"continuous schedule ({len(order)} requests, max_batch={mb}): the library's tokens, "
-        "every free row taken at the next iteration")
 
 
 # ---------------------------------------------------------------- chapter 05
@@ -302,24 +35,24 @@ def check_chunk_sizes(fn):
     cases = [([100, 30], 64), ([10, 20, 30], 64), ([5], 64), ([], 8), ([64, 1], 64)]
     cases += [([_rng.randint(1, 300) for _ in range(_rng.randint(0, 5))], _rng.randint(1, 256))
               for _ in range(40)]
-    _compare(fn, chunk_sizes, cases, "pending {}, budget {}", " (in order, each takes what it "
+    compare(fn, chunk_sizes, cases, "pending {}, budget {}", " (in order, each takes what it "
              "needs or what is left)", lambda got, want: list(got or []) == want)
-    _ok("chunk_sizes: the token budget, filled in order")
+    ok("chunk_sizes: the token budget, filled in order")
 
 
 def check_steps_to_prefill(fn):
     budgets = [_rng.randint(2, 512) for _ in range(50)]
     cases = [(120, 64, 4), (64, 64, 0), (300, 100, 0)]      # steps that divide the prompt
     cases += [(_rng.randint(1, 2000), b, _rng.randint(0, b - 1)) for b in budgets]
-    _compare(fn, lambda p, b, d: math.ceil(p / (b - d)), cases, "prompt {}, budget {}, {} decoding",
+    compare(fn, lambda p, b, d: math.ceil(p / (b - d)), cases, "prompt {}, budget {}, {} decoding",
              ". Hint: the decodes go first, the prompt gets what is left of each step")
-    _ok("steps_to_prefill: a bigger budget, fewer but longer steps")
+    ok("steps_to_prefill: a bigger budget, fewer but longer steps")
 
 
 @functools.cache
 def _hf_answer(prompt: tuple, new: int) -> list:
     """Hugging Face's greedy answer of SmolLM2 to ``prompt``, ``new`` tokens at most."""
-    out = _smollm()[0].model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)
+    out = smollm()[0].model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)
     return out[0, len(prompt):].tolist()
 
 
@@ -327,7 +60,7 @@ def _serve_with(what, scheduler=None, blocks=None, reqs=None, max_batch=4, hint=
                 **options):
     """The paged engine on SmolLM2 with a learner's class (or, by ``setup(engine)``, function) in
     it must answer as Hugging Face."""
-    loaded = _smollm()[0]
+    loaded = smollm()[0]
     reqs = reqs or chat_workload(loaded.tokenizer, n=4, max_new_tokens=8)
     eng = make_engine("paged", loaded, max_batch=max_batch, block_size=4, **options)
     eng.scheduler_class = scheduler or eng.scheduler_class
@@ -371,16 +104,16 @@ def check_token_budget_step(fn):
         budget_step = staticmethod(checked)
     _serve_with("token-budget step", Mine, max_num_batched_tokens=16)
     assert any(chunked), "the check is broken: no prompt was chunked"
-    _ok("token-budget step: decodes first, then prompt chunks, in the real engine")
+    ok("token-budget step: decodes first, then prompt chunks, in the real engine")
 
 
 # ---------------------------------------------------------------- chapter 06
 def check_cu_seqlens(fn):
     cases = [([3, 5, 2],), ([7],), ([],)]
     cases += [([_rng.randint(1, 50) for _ in range(_rng.randint(1, 8))],) for _ in range(20)]
-    _compare(fn, attention.cu_seqlens, cases, "lengths {}",
+    compare(fn, attention.cu_seqlens, cases, "lengths {}",
              same=lambda got, want: list(got) == want)
-    _ok("cu_seqlens: where each sequence starts in the packed batch")
+    ok("cu_seqlens: where each sequence starts in the packed batch")
 
 
 def check_packed_mask(fn):
@@ -389,10 +122,10 @@ def check_packed_mask(fn):
         seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])
         pos = torch.tensor([p for n in lengths for p in range(n)])
         want = attention.block_diagonal_causal(seq, pos, seq, pos)
-        assert torch.equal(_tensor(fn(attention.cu_seqlens(lengths)), want.shape).bool(), want), (
+        assert torch.equal(as_tensor(fn(attention.cu_seqlens(lengths)), want.shape).bool(), want), (
             f"lengths {lengths}: token i sees token j when they belong to the same sequence and j "
             "is not after i")
-    _ok("packed_mask: block-diagonal and causal")
+    ok("packed_mask: block-diagonal and causal")
 
 
 # ---------------------------------------------------------------- chapter 07
@@ -401,10 +134,10 @@ def check_block_slot(fn):
     for bs in [_rng.randint(1, 32) for _ in range(50)]:
         table = _rng.sample(range(100), _rng.randint(1, 10))
         cases.append((table, _rng.randrange(len(table) * bs), bs))
-    _compare(fn, lambda table, p, bs: table[p // bs] * bs + p % bs, cases,
+    compare(fn, lambda table, p, bs: table[p // bs] * bs + p % bs, cases,
              "block table {}, position {}, block size {}",
              ". Hint: which block (p // block_size), where in it")
-    _ok("block_slot: position -> block -> row of the cache")
+    ok("block_slot: position -> block -> row of the cache")
 
 
 def check_allocator(cls):
@@ -427,7 +160,7 @@ def check_allocator(cls):
                 raise AssertionError(f"all {n} blocks are in use: allocate() must raise")
             assert mine.n_free == n - len(held), (
                 f"n_free is {mine.n_free}, expected {n - len(held)}")
-    _ok("allocator: no block twice, every freed block reusable")
+    ok("allocator: no block twice, every freed block reusable")
 
 
 def check_block_manager(cls):
@@ -471,7 +204,7 @@ def check_block_manager(cls):
     assert isinstance(blocks, cls) and eng.preemptions, "the check is broken: no preemption"
     assert blocks.n_free == blocks.n_blocks and not blocks.tables, (
         f"after the run {blocks.n_free} of {blocks.n_blocks} blocks are free: release them all")
-    _ok(f"block manager: {eng.preemptions} preemptions, every block back, the same answers")
+    ok(f"block manager: {eng.preemptions} preemptions, every block back, the same answers")
 
 
 def check_victim(fn):
@@ -488,7 +221,7 @@ def check_victim(fn):
             return got
     eng, _ = _serve_with("victim", Mine, num_blocks=20)
     assert eng.preemptions, "the check is broken: no preemption"
-    _ok(f"victim: {eng.preemptions} preemptions of the newest, the same answers")
+    ok(f"victim: {eng.preemptions} preemptions of the newest, the same answers")
 
 
 def check_block_key(fn):
@@ -505,7 +238,7 @@ def check_block_key(fn):
         block_key = staticmethod(fn)
 
     def words(text):
-        return _smollm()[0].tokenizer(text, add_special_tokens=False)["input_ids"][:8]
+        return smollm()[0].tokenizer(text, add_special_tokens=False)["input_ids"][:8]
     first = words("The library opens at nine on weekdays and at ten on Saturdays")
     second = words("Our museum closes early on Sundays and on every public holiday")
     shared = words("and the reading room stays quiet for those who study there all day")
@@ -518,7 +251,7 @@ def check_block_key(fn):
     assert eng.prefix_hit_tokens >= len(second + shared), (
         f"the last prompt repeats the second's first {len(second + shared)} tokens, and found "
         f"{eng.prefix_hit_tokens} in the cache")
-    _ok(f"block_key: {eng.prefix_hit_tokens} prompt tokens from the cache, the same answers")
+    ok(f"block_key: {eng.prefix_hit_tokens} prompt tokens from the cache, the same answers")
 
 
 # ---------------------------------------------------------------- chapter 08
@@ -527,10 +260,10 @@ def check_percentile_latency(fn):
     assert fn([], 50) is None, "no values: return None"
     cases = [([_rng.expovariate(5.0) for _ in range(_rng.randint(1, 40))],
               _rng.choice([50, 90, 99, _rng.uniform(0, 100)])) for _ in range(30)]
-    _compare(fn, lambda values, q: float(np.percentile(values, q)), cases, "p{1:.3g} of {0}",
+    compare(fn, lambda values, q: float(np.percentile(values, q)), cases, "p{1:.3g} of {0}",
              ". Sort them; the percentile sits at rank (n - 1) * q / 100, between two values when "
-             "it is not whole", _close)
-    _ok("percentile: p50, p90, p99 from raw latencies")
+             "it is not whole", close)
+    ok("percentile: p50, p90, p99 from raw latencies")
 
 
 def check_admission_rule(fn):
@@ -568,7 +301,7 @@ def check_admission_rule(fn):
     assert fates["yours"] == fates["course"], (
         f"you serve {fates['yours'].count('length')} of {len(reqs)} requests, the course's rule "
         f"{fates['course'].count('length')}, all on time: refuse only what would be late")
-    _ok(f"admission rule, in the engine: {len(served)} of {len(reqs)} served on time, the rest "
+    ok(f"admission rule, in the engine: {len(served)} of {len(reqs)} served on time, the rest "
         "refused at once")
 
 
@@ -590,14 +323,14 @@ def check_tile_slots(fn):
                 block_n = _rng.choice((8, 16, 64))
                 got = fn(table, start, block_n, block_size, n)
                 assert got is not None and len(got) == 2, "return (slots, valid)"
-                slots, valid = (_tensor(t, (block_n,)) for t in got)
+                slots, valid = (as_tensor(t, (block_n,)) for t in got)
                 want_valid = torch.arange(start, start + block_n) < n
                 assert torch.equal(valid.bool(), want_valid), "valid: the tokens before `end`"
                 want = torch.tensor(cache.slots(sid, start, min(n, start + block_n)))
                 assert torch.equal(slots[want_valid].long(), want.long()), (
                     f"block size {block_size}, tokens {start}..: slot = table[t // block_size] * "
                     f"block_size + t % block_size (masked-off entries may hold anything)")
-    _ok("tile slots: the kernel's address arithmetic, with the tail masked")
+    ok("tile slots: the kernel's address arithmetic, with the tail masked")
 
 
 def check_combine_splits(fn):
@@ -616,11 +349,11 @@ def check_combine_splits(fn):
         if S > 2:                                   # an empty split, as the kernel writes one
             m[-1], l[-1], o[-1] = float("-inf"), 0.0, 0.0
             want = scores[:parts[-1][0]].softmax(0) @ v[:parts[-1][0]]
-        got = _tensor(fn(m, l, o), (d,), torch.float64)
+        got = as_tensor(fn(m, l, o), (d,), torch.float64)
         assert not got.isnan().any(), "NaN: an empty split (m = -inf, l = 0) must weigh 0"
         assert torch.allclose(got, want, atol=1e-9), (
             "rescale each split by exp(m[s] - max(m)), then sum o and l over splits and divide")
-    _ok("split combine: the same softmax, in pieces")
+    ok("split combine: the same softmax, in pieces")
 
 
 def check_packed_inputs(fn):
@@ -643,10 +376,10 @@ def check_packed_inputs(fn):
         assert [list(new) for new, _ in rows] == before, "leave the rows as they are"
         if seed == 0:       # written out, so that the check does not rest on the engine alone
             assert want.tolist() == [last[5].item(), last[2].item(), 7, 8, 9]
-        assert torch.equal(_tensor(got, want.shape).long(), want), (
+        assert torch.equal(as_tensor(got, want.shape).long(), want), (
             f"rows {rows}: one per new token, the known tokens in order, and last[src] where a "
             "token is None")
-    _ok("packed inputs: the tokens still on the device taken from where they are")
+    ok("packed inputs: the tokens still on the device taken from where they are")
 
 
 def check_tiles_to_read(fn):
@@ -667,7 +400,8 @@ def check_tiles_to_read(fn):
         # sometimes a padding tile
         n_kv_tiles = -(-sum(total) // T) + (rng.randrange(2) if seed else 0)
         q_tiles = -(-len(lo) // T)
-        got = _tensor(fn(lo.copy(), hi.copy(), T, n_kv_tiles), (q_tiles, n_kv_tiles)).bool().numpy()
+        got = fn(lo.copy(), hi.copy(), T, n_kv_tiles)
+        got = as_tensor(got, (q_tiles, n_kv_tiles)).bool().numpy()
         keys = np.arange(n_kv_tiles * T)
         pairs = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])   # (queries, keys)
         pairs = np.pad(pairs, ((0, q_tiles * T - len(lo)), (0, 0)))
@@ -686,7 +420,7 @@ def check_tiles_to_read(fn):
         for q in range(q_tiles):
             listed[q, np.r_[part[q, :n_part[q]], full[q, :n_full[q]]]] = True
         assert (listed == want).all(), "the engine's block mask and the rule disagree"
-    _ok("tiles to read: each query tile reads one run of key tiles, from its first query's lo "
+    ok("tiles to read: each query tile reads one run of key tiles, from its first query's lo "
         "to its last one's hi")
 
 
@@ -711,8 +445,8 @@ def check_head_rows(fn):
     def setup(eng):
         eng.runner.head_rows = head_rows
     _serve_with("head rows", max_batch=6, setup=setup,
-                reqs=chat_workload(_smollm()[0].tokenizer, n=6, max_new_tokens=6))
+                reqs=chat_workload(smollm()[0].tokenizer, n=6, max_new_tokens=6))
     assert any(rows > n for n, rows in padded), "the check is broken: no step was padded"
     shapes = sorted({fn(n) for n in range(1, 513)})
-    _ok(f"head rows: right for n = 1 to 1,024; batches of up to 512 meet {len(shapes)} shapes "
+    ok(f"head rows: right for n = 1 to 1,024; batches of up to 512 meet {len(shapes)} shapes "
         f"{shapes}; padded steps give the same answers")
