@@ -3,11 +3,12 @@ blocks through reference counts; cached blocks no sequence holds are evicted onl
 needed, oldest first; and the engine's greedy tokens do not change (against Hugging Face)."""
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_greedy_matches_hf import hf_greedy
 
-from course_lib.engines import make_engine
+from course_lib.engines import EngineOptionError, make_engine
 from course_lib.engines.block_manager import OutOfBlocks
 from course_lib.engines.prefix_cache import PrefixCachingBlockManager
 from course_lib.requests import load_workload
@@ -107,3 +108,16 @@ def test_prefix_caching_keeps_hugging_face_s_greedy_tokens(smollm):
     assert shared.prefix_hit_tokens >= 3 * 40            # later requests found their prefix
     assert computed_shared == computed - shared.prefix_hit_tokens
     assert small.preemptions > 0 and small.prefix_hit_tokens > shared.prefix_hit_tokens
+
+
+def test_flex_attention_is_refused_over_shared_blocks(smollm, monkeypatch):
+    """FlexAttention's paged mask gives each block one sequence: over a prefix cache it answered
+    wrongly (a sequence could not see the prefix it shares). The combination is refused, and the
+    ``paged`` engine's CUDA default (flex) falls back to gather when prefix caching is on."""
+    import course_lib.engines as engines
+
+    with pytest.raises(EngineOptionError, match="flex.*prefix_caching"):
+        make_engine("chunked", smollm, attention="flex", prefix_caching=True)
+    monkeypatch.setattr(engines, "on_cuda", lambda loaded, model=None: True)  # CUDA's defaults
+    assert make_engine("paged", smollm, prefix_caching=True).attention == "gather"
+    assert make_engine("paged", smollm).attention == "flex"

@@ -119,6 +119,8 @@ def make_engine(name: str, loaded, **options):
     _, spec, given = resolve(name, options)
     legacy = name == "continuous" and spec.cls is PagedEngine   # the alias: no defaults
     defaults = {} if legacy else spec.resolved_defaults(on_cuda(loaded, given.get("model")))
+    if given.get("prefix_caching") and defaults.get("attention") == "flex":
+        defaults["attention"] = "gather"            # flex cannot read shared blocks
     try:
         engine = spec.cls(loaded, **{**defaults, **given})
     except ValueError as e:                       # the engine refused a value: say which engine

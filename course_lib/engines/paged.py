@@ -52,6 +52,9 @@ class PagedEngine(Engine):
         self.attention, self.overlap = self.runner.attention, self.runner.overlap
         self.watermark, self.prefix_caching = Watermark(watermark), bool(prefix_caching)
         if prefix_caching:                  # chapter 07: shared prefixes share their blocks
+            if self.attention == "flex":    # its mask gives each block one sequence
+                raise ValueError("attention='flex' cannot read a block that sequences share; "
+                                 "with prefix_caching use 'gather' or 'kernel'")
             self.block_manager_class = PrefixCachingBlockManager
         # block tables after every step, for the pictures of chapter 07 (memory grows with steps)
         self.trace_blocks = self.model.device.type != "cuda" if trace_blocks is None \

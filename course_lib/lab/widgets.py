@@ -145,7 +145,7 @@ def budget_explorer(loaded, requests, budgets=(16, 32, 64, 128, 256, 1024), bloc
 def block_size_explorer(loaded, requests, sizes=(1, 4, 16, 64), max_batch: int = 8):
     """Pick a block size: the paged engine's blocks over time, and the share left empty."""
     run = _cached_runs(loaded, requests, "paged", "blocks of {} tokens", "block_size",
-                       max_batch=max_batch, trace_blocks=True)
+                       max_batch=max_batch, trace_blocks=True, attention="gather")
 
     def draw(ran, block_size):
         engine, log = ran
