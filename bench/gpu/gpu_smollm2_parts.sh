@@ -10,7 +10,7 @@
 #   bash bench/gpu/gpu_smollm2_parts.sh 2     # carry .gpucarry_p2
 #   source bench/gpu/gpu_smollm2_parts.sh 3   # carry .gpucarry_p3 and .gpucarry/cache; sets PYTHONPATH
 #
-# then, in that same third call, whatever needs SmolLM2 (bench/gpu/gpu_notebook09.sh,
+# then, in that same third call, whatever needs SmolLM2 (bench/gpu/gpu_notebooks.sh 09,
 # python -m bench smollm2_gpu).
 part=${1:?part 1, 2 or 3}
 mkdir -p /tmp/smol
